@@ -1,0 +1,12 @@
+# The papers' setting (MiB, SDR): DeepLabV3, ResNet-101, output stride 16, crop 512, batch 24,
+# 30 epochs per step (60 on ADE20K), SGD (Nesterov, momentum 0.9, wd 1e-4), poly 0.9,
+# lr 0.01 at step 0 and 0.001 later (MiB's README). For ImageNet initialisation set
+# model.backbone.pretrained to a local torchvision-layout resnet101 checkpoint.
+model = dict(
+    type='cssbench.IncrementalSegmentor',
+    backbone=dict(type='cssbench.TorchvisionResNet', depth=101, output_stride=16, pretrained=None),
+    decode_head=dict(type='cssbench.ASPPHead', channels=256, dilations=(1, 6, 12, 18), dropout=0.1),
+)
+data = dict(crop_size=512, batch_size=24, eval_batch_size=24, num_workers=8)
+schedule = dict(epochs=30, lr=(0.01, 0.001), momentum=0.9, nesterov=True, weight_decay=1e-4,
+                poly_power=0.9)

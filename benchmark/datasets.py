@@ -1,0 +1,206 @@
+"""Readers for the standard on-disk layouts, and the per-step torch dataset.
+
+* Pascal VOC 2012 with the SBD augmentation::
+
+      <root>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg
+      <root>/VOCdevkit/VOC2012/SegmentationClassAug/<id>.png   (SegmentationClass as fallback)
+      <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt   (10,582 ids)
+      <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt         (1,449 ids)
+
+  A list line is an image id, or (the reference code's format) an image path and a mask path
+  relative to VOC2012. ``<root>`` may also be the VOC2012 folder itself.
+* ADE20K SceneParsing::
+
+      <root>/ADEChallengeData2016/images/{training,validation}/<id>.jpg
+      <root>/ADEChallengeData2016/annotations/{training,validation}/<id>.png
+
+  Annotation value 0 is "other", used as background (see ``datasets_info``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .datasets_info import IGNORE_INDEX, DatasetInfo
+from .errors import DatasetError
+from .registry import DATASETS
+
+SPLITS = ('train', 'val')
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: Path
+    mask: Path
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DatasetError(f'{path}: {what} not found')
+    return path
+
+
+def _voc2012_dir(root: Path) -> Path:
+    for candidate in (root / 'VOCdevkit' / 'VOC2012', root):
+        if (candidate / 'JPEGImages').is_dir():
+            return candidate
+    if (root / 'ADEChallengeData2016').is_dir() or (root / 'images' / 'training').is_dir():
+        raise DatasetError(f'{root}: this is an ADE20K tree, but the protocol needs Pascal VOC '
+                           f'(VOCdevkit/VOC2012/JPEGImages)')
+    raise DatasetError(f'{root}: not a Pascal VOC root (no VOCdevkit/VOC2012/JPEGImages inside)')
+
+
+def _ade_dir(root: Path) -> Path:
+    for candidate in (root / 'ADEChallengeData2016', root):
+        if (candidate / 'images' / 'training').is_dir():
+            return candidate
+    if (root / 'VOCdevkit').is_dir() or (root / 'JPEGImages').is_dir():
+        raise DatasetError(f'{root}: this is a Pascal VOC tree, but the protocol needs ADE20K '
+                           f'(ADEChallengeData2016/images/training)')
+    raise DatasetError(f'{root}: not an ADE20K root (no ADEChallengeData2016/images/training inside)')
+
+
+def _voc_samples(root: Path, split: str) -> list[Sample]:
+    base = _voc2012_dir(root)
+    list_name = 'train_aug.txt' if split == 'train' else 'val.txt'
+    list_file = base / 'ImageSets' / 'Segmentation' / list_name
+    if not list_file.is_file():
+        raise DatasetError(f'{list_file}: list file not found')
+    mask_dirs = [d for d in (base / 'SegmentationClassAug', base / 'SegmentationClass') if d.is_dir()]
+    if not mask_dirs:
+        raise DatasetError(f'{base}: neither SegmentationClassAug nor SegmentationClass found')
+    samples = []
+    for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) == 2:
+            image, mask = base / parts[0].lstrip('/'), base / parts[1].lstrip('/')
+            sample_id = image.stem
+        elif len(parts) == 1:
+            sample_id = parts[0]
+            image = base / 'JPEGImages' / f'{sample_id}.jpg'
+            mask = next((d / f'{sample_id}.png' for d in mask_dirs
+                         if (d / f'{sample_id}.png').exists()), mask_dirs[0] / f'{sample_id}.png')
+        else:
+            raise DatasetError(f'{list_file}:{line_no}: expected an id or two paths, got {line!r}')
+        samples.append(Sample(sample_id, image, mask))
+    if not samples:
+        raise DatasetError(f'{list_file}: list file is empty')
+    return samples
+
+
+def _ade_samples(root: Path, split: str) -> list[Sample]:
+    base = _ade_dir(root)
+    sub = 'training' if split == 'train' else 'validation'
+    images = _require_dir(base / 'images' / sub, 'ADE20K image folder')
+    masks = _require_dir(base / 'annotations' / sub, 'ADE20K annotation folder')
+    samples = [Sample(p.stem, p, masks / f'{p.stem}.png') for p in sorted(images.glob('*.jpg'))]
+    if not samples:
+        raise DatasetError(f'{images}: no .jpg images')
+    return samples
+
+
+def list_samples(info: DatasetInfo, root: str | Path, split: str) -> list[Sample]:
+    """The split's samples in list order; checks that every image and mask file exists."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f'{root}: dataset root not found')
+    reader = {'voc': _voc_samples, 'ade': _ade_samples}[info.layout]
+    samples = reader(root, split)
+    for s in samples:
+        for path, what in ((s.image, 'image'), (s.mask, 'mask')):
+            if not path.is_file():
+                raise DatasetError(f'{path}: {what} of {s.id!r} ({split} list) not found')
+    return samples
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """The mask's class ids as a uint8 array (palette PNGs give their indices)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ('P', 'L'):
+                raise DatasetError(f'{path}: mask must be a palette or greyscale PNG, not {im.mode}')
+            return np.array(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f'{path}: cannot read mask ({e})') from None
+
+
+def read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert('RGB'))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f'{path}: cannot read image ({e})') from None
+
+
+def _to_channels(lut: np.ndarray, protocol, classes) -> np.ndarray:
+    """Map each of ``classes`` to its output channel: its position in the protocol's order."""
+    order = protocol.class_order
+    for c in classes:
+        lut[c] = order.index(c)
+    return lut
+
+
+def train_lut(protocol, step: int) -> np.ndarray:
+    """Training targets at ``step``: the step's classes stay, every other class is background.
+
+    Old and future classes both become 0, as in the reference code's masking
+    (fcdl94/MiB dataset/voc.py). 255 follows the protocol's ``train_ignore``. Targets are
+    output channels (the reference's ``inverted_order``), the class ids for ordered protocols.
+    """
+    lut = _to_channels(np.zeros(256, dtype=np.uint8), protocol, protocol.steps[step])
+    lut[IGNORE_INDEX] = IGNORE_INDEX if protocol.train_ignore == 'ignore' else 0
+    return lut
+
+
+def eval_lut(protocol, step: int, background_scored: bool = True) -> np.ndarray:
+    """Evaluation targets at ``step``: classes seen so far stay, unseen ones are ignored.
+
+    This is the reference's test-time masking (masking value 255 for every class not yet
+    seen). Where the dataset does not score background (ADE20K), 0 is ignored too.
+    """
+    lut = _to_channels(np.full(256, IGNORE_INDEX, dtype=np.uint8), protocol,
+                       protocol.classes_seen(step))
+    if not background_scored:
+        lut[0] = IGNORE_INDEX
+    return lut
+
+
+@DATASETS.register_module()
+class IncrementalSegDataset(Dataset):
+    """Images and remapped masks of one step; ``transform`` takes and returns (image, mask).
+
+    Items are ``dict(inputs=uint8 CxHxW tensor, data_samples=int64 HxW tensor)``: the model's
+    data preprocessor normalises on the device, so only bytes cross the loader.
+    """
+
+    def __init__(self, samples: list[Sample], lut: np.ndarray,
+                 transform: Callable | None = None, classes: tuple[str, ...] = ()) -> None:
+        self.samples = list(samples)
+        self.metainfo = dict(classes=classes)
+        self.lut = lut
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        mask = read_mask(sample.mask)
+        if image.shape[:2] != mask.shape:
+            raise DatasetError(f'{sample.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs '
+                               f'from image size {image.shape[1]}x{image.shape[0]}')
+        image_t = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+        mask_t = torch.from_numpy(self.lut[mask])
+        if self.transform is not None:
+            image_t, mask_t = self.transform(image_t, mask_t)
+        return dict(inputs=image_t, data_samples=mask_t.long())

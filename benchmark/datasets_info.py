@@ -1,0 +1,39 @@
+"""Static facts about the datasets cssbench knows: class count, names, background scoring."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .synth import CLASS_NAMES as SYNTH_CLASS_NAMES
+
+VOC_CLASSES = (
+    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
+    'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
+    'train', 'tvmonitor')
+
+ADE_CLASSES = tuple(
+    (Path(__file__).parent / 'data' / 'ade20k_classes.txt').read_text().split('\n')[:151])
+
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    classes: tuple[str, ...]
+    layout: str                 # the on-disk reader: 'voc' or 'ade'
+    # Whether class 0 is scored at evaluation. In the reference code (LTTM/SDR, fcdl94/MiB
+    # dataset/ade.py) ADE's 0 is void/"other": background in training, ignored in testing.
+    background_scored: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    'voc': DatasetInfo('voc', VOC_CLASSES, layout='voc'),
+    'ade': DatasetInfo('ade', ADE_CLASSES, layout='ade', background_scored=False),
+    # Procedurally generated, in VOC's on-disk layout (see synth.py): 20 shape-texture classes.
+    'synth': DatasetInfo('synth', ('background', *SYNTH_CLASS_NAMES), layout='voc'),
+}

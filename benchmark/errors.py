@@ -1,0 +1,9 @@
+"""Errors that are the user's to fix: the CLI prints their one-line message and exits with 2."""
+
+
+class UserError(Exception):
+    """Bad input (a file, a flag, a dataset): the message says which and what is wrong."""
+
+
+class DatasetError(UserError):
+    """A dataset root, list file, image or mask that cannot be read as the layout promises."""

@@ -1,0 +1,35 @@
+"""The method registry: a method is a segmentor class registered under a short name."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+from .registry import MODELS
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    model_type: str         # the segmentor's name in cssbench's MODELS registry
+    joint: bool = False     # trains every class of the protocol in one step (upper bound)
+    description: str = ''
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, joint: bool = False, description: str = ''):
+    """Class decorator: registers a segmentor in MODELS and as method ``name``."""
+    def wrap(cls):
+        MODELS.register_module(cls.__name__, module=cls)
+        METHODS[name] = Method(name, f'cssbench.{cls.__name__}', joint,
+                               description or (cls.__doc__ or '').strip().split('\n')[0])
+        return cls
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    import cssbench.baselines  # noqa: F401  (registers the shipped methods)
+    if name not in METHODS:
+        raise UserError(f'unknown method {name!r} (known: {", ".join(sorted(METHODS))})')
+    return METHODS[name]

@@ -1,0 +1,201 @@
+"""The incremental segmentor: a backbone, a DeepLabV3 head and one classifier per step.
+
+The classifier grows by one 1x1 convolution per step (as the reference code's ``cls``
+ModuleList); the logits of all steps are concatenated in the protocol's class order. The
+segmentor follows mmengine's model interface (``forward(inputs, data_samples, mode)``) so
+mmengine's Runner trains it; methods subclass it and override ``loss``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from mmengine.model import BaseDataPreprocessor, BaseModel
+
+from .datasets_info import IGNORE_INDEX
+from .registry import MODELS
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@MODELS.register_module()
+class SegDataPreprocessor(BaseDataPreprocessor):
+    """Moves a uint8 batch to the device, then normalises it there (cheaper than on the host)."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False) -> None:
+        super().__init__()
+        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.channels_last = channels_last
+
+    def forward(self, data: dict, training: bool = False) -> dict:
+        data = self.cast_data(data)
+        inputs = (data['inputs'].float() - self.mean) / self.std
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return dict(inputs=inputs, data_samples=data.get('data_samples'))
+
+
+@MODELS.register_module()
+class TorchvisionResNet(nn.Module):
+    """torchvision's ResNet without its pooling and fc, dilated to ``output_stride`` (8 or 16).
+
+    ``pretrained`` is a local path to an ImageNet checkpoint in torchvision's layout.
+    """
+
+    def __init__(self, depth: int = 101, output_stride: int = 16, pretrained: str | None = None) -> None:
+        super().__init__()
+        dilate = {16: [False, False, True], 8: [False, True, True], 32: [False, False, False]}
+        net = getattr(torchvision.models, f'resnet{depth}')(
+            weights=None, replace_stride_with_dilation=dilate[output_stride])
+        if pretrained:
+            state = torch.load(Path(pretrained).expanduser(), map_location='cpu', weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith('fc.')}
+            net.load_state_dict(state, strict=False)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels = net.fc.in_features
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        x = self.stem(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel - 1) // 2
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """A basic residual block that, unlike torchvision's BasicBlock, accepts dilation."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv_bn_relu(cin, cout, 3, stride, dilation)
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, dilation, dilation, bias=False),
+                                   nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+@MODELS.register_module()
+class SmallResNet(nn.Module):
+    """A four-stage residual network small enough for CPU runs and tests (output stride 8)."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 96, 128)) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, widths[0], 3, stride=2)
+        strides, dilations = (1, 2, 2, 1), (1, 1, 1, 2)
+        cins = (widths[0], *widths[:-1])
+        self.stages = nn.ModuleList(ResidualBlock(cin, cout, s, d)
+                                    for cin, cout, s, d in zip(cins, widths, strides, dilations))
+        self.out_channels = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+@MODELS.register_module()
+class ASPPHead(nn.Module):
+    """DeepLabV3's atrous spatial pyramid pooling; returns features, not logits."""
+
+    def __init__(self, in_channels: int, channels: int = 256, dilations=(1, 6, 12, 18),
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(conv_bn_relu(in_channels, channels, 1 if d == 1 else 3, dilation=d)
+                                      for d in dilations)
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, channels, 1))
+        self.project = conv_bn_relu(channels * (len(dilations) + 1), channels, 1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.image_pool(x).expand(-1, -1, *x.shape[-2:])
+        x = torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1)
+        return self.dropout(self.project(x))
+
+
+@MODELS.register_module()
+class IncrementalSegmentor(BaseModel):
+    """Backbone + head + one classifier per step; trained with plain cross-entropy (fine-tuning).
+
+    ``step_sizes[i]`` is the number of classes step i added (step 0 counts background). A
+    method that needs the previous step's model finds it in ``self.teacher`` (frozen, in eval
+    mode, kept out of this module's parameters and checkpoints), ``None`` at step 0.
+    """
+
+    def __init__(self, backbone: dict, decode_head: dict, step_sizes: list[int],
+                 data_preprocessor: dict | None = None, ignore_index: int = IGNORE_INDEX) -> None:
+        # Built here, not by BaseModel: mmengine's root registry cannot see cssbench's scope.
+        super().__init__(data_preprocessor=MODELS.build(
+            data_preprocessor or dict(type='cssbench.SegDataPreprocessor')))
+        self.backbone = MODELS.build(backbone)
+        self.decode_head = MODELS.build(dict(decode_head, in_channels=self.backbone.out_channels))
+        self.classifiers = nn.ModuleList(nn.Conv2d(self.decode_head.channels, n, 1) for n in step_sizes)
+        self.step_sizes = list(step_sizes)
+        self.ignore_index = ignore_index
+        self.__dict__['teacher'] = None  # a plain attribute: not a submodule
+
+    @property
+    def step(self) -> int:
+        return len(self.step_sizes) - 1
+
+    @property
+    def num_old_classes(self) -> int:
+        return sum(self.step_sizes[:-1])
+
+    def set_teacher(self, teacher: 'IncrementalSegmentor | None') -> None:
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.__dict__['teacher'] = teacher
+
+    def init_new_classifier(self) -> None:
+        """Initialise the newest step's classifier; fine-tuning keeps the default init."""
+
+    def extract(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's stages and the head's features, for methods that distil them."""
+        body = self.backbone(inputs)
+        return dict(body=body, features=self.decode_head(body[-1]))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cls(features) for cls in self.classifiers], dim=1)
+
+    def encode_decode(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.extract(inputs)
+        logits = self.classify(out['features'])
+        out['logits'] = F.interpolate(logits, size=inputs.shape[-2:], mode='bilinear', align_corners=False)
+        return out
+
+    def forward(self, inputs: torch.Tensor, data_samples: torch.Tensor | None = None,
+                mode: str = 'tensor'):
+        if mode == 'loss':
+            return self.loss(inputs, data_samples)
+        if mode == 'predict':
+            return self.predict(inputs, data_samples)
+        return self.encode_decode(inputs)['logits']
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.encode_decode(inputs)['logits']
+        return dict(loss_ce=F.cross_entropy(logits, targets, ignore_index=self.ignore_index))
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> list[dict]:
+        pred = self.encode_decode(inputs)['logits'].argmax(dim=1)
+        return [dict(pred=pred, gt=targets)]

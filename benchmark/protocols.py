@@ -1,0 +1,194 @@
+"""Continual-segmentation protocols: which classes each step adds, loaded from YAML.
+
+A protocol file names its dataset, its image-filtering mode and its steps::
+
+    name: voc-15-1-overlap
+    dataset: voc
+    mode: overlap          # overlap | disjoint
+    steps: ["0-15", 16, 17, 18, 19, 20]
+
+A step is a list of class ids and "a-b" ranges (inclusive), or a single such item. Step 0
+holds the background class 0, as in the reference code's ``tasks.py``; the steps together
+cover every class id of the dataset exactly once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+
+from .datasets_info import DATASET_INFO
+from .errors import UserError
+
+PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / 'protocols'
+MODES = ('overlap', 'disjoint')
+TRAIN_IGNORE_CHOICES = ('ignore', 'background')
+
+
+class ProtocolError(UserError):
+    """A protocol file that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    dataset: str
+    mode: str
+    steps: tuple[tuple[int, ...], ...]
+    # What the ignore value 255 (VOC's boundary band) becomes in training targets. The
+    # reference code (fcdl94/MiB and LTTM/SDR dataset/voc.py, `inverted_order[255] =
+    # masking_value`, 0 in training) trains it as background: that is the default. PLOP
+    # keeps it ignored: 'ignore'. Evaluation always ignores it.
+    train_ignore: str = 'background'
+    description: str = ''
+    source: Path | None = field(default=None, compare=False)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def num_classes(self) -> int:
+        return DATASET_INFO[self.dataset].num_classes
+
+    def classes_seen(self, step: int) -> tuple[int, ...]:
+        """Every class learned up to and including ``step`` (background included)."""
+        return tuple(c for s in self.steps[:step + 1] for c in s)
+
+    @property
+    def class_order(self) -> tuple[int, ...]:
+        """Class ids in output-channel order: step 0's classes first, then step 1's, ..."""
+        return self.classes_seen(self.num_steps - 1)
+
+    def classes_old(self, step: int) -> tuple[int, ...]:
+        return self.classes_seen(step - 1) if step > 0 else ()
+
+    def step_sizes(self, step: int) -> list[int]:
+        """Number of classes each step's classifier has, for a model at ``step``."""
+        return [len(s) for s in self.steps[:step + 1]]
+
+    def joint(self) -> 'Protocol':
+        """The offline upper bound: every class of this protocol in a single step."""
+        return Protocol(name=self.name, dataset=self.dataset, mode=self.mode,
+                        steps=(tuple(sorted(self.classes_seen(self.num_steps - 1))),),
+                        train_ignore=self.train_ignore, source=self.source)
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, dataset=self.dataset, mode=self.mode,
+                    steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the splits (not the name or description)."""
+        key = dict(self.to_dict())
+        key.pop('name')
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_class_item(item, where: str) -> list[int]:
+    if isinstance(item, bool):
+        raise ProtocolError(f'{where}: {item!r} is not a class id')
+    if isinstance(item, int):
+        return [item]
+    if isinstance(item, str):
+        lo, sep, hi = item.partition('-')
+        try:
+            lo_i, hi_i = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise ProtocolError(f"{where}: {item!r} is neither a class id nor a range 'a-b'") from None
+        if hi_i < lo_i:
+            raise ProtocolError(f'{where}: range {item!r} is empty')
+        return list(range(lo_i, hi_i + 1))
+    raise ProtocolError(f'{where}: {item!r} is neither a class id nor a range')
+
+
+def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
+    """Validate a protocol's mapping and build it; every error names ``source`` and the field."""
+    src = str(source)
+    if not isinstance(data, dict):
+        raise ProtocolError(f'{src}: expected a mapping with name, dataset, mode, steps')
+    for key in ('name', 'dataset', 'mode', 'steps'):
+        if key not in data:
+            raise ProtocolError(f'{src}: field {key!r} is missing')
+    unknown = set(data) - {'name', 'dataset', 'mode', 'steps', 'train_ignore', 'description'}
+    if unknown:
+        raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
+    dataset = data['dataset']
+    if dataset not in DATASET_INFO:
+        raise ProtocolError(f'{src}: field dataset: unknown dataset {dataset!r} '
+                            f'(known: {", ".join(DATASET_INFO)})')
+    mode = data['mode']
+    if mode not in MODES:
+        raise ProtocolError(f'{src}: field mode: {mode!r} is not one of {MODES}')
+    train_ignore = data.get('train_ignore', 'background')
+    if train_ignore not in TRAIN_IGNORE_CHOICES:
+        raise ProtocolError(f'{src}: field train_ignore: {train_ignore!r} is not one of '
+                            f'{TRAIN_IGNORE_CHOICES}')
+    raw_steps = data['steps']
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise ProtocolError(f'{src}: field steps: expected a non-empty list of steps')
+
+    num_classes = DATASET_INFO[dataset].num_classes
+    steps: list[tuple[int, ...]] = []
+    first_step_of: dict[int, int] = {}
+    for i, raw in enumerate(raw_steps):
+        where = f'{src}: field steps[{i}]'
+        items = raw if isinstance(raw, list) else [raw]
+        classes = [c for item in items for c in _parse_class_item(item, where)]
+        if not classes:
+            raise ProtocolError(f'{where}: step has no classes')
+        for c in classes:
+            if not 0 <= c < num_classes:
+                raise ProtocolError(f'{where}: class id {c} is out of range for dataset '
+                                    f'{dataset!r} (0..{num_classes - 1})')
+            if c in first_step_of:
+                raise ProtocolError(f'{where}: class {c} is already in steps[{first_step_of[c]}]')
+            first_step_of[c] = i
+        steps.append(tuple(classes))
+    if 0 not in steps[0]:
+        raise ProtocolError(f'{src}: field steps[0]: must contain the background class 0')
+    missing = sorted(set(range(num_classes)) - set(first_step_of))
+    if missing:
+        shown = ', '.join(map(str, missing[:10])) + (' ...' if len(missing) > 10 else '')
+        raise ProtocolError(f'{src}: field steps: classes {shown} of dataset {dataset!r} '
+                            f'are in no step (the steps must cover 0..{num_classes - 1})')
+    return Protocol(name=str(data['name']), dataset=dataset, mode=mode, steps=tuple(steps),
+                    train_ignore=train_ignore, description=str(data.get('description', '')),
+                    source=Path(source) if source != '<protocol>' else None)
+
+
+def load_protocol_file(path: str | Path) -> Protocol:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ProtocolError(f'{path}: cannot read protocol file ({e.strerror})') from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        at = f' at line {mark.line + 1}' if mark is not None else ''
+        raise ProtocolError(f'{path}: malformed YAML{at}: {getattr(e, "problem", e)}') from None
+    return parse_protocol(data, path)
+
+
+def available_protocols() -> list[str]:
+    return sorted(p.stem for p in PROTOCOLS_DIR.glob('*.yaml'))
+
+
+def load_protocol(name_or_path: str) -> Protocol:
+    """A shipped protocol by name (``voc-15-1-overlap``) or any protocol YAML by path."""
+    if name_or_path.endswith(('.yaml', '.yml')):
+        return load_protocol_file(name_or_path)
+    path = PROTOCOLS_DIR / f'{name_or_path}.yaml'
+    if not path.exists():
+        raise ProtocolError(f'unknown protocol {name_or_path!r}; `cssbench list` shows the '
+                            f'shipped ones, or pass a path to a .yaml file')
+    protocol = load_protocol_file(path)
+    if protocol.name != name_or_path:
+        raise ProtocolError(f'{path}: field name: {protocol.name!r} differs from the file name')
+    return protocol

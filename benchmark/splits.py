@@ -1,0 +1,151 @@
+"""Per-step image lists: which images each step trains and is evaluated on.
+
+The rules are those of the reference code (fcdl94/MiB and LTTM/SDR ``dataset/utils.py:
+filter_images``). With C the step's classes without background and O the earlier steps':
+
+* overlapped: keep an image iff its mask holds a class of C;
+* disjoint: keep it iff its mask holds a class of C and every value is in C ∪ O ∪ {0, 255}.
+
+The evaluation set at step t is the val split filtered like the overlapped rule with every
+class seen so far (the reference builds its test set with ``labels=labels_cum``), so it grows
+with the steps and is the whole val list (for VOC, all 1,449 images) at the last step.
+
+Scanning every mask for its label set is done once per dataset folder and cached; the
+per-step lists are cached by a hash of the protocol and the dataset's label sets.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .datasets import SPLITS, Sample, list_samples, read_mask
+from .datasets_info import DATASET_INFO, IGNORE_INDEX
+from .errors import DatasetError
+from .io import atomic_write_json, cache_dir
+from .protocols import Protocol
+
+LabelSets = dict[str, tuple[int, ...]]
+
+
+def keep_for_step(labels: set[int] | tuple[int, ...], current: set[int], old: set[int],
+                  mode: str) -> bool:
+    """The reference's filter for one image's label set (``current`` may include 0)."""
+    current_fg = set(current) - {0}
+    labels = set(labels)
+    if not labels & current_fg:
+        return False
+    if mode == 'overlap':
+        return True
+    return labels <= current_fg | set(old) | {0, IGNORE_INDEX}
+
+
+def scan_label_sets(samples: list[Sample], num_classes: int, desc: str = 'scan masks',
+                    progress: bool = True) -> LabelSets:
+    """Each mask's set of values; a value that is neither a class id nor 255 is an error."""
+    valid = np.zeros(256, dtype=bool)
+    valid[:num_classes] = True
+    valid[IGNORE_INDEX] = True
+    label_sets: LabelSets = {}
+    for sample in tqdm(samples, desc=desc, disable=not progress, unit='mask', leave=False):
+        present = np.flatnonzero(np.bincount(read_mask(sample.mask).ravel(), minlength=256))
+        bad = present[~valid[present]]
+        if bad.size:
+            raise DatasetError(f'{sample.mask}: mask holds value(s) {bad.tolist()} that are neither '
+                               f'a class id (0..{num_classes - 1}) nor {IGNORE_INDEX}')
+        label_sets[sample.id] = tuple(int(v) for v in present)
+    return label_sets
+
+
+def _listing_key(layout: str, root: Path, split: str, samples: list[Sample]) -> str:
+    """Identifies a split's listing: its files' paths, sizes and modification times."""
+    h = hashlib.sha256(f'{layout}|{root.resolve()}|{split}'.encode())
+    for s in samples:
+        st = s.mask.stat()
+        h.update(f'{s.id}|{s.mask}|{st.st_size}|{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class DatasetIndex:
+    """A dataset folder's samples and label sets per split, and their fingerprint."""
+    dataset: str
+    root: Path
+    samples: dict[str, list[Sample]]
+    label_sets: dict[str, LabelSets]
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.dataset.encode())
+        for split in SPLITS:
+            h.update(json.dumps(list(self.label_sets[split].items())).encode())
+        return h.hexdigest()[:16]
+
+
+def index_dataset(dataset: str, root: str | Path, progress: bool = True) -> DatasetIndex:
+    info = DATASET_INFO[dataset]
+    root = Path(root).expanduser()
+    samples, label_sets = {}, {}
+    for split in SPLITS:
+        samples[split] = list_samples(info, root, split)
+        key = _listing_key(info.layout, root, split, samples[split])
+        cache_file = cache_dir('labelsets') / f'{dataset}-{split}-{key}.json'
+        if cache_file.exists():
+            label_sets[split] = {k: tuple(v) for k, v in json.loads(cache_file.read_text()).items()}
+        else:
+            label_sets[split] = scan_label_sets(samples[split], info.num_classes,
+                                                desc=f'scan {split} masks', progress=progress)
+            atomic_write_json(cache_file, label_sets[split])
+    return DatasetIndex(dataset, root, samples, label_sets)
+
+
+def compute_splits(protocol: Protocol, label_sets: dict[str, LabelSets]) -> list[dict]:
+    """Per step: its classes, the kept training ids and the evaluation ids, in list order."""
+    steps = []
+    for t, classes in enumerate(protocol.steps):
+        old = set(protocol.classes_old(t))
+        seen = set(protocol.classes_seen(t))
+        train = [i for i, ls in label_sets['train'].items()
+                 if keep_for_step(ls, set(classes), old, protocol.mode)]
+        val = [i for i, ls in label_sets['val'].items()
+               if keep_for_step(ls, seen, set(), 'overlap')]
+        steps.append(dict(step=t, classes=list(classes), train=train, val=val))
+    return steps
+
+
+def protocol_splits(protocol: Protocol, index: DatasetIndex) -> list[dict]:
+    """``compute_splits``, cached by protocol and dataset fingerprints."""
+    if protocol.dataset != index.dataset:
+        raise DatasetError(f'protocol {protocol.name!r} is for dataset {protocol.dataset!r}, '
+                           f'the index is of {index.dataset!r}')
+    cache_file = cache_dir('splits') / f'{protocol.fingerprint}-{index.fingerprint}.json'
+    if cache_file.exists():
+        return json.loads(cache_file.read_text())['steps']
+    steps = compute_splits(protocol, index.label_sets)
+    atomic_write_json(cache_file, dict(protocol=protocol.to_dict(), dataset=index.dataset,
+                                       dataset_fingerprint=index.fingerprint, steps=steps))
+    return steps
+
+
+def select(samples: list[Sample], ids: list[str]) -> list[Sample]:
+    by_id = {s.id: s for s in samples}
+    return [by_id[i] for i in ids]
+
+
+def resolve_data_root(dataset: str, data_root: str | None, progress: bool = True) -> Path:
+    """The dataset folder: ``data_root`` if given; for ``synth``, the generated default."""
+    if data_root is not None:
+        return Path(data_root).expanduser()
+    if dataset == 'synth':
+        from .synth import ensure_default_synth
+        return ensure_default_synth(progress=progress)
+    env = os.environ.get(f'CSSBENCH_{dataset.upper()}_ROOT')
+    if env:
+        return Path(env)
+    raise DatasetError(f'protocol needs dataset {dataset!r}: pass --data-root or set '
+                       f'CSSBENCH_{dataset.upper()}_ROOT')

@@ -1,0 +1,68 @@
+"""Shared fixtures: an isolated cache folder and a tiny Pascal VOC tree writer."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test caches under its own tmp folder, never under ~/.cache."""
+    cache = tmp_path / 'cache'
+    monkeypatch.setenv('CSSBENCH_CACHE', str(cache))
+    return cache
+
+
+def mask_with(labels, size: tuple[int, int] = (4, 4)) -> np.ndarray:
+    """A uint8 mask of ``size`` (h, w) whose set of values is exactly ``labels``."""
+    labels = sorted(labels)
+    h, w = size
+    assert len(labels) <= h * w
+    flat = np.array([labels[i % len(labels)] for i in range(h * w)], dtype=np.uint8)
+    return flat.reshape(h, w)
+
+
+def _palette() -> list[int]:
+    pal = []
+    for i in range(256):
+        pal += [(i * 37) % 256, (i * 91) % 256, (i * 53) % 256]
+    return pal
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    im = Image.fromarray(np.asarray(mask, dtype=np.uint8))  # mode 'L'
+    im.putpalette(_palette())                                 # becomes mode 'P'
+    assert im.mode == 'P'
+    im.save(path)
+
+
+def write_jpeg(path: Path, height: int, width: int, seed: int = 0) -> None:
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path, format='JPEG', quality=95)
+
+
+def make_voc_tree(root: Path, train: dict[str, np.ndarray], val: dict[str, np.ndarray]) -> Path:
+    """Write ``root/VOCdevkit/VOC2012`` with one JPEG and one palette PNG per id; return root."""
+    root = Path(root)
+    base = root / 'VOCdevkit' / 'VOC2012'
+    images, masks, lists = (base / 'JPEGImages', base / 'SegmentationClassAug',
+                            base / 'ImageSets' / 'Segmentation')
+    for d in (images, masks, lists):
+        d.mkdir(parents=True, exist_ok=True)
+    for n, (sample_id, mask) in enumerate({**train, **val}.items()):
+        mask = np.asarray(mask, dtype=np.uint8)
+        write_jpeg(images / f'{sample_id}.jpg', mask.shape[0], mask.shape[1], seed=n)
+        write_mask_png(masks / f'{sample_id}.png', mask)
+    (lists / 'train_aug.txt').write_text(''.join(f'{i}\n' for i in train))
+    (lists / 'val.txt').write_text(''.join(f'{i}\n' for i in val))
+    return root
+
+
+@pytest.fixture
+def voc_tree() -> Callable[..., Path]:
+    """The ``make_voc_tree`` helper as a fixture."""
+    return make_voc_tree

@@ -1,0 +1,58 @@
+"""Tests of atomic writes and the cache folder (benchmark/io.py)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import cssbench.io as cio
+from cssbench.io import atomic_write_json, atomic_write_text, cache_dir
+
+
+def test_atomic_write_json_roundtrip(tmp_path: Path) -> None:
+    path = tmp_path / 'sub' / 'dir' / 'x.json'
+    atomic_write_json(path, {'a': [1, 2, 3], 'b': 'é', 'c': None})
+    assert json.loads(path.read_text()) == {'a': [1, 2, 3], 'b': 'é', 'c': None}
+    assert path.read_text().endswith('\n')
+    assert os.listdir(path.parent) == ['x.json']
+
+
+def test_atomic_write_json_replaces(tmp_path: Path) -> None:
+    path = tmp_path / 'x.json'
+    atomic_write_json(path, [1])
+    atomic_write_json(path, [2, 3])
+    assert json.loads(path.read_text()) == [2, 3]
+    assert os.listdir(tmp_path) == ['x.json']
+
+
+def test_unserialisable_leaves_previous_content(tmp_path: Path) -> None:
+    path = tmp_path / 'x.json'
+    atomic_write_json(path, {'ok': 1})
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {'ok': 2, 'bad': object()})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ['x.json']
+
+
+def test_failure_during_write_leaves_previous_content(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / 'x.txt'
+    atomic_write_text(path, 'old')
+
+    def failing_fsync(fd):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(cio.os, 'fsync', failing_fsync)
+    with pytest.raises(OSError):
+        atomic_write_text(path, 'new content')
+    assert path.read_text() == 'old'
+    assert os.listdir(tmp_path) == ['x.txt']   # the temp file was removed
+
+
+def test_cache_dir_uses_env(isolated_cache: Path) -> None:
+    d = cache_dir('splits', 'deeper')
+    assert d == isolated_cache / 'splits' / 'deeper'
+    assert d.is_dir()

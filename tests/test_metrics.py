@@ -1,0 +1,143 @@
+"""Tests of the IoU metric and the old/new/all summaries (benchmark/metrics.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cssbench.metrics import (IncrementalIoUMetric, confusion_matrix, iou_per_class, mean_iou,
+                              range_label, summarize_step)
+from cssbench.protocols import load_protocol
+
+GT = torch.tensor([0, 0, 0, 1, 1, 2, 2, 255, 255, 1])
+PRED = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1, 2, 1])
+# counted by hand over the 8 pixels whose gt is not 255: cm[gt, pred]
+CM = [[2, 1, 0],
+      [0, 2, 1],
+      [1, 0, 1]]
+
+
+def test_confusion_matrix_hand_example() -> None:
+    cm = confusion_matrix(PRED, GT, 3, ignore_index=255)
+    assert cm.tolist() == CM
+    assert int(cm.sum()) == 8
+
+
+def test_confusion_matrix_2d_and_default_ignore() -> None:
+    cm = confusion_matrix(PRED.reshape(2, 5), GT.reshape(2, 5), 3)
+    assert cm.tolist() == CM
+
+
+def test_confusion_matrix_drops_gt_outside_classes() -> None:
+    gt = torch.tensor([0, 1, 5, 3])
+    pred = torch.tensor([0, 0, 1, 1])
+    assert confusion_matrix(pred, gt, 2).tolist() == [[1, 0], [1, 0]]
+
+
+def test_iou_per_class_literal() -> None:
+    iou = iou_per_class(np.array([[3, 1, 0], [1, 2, 0], [0, 0, 0]]))
+    assert iou[0] == pytest.approx(3 / 5)
+    assert iou[1] == pytest.approx(2 / 4)
+    assert math.isnan(iou[2])
+
+
+def test_iou_class_with_gt_never_predicted_is_zero() -> None:
+    iou = iou_per_class([[2, 0], [3, 0]])
+    assert iou[0] == pytest.approx(2 / 5)
+    assert iou[1] == 0.0
+
+
+def test_iou_class_predicted_but_absent_from_gt_is_nan() -> None:
+    iou = iou_per_class([[1, 1], [0, 0]])
+    assert iou[0] == pytest.approx(1 / 2)
+    assert math.isnan(iou[1])
+
+
+def test_mean_iou() -> None:
+    assert mean_iou([0.6, 0.5, math.nan]) == pytest.approx(0.55)
+    assert mean_iou([0.6, None, 0.0]) == pytest.approx(0.3)
+    assert mean_iou(np.array([0.2, np.nan, 0.4])) == pytest.approx(0.3)
+    assert math.isnan(mean_iou([math.nan, math.nan]))
+    assert math.isnan(mean_iou([]))
+
+
+@pytest.mark.parametrize('classes, label', [
+    (list(range(16)), '0-15'),
+    ([16], '16'),
+    ([1, 2, 3, 5], '1-3,5'),
+    ([5, 3, 1, 2], '1-3,5'),
+    ([16, 17, 18, 19, 20], '16-20'),
+    ([1, 3, 5], '1,3,5'),
+    ([0, 1, 7, 8, 9, 12], '0-1,7-9,12'),
+    ([], '-'),
+])
+def test_range_label(classes, label) -> None:
+    assert range_label(classes) == label
+
+
+IOU_15_1 = {0: 0.9, **{c: 0.5 for c in range(1, 16)},
+            16: 0.1, 17: 0.2, 18: 0.3, 19: 0.4, 20: 0.5}
+
+
+def test_summarize_step_last_step() -> None:
+    s = summarize_step(load_protocol('voc-15-1-overlap'), 5, IOU_15_1)
+    assert s['old']['label'] == '0-15'
+    assert s['old']['mIoU'] == pytest.approx(8.4 / 16)      # (0.9 + 15 * 0.5) / 16
+    assert s['new']['label'] == '16-20'
+    assert s['new']['mIoU'] == pytest.approx(0.3)           # (0.1+0.2+0.3+0.4+0.5) / 5
+    assert s['all']['label'] == 'all'
+    assert s['all']['mIoU'] == pytest.approx(9.9 / 21)      # (8.4 + 1.5) / 21
+
+
+def test_summarize_step_background_not_scored() -> None:
+    s = summarize_step(load_protocol('voc-15-1-overlap'), 5, IOU_15_1, background_scored=False)
+    assert s['old']['label'] == '1-15'
+    assert s['old']['mIoU'] == pytest.approx(0.5)
+    assert s['new']['label'] == '16-20'
+    assert s['new']['mIoU'] == pytest.approx(0.3)
+    assert s['all']['mIoU'] == pytest.approx(9.0 / 20)      # (7.5 + 1.5) / 20
+
+
+def test_summarize_step_intermediate_and_missing_class() -> None:
+    iou = dict(IOU_15_1)
+    del iou[17]                                             # absent from the ground truth
+    s = summarize_step(load_protocol('voc-15-1-overlap'), 2, iou)
+    assert s['new']['label'] == '16-17'
+    assert s['new']['mIoU'] == pytest.approx(0.1)
+    assert s['all']['mIoU'] == pytest.approx(8.5 / 17)      # (8.4 + 0.1) / 17
+
+
+def test_summarize_step_zero() -> None:
+    s = summarize_step(load_protocol('voc-15-1-overlap'), 0, IOU_15_1)
+    assert s['old']['mIoU'] == pytest.approx(8.4 / 16)
+    assert s['new']['label'] == '-'
+    assert math.isnan(s['new']['mIoU'])
+
+
+def test_incremental_iou_metric_accumulates() -> None:
+    metric = IncrementalIoUMetric(class_ids=[0, 1, 2])
+    metric.process(None, [dict(pred=PRED, gt=GT)])
+    metric.process(None, [dict(pred=torch.tensor([2, 2, 0]), gt=torch.tensor([2, 2, 255]))])
+    # summed matrix [[2,1,0],[0,2,1],[1,0,3]]: IoU 2/4, 2/4, 3/5
+    out = metric.compute_metrics(metric.results)
+    assert set(out) == {'mIoU', 'IoU.0', 'IoU.1', 'IoU.2'}
+    assert out['IoU.0'] == pytest.approx(0.5)
+    assert out['IoU.1'] == pytest.approx(0.5)
+    assert out['IoU.2'] == pytest.approx(0.6)
+    assert out['mIoU'] == pytest.approx(1.6 / 3)
+
+
+def test_incremental_iou_metric_keys_by_class_id_and_nan() -> None:
+    # channels 0, 1, 2 are classes 0, 20, 16; channel 2 never in the ground truth
+    metric = IncrementalIoUMetric(class_ids=[0, 20, 16])
+    metric.process(None, [dict(pred=torch.tensor([[0, 1], [1, 2]]),
+                               gt=torch.tensor([[0, 1], [0, 255]]))])
+    # cm = [[1,1,0],[0,1,0],[0,0,0]]: IoU 1/2, 1/2, nan
+    out = metric.compute_metrics(metric.results)
+    assert set(out) == {'mIoU', 'IoU.0', 'IoU.20', 'IoU.16'}
+    assert out['IoU.0'] == pytest.approx(0.5)
+    assert out['IoU.20'] == pytest.approx(0.5)
+    assert math.isnan(out['IoU.16'])
+    assert out['mIoU'] == pytest.approx(0.5)

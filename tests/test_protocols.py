@@ -1,0 +1,230 @@
+"""Tests of protocol loading and validation (benchmark/protocols.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cssbench.protocols import (PROTOCOLS_DIR, Protocol, ProtocolError, available_protocols,
+                                load_protocol, load_protocol_file, parse_protocol)
+
+SHIPPED = sorted(p.stem for p in Path(PROTOCOLS_DIR).glob('*.yaml'))
+
+
+def test_shipped_protocol_list() -> None:
+    assert len(SHIPPED) == 24
+    assert available_protocols() == SHIPPED
+    assert 'voc-15-1-overlap' in SHIPPED and 'ade-100-50' in SHIPPED
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_every_shipped_protocol_loads(name: str) -> None:
+    p = load_protocol(name)
+    assert isinstance(p, Protocol)
+    assert p.name == name
+    assert p.dataset == name.split('-')[0]
+    assert p.mode == ('disjoint' if name.endswith('disjoint') else 'overlap')
+    assert p.train_ignore == 'background'
+    assert p.steps[0][0] == 0
+
+
+def test_voc_15_1_overlap_steps() -> None:
+    p = load_protocol('voc-15-1-overlap')
+    assert p.steps == (tuple(range(16)), (16,), (17,), (18,), (19,), (20,))
+    assert p.mode == 'overlap'
+    assert p.dataset == 'voc'
+    assert p.num_steps == 6
+    assert p.num_classes == 21
+
+
+def test_voc_10_1_disjoint_steps() -> None:
+    p = load_protocol('voc-10-1-disjoint')
+    assert p.num_steps == 11
+    assert p.mode == 'disjoint'
+    assert p.steps[0] == tuple(range(11))
+    assert p.steps[1:] == ((11,), (12,), (13,), (14,), (15,), (16,), (17,), (18,), (19,), (20,))
+
+
+def test_ade_protocols() -> None:
+    p = load_protocol('ade-100-10')
+    assert p.num_steps == 6
+    assert p.num_classes == 151
+    assert p.steps[0] == tuple(range(101))
+    assert p.steps[1] == (101, 102, 103, 104, 105, 106, 107, 108, 109, 110)
+    assert p.steps[5] == tuple(range(141, 151))
+    assert load_protocol('ade-100-5').num_steps == 11
+    assert load_protocol('ade-100-5').steps[1] == (101, 102, 103, 104, 105)
+    p = load_protocol('ade-50-50')
+    assert p.steps == (tuple(range(51)), tuple(range(51, 101)), tuple(range(101, 151)))
+    assert load_protocol('ade-100-50').steps == (tuple(range(101)), tuple(range(101, 151)))
+
+
+@pytest.mark.parametrize('mode', ['overlap', 'disjoint'])
+def test_voc_19_1(mode: str) -> None:
+    p = load_protocol(f'voc-19-1-{mode}')
+    assert p.steps == (tuple(range(20)), (20,))
+    assert p.mode == mode
+
+
+@pytest.mark.parametrize('name', [n for n in SHIPPED if n.startswith('synth-')])
+def test_synth_protocols_mirror_voc(name: str) -> None:
+    synth = load_protocol(name)
+    voc = load_protocol('voc-' + name[len('synth-'):])
+    assert synth.dataset == 'synth'
+    assert synth.steps == voc.steps
+    assert synth.mode == voc.mode
+    assert synth.train_ignore == voc.train_ignore
+
+
+def test_voc_and_synth_sets_match() -> None:
+    voc = {n[len('voc-'):] for n in SHIPPED if n.startswith('voc-')}
+    synth = {n[len('synth-'):] for n in SHIPPED if n.startswith('synth-')}
+    assert voc == synth == {'10-1-disjoint', '10-1-overlap', '10-10-disjoint', '10-10-overlap',
+                            '15-1-disjoint', '15-1-overlap', '15-5-disjoint', '15-5-overlap',
+                            '19-1-disjoint', '19-1-overlap'}
+
+
+# --- helpers on a known protocol ----------------------------------------------------------
+
+def test_classes_seen_old_sizes_on_15_1() -> None:
+    p = load_protocol('voc-15-1-overlap')
+    assert p.classes_seen(0) == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+    assert p.classes_seen(2) == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+    assert p.classes_seen(5) == tuple(range(21))
+    assert p.classes_old(0) == ()
+    assert p.classes_old(1) == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+    assert p.classes_old(3) == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+    assert p.step_sizes(0) == [16]
+    assert p.step_sizes(1) == [16, 1]
+    assert p.step_sizes(5) == [16, 1, 1, 1, 1, 1]
+    assert p.class_order == tuple(range(21))
+
+
+def test_joint_on_15_1() -> None:
+    p = load_protocol('voc-15-1-overlap')
+    j = p.joint()
+    assert j.steps == (tuple(range(21)),)
+    assert j.num_steps == 1
+    assert j.dataset == 'voc' and j.mode == 'overlap' and j.name == 'voc-15-1-overlap'
+    assert j.step_sizes(0) == [21]
+    assert j.train_ignore == p.train_ignore
+
+
+def test_fingerprint_ignores_name_but_not_steps() -> None:
+    a = parse_protocol(dict(name='a', dataset='voc', mode='overlap', steps=['0-15', '16-20']))
+    b = parse_protocol(dict(name='b', dataset='voc', mode='overlap', steps=['0-15', '16-20']))
+    c = parse_protocol(dict(name='a', dataset='voc', mode='disjoint', steps=['0-15', '16-20']))
+    d = parse_protocol(dict(name='a', dataset='voc', mode='overlap', steps=['0-10', '11-20']))
+    assert a.fingerprint == b.fingerprint
+    assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+def _base(**over) -> dict:
+    data = dict(name='custom', dataset='voc', mode='overlap', steps=['0-15', 16, '17-18', [19, 20]])
+    data.update(over)
+    return data
+
+
+def test_parse_valid_mixed_items() -> None:
+    p = parse_protocol(_base(train_ignore='ignore', description='d'), 'src.yaml')
+    assert p.steps == (tuple(range(16)), (16,), (17, 18), (19, 20))
+    assert p.train_ignore == 'ignore'
+    assert p.description == 'd'
+    assert p.source == Path('src.yaml')
+
+
+@pytest.mark.parametrize('over, field, detail', [
+    (dict(dataset='cityscapes'), 'dataset', 'cityscapes'),
+    (dict(steps=['0-15', '16-21']), 'steps[1]', '21'),
+    (dict(steps=['0-15', '16-20', 21]), 'steps[2]', '21'),
+    (dict(steps=['0-15', '15-20']), 'steps[1]', 'class 15 is already in steps[0]'),
+    (dict(steps=['0-15', [16, 17], 17, '18-20']), 'steps[2]', 'class 17 is already in steps[1]'),
+    (dict(steps=['0-15', [], '16-20']), 'steps[1]', 'no classes'),
+    (dict(steps=['0-15']), 'steps', '16, 17, 18, 19, 20'),
+    (dict(steps=['0-15', '16-19']), 'steps', '20'),
+    (dict(steps=['1-15', '0', '16-20']), 'steps[0]', 'background'),
+    (dict(steps=['0-15', 'x-20']), 'steps[1]', "'x-20'"),
+    (dict(steps=['0-15', '20-16']), 'steps[1]', 'empty'),
+    (dict(steps=['0-15', True, '16-20']), 'steps[1]', 'True'),
+    (dict(steps=[]), 'steps', 'non-empty'),
+    (dict(mode='sequential'), 'mode', 'sequential'),
+    (dict(train_ignore='zero'), 'train_ignore', 'zero'),
+])
+def test_parse_errors_name_source_and_field(over, field, detail) -> None:
+    with pytest.raises(ProtocolError) as e:
+        parse_protocol(_base(**over), 'my/proto.yaml')
+    msg = str(e.value)
+    assert 'my/proto.yaml' in msg
+    assert field in msg
+    assert detail in msg
+
+
+@pytest.mark.parametrize('missing', ['name', 'dataset', 'mode', 'steps'])
+def test_parse_missing_field(missing: str) -> None:
+    data = _base()
+    del data[missing]
+    with pytest.raises(ProtocolError) as e:
+        parse_protocol(data, 'p.yaml')
+    assert 'p.yaml' in str(e.value)
+    assert repr(missing) in str(e.value)
+    assert 'missing' in str(e.value)
+
+
+def test_parse_unknown_field_and_non_mapping() -> None:
+    with pytest.raises(ProtocolError, match=r"p\.yaml.*'colour'"):
+        parse_protocol(_base(colour='red'), 'p.yaml')
+    with pytest.raises(ProtocolError, match=r'p\.yaml'):
+        parse_protocol(['not', 'a', 'mapping'], 'p.yaml')
+
+
+def test_protocol_error_is_user_error() -> None:
+    from cssbench.errors import UserError
+    assert issubclass(ProtocolError, UserError)
+
+
+def test_malformed_yaml_names_file(tmp_path: Path) -> None:
+    path = tmp_path / 'broken.yaml'
+    path.write_text('name: broken\ndataset: voc\nsteps: ["0-15", 16\nmode: overlap\n')
+    with pytest.raises(ProtocolError) as e:
+        load_protocol_file(path)
+    assert str(path) in str(e.value)
+    assert 'malformed YAML' in str(e.value)
+    with pytest.raises(ProtocolError, match='broken.yaml'):
+        load_protocol(str(path))
+
+
+def test_missing_protocol_file(tmp_path: Path) -> None:
+    path = tmp_path / 'absent.yaml'
+    with pytest.raises(ProtocolError) as e:
+        load_protocol(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_unknown_protocol_name() -> None:
+    with pytest.raises(ProtocolError) as e:
+        load_protocol('nope')
+    assert "'nope'" in str(e.value)
+
+
+def test_custom_yaml_path_loads(tmp_path: Path) -> None:
+    path = tmp_path / 'mine.yml'
+    path.write_text('name: my-protocol\ndataset: voc\nmode: disjoint\n'
+                    'train_ignore: ignore\nsteps: ["0-10", "11-15", [16, "17-20"]]\n')
+    p = load_protocol(str(path))
+    assert p.name == 'my-protocol'  # a file path need not match its name
+    assert p.dataset == 'voc' and p.mode == 'disjoint' and p.train_ignore == 'ignore'
+    assert p.steps == (tuple(range(11)), (11, 12, 13, 14, 15), (16, 17, 18, 19, 20))
+    assert p.source == path
+    assert p.to_dict() == dict(name='my-protocol', dataset='voc', mode='disjoint',
+                               steps=[list(range(11)), [11, 12, 13, 14, 15], [16, 17, 18, 19, 20]],
+                               train_ignore='ignore')
+
+
+def test_custom_yaml_with_errors_names_file(tmp_path: Path) -> None:
+    path = tmp_path / 'bad.yaml'
+    path.write_text('name: bad\ndataset: voc\nmode: overlap\nsteps: ["0-15", 21]\n')
+    with pytest.raises(ProtocolError) as e:
+        load_protocol(str(path))
+    assert str(path) in str(e.value) and 'steps[1]' in str(e.value) and '21' in str(e.value)

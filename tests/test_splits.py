@@ -1,0 +1,311 @@
+"""Tests of per-step image selection (benchmark/splits.py) on a hand-built tiny VOC tree."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cssbench.splits as splits
+from cssbench.errors import DatasetError
+from cssbench.protocols import load_protocol
+from cssbench.splits import compute_splits, index_dataset, keep_for_step, protocol_splits
+from conftest import make_voc_tree, mask_with
+
+# Label sets chosen so that each rule (current class present / only bg / future class /
+# old class / 255) changes the answer for some image and step.
+TRAIN_LABELS = {
+    't0': {0, 1},
+    't1': {0, 16},
+    't2': {0, 1, 16},
+    't3': {0, 1, 19},
+    't4': {0, 16, 19},
+    't5': {0, 17, 255},
+    't6': {0, 19},
+    't7': {0},
+    't8': {1, 20},
+    't9': {0, 255},
+}
+VAL_LABELS = {
+    'v0': {0, 1},
+    'v1': {0, 16},
+    'v2': {0, 255},
+    'v3': {0, 20},
+    'v4': {17, 255},
+    'v5': {0},
+}
+
+# Protocol steps: 0-15 | 16-18 | 19-20, counted by hand from the label sets above.
+EXPECTED_TRAIN = {
+    'overlap': [['t0', 't2', 't3', 't8'],
+                ['t1', 't2', 't4', 't5'],
+                ['t3', 't4', 't6', 't8']],
+    'disjoint': [['t0'],
+                 ['t1', 't2', 't5'],
+                 ['t3', 't4', 't6', 't8']],
+}
+EXPECTED_VAL = [['v0'],
+                ['v0', 'v1', 'v4'],
+                ['v0', 'v1', 'v3', 'v4']]
+
+
+def write_protocol(tmp_path: Path, mode: str) -> Path:
+    path = tmp_path / f'three-{mode}.yaml'
+    path.write_text(f'name: three-{mode}\ndataset: voc\nmode: {mode}\n'
+                    'steps: ["0-15", "16-18", "19-20"]\n')
+    return path
+
+
+@pytest.fixture
+def voc_root(tmp_path: Path) -> Path:
+    return make_voc_tree(tmp_path / 'voc',
+                         {k: mask_with(v) for k, v in TRAIN_LABELS.items()},
+                         {k: mask_with(v) for k, v in VAL_LABELS.items()})
+
+
+def test_index_reads_label_sets(voc_root: Path) -> None:
+    index = index_dataset('voc', voc_root, progress=False)
+    assert index.dataset == 'voc'
+    assert [s.id for s in index.samples['train']] == ['t0', 't1', 't2', 't3', 't4', 't5', 't6',
+                                                      't7', 't8', 't9']
+    assert [s.id for s in index.samples['val']] == ['v0', 'v1', 'v2', 'v3', 'v4', 'v5']
+    assert index.label_sets['train']['t5'] == (0, 17, 255)
+    assert index.label_sets['train']['t8'] == (1, 20)
+    assert index.label_sets['val']['v4'] == (17, 255)
+    s = index.samples['train'][0]
+    assert s.image == voc_root / 'VOCdevkit/VOC2012/JPEGImages/t0.jpg'
+    assert s.mask == voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/t0.png'
+
+
+def test_index_accepts_voc2012_folder_as_root(voc_root: Path) -> None:
+    index = index_dataset('voc', voc_root / 'VOCdevkit' / 'VOC2012', progress=False)
+    assert index.label_sets['train']['t2'] == (0, 1, 16)
+
+
+@pytest.mark.parametrize('mode', ['overlap', 'disjoint'])
+def test_compute_splits(tmp_path: Path, voc_root: Path, mode: str) -> None:
+    protocol = load_protocol(str(write_protocol(tmp_path, mode)))
+    index = index_dataset('voc', voc_root, progress=False)
+    steps = compute_splits(protocol, index.label_sets)
+    assert [s['step'] for s in steps] == [0, 1, 2]
+    assert steps[0]['classes'] == list(range(16))
+    assert steps[1]['classes'] == [16, 17, 18]
+    assert steps[2]['classes'] == [19, 20]
+    assert [s['train'] for s in steps] == EXPECTED_TRAIN[mode]
+    assert [s['val'] for s in steps] == EXPECTED_VAL
+
+
+def test_val_rule(tmp_path: Path, voc_root: Path) -> None:
+    """Val at step t: images with a non-background class seen by t; never bg/255-only ones."""
+    protocol = load_protocol(str(write_protocol(tmp_path, 'disjoint')))
+    steps = compute_splits(protocol, index_dataset('voc', voc_root, progress=False).label_sets)
+    for s in steps:
+        assert 'v2' not in s['val'] and 'v5' not in s['val']   # {0,255} and {0}
+    assert 'v1' not in steps[0]['val']                          # only a future class
+    assert 'v4' in steps[1]['val']                              # no background needed
+
+
+def test_protocol_splits_writes_cache(tmp_path: Path, voc_root: Path,
+                                      isolated_cache: Path) -> None:
+    protocol = load_protocol(str(write_protocol(tmp_path, 'overlap')))
+    index = index_dataset('voc', voc_root, progress=False)
+    assert not (isolated_cache / 'splits').exists() or not list((isolated_cache / 'splits').iterdir())
+    steps = protocol_splits(protocol, index)
+    assert [s['train'] for s in steps] == EXPECTED_TRAIN['overlap']
+    files = list((isolated_cache / 'splits').iterdir())
+    assert len(files) == 1 and files[0].suffix == '.json'
+    stored = json.loads(files[0].read_text())
+    assert [s['train'] for s in stored['steps']] == EXPECTED_TRAIN['overlap']
+    assert [s['val'] for s in stored['steps']] == EXPECTED_VAL
+    # the cached copy is what a second call returns
+    assert protocol_splits(protocol, index) == steps
+    # another mode is another cache entry
+    other = load_protocol(str(write_protocol(tmp_path, 'disjoint')))
+    assert [s['train'] for s in protocol_splits(other, index)] == EXPECTED_TRAIN['disjoint']
+    assert len(list((isolated_cache / 'splits').iterdir())) == 2
+
+
+def test_protocol_splits_rejects_other_dataset(voc_root: Path) -> None:
+    index = index_dataset('voc', voc_root, progress=False)
+    with pytest.raises(DatasetError, match='synth'):
+        protocol_splits(load_protocol('synth-15-1-overlap'), index)
+
+
+def test_index_is_cached(voc_root: Path, isolated_cache: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    first = index_dataset('voc', voc_root, progress=False)
+    assert len(list((isolated_cache / 'labelsets').glob('*.json'))) == 2  # train and val
+
+    def no_read(path):
+        raise AssertionError(f'mask {path} re-read despite the cache')
+
+    monkeypatch.setattr(splits, 'read_mask', no_read)
+    second = index_dataset('voc', voc_root, progress=False)
+    assert second.label_sets == first.label_sets
+    assert second.fingerprint == first.fingerprint
+    # list order survives the JSON round trip
+    assert list(second.label_sets['train']) == list(TRAIN_LABELS)
+
+
+def test_changed_mask_invalidates_index_cache(voc_root: Path) -> None:
+    first = index_dataset('voc', voc_root, progress=False)
+    from conftest import write_mask_png
+    mask_file = voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/t7.png'
+    write_mask_png(mask_file, mask_with({0, 2, 3}, size=(4, 5)))  # other size, other bytes
+    second = index_dataset('voc', voc_root, progress=False)
+    assert first.label_sets['train']['t7'] == (0,)
+    assert second.label_sets['train']['t7'] == (0, 2, 3)
+    assert second.fingerprint != first.fingerprint
+
+
+@pytest.mark.parametrize('labels, current, old, mode, expected', [
+    ({0, 16}, {16}, set(range(16)), 'overlap', True),
+    ({0, 16}, {16}, set(range(16)), 'disjoint', True),
+    ({0}, set(range(16)), set(), 'overlap', False),            # background alone never counts
+    ({0, 255}, set(range(16)), set(), 'overlap', False),
+    ({0, 1}, {16}, set(range(16)), 'overlap', False),           # only an old class
+    ({0, 17, 255}, {17}, set(range(17)), 'disjoint', True),     # 255 allowed
+    ({0, 17, 18}, {17}, set(range(17)), 'disjoint', False),     # 18 is a future class
+    ({0, 17, 18}, {17}, set(range(17)), 'overlap', True),
+    ({3, 17}, {17}, set(range(17)), 'disjoint', True),          # old class allowed
+    ({3, 17}, {17}, set(), 'disjoint', False),                  # ... only if it is old
+    ({17}, {17}, set(), 'disjoint', True),                      # no background needed
+    ((0, 1, 2), {0, 1, 2}, set(), 'disjoint', True),            # tuples accepted
+])
+def test_keep_for_step(labels, current, old, mode, expected) -> None:
+    assert keep_for_step(labels, current, old, mode) is expected
+
+
+@pytest.mark.parametrize('mode', ['overlap', 'disjoint'])
+def test_cli_splits(tmp_path: Path, voc_root: Path, mode: str, capsys) -> None:
+    from cssbench.cli import main
+    out = tmp_path / 'out' / 'splits.json'
+    rc = main(['splits', '--protocol', str(write_protocol(tmp_path, mode)),
+               '--data-root', str(voc_root), '--out', str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data['protocol'] == f'three-{mode}'
+    assert [data['steps'][i]['train'] for i in range(3)] == EXPECTED_TRAIN[mode]
+    assert [data['steps'][i]['val'] for i in range(3)] == EXPECTED_VAL
+    printed = capsys.readouterr().out
+    assert f'three-{mode}' in printed
+
+
+def test_cli_splits_bad_root_exits_2(tmp_path: Path, capsys) -> None:
+    from cssbench.cli import main
+    rc = main(['splits', '--protocol', str(write_protocol(tmp_path, 'overlap')),
+               '--data-root', str(tmp_path / 'absent')])
+    assert rc == 2
+    assert str(tmp_path / 'absent') in capsys.readouterr().err
+
+
+# --- errors --------------------------------------------------------------------------------
+
+def test_missing_root(tmp_path: Path) -> None:
+    root = tmp_path / 'nowhere'
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', root, progress=False)
+    assert str(root) in str(e.value)
+
+
+def test_root_without_voc(tmp_path: Path) -> None:
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', tmp_path / 'empty', progress=False)
+    assert str(tmp_path / 'empty') in str(e.value) and 'VOC' in str(e.value)
+
+
+def test_missing_list_file(voc_root: Path) -> None:
+    list_file = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt'
+    list_file.unlink()
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', voc_root, progress=False)
+    assert str(list_file) in str(e.value)
+
+
+def test_list_names_missing_image(voc_root: Path) -> None:
+    list_file = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt'
+    list_file.write_text(list_file.read_text() + 'ghost\n')
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', voc_root, progress=False)
+    assert str(voc_root / 'VOCdevkit/VOC2012/JPEGImages/ghost.jpg') in str(e.value)
+    assert 'ghost' in str(e.value)
+
+
+def test_list_names_missing_mask(voc_root: Path) -> None:
+    mask = voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/v3.png'
+    mask.unlink()
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', voc_root, progress=False)
+    assert str(mask) in str(e.value)
+
+
+def test_mask_with_out_of_range_value(tmp_path: Path) -> None:
+    root = make_voc_tree(tmp_path / 'voc', {'a': mask_with({0, 1}), 'b': mask_with({0, 42})},
+                         {'c': mask_with({0, 1})})
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', root, progress=False)
+    msg = str(e.value)
+    assert str(root / 'VOCdevkit/VOC2012/SegmentationClassAug/b.png') in msg
+    assert '42' in msg
+
+
+def test_voc_tree_given_to_ade(voc_root: Path) -> None:
+    with pytest.raises(DatasetError) as e:
+        index_dataset('ade', voc_root, progress=False)
+    assert 'VOC' in str(e.value)
+    assert str(voc_root) in str(e.value)
+
+
+def test_two_path_list_lines(tmp_path: Path) -> None:
+    """The reference's list format: '<image path> <mask path>' relative to VOC2012."""
+    root = make_voc_tree(tmp_path / 'voc', {'a': mask_with({0, 3}), 'b': mask_with({0, 20})},
+                         {'c': mask_with({0, 1})})
+    lists = root / 'VOCdevkit/VOC2012/ImageSets/Segmentation'
+    (lists / 'train_aug.txt').write_text('/JPEGImages/b.jpg /SegmentationClassAug/b.png\n'
+                                         '/JPEGImages/a.jpg /SegmentationClassAug/a.png\n')
+    index = index_dataset('voc', root, progress=False)
+    assert index.label_sets['train'] == {'b': (0, 20), 'a': (0, 3)}
+    assert list(index.label_sets['train']) == ['b', 'a']
+
+
+def test_protocol_splits_follows_reordered_list(voc_root: Path) -> None:
+    protocol = load_protocol('voc-15-5-overlap')
+    first = protocol_splits(protocol, index_dataset('voc', voc_root, progress=False))
+    assert first[0]['train'] == ['t0', 't2', 't3', 't8']
+    list_file = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt'
+    list_file.write_text(''.join(f'{i}\n' for i in reversed(TRAIN_LABELS)))  # same ids, t9..t0
+    index = index_dataset('voc', voc_root, progress=False)
+    assert compute_splits(protocol, index.label_sets)[0]['train'] == ['t8', 't3', 't2', 't0']
+    assert protocol_splits(protocol, index)[0]['train'] == ['t8', 't3', 't2', 't0']
+
+
+def _make_ade_tree(root: Path) -> Path:
+    from conftest import write_jpeg, write_mask_png
+    base = root / 'ADEChallengeData2016'
+    for sub, items in (('training', {'ADE_train_1': {0, 101}, 'ADE_train_2': {5, 150}}),
+                       ('validation', {'ADE_val_1': {0, 3}})):
+        (base / 'images' / sub).mkdir(parents=True)
+        (base / 'annotations' / sub).mkdir(parents=True)
+        for n, (i, labels) in enumerate(items.items()):
+            write_jpeg(base / 'images' / sub / f'{i}.jpg', 4, 4, seed=n)
+            write_mask_png(base / 'annotations' / sub / f'{i}.png', mask_with(labels))
+    return root
+
+
+def test_ade_tree_indexes_and_splits(tmp_path: Path) -> None:
+    root = _make_ade_tree(tmp_path / 'ade')
+    index = index_dataset('ade', root, progress=False)
+    assert index.label_sets['train'] == {'ADE_train_1': (0, 101), 'ADE_train_2': (5, 150)}
+    assert index.label_sets['val'] == {'ADE_val_1': (0, 3)}
+    steps = protocol_splits(load_protocol('ade-100-50'), index)
+    assert [s['train'] for s in steps] == [['ADE_train_2'], ['ADE_train_1', 'ADE_train_2']]
+    assert [s['val'] for s in steps] == [['ADE_val_1'], ['ADE_val_1']]
+
+
+def test_ade_tree_given_to_voc(tmp_path: Path) -> None:
+    root = _make_ade_tree(tmp_path / 'ade')
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', root, progress=False)
+    assert 'ADE20K' in str(e.value) and str(root) in str(e.value)
