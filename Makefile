@@ -10,7 +10,6 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/cssbench: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@

@@ -52,9 +52,15 @@ def cmd_make_synth(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .runner import run_protocol
+    from .methods import get_method
+    from .protocols import load_protocol
+    from .runner import load_config, run_protocol
     from .tables import format_comparison, format_step_table
     methods = args.method.split(',')
+    load_protocol(args.protocol)  # every input checked before the first step trains
+    load_config(args.config, args.epochs)
+    for method in methods:
+        get_method(method)
     for method in methods:
         results = run_protocol(args.protocol, method, config=args.config, data_root=args.data_root,
                                epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,

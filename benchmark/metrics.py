@@ -87,12 +87,13 @@ def summarize_step(protocol, step: int, iou_by_class: dict[int, float],
 
     Named by class ranges, e.g. ``0-15`` / ``16-20`` / ``all`` on VOC 15-1 at the last step
     (background counts among the base classes, as in the MiB/SDR tables; ADE20K does not
-    score it, so its base column is ``1-100``). Means skip classes absent from the ground truth.
+    score it, so its base column is ``1-100``). Means skip classes absent from the ground
+    truth; a column with no scored class has mIoU None (the results are JSON).
     """
     def column(classes):
         classes = [c for c in classes if background_scored or c != 0]
-        values = [iou_by_class.get(c, math.nan) for c in classes]
-        return dict(label=range_label(classes), mIoU=mean_iou(values))
+        value = mean_iou([iou_by_class.get(c, math.nan) for c in classes])
+        return dict(label=range_label(classes), mIoU=None if math.isnan(value) else value)
 
     columns = {'old': column(protocol.steps[0]),
                'new': column([c for s in protocol.steps[1:step + 1] for c in s]),

@@ -92,12 +92,13 @@ class ResidualBlock(nn.Module):
 
 @MODELS.register_module()
 class SmallResNet(nn.Module):
-    """A four-stage residual network small enough for CPU runs and tests (output stride 8)."""
+    """A residual network small enough for CPU runs and tests: a stride-2 stem, then one
+    block per stage (output stride 8 with the default strides)."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 96, 128)) -> None:
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 96, 128), strides=(1, 2, 2, 1),
+                 dilations=(1, 1, 1, 2)) -> None:
         super().__init__()
         self.stem = conv_bn_relu(3, widths[0], 3, stride=2)
-        strides, dilations = (1, 2, 2, 1), (1, 1, 1, 2)
         cins = (widths[0], *widths[:-1])
         self.stages = nn.ModuleList(ResidualBlock(cin, cout, s, d)
                                     for cin, cout, s, d in zip(cins, widths, strides, dilations))

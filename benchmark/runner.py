@@ -8,21 +8,22 @@ epoch checkpoint (mmengine's ``resume``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from mmengine.config import Config
-from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.logging import MMLogger
 from mmengine.runner import Runner
 
@@ -39,11 +40,6 @@ from .registry import MODELS
 from .splits import index_dataset, protocol_splits, resolve_data_root, select
 from .tables import format_step_table, steps_to_csv
 from .transforms import EvalTransform, TrainTransform
-
-# mmengine's resume loads its own epoch checkpoints with torch.load's default, which is
-# weights_only=True since torch 2.6; these are the non-tensor objects such a checkpoint holds.
-torch.serialization.add_safe_globals([HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
-                                      *{type(np.dtype(t)) for t in ('float64', 'float32', 'int64')}])
 
 CONFIGS_DIR = Path(__file__).resolve().parent / 'configs'
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,14 +101,16 @@ def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):
     return MODELS.build(model_cfg)
 
 
-def load_previous_weights(model, path: Path) -> None:
+def load_previous_weights(model, state: dict, source: Path) -> None:
     """Load step t-1's weights into a step-t model: everything but the new classifier."""
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
     new_prefix = f'classifiers.{model.step}.'
-    if unexpected or any(not k.startswith(new_prefix) for k in missing):
-        raise UserError(f'{path}: checkpoint does not fit this model (missing {missing[:3]}, '
-                        f'unexpected {unexpected[:3]}): another protocol or config?')
+    misfit = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith(new_prefix)]
+    if misfit or missing:
+        raise UserError(f'{source}: checkpoint does not fit this model (e.g. '
+                        f'{(misfit + missing)[0]!r}): from another protocol or config?')
+    model.load_state_dict(state, strict=False)
 
 
 def save_weights(model, path: Path) -> None:
@@ -156,11 +154,39 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
             sampler_seed=dict(type='DistSamplerSeedHook'),
         ),
         randomness=dict(seed=seed + step),
-        resume=True,
+        resume=(work_dir / 'last_checkpoint').exists(),  # an interrupted step goes on
         default_scope='cssbench',
         log_level='WARNING',  # the console gets StepProgressHook's lines, not mmengine's dumps
         cfg=dict(),
     )
+
+
+@contextlib.contextmanager
+def _trusting_own_epoch_checkpoints():
+    """Let mmengine's resume unpickle the epoch checkpoint this run wrote in its work dir.
+
+    mmengine calls torch.load without ``weights_only``, which defaults to True since torch
+    2.6 and refuses the message hub's pickled history buffers. Only that resume runs here.
+    """
+    previous = os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD')
+    os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD')
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD')
+        else:
+            os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = previous
+
+
+class _DropDeprecationNotes(logging.Filter):
+    """mmengine's CheckpointHook warns on every run about its own use of FileClient."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return 'will be deprecated in future' not in message and 'is the alias of' not in message
 
 
 def _config_digest(cfg: Config) -> str:
@@ -218,12 +244,14 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         if not split['train']:
             raise UserError(f'protocol {protocol.name}: step {t} keeps no training image of this dataset')
         step_start = time.time()
-        result = train_and_evaluate_step(cfg, method, steps_protocol, t, split, index, paths, seed, info)
+        iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, index, paths, seed, info)
         # Joint training's single step is reported in the protocol's columns (old/new/all).
         summary_step = protocol.num_steps - 1 if method.joint else t
-        result['columns'] = summarize_step(protocol, summary_step, result.pop('iou_raw'),
-                                           info.background_scored)
-        result['wall_time_s'] = round(time.time() - step_start, 1)
+        result = dict(step=t, classes=split['classes'], num_train=len(split['train']),
+                      num_val=len(split['val']),
+                      iou={str(c): (None if math.isnan(v) else v) for c, v in iou.items()},
+                      columns=summarize_step(protocol, summary_step, iou, info.background_scored),
+                      wall_time_s=round(time.time() - step_start, 1))
         atomic_write_json(metrics_file, result)
         step_results.append(result)
         log(format_step_table(protocol.name, method.name, step_results[-1:]))
@@ -234,13 +262,15 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     return step_results
 
 
-def train_and_evaluate_step(cfg, method, protocol: Protocol, t: int, split: dict, index, paths: RunPaths,
-                            seed: int, info) -> dict:
+def train_and_evaluate_step(cfg, method, protocol: Protocol, t: int, split: dict, index,
+                            paths: RunPaths, seed: int, info) -> dict[int, float]:
+    """Train step ``t`` and evaluate it; returns the IoU per seen class id (NaN: not in the GT)."""
     model = build_model(cfg, method.model_type, protocol, t)
     if t > 0:
-        load_previous_weights(model, paths.step_weights(t - 1))
+        previous = torch.load(paths.step_weights(t - 1), map_location='cpu', weights_only=True)
+        load_previous_weights(model, previous, paths.step_weights(t - 1))
         teacher = build_model(cfg, method.model_type, protocol, t - 1)
-        teacher.load_state_dict(torch.load(paths.step_weights(t - 1), map_location='cpu', weights_only=True))
+        teacher.load_state_dict(previous)
         model.set_teacher(teacher)
         model.init_new_classifier()
 
@@ -254,17 +284,17 @@ def train_and_evaluate_step(cfg, method, protocol: Protocol, t: int, split: dict
     metric_cfg = dict(type='cssbench.IncrementalIoUMetric', class_ids=class_ids, prefix='val')
     runner = make_mmengine_runner(cfg, model, train_set, val_set, paths.step_work(t), t, seed,
                                   metric_cfg, progress_prefix=f'[{protocol.name}/{method.name}] step {t}')
+    runner.logger.addFilter(_DropDeprecationNotes())
     if model.teacher is not None:
         model.teacher.to(next(model.parameters()).device)
-    runner.train()
+    resuming = (paths.step_work(t) / 'last_checkpoint').exists()
+    with _trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
+        runner.train()
     metrics = runner.val_loop.run()
     save_weights(model, paths.step_weights(t))
     _close_mmengine_logger(runner)
 
-    iou = {c: metrics[f'val/IoU.{c}'] for c in class_ids}
-    return dict(step=t, classes=split['classes'], num_train=len(split['train']),
-                num_val=len(split['val']), iou_raw=iou,
-                iou={str(c): (None if math.isnan(v) else v) for c, v in iou.items()})
+    return {c: metrics[f'val/IoU.{c}'] for c in class_ids}
 
 
 def _close_mmengine_logger(runner: Runner) -> None:

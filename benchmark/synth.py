@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 # Bump whenever the generated pixels change, so that stale caches are not reused.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 
 SYNTH_DEFAULTS: dict[str, int] = {"n_train": 2000, "n_val": 300, "size": 64, "seed": 0}
 
@@ -68,7 +68,9 @@ OBJECT_COUNT_PROBS = np.array([0.25, 0.30, 0.27, 0.18])  # for 1, 2, 3, 4 object
 P_OUT_OF_SCENE = 0.12  # chance that an object's class is drawn uniformly instead
 P_IGNORE_BAND = 0.3  # share of objects whose outline is marked 255
 
-OBJECT_SIZE_RANGE = (0.20, 0.45)  # object extent as a fraction of the image side
+OBJECT_SIZE_RANGE = (0.25, 0.45)  # object extent as a fraction of the image side
+MIN_CENTRE_GAP = 0.8  # centres at least this fraction of the summed radii apart, if possible
+PLACEMENT_TRIES = 20
 TEXTURE_PERIOD_RANGE = (4.0, 6.0)  # in pixels at 64 px, scaled with the image size
 
 
@@ -151,16 +153,31 @@ def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return (light, dark) if rng.random() < 0.5 else (dark, light)
 
 
+def _place_centre(rng: np.random.Generator, size: int, radius: float,
+                  placed: list[_Object]) -> tuple[float, float]:
+    """A centre keeping the object mostly clear of earlier ones.
+
+    Partial occlusion stays possible, but an object rarely hides most of another: shape is
+    half of what tells classes apart, and a shape mostly hidden cannot be learned from.
+    """
+    for _ in range(PLACEMENT_TRIES):
+        cx, cy = rng.uniform(radius, size - radius, size=2)
+        if all(np.hypot(cx - o.cx, cy - o.cy) >= MIN_CENTRE_GAP * (radius + o.radius) for o in placed):
+            break
+    return float(cx), float(cy)
+
+
 def _sample_objects(rng: np.random.Generator, size: int) -> list[_Object]:
-    objects = []
+    objects: list[_Object] = []
     for class_id in _sample_classes(rng):
         radius = 0.5 * size * rng.uniform(*OBJECT_SIZE_RANGE)
         colour_a, colour_b = _contrasting_colours(rng)
+        cx, cy = _place_centre(rng, size, radius, objects)
         objects.append(
             _Object(
                 class_id=class_id,
-                cx=rng.uniform(radius, size - radius),
-                cy=rng.uniform(radius, size - radius),
+                cx=cx,
+                cy=cy,
                 radius=radius,
                 aspect=rng.uniform(0.85, 1.15),
                 period=max(3.0, rng.uniform(*TEXTURE_PERIOD_RANGE) * size / 64),
@@ -409,10 +426,11 @@ def _reuse_or_refuse(out: Path, params: dict) -> Path:
 
 
 def default_synth_root() -> Path:
-    """Cache folder of the default dataset: ``$CSSBENCH_CACHE/synth`` or ``~/.cache/cssbench/synth``."""
+    """Cache folder of the default dataset, ``$CSSBENCH_CACHE/synth-v<version>`` (default cache
+    ``~/.cache/cssbench``): a new generator version makes a new folder, never a clash."""
     cache = os.environ.get("CSSBENCH_CACHE")
     base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "cssbench"
-    return base / "synth"
+    return base / f"synth-v{SYNTH_VERSION}"
 
 
 def ensure_default_synth(progress: bool = True) -> Path:

@@ -113,7 +113,7 @@ def test_summarize_step_zero() -> None:
     s = summarize_step(load_protocol('voc-15-1-overlap'), 0, IOU_15_1)
     assert s['old']['mIoU'] == pytest.approx(8.4 / 16)
     assert s['new']['label'] == '-'
-    assert math.isnan(s['new']['mIoU'])
+    assert s['new']['mIoU'] is None
 
 
 def test_incremental_iou_metric_accumulates() -> None:

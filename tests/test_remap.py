@@ -141,22 +141,20 @@ def test_dataset_size_mismatch(tmp_path: Path, p15_1) -> None:
     assert '5x4' in str(e.value) and '4x4' in str(e.value)
 
 
-def test_dataset_truncated_jpeg(tmp_path: Path, p15_1) -> None:
+def _truncated_jpeg(path: Path) -> None:
+    write_jpeg(path, 64, 64)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _garbage_bytes(path: Path) -> None:
+    path.write_bytes(b'not a jpeg at all')
+
+
+@pytest.mark.parametrize('corrupt', [_truncated_jpeg, _garbage_bytes])
+def test_dataset_unreadable_image_names_the_file(tmp_path: Path, p15_1, corrupt) -> None:
     image, mask = tmp_path / 'a.jpg', tmp_path / 'a.png'
-    write_jpeg(image, 64, 64)
-    data = image.read_bytes()
-    image.write_bytes(data[:len(data) // 2])
+    corrupt(image)
     write_mask_png(mask, np.zeros((64, 64), dtype=np.uint8))
-    ds = IncrementalSegDataset([Sample('a', image, mask)], train_lut(p15_1, 0))
-    with pytest.raises(DatasetError) as e:
-        ds[0]
-    assert str(image) in str(e.value)
-
-
-def test_dataset_garbage_image(tmp_path: Path, p15_1) -> None:
-    image, mask = tmp_path / 'a.jpg', tmp_path / 'a.png'
-    image.write_bytes(b'not a jpeg at all')
-    write_mask_png(mask, np.zeros((4, 4), dtype=np.uint8))
     ds = IncrementalSegDataset([Sample('a', image, mask)], train_lut(p15_1, 0))
     with pytest.raises(DatasetError) as e:
         ds[0]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cssbench import synth
-from cssbench.synth import SYNTH_DEFAULTS, default_synth_root, make_synth, voc_colormap
+from cssbench.synth import SYNTH_DEFAULTS, SYNTH_VERSION, default_synth_root, make_synth, voc_colormap
 
 SMALL = {"n_train": 40, "n_val": 10, "size": 48, "seed": 0}
 
@@ -160,7 +160,7 @@ def test_class_statistics(tmp_path: Path) -> None:
 
 def test_default_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CSSBENCH_CACHE", str(tmp_path))
-    assert default_synth_root() == tmp_path / "synth"
+    assert default_synth_root() == tmp_path / f"synth-v{SYNTH_VERSION}"
     monkeypatch.delenv("CSSBENCH_CACHE")
-    assert default_synth_root() == Path.home() / ".cache" / "cssbench" / "synth"
+    assert default_synth_root() == Path.home() / ".cache" / "cssbench" / f"synth-v{SYNTH_VERSION}"
     assert SYNTH_DEFAULTS == {"n_train": 2000, "n_val": 300, "size": 64, "seed": 0}

@@ -1,0 +1,84 @@
+"""The incremental segmentor: builds from both configs through mmseg's registry, grows, loads."""
+from __future__ import annotations
+
+import pytest
+import torch
+from mmseg.registry import MODELS as MMSEG_MODELS
+
+from cssbench.errors import UserError
+from cssbench.registry import MODELS as CSSBENCH_MODELS
+from cssbench.protocols import load_protocol
+from cssbench.runner import build_model, load_config, load_previous_weights, save_weights
+
+
+@pytest.mark.parametrize('config', ['small', 'deeplabv3-r101'])
+def test_config_builds_a_model_whose_logits_cover_the_seen_classes(config):
+    protocol = load_protocol('voc-15-1-overlap')
+    model = build_model(load_config(config), 'cssbench.IncrementalSegmentor', protocol, 2).eval()
+    assert [c.out_channels for c in model.classifiers] == [16, 1, 1]
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 64, 64))
+    assert logits.shape == (1, 18, 64, 64)
+
+
+def test_deeplabv3_r101_is_output_stride_16_with_the_papers_head():
+    model = build_model(load_config('deeplabv3-r101'), 'cssbench.IncrementalSegmentor',
+                        load_protocol('voc-15-5-overlap'), 0).eval()
+    with torch.no_grad():
+        out = model.extract(torch.randn(1, 3, 64, 64))
+    assert out['body'][-1].shape == (1, 2048, 4, 4)
+    assert out['features'].shape == (1, 256, 4, 4)
+    assert sum(p.numel() for p in model.backbone.parameters()) == pytest.approx(42.5e6, rel=0.01)
+
+
+def test_cssbench_models_live_in_a_child_of_mmsegs_registry():
+    assert CSSBENCH_MODELS.parent is MMSEG_MODELS
+    assert MMSEG_MODELS._children['cssbench'] is CSSBENCH_MODELS
+    model = CSSBENCH_MODELS.build(dict(
+        type='cssbench.IncrementalSegmentor', step_sizes=[3, 2],
+        backbone=dict(type='cssbench.SmallResNet', widths=(8, 8, 8, 8)),
+        decode_head=dict(type='cssbench.ASPPHead', channels=8, dilations=(1, 2))))
+    assert model.num_old_classes == 3 and model.step == 1
+
+
+def test_loss_and_predict_follow_mmengine_modes():
+    protocol = load_protocol('voc-19-1-overlap')
+    model = build_model(load_config('small'), 'cssbench.IncrementalSegmentor', protocol, 1)
+    batch = dict(inputs=torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+                 data_samples=torch.randint(0, 21, (2, 32, 32)))
+    data = model.data_preprocessor(batch, True)
+    losses = model(**data, mode='loss')
+    assert set(losses) == {'loss_ce'} and losses['loss_ce'].requires_grad
+    model.eval()
+    [out] = model(**data, mode='predict')
+    assert out['pred'].shape == (2, 32, 32) and int(out['pred'].max()) < 21
+    assert torch.equal(out['gt'], batch['data_samples'])
+
+
+def test_previous_step_weights_load_into_the_grown_model_and_others_are_refused(tmp_path):
+    cfg = load_config('small')
+    protocol = load_protocol('voc-15-1-overlap')
+    step0 = build_model(cfg, 'cssbench.IncrementalSegmentor', protocol, 0)
+    save_weights(step0, tmp_path / 'step0.pth')
+    step1 = build_model(cfg, 'cssbench.IncrementalSegmentor', protocol, 1)
+    state = torch.load(tmp_path / 'step0.pth', weights_only=True)
+    load_previous_weights(step1, state, tmp_path / 'step0.pth')
+    assert torch.equal(step1.classifiers[0].weight, step0.classifiers[0].weight)
+    assert torch.equal(step1.backbone.stem[0].weight, step0.backbone.stem[0].weight)
+
+    other = build_model(cfg, 'cssbench.IncrementalSegmentor', load_protocol('voc-10-1-overlap'), 1)
+    with pytest.raises(UserError, match='does not fit'):
+        load_previous_weights(other, state, tmp_path / 'step0.pth')
+
+
+def test_teacher_is_frozen_and_not_part_of_the_student():
+    cfg = load_config('small')
+    protocol = load_protocol('voc-15-1-overlap')
+    teacher = build_model(cfg, 'cssbench.IncrementalSegmentor', protocol, 0)
+    student = build_model(cfg, 'cssbench.IncrementalSegmentor', protocol, 1)
+    n_params = len(list(student.parameters()))
+    student.set_teacher(teacher)
+    assert student.teacher is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert len(list(student.parameters())) == n_params
+    assert not any(k.startswith('teacher') for k in student.state_dict())

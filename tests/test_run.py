@@ -1,0 +1,113 @@
+"""End to end: the runner trains through a protocol's steps, stores its results, and forgets.
+
+These run the real mmengine training loop on CPU, on small synthetic datasets at 32 px.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cssbench.cli import main
+from cssbench.errors import UserError
+from cssbench.runner import run_protocol
+from cssbench.synth import make_synth
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
+
+
+@pytest.fixture(scope='module')
+def synth32(tmp_path_factory) -> Path:
+    return make_synth(tmp_path_factory.mktemp('synth') / 'data', n_train=500, n_val=100, size=32,
+                      seed=3, progress=False)
+
+
+@pytest.fixture(scope='module')
+def synth64(tmp_path_factory) -> Path:
+    return make_synth(tmp_path_factory.mktemp('synth') / 'data', n_train=800, n_val=100, size=64,
+                      seed=4, progress=False)
+
+
+@pytest.fixture(scope='module')
+def config32(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp('config') / 'small32.py'
+    path.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                    "data = dict(crop_size=32, batch_size=16, num_workers=0)\n")
+    return path
+
+
+def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32, tmp_path, capsys):
+    results = tmp_path / 'results'
+    kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1, results_root=results,
+                  run_name='r', log=lambda *a: None)
+    steps = run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+
+    assert [s['step'] for s in steps] == [0, 1]
+    assert steps[0]['classes'] == list(range(16)) and steps[1]['classes'] == [16, 17, 18, 19, 20]
+    assert [steps[1]['columns'][k]['label'] for k in ('old', 'new', 'all')] == ['0-15', '16-20', 'all']
+    assert set(steps[0]['iou']) == {str(c) for c in range(16)}
+    assert set(steps[1]['iou']) == {str(c) for c in range(21)}
+    assert all(0.0 <= v <= 1.0 for v in steps[1]['iou'].values() if v is not None)
+
+    run_dir = results / 'synth-15-5-overlap' / 'ft' / 'r'
+    record = json.loads((run_dir / 'run.json').read_text())
+    assert record['status'] == 'complete' and record['seed'] == 0
+    assert record['protocol']['steps'][1] == [16, 17, 18, 19, 20]
+    assert record['environment']['torch']
+    stored = json.loads((run_dir / 'metrics.json').read_text())['steps']
+    assert stored == json.loads(json.dumps(steps))
+    csv_lines = (run_dir / 'metrics.csv').read_text().splitlines()
+    assert csv_lines[0].startswith('step,num_train,num_val,old_classes,old_mIoU')
+    assert len(csv_lines) == 3
+    for t in (0, 1):
+        assert (run_dir / 'work' / f'step{t}' / 'model.pth').is_file()
+
+    with pytest.raises(UserError, match='complete'):
+        run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+
+    assert main(['table', '--protocol', 'synth-15-5-overlap', '--results', str(results)]) == 0
+    out = capsys.readouterr().out
+    assert 'ft' in out and '0-15' in out and '16-20' in out
+
+
+def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
+    results = tmp_path / 'results'
+    kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1, results_root=results,
+                  run_name='r', log=lambda *a: None)
+    first = run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+    run_dir = results / 'synth-15-5-overlap' / 'ft' / 'r'
+    # Simulate a run that died after step 0: step 1's outputs gone, run not complete.
+    (run_dir / 'steps' / 'step1.json').unlink()
+    record = json.loads((run_dir / 'run.json').read_text())
+    (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
+    weights0 = (run_dir / 'work' / 'step0' / 'model.pth').stat().st_mtime_ns
+
+    messages = []
+    second = run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, log=messages.append))
+    assert any('step 0: done before' in m for m in messages)
+    assert (run_dir / 'work' / 'step0' / 'model.pth').stat().st_mtime_ns == weights0
+    assert second[0] == first[0]
+    assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
+
+
+def test_fine_tuning_forgets_and_joint_does_not(synth64, tmp_path):
+    """The phenomenon the suite measures: after a new step, fine-tuning loses the old classes."""
+    config = tmp_path / 'small_bs4.py'  # more updates per epoch: learns in fewer epochs
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\ndata = dict(batch_size=4)\n")
+    kwargs = dict(config=str(config), data_root=str(synth64), epochs=8,
+                  results_root=tmp_path / 'results', log=lambda *a: None)
+    ft = run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+    joint = run_protocol('synth-15-5-overlap', 'joint', **kwargs)
+
+    old_before = ft[0]['columns']['old']['mIoU']
+    old_after = ft[1]['columns']['old']['mIoU']
+    joint_old = joint[-1]['columns']['old']['mIoU']
+    assert len(joint) == 1 and joint[0]['columns']['old']['label'] == '0-15'
+    print(f'ft old: {old_before:.3f} -> {old_after:.3f}; joint old {joint_old:.3f}, '
+          f'new {joint[-1]["columns"]["new"]["mIoU"]:.3f}')
+    # Predicting background everywhere scores about 0.9 / 16 = 0.056 on the 16 old classes.
+    assert old_before > 0.15, f'step 0 did not learn: old-class mIoU {old_before:.3f}'
+    assert old_after < 0.5 * old_before, f'ft did not forget: {old_before:.3f} -> {old_after:.3f}'
+    assert joint_old > 0.75 * old_before, f'joint lost old classes: {joint_old:.3f} vs {old_before:.3f}'
+    assert joint[-1]['columns']['new']['mIoU'] > 0.1
