@@ -1,2 +1,2 @@
 """The methods cssbench ships; importing this package registers them (``cssbench list``)."""
-from . import ft, joint  # noqa: F401
+from . import ft, ilt, joint, lwf, mib  # noqa: F401

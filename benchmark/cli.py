@@ -64,7 +64,9 @@ def cmd_run(args) -> None:
     for method in methods:
         results = run_protocol(args.protocol, method, config=args.config, data_root=args.data_root,
                                epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
-                               run_name=args.run_name, seed=args.seed, overwrite=args.overwrite)
+                               run_name=args.run_name, seed=args.seed, overwrite=args.overwrite,
+                               resume=args.resume, deterministic=args.deterministic,
+                               keep_epoch_checkpoints=args.keep_epoch_checkpoints)
         print(format_step_table(args.protocol, method, results))
     if len(methods) > 1:
         print(format_comparison(args.results, args.protocol))
@@ -108,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--work-dir', help='checkpoints and logs (default: <run folder>/work)')
     p.add_argument('--overwrite', action='store_true', help='replace a stored run of the same name')
+    p.add_argument('--resume', action='store_true',
+                   help='continue a stopped run (the default when one exists); error if none')
+    p.add_argument('--deterministic', action='store_true',
+                   help="torch's deterministic algorithms (slower on GPU)")
+    p.add_argument('--keep-epoch-checkpoints', action='store_true',
+                   help="keep each step's last epoch checkpoints (default: only its weights)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser('table', help='methods side by side after the last step, from stored results')
@@ -117,15 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: Exception) -> str:
+    """The error's own message. A DataLoader worker re-raises it with the worker's traceback
+    in the message, whose last line is the original ``Type: message``."""
+    message = str(error).strip()
+    if '\n' in message:
+        message = message.splitlines()[-1].split(': ', 1)[-1]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except UserError as e:
-        print(f'cssbench: error: {e}', file=sys.stderr)
-        return 2
-    except FileExistsError as e:
-        print(f'cssbench: error: {e}', file=sys.stderr)
+    except (UserError, FileExistsError) as e:
+        print(f'cssbench: error: {one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('cssbench: interrupted; rerun the same command to resume', file=sys.stderr)

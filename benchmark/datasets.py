@@ -133,6 +133,15 @@ def read_mask(path: Path) -> np.ndarray:
         raise DatasetError(f'{path}: cannot read mask ({e})') from None
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding it."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f'{path}: cannot read image ({e})') from None
+
+
 def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
@@ -174,25 +183,36 @@ def eval_lut(protocol, step: int, background_scored: bool = True) -> np.ndarray:
     return lut
 
 
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one sample's augmentation in one epoch."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 @DATASETS.register_module()
 class IncrementalSegDataset(Dataset):
-    """Images and remapped masks of one step; ``transform`` takes and returns (image, mask).
+    """Images and remapped masks of one step.
 
-    Items are ``dict(inputs=uint8 CxHxW tensor, data_samples=int64 HxW tensor)``: the model's
-    data preprocessor normalises on the device, so only bytes cross the loader.
+    ``transform(image, mask, generator)`` returns the pair transformed. An item is fetched by
+    index or by ``(epoch, index)`` (see ``EpochKeyedSampler``); the augmentation's random
+    stream is seeded from ``(seed, epoch, index)``, so it is the same in any loader worker
+    and after a resume. Items are ``dict(inputs=uint8 CxHxW, data_samples=int64 HxW)``: the
+    model's data preprocessor normalises on the device, so only bytes cross the loader.
     """
 
-    def __init__(self, samples: list[Sample], lut: np.ndarray,
-                 transform: Callable | None = None, classes: tuple[str, ...] = ()) -> None:
+    def __init__(self, samples: list[Sample], lut: np.ndarray, transform: Callable | None = None,
+                 classes: tuple[str, ...] = (), seed: int = 0) -> None:
         self.samples = list(samples)
         self.metainfo = dict(classes=classes)
         self.lut = lut
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
         image = read_image(sample.image)
         mask = read_mask(sample.mask)
@@ -202,5 +222,5 @@ class IncrementalSegDataset(Dataset):
         image_t = torch.from_numpy(image).permute(2, 0, 1).contiguous()
         mask_t = torch.from_numpy(self.lut[mask])
         if self.transform is not None:
-            image_t, mask_t = self.transform(image_t, mask_t)
+            image_t, mask_t = self.transform(image_t, mask_t, sample_generator(self.seed, epoch, index))
         return dict(inputs=image_t, data_samples=mask_t.long())

@@ -1,12 +1,15 @@
-"""A compact progress line for the console: step, epoch, iteration, loss, lr and ETA."""
+"""Runner pieces: a compact console progress line, and per-epoch seeding for exact resumes."""
 from __future__ import annotations
 
 import datetime
 import time
 
+import numpy as np
+import torch
+from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook
 
-from .registry import HOOKS
+from .registry import DATA_SAMPLERS, HOOKS
 
 
 @HOOKS.register_module()
@@ -38,3 +41,30 @@ class StepProgressHook(Hook):
         print(f'{self.prefix} epoch {runner.epoch + 1}/{runner.max_epochs} '
               f'iter {batch_idx + 1}/{iters_per_epoch}  loss {loss:.4f}  lr {lr:.2e}  '
               f'eta {datetime.timedelta(seconds=round(eta))}', flush=True)
+
+
+@HOOKS.register_module()
+class EpochSeedHook(Hook):
+    """Re-seeds torch's global generator from (seed, epoch) before each training epoch.
+
+    Dropout and other in-model randomness then depend on the epoch alone, so a run resumed
+    from an epoch checkpoint continues exactly as the uninterrupted run would have.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def before_train_epoch(self, runner) -> None:
+        state = np.random.SeedSequence([self.seed, runner.epoch]).generate_state(1)[0]
+        torch.manual_seed(int(state))
+
+
+@DATA_SAMPLERS.register_module()
+class EpochKeyedSampler(DefaultSampler):
+    """mmengine's DefaultSampler (shuffled by seed + epoch, sharded per rank) whose items are
+    ``(epoch, index)``, so the dataset can seed each sample's augmentation from them."""
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())

@@ -16,6 +16,7 @@ import torchvision
 from mmengine.model import BaseDataPreprocessor, BaseModel
 
 from .datasets_info import IGNORE_INDEX
+from .losses import cross_entropy
 from .registry import MODELS
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -194,7 +195,7 @@ class IncrementalSegmentor(BaseModel):
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.encode_decode(inputs)['logits']
-        return dict(loss_ce=F.cross_entropy(logits, targets, ignore_index=self.ignore_index))
+        return dict(loss_ce=cross_entropy(logits, targets, self.ignore_index))
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> list[dict]:

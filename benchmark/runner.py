@@ -2,38 +2,45 @@
 
 Per step: build the step's datasets and the model (previous step's weights loaded, the
 previous model attached as a frozen teacher), train with mmengine, evaluate on the val
-images of the classes seen so far, save the step's weights and metrics, go on. A step whose
-weights and metrics exist is not trained again; an interrupted step resumes from its last
-epoch checkpoint (mmengine's ``resume``).
+images of the classes seen so far, save the step's weights and metrics, go on.
+
+Nothing is lost to an interruption: a step whose weights and metrics exist is not trained
+again, and an interrupted step resumes from its last epoch checkpoint. Every random draw
+after an epoch boundary (data order, augmentation, dropout) depends only on the seed, the
+step and the epoch, so a resumed run ends with the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.logging import MMLogger
-from mmengine.runner import Runner
+from mmengine.runner import Runner, set_random_seed
 
 from . import __version__
+from . import hooks  # noqa: F401  (registers the hooks and the sampler)
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
 from .datasets_info import DATASET_INFO
-from . import hooks  # noqa: F401  (registers StepProgressHook)
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text
-from .methods import get_method
+from .methods import Method, get_method
 from .metrics import summarize_step
 from .protocols import Protocol, load_protocol
 from .registry import MODELS
@@ -80,6 +87,11 @@ def environment() -> dict:
                 gpus=torch.cuda.device_count(), torch_threads=torch.get_num_threads())
 
 
+def derive_seed(*keys: int) -> int:
+    """A 31-bit seed from integer keys, with no collisions between e.g. (0, 1) and (1, 0)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
+
+
 @dataclass
 class RunPaths:
     results: Path       # metrics, tables, run.json: the product's memory
@@ -96,9 +108,12 @@ class RunPaths:
 
 
 def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):
-    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
+    model_cfg = ConfigDict(cfg.model)
     model_cfg.update(type=model_type, step_sizes=protocol.step_sizes(step))
-    return MODELS.build(model_cfg)
+    try:
+        return MODELS.build(model_cfg)
+    except KeyError as e:  # the registry's message names the unknown type
+        raise UserError(f'{cfg.filename}: {e.args[0].split(". Please")[0]}') from None
 
 
 def load_previous_weights(model, state: dict, source: Path) -> None:
@@ -114,13 +129,36 @@ def load_previous_weights(model, state: dict, source: Path) -> None:
 
 
 def save_weights(model, path: Path) -> None:
-    tmp = path.with_suffix('.tmp')
+    tmp = path.with_name(f'.{path.name}.tmp')
     torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
-def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step: int,
-                         seed: int, metric_cfg: dict, progress_prefix: str) -> Runner:
+def repair_last_checkpoint(work_dir: Path) -> bool:
+    """Point mmengine's ``last_checkpoint`` at the newest complete epoch checkpoint.
+
+    mmengine writes a checkpoint and then the pointer in place, neither atomically: a kill
+    can leave a truncated checkpoint or an empty pointer. torch.save writes a zip archive,
+    whose directory is at its end, so a truncated one is not a valid zip. Returns whether
+    there is a checkpoint to resume from.
+    """
+    pointer = work_dir / 'last_checkpoint'
+    epochs = sorted((int(m.group(1)), f) for f in work_dir.glob('epoch_*.pth')
+                    if (m := re.fullmatch(r'epoch_(\d+)\.pth', f.name)))
+    complete = [f for _, f in epochs if zipfile.is_zipfile(f)]
+    for _, f in epochs:
+        if f not in complete:
+            f.unlink()
+    if not complete:
+        pointer.unlink(missing_ok=True)
+        return False
+    atomic_write_text(pointer, str(complete[-1]))
+    return True
+
+
+def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step_seed: int,
+                         metric_cfg: dict, progress_prefix: str, lr: float,
+                         deterministic: bool, resume: bool) -> Runner:
     sched, data = cfg.schedule, cfg.data
     epochs = sched.epochs
     iters_per_epoch = max(1, len(train_set) // data.batch_size)
@@ -130,9 +168,9 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
     return Runner(
         model=model,
         work_dir=str(work_dir),
-        experiment_name=f'step{step}',
+        experiment_name=work_dir.name,
         train_dataloader=dict(loader, dataset=train_set, drop_last=True,
-                              sampler=dict(type='DefaultSampler', shuffle=True)),
+                              sampler=dict(type='cssbench.EpochKeyedSampler', shuffle=True)),
         val_dataloader=dict(loader, dataset=val_set, batch_size=data.eval_batch_size,
                             sampler=dict(type='DefaultSampler', shuffle=False)),
         val_evaluator=metric_cfg,
@@ -140,12 +178,13 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
         train_cfg=dict(by_epoch=True, max_epochs=epochs, val_begin=epochs + 1),
         val_cfg=dict(),
         optim_wrapper=dict(optimizer=dict(
-            type='SGD', lr=sched.lr[min(step, 1)], momentum=sched.momentum,
-            nesterov=sched.nesterov, weight_decay=sched.weight_decay)),
+            type='SGD', lr=lr, momentum=sched.momentum, nesterov=sched.nesterov,
+            weight_decay=sched.weight_decay)),
         param_scheduler=[dict(type='PolyLR', power=sched.poly_power, eta_min=0.0, by_epoch=True,
                               begin=0, end=epochs, convert_to_iter_based=True)],
         default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1, save_last=True),
+            # Two kept: mmengine deletes the older one before it writes the newer.
+            checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2),
             logger=dict(type='LoggerHook', interval=max(1, iters_per_epoch // 4)),
             progress=dict(type='cssbench.StepProgressHook', prefix=progress_prefix,
                           interval=max(1, iters_per_epoch // 2)),
@@ -153,8 +192,9 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
             param_scheduler=dict(type='ParamSchedulerHook'),
             sampler_seed=dict(type='DistSamplerSeedHook'),
         ),
-        randomness=dict(seed=seed + step),
-        resume=(work_dir / 'last_checkpoint').exists(),  # an interrupted step goes on
+        custom_hooks=[dict(type='cssbench.EpochSeedHook', seed=step_seed)],
+        randomness=dict(seed=step_seed, deterministic=deterministic),
+        resume=resume,
         default_scope='cssbench',
         log_level='WARNING',  # the console gets StepProgressHook's lines, not mmengine's dumps
         cfg=dict(),
@@ -166,7 +206,8 @@ def _trusting_own_epoch_checkpoints():
     """Let mmengine's resume unpickle the epoch checkpoint this run wrote in its work dir.
 
     mmengine calls torch.load without ``weights_only``, which defaults to True since torch
-    2.6 and refuses the message hub's pickled history buffers. Only that resume runs here.
+    2.6 and refuses the message hub's pickled history buffers. Only that resume loads
+    anything inside ``runner.train()``.
     """
     previous = os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD')
     os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'
@@ -190,81 +231,150 @@ class _DropDeprecationNotes(logging.Filter):
 
 
 def _config_digest(cfg: Config) -> str:
-    return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()[:16]
+    text = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Holds a lock on the run folder: a second process on the same run is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / '.lock', 'w') as lock:
+        try:
+            # A POSIX record lock: unlike flock, not inherited by forked loader workers,
+            # so it dies with this process even if a worker outlives it for a moment.
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f'{run_dir}: another cssbench process is running this run') from None
+        yield
+
+
+def _check_work_dir(work: Path, identity: dict) -> None:
+    """Refuse a work dir that holds checkpoints of another protocol, method or config."""
+    marker = work / 'cssbench-work.json'
+    if marker.exists():
+        stored = json.loads(marker.read_text())
+        if stored != identity:
+            diff = ', '.join(k for k in identity if stored.get(k) != identity[k])
+            raise UserError(f'{work}: holds checkpoints of another run ({diff} differ); '
+                            f'choose another --work-dir')
+    else:
+        atomic_write_json(marker, identity)
 
 
 def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = 'small',
                  data_root: str | None = None, epochs: int | None = None,
                  results_root: str | Path = 'results', work_dir: str | Path | None = None,
                  run_name: str | None = None, seed: int = 0, overwrite: bool = False,
-                 progress: bool = True, log=print) -> list[dict]:
-    """Train and evaluate every step; returns the per-step metrics (also written to disk)."""
+                 resume: bool = False, deterministic: bool = False,
+                 keep_epoch_checkpoints: bool = False, progress: bool = True,
+                 log=print) -> list[dict]:
+    """Train and evaluate every step; returns the per-step metrics (also written to disk).
+
+    Re-running the same call continues a run that stopped; ``resume=True`` insists on it.
+    """
     protocol = load_protocol(protocol_name)
     method = get_method(method_name)
     cfg = load_config(config, epochs)
-    steps_protocol = protocol.joint() if method.joint else protocol
-    info = DATASET_INFO[protocol.dataset]
-
     run_name = run_name or f'{Path(config).stem.replace("_", "-")}-seed{seed}'
     results_dir = Path(results_root) / protocol.name / method.name / run_name
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
-    run_file = results_dir / 'run.json'
-    if run_file.exists() and overwrite:
-        shutil.rmtree(results_dir)
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get('config_digest') != _config_digest(cfg):
-            raise UserError(f'{results_dir}: a run with another config is stored there; pass '
-                            f'--overwrite to replace it or --run-name to keep both')
-        if previous.get('status') == 'complete':
-            raise UserError(f'{results_dir}: this run is complete; `cssbench table` shows it, '
-                            f'--overwrite reruns it')
-
-    root = resolve_data_root(protocol.dataset, data_root, progress=progress)
-    index = index_dataset(protocol.dataset, root, progress=progress)
-    splits = protocol_splits(steps_protocol, index)
-    record = dict(protocol=protocol.to_dict(), method=method.name, run=run_name, seed=seed,
-                  config_name=config, config=cfg.to_dict(), config_digest=_config_digest(cfg),
-                  data_root=str(root), dataset_fingerprint=index.fingerprint,
-                  git_revision=git_revision(), environment=environment(), status='running',
-                  started=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    atomic_write_json(run_file, record)
-
-    started = time.time()
-    step_results = []
-    for t, split in enumerate(splits):
-        metrics_file = paths.step_metrics(t)
-        if metrics_file.exists() and paths.step_weights(t).exists():
-            log(f'[{protocol.name}/{method.name}] step {t}: done before, reusing its weights and metrics')
-            step_results.append(json.loads(metrics_file.read_text()))
-            continue
-        log(f'[{protocol.name}/{method.name}] step {t}/{len(splits) - 1}: classes '
-            f'{split["classes"][0]}..{split["classes"][-1]}, {len(split["train"])} train images, '
-            f'{len(split["val"])} val images')
-        if not split['train']:
-            raise UserError(f'protocol {protocol.name}: step {t} keeps no training image of this dataset')
-        step_start = time.time()
-        iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, index, paths, seed, info)
-        # Joint training's single step is reported in the protocol's columns (old/new/all).
-        summary_step = protocol.num_steps - 1 if method.joint else t
-        result = dict(step=t, classes=split['classes'], num_train=len(split['train']),
-                      num_val=len(split['val']),
-                      iou={str(c): (None if math.isnan(v) else v) for c, v in iou.items()},
-                      columns=summarize_step(protocol, summary_step, iou, info.background_scored),
-                      wall_time_s=round(time.time() - step_start, 1))
-        atomic_write_json(metrics_file, result)
-        step_results.append(result)
-        log(format_step_table(protocol.name, method.name, step_results[-1:]))
-    write_run_tables(results_dir, step_results)
-    record.update(status='complete', wall_time_s=round(time.time() - started, 1),
-                  finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    atomic_write_json(run_file, record)
+    with _exclusive(results_dir):
+        record = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
+                            data_root, paths, overwrite, resume, progress)
+        started = time.time()
+        step_results = [run_step(cfg, method, protocol, t, record['splits'][t], paths, seed,
+                                 deterministic, keep_epoch_checkpoints, log)
+                        for t in range(len(record['splits']))]
+        write_run_tables(results_dir, step_results)
+        record['run'].update(status='complete', wall_time_s=round(time.time() - started, 1),
+                             finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
+        atomic_write_json(results_dir / 'run.json', record['run'])
     return step_results
 
 
-def train_and_evaluate_step(cfg, method, protocol: Protocol, t: int, split: dict, index,
-                            paths: RunPaths, seed: int, info) -> dict[int, float]:
+def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run_name: str,
+               seed: int, deterministic: bool, data_root: str | None, paths: RunPaths,
+               overwrite: bool, resume: bool, progress: bool) -> dict:
+    """Check what the run folder holds, index the data, write run.json; returns the record
+    and the per-step splits (with the samples of each)."""
+    run_file = paths.results / 'run.json'
+    if run_file.exists() and overwrite:
+        shutil.rmtree(paths.work, ignore_errors=True)
+        for child in paths.results.iterdir():
+            if child.name != '.lock':
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous.get('config_digest') != _config_digest(cfg):
+            raise UserError(f'{paths.results}: a run with another config is stored there; pass '
+                            f'--overwrite to replace it or --run-name to keep both')
+        if previous.get('status') == 'complete':
+            raise UserError(f'{paths.results}: this run is complete; `cssbench table` shows it, '
+                            f'--overwrite reruns it')
+    elif resume:
+        raise UserError(f'{paths.results}: no run to resume')
+    _check_work_dir(paths.work, dict(protocol=protocol.to_dict(), method=method.name,
+                                     config_digest=_config_digest(cfg), seed=seed))
+
+    steps_protocol = protocol.joint() if method.joint else protocol
+    root = resolve_data_root(protocol.dataset, data_root, progress=progress)
+    index = index_dataset(protocol.dataset, root, progress=progress)
+    splits = protocol_splits(steps_protocol, index)
+    for split in splits:
+        split['train_samples'] = select(index.samples['train'], split['train'])
+        split['val_samples'] = select(index.samples['val'], split['val'])
+    run = dict(protocol=protocol.to_dict(), method=method.name, run=run_name, seed=seed,
+               deterministic=deterministic, config_name=config, config=cfg.to_dict(),
+               config_digest=_config_digest(cfg), data_root=str(root),
+               dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
+               environment=environment(), status='running',
+               started=time.strftime('%Y-%m-%dT%H:%M:%S'))
+    atomic_write_json(run_file, run)
+    return dict(run=run, splits=splits)
+
+
+def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
+             paths: RunPaths, seed: int, deterministic: bool, keep_epoch_checkpoints: bool,
+             log) -> dict:
+    """Step t's metrics: stored ones if the step finished before, else train and evaluate."""
+    tag = f'[{protocol.name}/{method.name}]'
+    metrics_file = paths.step_metrics(t)
+    if metrics_file.exists() and paths.step_weights(t).exists():
+        log(f'{tag} step {t}: done before, reusing its weights and metrics')
+        return json.loads(metrics_file.read_text())
+    steps_protocol = protocol.joint() if method.joint else protocol
+    last = steps_protocol.num_steps - 1
+    log(f'{tag} step {t}/{last}: classes {split["classes"][0]}..{split["classes"][-1]}, '
+        f'{len(split["train"])} train images, {len(split["val"])} val images')
+    if not split['train']:
+        raise UserError(f'protocol {protocol.name}: step {t} keeps no training image of this dataset')
+    info = DATASET_INFO[protocol.dataset]
+    step_start = time.time()
+    iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
+                                  deterministic, info, tag)
+    # Joint training's single step is reported in the protocol's columns (old/new/all).
+    summary_step = protocol.num_steps - 1 if method.joint else t
+    result = dict(step=t, classes=split['classes'], num_train=len(split['train']),
+                  num_val=len(split['val']),
+                  iou={str(c): (None if math.isnan(v) else v) for c, v in iou.items()},
+                  columns=summarize_step(protocol, summary_step, iou, info.background_scored),
+                  wall_time_s=round(time.time() - step_start, 1))
+    atomic_write_json(metrics_file, result)
+    if not keep_epoch_checkpoints:  # resume needs them no more; the weights stay
+        for f in paths.step_work(t).glob('epoch_*.pth'):
+            f.unlink()
+        (paths.step_work(t) / 'last_checkpoint').unlink(missing_ok=True)
+    log(format_step_table(protocol.name, method.name, [result]))
+    return result
+
+
+def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
+                            paths: RunPaths, seed: int, deterministic: bool, info,
+                            tag: str) -> dict[int, float]:
     """Train step ``t`` and evaluate it; returns the IoU per seen class id (NaN: not in the GT)."""
+    step_seed = derive_seed(seed, t)
+    set_random_seed(step_seed, deterministic=deterministic)  # the model's initialisation
     model = build_model(cfg, method.model_type, protocol, t)
     if t > 0:
         previous = torch.load(paths.step_weights(t - 1), map_location='cpu', weights_only=True)
@@ -275,36 +385,47 @@ def train_and_evaluate_step(cfg, method, protocol: Protocol, t: int, split: dict
         model.init_new_classifier()
 
     crop = cfg.data.crop_size
-    train_set = IncrementalSegDataset(select(index.samples['train'], split['train']),
-                                      train_lut(protocol, t), TrainTransform(crop), info.classes)
-    val_set = IncrementalSegDataset(select(index.samples['val'], split['val']),
-                                    eval_lut(protocol, t, info.background_scored),
+    train_set = IncrementalSegDataset(split['train_samples'], train_lut(protocol, t),
+                                      TrainTransform(crop), info.classes, seed=step_seed)
+    val_set = IncrementalSegDataset(split['val_samples'], eval_lut(protocol, t, info.background_scored),
                                     EvalTransform(crop), info.classes)
     class_ids = list(protocol.classes_seen(t))
     metric_cfg = dict(type='cssbench.IncrementalIoUMetric', class_ids=class_ids, prefix='val')
-    runner = make_mmengine_runner(cfg, model, train_set, val_set, paths.step_work(t), t, seed,
-                                  metric_cfg, progress_prefix=f'[{protocol.name}/{method.name}] step {t}')
+    work = paths.step_work(t)
+    work.mkdir(parents=True, exist_ok=True)
+    resuming = repair_last_checkpoint(work)
+    runner = make_mmengine_runner(cfg, model, train_set, val_set, work, step_seed, metric_cfg,
+                                  progress_prefix=f'{tag} step {t}', lr=cfg.schedule.lr[min(t, 1)],
+                                  deterministic=deterministic, resume=resuming)
     runner.logger.addFilter(_DropDeprecationNotes())
     if model.teacher is not None:
         model.teacher.to(next(model.parameters()).device)
-    resuming = (paths.step_work(t) / 'last_checkpoint').exists()
     with _trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
         runner.train()
     metrics = runner.val_loop.run()
     save_weights(model, paths.step_weights(t))
-    _close_mmengine_logger(runner)
-
+    _release_mmengine_globals(runner)
     return {c: metrics[f'val/IoU.{c}'] for c in class_ids}
 
 
-def _close_mmengine_logger(runner: Runner) -> None:
-    """Each Runner adds a file handler to its logger; close it so steps don't leak files."""
+def _release_mmengine_globals(runner: Runner) -> None:
+    """Each Runner registers a logger (with an open log file) and a visualizer under its
+    experiment name, and its loaders keep worker processes; release them all, so that steps
+    leak no files or processes and names never clash."""
+    for loader in (runner.train_dataloader, runner.val_dataloader):
+        # Persistent loader workers would otherwise be joined whenever the garbage collector
+        # gets to the loader, stalling whatever runs then (seconds per worker).
+        iterator = getattr(loader, '_iterator', None)
+        if iterator is not None and hasattr(iterator, '_shutdown_workers'):
+            iterator._shutdown_workers()
     logger = runner.logger
     for handler in list(logger.handlers):
         if isinstance(handler, logging.FileHandler):
             handler.close()
             logger.removeHandler(handler)
     MMLogger._instance_dict.pop(logger.instance_name, None)
+    runner.visualizer.close()
+    type(runner.visualizer)._instance_dict.pop(runner.visualizer.instance_name, None)
 
 
 def write_run_tables(results_dir: Path, step_results: list[dict]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .datasets import SPLITS, Sample, list_samples, read_mask
+from .datasets import SPLITS, Sample, image_size, list_samples, read_mask
 from .datasets_info import DATASET_INFO, IGNORE_INDEX
 from .errors import DatasetError
 from .io import atomic_write_json, cache_dir
@@ -47,17 +47,26 @@ def keep_for_step(labels: set[int] | tuple[int, ...], current: set[int], old: se
 
 def scan_label_sets(samples: list[Sample], num_classes: int, desc: str = 'scan masks',
                     progress: bool = True) -> LabelSets:
-    """Each mask's set of values; a value that is neither a class id nor 255 is an error."""
+    """Each mask's set of values, one mask at a time.
+
+    Fails early, naming the file, on a mask value that is neither a class id nor 255 and on
+    an image whose size (read from its header) differs from its mask's.
+    """
     valid = np.zeros(256, dtype=bool)
     valid[:num_classes] = True
     valid[IGNORE_INDEX] = True
     label_sets: LabelSets = {}
     for sample in tqdm(samples, desc=desc, disable=not progress, unit='mask', leave=False):
-        present = np.flatnonzero(np.bincount(read_mask(sample.mask).ravel(), minlength=256))
+        mask = read_mask(sample.mask)
+        present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
         bad = present[~valid[present]]
         if bad.size:
             raise DatasetError(f'{sample.mask}: mask holds value(s) {bad.tolist()} that are neither '
                                f'a class id (0..{num_classes - 1}) nor {IGNORE_INDEX}')
+        width, height = image_size(sample.image)
+        if (height, width) != mask.shape:
+            raise DatasetError(f'{sample.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs '
+                               f'from image size {width}x{height} ({sample.image})')
         label_sets[sample.id] = tuple(int(v) for v in present)
     return label_sets
 

@@ -120,7 +120,8 @@ def test_dataset_item_eval(tiny, p15_1) -> None:
 
 
 def test_dataset_transform_applied(tiny, p15_1) -> None:
-    def flip(image, mask):
+    def flip(image, mask, generator):
+        assert isinstance(generator, torch.Generator)
         return image.flip(-1), mask.flip(-1)
 
     item = IncrementalSegDataset(tiny, eval_lut(p15_1, 5), transform=flip)[0]

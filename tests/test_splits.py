@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,11 +153,22 @@ def test_changed_mask_invalidates_index_cache(voc_root: Path) -> None:
     first = index_dataset('voc', voc_root, progress=False)
     from conftest import write_mask_png
     mask_file = voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/t7.png'
-    write_mask_png(mask_file, mask_with({0, 2, 3}, size=(4, 5)))  # other size, other bytes
+    write_mask_png(mask_file, mask_with({0, 2, 3}))
+    later = mask_file.stat().st_mtime + 2
+    os.utime(mask_file, (later, later))  # a coarse file-system clock still sees a change
     second = index_dataset('voc', voc_root, progress=False)
     assert first.label_sets['train']['t7'] == (0,)
     assert second.label_sets['train']['t7'] == (0, 2, 3)
     assert second.fingerprint != first.fingerprint
+
+
+def test_mask_and_image_of_different_sizes_fail_at_indexing(voc_root: Path) -> None:
+    from conftest import write_mask_png
+    mask_file = voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/t7.png'
+    write_mask_png(mask_file, mask_with({0, 2, 3}, size=(4, 5)))
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', voc_root, progress=False)
+    assert str(mask_file) in str(e.value) and '5x4' in str(e.value) and '4x4' in str(e.value)
 
 
 @pytest.mark.parametrize('labels, current, old, mode, expected', [

@@ -1,0 +1,141 @@
+"""Bad input: one line on stderr that names the file and what is wrong, exit status 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cssbench.cli import main
+from cssbench.synth import make_synth
+from conftest import make_voc_tree, mask_with
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
+
+
+def fails(capsys, *args: str) -> str:
+    """Runs the CLI, expects exit status 2 and one error line last; returns that line.
+
+    Progress bars (cleared with carriage returns) may precede the error on stderr.
+    """
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    last = err.replace('\r', '\n').strip().splitlines()[-1]
+    assert last.startswith('cssbench: error: '), err
+    return last
+
+
+@pytest.fixture
+def voc_root(tmp_path) -> Path:
+    return make_voc_tree(tmp_path / 'voc', {'a': mask_with({0, 1}), 'b': mask_with({0, 16})},
+                         {'c': mask_with({0, 1})})
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp('bad')
+    config = base / 'tiny.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "data = dict(crop_size=32, batch_size=4, num_workers=1)\n")
+    return dict(base=base, config=str(config))
+
+
+def test_missing_dataset_root(capsys, tmp_path):
+    err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(tmp_path / 'nope'))
+    assert str(tmp_path / 'nope') in err and 'not found' in err
+
+
+def test_voc_tree_given_to_an_ade_protocol(capsys, voc_root):
+    err = fails(capsys, 'splits', '--protocol', 'ade-100-50', '--data-root', str(voc_root))
+    assert str(voc_root) in err and 'Pascal VOC tree' in err and 'ADE20K' in err
+
+
+def test_list_file_naming_a_missing_image(capsys, voc_root):
+    (voc_root / 'VOCdevkit/VOC2012/JPEGImages/b.jpg').unlink()
+    err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(voc_root))
+    assert str(voc_root / 'VOCdevkit/VOC2012/JPEGImages/b.jpg') in err
+
+
+def test_mask_value_outside_the_classes(capsys, tmp_path):
+    root = make_voc_tree(tmp_path / 'voc', {'a': mask_with({0, 1}), 'b': mask_with({0, 77})},
+                         {'c': mask_with({0, 1})})
+    err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(root))
+    assert 'SegmentationClassAug/b.png' in err and '77' in err
+
+
+def test_truncated_png_mask(capsys, voc_root):
+    mask = voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/a.png'
+    mask.write_bytes(mask.read_bytes()[:30])
+    err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(voc_root))
+    assert str(mask) in err and 'cannot read mask' in err
+
+
+def test_image_and_mask_sizes_differ(capsys, tmp_path):
+    root = make_voc_tree(tmp_path / 'voc', {'a': mask_with({0, 1}), 'b': mask_with({0, 16}, (6, 4))},
+                         {'c': mask_with({0, 1})})
+    (root / 'VOCdevkit/VOC2012/JPEGImages/b.jpg').write_bytes(
+        (root / 'VOCdevkit/VOC2012/JPEGImages/a.jpg').read_bytes())   # a 4x4 image
+    err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(root))
+    assert 'SegmentationClassAug/b.png' in err and '4x6' in err and '4x4' in err
+
+
+def test_malformed_protocol_yaml(capsys, tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('name: x\ndataset: voc\nsteps: [0-15, 16\n')
+    err = fails(capsys, 'run', '--protocol', str(bad))
+    assert str(bad) in err and 'malformed YAML' in err
+
+
+def test_inconsistent_protocol_yaml(capsys, tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('name: x\ndataset: voc\nmode: overlap\nsteps: ["0-15", "15-20"]\n')
+    err = fails(capsys, 'run', '--protocol', str(bad))
+    assert str(bad) in err and 'steps[1]' in err and 'class 15' in err
+
+
+def test_unknown_method_config_and_epochs(capsys, tmp_path):
+    assert 'unknown method' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,nope')
+    assert 'unknown config' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', 'huge')
+    assert 'at least 1' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--epochs', '0')
+
+
+def test_config_naming_an_unknown_model_part(capsys, tmp_path, tiny_run):
+    config = tmp_path / 'badmodel.py'
+    config.write_text(f"_base_ = ['{tiny_run['config']}']\nmodel = dict(backbone=dict(type='cssbench.Nope'))\n")
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    err = fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', '--config', str(config),
+                '--data-root', str(data), '--results', str(tmp_path / 'results'))
+    assert str(config) in err and 'cssbench.Nope' in err
+
+
+def test_corrupt_jpeg_found_while_training(capsys, tmp_path, tiny_run):
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    victim = sorted((data / 'JPEGImages').glob('synth_train_*.jpg'))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    err = fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', '--config', tiny_run['config'],
+                '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results'))
+    assert str(victim) in err and 'cannot read image' in err
+
+
+def test_work_dir_of_another_protocol_is_refused(capsys, tmp_path, tiny_run):
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    common = ['--config', tiny_run['config'], '--data-root', str(data), '--epochs', '1',
+              '--results', str(tmp_path / 'results'), '--work-dir', str(tmp_path / 'work')]
+    assert main(['run', '--protocol', 'synth-19-1-overlap', *common]) == 0
+    capsys.readouterr()
+    err = fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', *common)
+    assert str(tmp_path / 'work') in err and 'protocol' in err
+
+
+def test_finished_run_is_not_overwritten_without_flag(capsys, tmp_path, tiny_run):
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
+            '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results')]
+    assert main(args) == 0
+    metrics = next((tmp_path / 'results').rglob('metrics.json'))
+    before = metrics.read_bytes()
+    capsys.readouterr()
+    assert 'complete' in fails(capsys, *args)
+    assert metrics.read_bytes() == before
+    assert main(args + ['--overwrite']) == 0

@@ -1,0 +1,162 @@
+"""LwF, ILT and MiB: they build from a config, their step-1 loss is what the losses say,
+MiB's initialisation keeps the old model's background, and each runs a protocol end to end."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cssbench.losses import (cross_entropy, feature_distillation, knowledge_distillation,
+                                        unbiased_cross_entropy, unbiased_knowledge_distillation)
+from cssbench.methods import get_method
+from cssbench.protocols import load_protocol
+from cssbench.runner import build_model, load_config, load_previous_weights, run_protocol
+from cssbench.synth import make_synth
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
+METHODS = ('lwf', 'ilt', 'mib')
+KEYS = dict(lwf={'loss_ce', 'loss_kd'}, ilt={'loss_ce', 'loss_kd', 'loss_de'}, mib={'loss_ce', 'loss_kd'})
+
+
+def step1_model(name: str, cfg=None, protocol: str = 'voc-15-5-overlap'):
+    """A step-1 model as the runner makes it: step 0's weights loaded, step 0 as teacher."""
+    torch.manual_seed(0)
+    cfg = cfg or load_config('small')
+    protocol = load_protocol(protocol)
+    method = get_method(name)
+    old = build_model(cfg, method.model_type, protocol, 0)
+    with torch.no_grad():  # a non-trivial background classifier for the init check
+        for p in old.classifiers.parameters():
+            p.normal_(0, 0.5)
+    model = build_model(cfg, method.model_type, protocol, 1)
+    load_previous_weights(model, old.state_dict(), Path('step0'))
+    model.set_teacher(old)
+    model.init_new_classifier()
+    return model
+
+
+def batch(seed: int = 0, size: int = 16, num_classes: int = 21):
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, num_classes, (2, size, size), generator=g)
+    targets[:, :2] = 255
+    return dict(inputs=torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=g),
+                data_samples=targets)
+
+
+def test_hyperparameters_default_to_the_references_voc_settings_and_follow_the_config():
+    lwf, ilt, mib = (step1_model(m) for m in METHODS)
+    assert (lwf.loss_kd, lwf.kd_alpha) == (100.0, 1.0)
+    assert (ilt.loss_kd, ilt.loss_de, ilt.kd_alpha) == (100.0, 100.0, 1.0)
+    assert (mib.loss_kd, mib.kd_alpha, mib.init_balanced) == (10.0, 1.0, True)
+    cfg = load_config('small')
+    cfg.model.update(loss_kd=3.0, loss_de=0.5)
+    assert (step1_model('ilt', cfg).loss_kd, step1_model('ilt', cfg).loss_de) == (3.0, 0.5)
+
+
+@pytest.mark.parametrize('name', METHODS)
+def test_step1_loss_has_its_terms_is_finite_and_trains_only_the_student(name):
+    model = step1_model(name).train()
+    data = model.data_preprocessor(batch(), True)
+    losses = model(**data, mode='loss')
+    assert set(losses) == KEYS[name]
+    assert all(torch.isfinite(v) and v.requires_grad for v in losses.values())
+    assert all(v.item() > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.classifiers[1].weight.grad is not None and model.backbone.stem[0].weight.grad is not None
+    assert not model.teacher.training  # model.train() does not reach the teacher
+
+
+@pytest.mark.parametrize('name', METHODS)
+def test_step0_loss_has_the_same_keys_with_zero_distillation(name):
+    method = get_method(name)
+    model = build_model(load_config('small'), method.model_type, load_protocol('voc-15-5-overlap'), 0)
+    model.init_new_classifier()  # a no-op at step 0
+    data = model.data_preprocessor(batch(num_classes=16), True)
+    losses = model(**data, mode='loss')
+    assert set(losses) == KEYS[name]
+    assert losses['loss_ce'].item() > 0 and losses['loss_ce'].requires_grad
+    assert all(v.item() == 0.0 for k, v in losses.items() if k != 'loss_ce')
+
+
+@pytest.mark.parametrize('name', METHODS)
+def test_a_batch_of_only_ignored_pixels_gives_a_finite_loss(name):
+    model = step1_model(name).train()
+    data = model.data_preprocessor(dict(batch(), data_samples=torch.full((2, 16, 16), 255)), True)
+    losses = model(**data, mode='loss')
+    assert losses['loss_ce'].item() == 0.0
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize('name', METHODS)
+def test_the_terms_are_the_weighted_shared_losses_on_the_logits_and_backbone_output(name):
+    model = step1_model(name).eval()  # eval: no dropout, so two forwards agree
+    data = model.data_preprocessor(batch(1), False)
+    inputs, targets = data['inputs'], data['data_samples']
+    losses = model(**data, mode='loss')
+    with torch.no_grad():
+        new, old = model.encode_decode(inputs), model.teacher.encode_decode(inputs)
+    if name == 'mib':
+        ce = unbiased_cross_entropy(new['logits'], targets, 16)
+        kd = 10 * unbiased_knowledge_distillation(new['logits'], old['logits'])
+    else:
+        ce = cross_entropy(new['logits'], targets)
+        kd = 100 * knowledge_distillation(new['logits'], old['logits'])
+    torch.testing.assert_close(losses['loss_ce'].detach(), ce)
+    torch.testing.assert_close(losses['loss_kd'].detach(), kd)
+    if name == 'ilt':
+        assert new['body'][-1].shape[1] == 128  # the backbone's last stage, not the head
+        torch.testing.assert_close(losses['loss_de'].detach(),
+                                   100 * feature_distillation(new['body'][-1], old['body'][-1]))
+
+
+@pytest.mark.parametrize('protocol, new', [('voc-15-5-overlap', 5), ('voc-19-1-overlap', 1)])
+def test_mib_init_keeps_the_old_background_probability_and_the_old_classes(protocol, new):
+    model = step1_model('mib', protocol=protocol).eval()
+    n_old = model.num_old_classes
+    old_cls, new_cls = model.teacher.classifiers[0], model.classifiers
+    torch.testing.assert_close(new_cls[1].weight, old_cls.weight[:1].expand(new, -1, -1, -1))
+    expected_bias = old_cls.bias[0] - math.log(new + 1)
+    torch.testing.assert_close(new_cls[1].bias, expected_bias.expand(new))
+    torch.testing.assert_close(new_cls[0].bias[0], expected_bias)
+    inputs = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        p_new = model(inputs).softmax(dim=1)
+        p_old = model.teacher(inputs).softmax(dim=1)
+    assert p_new.shape[1] == n_old + new
+    bkg_or_new = p_new[:, 0] + p_new[:, n_old:].sum(dim=1)
+    assert torch.allclose(bkg_or_new, p_old[:, 0], atol=1e-6)
+    assert torch.allclose(p_new[:, 1:n_old], p_old[:, 1:], atol=1e-6)
+
+
+def test_mib_init_can_be_turned_off():
+    cfg = load_config('small')
+    cfg.model.update(init_balanced=False)
+    model = step1_model('mib', cfg)
+    assert not torch.allclose(model.classifiers[1].weight[0], model.classifiers[0].weight[0])
+
+
+@pytest.fixture(scope='module')
+def synth32(tmp_path_factory) -> Path:
+    return make_synth(tmp_path_factory.mktemp('synth') / 'data', n_train=120, n_val=30, size=32,
+                      seed=3, progress=False)
+
+
+@pytest.fixture(scope='module')
+def config32(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp('config') / 'small32.py'
+    path.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                    "data = dict(crop_size=32, batch_size=16, num_workers=0)\n")
+    return path
+
+
+@pytest.mark.parametrize('name', METHODS)
+def test_each_method_runs_a_two_step_protocol(name, synth32, config32, tmp_path):
+    steps = run_protocol('synth-15-5-overlap', name, config=str(config32), data_root=str(synth32),
+                         epochs=1, results_root=tmp_path, log=lambda *a: None)
+    assert [s['step'] for s in steps] == [0, 1]
+    assert set(steps[1]['iou']) == {str(c) for c in range(21)}
+    assert all(0.0 <= v <= 1.0 for v in steps[1]['iou'].values() if v is not None)

@@ -1,0 +1,115 @@
+"""Nothing lost: a run killed with SIGKILL and started again ends with the same numbers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cssbench.errors import UserError
+from cssbench.runner import repair_last_checkpoint, run_protocol
+from cssbench.synth import make_synth
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
+PROTOCOL = 'synth-15-5-overlap'
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp('resume')
+    data = make_synth(base / 'data', n_train=160, n_val=30, size=32, seed=7, progress=False)
+    config = base / 'tiny.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "data = dict(crop_size=32, batch_size=8, num_workers=1)\n")
+    return dict(data=data, config=config, cache=base / 'cache')
+
+
+def cssbench_run(setup, results: Path) -> subprocess.Popen:
+    cmd = [sys.executable, '-m', 'cssbench', 'run', '--protocol', PROTOCOL, '--config',
+           str(setup['config']), '--data-root', str(setup['data']), '--epochs', '3',
+           '--results', str(results), '--run-name', 'r', '--seed', '1']
+    env = dict(os.environ, CSSBENCH_CACHE=str(setup['cache']))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(proc: subprocess.Popen, path: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f'run ended before {path} appeared:\n{proc.stdout.read()}'
+        assert time.time() < deadline, f'{path} did not appear'
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def final_metrics(results: Path) -> list[dict]:
+    steps = json.loads((results / PROTOCOL / 'ft' / 'r' / 'metrics.json').read_text())['steps']
+    for s in steps:
+        s.pop('wall_time_s')
+    return steps
+
+
+def test_killed_run_resumes_to_the_same_metrics(setup, tmp_path):
+    reference = cssbench_run(setup, tmp_path / 'uninterrupted')
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+
+    results = tmp_path / 'interrupted'
+    work = results / PROTOCOL / 'ft' / 'r' / 'work'
+    # Killed in step 0 right after its first epoch checkpoint appears (maybe while writing),
+    # then again in the middle of step 1.
+    kill_when(cssbench_run(setup, results), work / 'step0' / 'epoch_1.pth')
+    kill_when(cssbench_run(setup, results), work / 'step1' / 'epoch_2.pth')
+    assert not (results / PROTOCOL / 'ft' / 'r' / 'metrics.json').exists()
+    assert json.loads((results / PROTOCOL / 'ft' / 'r' / 'run.json').read_text())['status'] == 'running'
+
+    resumed = cssbench_run(setup, results)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert 'step 0: done before' in out
+    assert final_metrics(results) == final_metrics(tmp_path / 'uninterrupted')
+    # Only the step weights stay once a step is done; the epoch checkpoints are gone.
+    assert sorted(p.name for p in (work / 'step1').glob('*.pth')) == ['model.pth']
+
+
+def test_resume_flag_needs_a_run_and_a_second_process_is_refused(setup, tmp_path):
+    with pytest.raises(UserError, match='no run to resume'):
+        run_protocol(PROTOCOL, 'ft', config=str(setup['config']), data_root=str(setup['data']),
+                     results_root=tmp_path, resume=True, log=lambda *a: None)
+
+    proc = cssbench_run(setup, tmp_path / 'busy')
+    try:
+        kill_dir = tmp_path / 'busy' / PROTOCOL / 'ft' / 'r' / 'run.json'
+        deadline = time.time() + 120
+        while not kill_dir.exists():
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        with pytest.raises(UserError, match='another cssbench process'):
+            run_protocol(PROTOCOL, 'ft', config=str(setup['config']), data_root=str(setup['data']),
+                         epochs=3, results_root=tmp_path / 'busy', run_name='r', seed=1,
+                         log=lambda *a: None)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_repair_last_checkpoint_skips_a_truncated_checkpoint(tmp_path):
+    import torch
+    torch.save({'a': torch.zeros(3)}, tmp_path / 'epoch_1.pth')
+    torch.save({'a': torch.ones(300)}, tmp_path / 'epoch_2.pth')
+    data = (tmp_path / 'epoch_2.pth').read_bytes()
+    (tmp_path / 'epoch_2.pth').write_bytes(data[:len(data) // 2])   # killed while writing
+    (tmp_path / 'last_checkpoint').write_text('')                    # and while pointing
+
+    assert repair_last_checkpoint(tmp_path)
+    assert (tmp_path / 'last_checkpoint').read_text() == str(tmp_path / 'epoch_1.pth')
+    assert not (tmp_path / 'epoch_2.pth').exists()
+
+    (tmp_path / 'epoch_1.pth').unlink()
+    assert not repair_last_checkpoint(tmp_path)
+    assert not (tmp_path / 'last_checkpoint').exists()
