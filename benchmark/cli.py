@@ -52,21 +52,20 @@ def cmd_make_synth(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .methods import get_method
+    from .methods import method_names
     from .protocols import load_protocol
     from .runner import load_config, run_protocol
     from .tables import format_comparison, format_step_table
-    methods = args.method.split(',')
     load_protocol(args.protocol)  # every input checked before the first step trains
     load_config(args.config, args.epochs)
-    for method in methods:
-        get_method(method)
+    methods = method_names(args.method)
     for method in methods:
         results = run_protocol(args.protocol, method, config=args.config, data_root=args.data_root,
                                epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
                                run_name=args.run_name, seed=args.seed, overwrite=args.overwrite,
                                resume=args.resume, deterministic=args.deterministic,
-                               keep_epoch_checkpoints=args.keep_epoch_checkpoints)
+                               keep_epoch_checkpoints=args.keep_epoch_checkpoints,
+                               step0_cache=not args.no_step0_cache)
         print(format_step_table(args.protocol, method, results))
     if len(methods) > 1:
         print(format_comparison(args.results, args.protocol))
@@ -101,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('run', help='train and evaluate a method through every step of a protocol')
     p.add_argument('--protocol', required=True)
-    p.add_argument('--method', default='ft', help='a method, or several separated by commas')
+    p.add_argument('--method', default='ft',
+                   help='a method, several separated by commas, or all')
     p.add_argument('--config', default='small', help='small | deeplabv3-r101 | path to a config .py')
     p.add_argument('--data-root')
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's)")
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='continue a stopped run (the default when one exists); error if none')
     p.add_argument('--deterministic', action='store_true',
                    help="torch's deterministic algorithms (slower on GPU)")
+    p.add_argument('--no-step0-cache', action='store_true',
+                   help='train step 0 even if a cached step-0 model of the same protocol, data, '
+                        'config and seed exists (methods whose step 0 is fine-tuning share it)')
     p.add_argument('--keep-epoch-checkpoints', action='store_true',
                    help="keep each step's last epoch checkpoints (default: only its weights)")
     p.set_defaults(func=cmd_run)

@@ -13,6 +13,7 @@ class Method:
     model_type: str         # the segmentor's name in cssbench's MODELS registry
     joint: bool = False     # trains every class of the protocol in one step (upper bound)
     description: str = ''
+    plain_step0: bool = True  # step 0 is fine-tuning: a cached step-0 model may be reused
 
 
 METHODS: dict[str, Method] = {}
@@ -23,7 +24,8 @@ def register_method(name: str, *, joint: bool = False, description: str = ''):
     def wrap(cls):
         MODELS.register_module(cls.__name__, module=cls)
         METHODS[name] = Method(name, f'cssbench.{cls.__name__}', joint,
-                               description or (cls.__doc__ or '').strip().split('\n')[0])
+                               description or (cls.__doc__ or '').strip().split('\n')[0],
+                               plain_step0=getattr(cls, 'plain_step0', False))
         return cls
     return wrap
 
@@ -33,3 +35,14 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise UserError(f'unknown method {name!r} (known: {", ".join(sorted(METHODS))})')
     return METHODS[name]
+
+
+def method_names(spec: str) -> list[str]:
+    """``all`` or a comma-separated list of method names, each checked."""
+    get_method('ft')  # registers the shipped methods
+    names = sorted(METHODS) if spec == 'all' else [n.strip() for n in spec.split(',') if n.strip()]
+    for name in names:
+        get_method(name)
+    if not names:
+        raise UserError('no method given')
+    return names

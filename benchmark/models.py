@@ -168,8 +168,26 @@ class IncrementalSegmentor(BaseModel):
             teacher.eval().requires_grad_(False)
         self.__dict__['teacher'] = teacher
 
+    # Whether step 0 is plain fine-tuning with no extra state, so that a cached step-0 model
+    # of the same protocol, data, config and seed can stand in for training it.
+    plain_step0: bool = True
+
+    # Names of buffers whose first dimension is indexed by class (e.g. per-class prototypes);
+    # a step-t model takes the previous step's rows of them and keeps its new rows as built.
+    class_indexed_buffers: tuple[str, ...] = ()
+
     def init_new_classifier(self) -> None:
         """Initialise the newest step's classifier; fine-tuning keeps the default init."""
+
+    def before_step_training(self, dataloader) -> None:
+        """Called once before a step's first epoch (again when an interrupted step resumes),
+        with the step's training loader and the teacher attached; for methods that need a
+        pass over the step's data first (e.g. pseudo-label thresholds). Nothing by default."""
+
+    def after_step_training(self, dataloader) -> None:
+        """Called once after a step's last epoch with the step's training loader (batches as
+        the data preprocessor takes them), before evaluation; for methods that summarise the
+        step's data (e.g. class prototypes). Nothing by default."""
 
     def extract(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """The backbone's stages and the head's features, for methods that distil them."""

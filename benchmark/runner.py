@@ -39,7 +39,7 @@ from . import hooks  # noqa: F401  (registers the hooks and the sampler)
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
 from .datasets_info import DATASET_INFO
 from .errors import UserError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, cache_dir
 from .methods import Method, get_method
 from .metrics import summarize_step
 from .protocols import Protocol, load_protocol
@@ -117,15 +117,24 @@ def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):
 
 
 def load_previous_weights(model, state: dict, source: Path) -> None:
-    """Load step t-1's weights into a step-t model: everything but the new classifier."""
+    """Load step t-1's weights into a step-t model: everything but the new classifier.
+
+    A class-indexed buffer (``model.class_indexed_buffers``) has more rows in the step-t
+    model; the previous rows are copied into its first rows.
+    """
     own = model.state_dict()
     new_prefix = f'classifiers.{model.step}.'
-    misfit = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    grown = [k for k in model.class_indexed_buffers if k in state and k in own
+             and own[k].shape[1:] == state[k].shape[1:] and own[k].shape[0] >= state[k].shape[0]]
+    misfit = [k for k, v in state.items()
+              if k not in grown and (k not in own or own[k].shape != v.shape)]
     missing = [k for k in own if k not in state and not k.startswith(new_prefix)]
     if misfit or missing:
         raise UserError(f'{source}: checkpoint does not fit this model (e.g. '
                         f'{(misfit + missing)[0]!r}): from another protocol or config?')
-    model.load_state_dict(state, strict=False)
+    for k in grown:
+        own[k][:state[k].shape[0]] = state[k]
+    model.load_state_dict({k: (own[k] if k in grown else v) for k, v in state.items()}, strict=False)
 
 
 def save_weights(model, path: Path) -> None:
@@ -267,8 +276,8 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
                  results_root: str | Path = 'results', work_dir: str | Path | None = None,
                  run_name: str | None = None, seed: int = 0, overwrite: bool = False,
                  resume: bool = False, deterministic: bool = False,
-                 keep_epoch_checkpoints: bool = False, progress: bool = True,
-                 log=print) -> list[dict]:
+                 keep_epoch_checkpoints: bool = False, step0_cache: bool = True,
+                 progress: bool = True, log=print) -> list[dict]:
     """Train and evaluate every step; returns the per-step metrics (also written to disk).
 
     Re-running the same call continues a run that stopped; ``resume=True`` insists on it.
@@ -283,8 +292,12 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         record = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
                             data_root, paths, overwrite, resume, progress)
         started = time.time()
+        step0_key = (_step0_cache_key(protocol, method, cfg, seed, deterministic,
+                                      record['run']['dataset_fingerprint'])
+                      if step0_cache and method.plain_step0 else None)
         step_results = [run_step(cfg, method, protocol, t, record['splits'][t], paths, seed,
-                                 deterministic, keep_epoch_checkpoints, log)
+                                 deterministic, keep_epoch_checkpoints, log,
+                                 step0_key=step0_key if t == 0 else None)
                         for t in range(len(record['splits']))]
         write_run_tables(results_dir, step_results)
         record['run'].update(status='complete', wall_time_s=round(time.time() - started, 1),
@@ -334,10 +347,45 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     return dict(run=run, splits=splits)
 
 
+def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
+                     deterministic: bool, dataset_fingerprint: str) -> str:
+    """Everything a fine-tuning step 0 depends on; methods whose step 0 is fine-tuning share it."""
+    steps = protocol.joint() if method.joint else protocol
+    key = dict(steps=steps.fingerprint, steps0=list(steps.steps[0]), config=_config_digest(cfg),
+               seed=seed, deterministic=deterministic, data=dataset_fingerprint,
+               cssbench=__version__)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _reuse_cached_step0(key: str, paths: RunPaths) -> dict | None:
+    """Copy a cached step-0 model into the run; returns its IoU record, or None if absent."""
+    cached = cache_dir('step0', key)
+    if not ((cached / 'model.pth').exists() and (cached / 'iou.json').exists()):
+        return None
+    paths.step_work(0).mkdir(parents=True, exist_ok=True)
+    tmp = paths.step_weights(0).with_name('.model.pth.tmp')
+    shutil.copyfile(cached / 'model.pth', tmp)
+    os.replace(tmp, paths.step_weights(0))
+    return json.loads((cached / 'iou.json').read_text())
+
+
+def _store_step0(key: str, paths: RunPaths, iou: dict[int, float], wall_time_s: float) -> None:
+    cached = cache_dir('step0', key)
+    tmp = cached / '.model.pth.tmp'
+    shutil.copyfile(paths.step_weights(0), tmp)
+    os.replace(tmp, cached / 'model.pth')
+    atomic_write_json(cached / 'iou.json', dict(iou={str(c): v for c, v in iou.items()},
+                                                trained_in_s=wall_time_s, run=str(paths.results)))
+
+
 def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
              paths: RunPaths, seed: int, deterministic: bool, keep_epoch_checkpoints: bool,
-             log) -> dict:
-    """Step t's metrics: stored ones if the step finished before, else train and evaluate."""
+             log, step0_key: str | None = None) -> dict:
+    """Step t's metrics: stored ones if the step finished before, else train and evaluate.
+
+    With ``step0_key``, step 0 comes from the step-0 cache when an identical step 0 (same
+    protocol, data, config, seed; a fine-tuning step 0) was trained before by any method.
+    """
     tag = f'[{protocol.name}/{method.name}]'
     metrics_file = paths.step_metrics(t)
     if metrics_file.exists() and paths.step_weights(t).exists():
@@ -351,15 +399,24 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
         raise UserError(f'protocol {protocol.name}: step {t} keeps no training image of this dataset')
     info = DATASET_INFO[protocol.dataset]
     step_start = time.time()
-    iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
-                                  deterministic, info, tag)
+    cached = _reuse_cached_step0(step0_key, paths) if step0_key else None
+    if cached is not None:
+        log(f'{tag} step 0: reusing the cached step-0 model {step0_key} (same protocol, data, '
+            f'config and seed; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]})')
+        iou = {int(c): (math.nan if v is None else v) for c, v in cached['iou'].items()}
+    else:
+        iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
+                                      deterministic, info, tag)
+        if step0_key:
+            _store_step0(step0_key, paths, iou, round(time.time() - step_start, 1))
     # Joint training's single step is reported in the protocol's columns (old/new/all).
     summary_step = protocol.num_steps - 1 if method.joint else t
     result = dict(step=t, classes=split['classes'], num_train=len(split['train']),
                   num_val=len(split['val']),
                   iou={str(c): (None if math.isnan(v) else v) for c, v in iou.items()},
                   columns=summarize_step(protocol, summary_step, iou, info.background_scored),
-                  wall_time_s=round(time.time() - step_start, 1))
+                  wall_time_s=round(time.time() - step_start, 1),
+                  step0_cache=step0_key if cached is not None else None)
     atomic_write_json(metrics_file, result)
     if not keep_epoch_checkpoints:  # resume needs them no more; the weights stay
         for f in paths.step_work(t).glob('epoch_*.pth'):
@@ -400,8 +457,10 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     runner.logger.addFilter(_DropDeprecationNotes())
     if model.teacher is not None:
         model.teacher.to(next(model.parameters()).device)
+    model.before_step_training(runner.train_loop.dataloader)
     with _trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
         runner.train()
+    model.after_step_training(runner.train_dataloader)
     metrics = runner.val_loop.run()
     save_weights(model, paths.step_weights(t))
     _release_mmengine_globals(runner)

@@ -32,7 +32,7 @@ def setup(tmp_path_factory) -> dict:
 def cssbench_run(setup, results: Path) -> subprocess.Popen:
     cmd = [sys.executable, '-m', 'cssbench', 'run', '--protocol', PROTOCOL, '--config',
            str(setup['config']), '--data-root', str(setup['data']), '--epochs', '3',
-           '--results', str(results), '--run-name', 'r', '--seed', '1']
+           '--results', str(results), '--run-name', 'r', '--seed', '1', '--no-step0-cache']
     env = dict(os.environ, CSSBENCH_CACHE=str(setup['cache']))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -111,3 +111,24 @@ def test_fine_tuning_forgets_and_joint_does_not(synth64, tmp_path):
     assert old_after < 0.5 * old_before, f'ft did not forget: {old_before:.3f} -> {old_after:.3f}'
     assert joint_old > 0.75 * old_before, f'joint lost old classes: {joint_old:.3f} vs {old_before:.3f}'
     assert joint[-1]['columns']['new']['mIoU'] > 0.1
+
+
+def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(
+        synth32, config32, tmp_path):
+    kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1,
+                  results_root=tmp_path / 'results', log=lambda *a: None)
+    ft = run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+    messages = []
+    lwf = run_protocol('synth-15-5-overlap', 'lwf', **dict(kwargs, log=messages.append))
+    assert any('reusing the cached step-0 model' in m for m in messages)
+    assert lwf[0]['iou'] == ft[0]['iou'] and lwf[0]['step0_cache'] and ft[0]['step0_cache'] is None
+    runs = tmp_path / 'results' / 'synth-15-5-overlap'
+    ft_weights = (runs / 'ft' / 'small32-seed0' / 'work' / 'step0' / 'model.pth').read_bytes()
+    assert (runs / 'lwf' / 'small32-seed0' / 'work' / 'step0' / 'model.pth').read_bytes() == ft_weights
+
+    # Another seed is another step 0; and the cache can be bypassed.
+    other = run_protocol('synth-15-5-overlap', 'lwf', **dict(kwargs, seed=1))
+    assert other[0]['step0_cache'] is None
+    assert (runs / 'lwf' / 'small32-seed1' / 'work' / 'step0' / 'model.pth').read_bytes() != ft_weights
+    fresh = run_protocol('synth-15-5-overlap', 'mib', **dict(kwargs, step0_cache=False))
+    assert fresh[0]['step0_cache'] is None and fresh[0]['iou'] == ft[0]['iou']   # deterministic
