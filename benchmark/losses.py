@@ -92,3 +92,79 @@ def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> 
     fcdl94/MiB train.py: Trainer, ``nn.MSELoss()`` on ``features['body']``; LTTM/SDR
     utils/loss.py: DistillationEncoderLoss without its mask)."""
     return F.mse_loss(features, old_features)
+
+
+# --- PLOP (Douillard et al., CVPR 2021; arthurdouillard/CVPR2021_PLOP) ---------------------
+
+
+def local_pod_embedding(x: torch.Tensor, scales=(1, 2, 4)) -> torch.Tensor:
+    """PLOP's local POD embedding of a B x C x H x W map, B x D (reference train.py: _local_pod).
+
+    At each scale s the map is cut into s x s regions of (H // s) x (W // s) pixels (trailing
+    rows/columns that do not fill a region are dropped, as in the reference); each region
+    gives its width-pooled means (mean over the columns: C x rows values) and its
+    height-pooled means (mean over the rows: C x columns values); all are concatenated.
+    No normalisation (the reference's PLOP settings leave ``normalize`` off). The reference
+    sizes the regions with ``W // s`` in both directions: the same on its square crops. The
+    order of the entries differs from the reference's concatenation, which no distance
+    below depends on.
+    """
+    b, c, h, w = x.shape
+    if min(h, w) < max(scales):
+        raise ValueError(f'local POD: a {h}x{w} map is smaller than the largest scale {max(scales)}')
+    parts = []
+    for s in scales:
+        kh, kw = h // s, w // s
+        regions = x[..., :s * kh, :s * kw].reshape(b, c, s, kh, s, kw)
+        parts.append(regions.mean(dim=5).reshape(b, -1))   # width pooling: B, C, s, kh, s
+        parts.append(regions.mean(dim=3).reshape(b, -1))   # height pooling: B, C, s, s, kw
+    return torch.cat(parts, dim=1)
+
+
+def merge_new_into_background(logits: torch.Tensor, num_old: int) -> torch.Tensor:
+    """The new model's logits reduced to the old model's channels for POD on the logits
+    (reference train.py: features_distillation, ``extra_channels: "sum"``): channel 0 becomes
+    the background logit plus the sum of the new classes' logits (raw logits, not
+    probabilities); the old classes 1..num_old-1 are kept."""
+    return torch.cat([logits[:, :1] + logits[:, num_old:].sum(dim=1, keepdim=True),
+                      logits[:, 1:num_old]], dim=1)
+
+
+def pod_layer_distance(new: torch.Tensor, old: torch.Tensor, scales=(1, 2, 4)) -> torch.Tensor:
+    """One map's local POD term: the maps are squared elementwise (reference ``pod_prepro =
+    "pow"``), embedded (``local_pod_embedding``), and the L2 (Frobenius) norm of the
+    difference of the two embeddings is taken per image, then averaged over the batch
+    (reference train.py: features_distillation, ``torch.frobenius_norm(a - b, dim=-1)`` then
+    ``torch.mean``)."""
+    diff = local_pod_embedding(old.pow(2), scales) - local_pod_embedding(new.pow(2), scales)
+    return torch.linalg.vector_norm(diff, dim=1).mean()
+
+
+def pod_distillation(new_maps, old_maps, factors, scales=(1, 2, 4)) -> torch.Tensor:
+    """PLOP's POD loss over several maps: ``(1/L) sum_l factor_l * pod_layer_distance(l)``.
+
+    ``L = len(new_maps)`` counts every map, those with a factor <= 0 too (they are skipped,
+    as in the reference's ``continue``); the reference divides by the number of maps
+    (train.py: features_distillation, ``loss / len(list_attentions_a)``). The maps must
+    have the same shapes pairwise (reduce the new logits with ``merge_new_into_background``
+    first). The caller multiplies by the adaptive factor sqrt(n_seen / n_new).
+    """
+    if len(new_maps) != len(old_maps) or len(new_maps) != len(factors):
+        raise ValueError('pod_distillation: as many new maps, old maps and factors are needed')
+    loss = new_maps[0].new_zeros(())
+    for new, old, factor in zip(new_maps, old_maps, factors):
+        if new.shape != old.shape:
+            raise ValueError(f'pod_distillation: shapes differ: {tuple(new.shape)} vs {tuple(old.shape)}')
+        if factor > 0:
+            loss = loss + factor * pod_layer_distance(new, old, scales)
+    return loss / len(new_maps)
+
+
+def image_weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                                 ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy whose pixel losses are multiplied by a per-image weight (B,) and then
+    averaged over every pixel of the batch, ignored pixels counting as 0 (PLOP's
+    ``classif_adaptive_factor * loss`` then ``loss.mean()`` in reference train.py:
+    Trainer.train). With all weights 1 it is ``cross_entropy``."""
+    pixel = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction='none')
+    return (weights.to(pixel.dtype).view(-1, 1, 1) * pixel).mean()

@@ -118,41 +118,45 @@ class SmallResNet(nn.Module):
 class ASPPHead(nn.Module):
     """DeepLabV3's atrous spatial pyramid pooling; returns features, not logits."""
 
-    def __init__(self, in_channels: int, channels: int = 256, dilations=(1, 6, 12, 18),
-                 dropout: float = 0.1) -> None:
+    def __init__(self, in_channels: int, channels: int = 256, dilations=(1, 6, 12, 18)) -> None:
         super().__init__()
         self.branches = nn.ModuleList(conv_bn_relu(in_channels, channels, 1 if d == 1 else 3, dilation=d)
                                       for d in dilations)
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, channels, 1))
         self.project = conv_bn_relu(channels * (len(dilations) + 1), channels, 1)
-        self.dropout = nn.Dropout2d(dropout)
         self.channels = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.image_pool(x).expand(-1, -1, *x.shape[-2:])
         x = torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1)
-        return self.dropout(self.project(x))
+        return self.project(x)
 
 
 @MODELS.register_module()
 class IncrementalSegmentor(BaseModel):
     """Backbone + head + one classifier per step; trained with plain cross-entropy (fine-tuning).
 
-    ``step_sizes[i]`` is the number of classes step i added (step 0 counts background). A
+    ``step_sizes[i]`` is the number of classes step i added (step 0 counts background);
+    ``overlapped`` tells whether the protocol is overlapped (the runner sets both). A
     method that needs the previous step's model finds it in ``self.teacher`` (frozen, in eval
     mode, kept out of this module's parameters and checkpoints), ``None`` at step 0.
     """
 
     def __init__(self, backbone: dict, decode_head: dict, step_sizes: list[int],
-                 data_preprocessor: dict | None = None, ignore_index: int = IGNORE_INDEX) -> None:
+                 data_preprocessor: dict | None = None, ignore_index: int = IGNORE_INDEX,
+                 overlapped: bool = False, classifier_dropout: float = 0.0) -> None:
         # Built here, not by BaseModel: mmengine's root registry cannot see cssbench's scope.
         super().__init__(data_preprocessor=MODELS.build(
             data_preprocessor or dict(type='cssbench.SegDataPreprocessor')))
         self.backbone = MODELS.build(backbone)
         self.decode_head = MODELS.build(dict(decode_head, in_channels=self.backbone.out_channels))
+        # Dropout sits before the classifiers, not in the head: ``extract``'s features are the
+        # head's output as is, for the methods that distil them.
+        self.classifier_dropout = nn.Dropout2d(classifier_dropout)
         self.classifiers = nn.ModuleList(nn.Conv2d(self.decode_head.channels, n, 1) for n in step_sizes)
         self.step_sizes = list(step_sizes)
         self.ignore_index = ignore_index
+        self.overlapped = overlapped  # the protocol's image filtering, for methods that need it
         self.__dict__['teacher'] = None  # a plain attribute: not a submodule
 
     @property
@@ -195,6 +199,7 @@ class IncrementalSegmentor(BaseModel):
         return dict(body=body, features=self.decode_head(body[-1]))
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
+        features = self.classifier_dropout(features)
         return torch.cat([cls(features) for cls in self.classifiers], dim=1)
 
     def encode_decode(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -110,6 +110,7 @@ class RunPaths:
 def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):
     model_cfg = ConfigDict(cfg.model)
     model_cfg.update(type=model_type, step_sizes=protocol.step_sizes(step))
+    model_cfg.setdefault('overlapped', protocol.mode == 'overlap')
     try:
         return MODELS.build(model_cfg)
     except KeyError as e:  # the registry's message names the unknown type

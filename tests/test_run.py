@@ -91,7 +91,7 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
     assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
 
 
-def test_fine_tuning_forgets_and_joint_does_not(synth64, tmp_path):
+def test_fine_tuning_forgets_joint_does_not_and_mib_forgets_less(synth64, tmp_path):
     """The phenomenon the suite measures: after a new step, fine-tuning loses the old classes."""
     config = tmp_path / 'small_bs4.py'  # more updates per epoch: learns in fewer epochs
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\ndata = dict(batch_size=4)\n")
@@ -111,6 +111,15 @@ def test_fine_tuning_forgets_and_joint_does_not(synth64, tmp_path):
     assert old_after < 0.5 * old_before, f'ft did not forget: {old_before:.3f} -> {old_after:.3f}'
     assert joint_old > 0.75 * old_before, f'joint lost old classes: {joint_old:.3f} vs {old_before:.3f}'
     assert joint[-1]['columns']['new']['mIoU'] > 0.1
+
+    # Methods built against forgetting keep clearly more of the old classes than ft does
+    # (they reuse ft's step 0 from the step-0 cache, so only step 1 trains here).
+    for method in ('mib',):
+        steps = run_protocol('synth-15-5-overlap', method, **kwargs)
+        kept = steps[1]['columns']['old']['mIoU']
+        print(f'{method} old: {steps[0]["columns"]["old"]["mIoU"]:.3f} -> {kept:.3f}')
+        assert steps[0]['step0_cache'], 'step 0 should have come from the cache'
+        assert kept > 2 * old_after, f'{method} forgot like ft: {kept:.3f} vs ft {old_after:.3f}'
 
 
 def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(

@@ -5,7 +5,8 @@
 model = dict(
     type='cssbench.IncrementalSegmentor',
     backbone=dict(type='cssbench.TorchvisionResNet', depth=101, output_stride=16, pretrained=None),
-    decode_head=dict(type='cssbench.ASPPHead', channels=256, dilations=(1, 6, 12, 18), dropout=0.1),
+    decode_head=dict(type='cssbench.ASPPHead', channels=256, dilations=(1, 6, 12, 18)),
+    classifier_dropout=0.0,  # the reference's DeepLabV3 head (MiB modules/deeplab.py) has none
 )
 data = dict(crop_size=512, batch_size=24, eval_batch_size=24, num_workers=8)
 schedule = dict(epochs=30, lr=(0.01, 0.001), momentum=0.9, nesterov=True, weight_decay=1e-4,

@@ -2,7 +2,8 @@
 model = dict(
     type='cssbench.IncrementalSegmentor',
     backbone=dict(type='cssbench.SmallResNet', widths=(32, 64, 96, 128)),
-    decode_head=dict(type='cssbench.ASPPHead', channels=64, dilations=(1, 2, 3), dropout=0.1),
+    decode_head=dict(type='cssbench.ASPPHead', channels=64, dilations=(1, 2, 3)),
+    classifier_dropout=0.1,
 )
 # Batch 8, not 16: on the synthetic data twice the updates per epoch learn far faster.
 data = dict(crop_size=64, batch_size=8, eval_batch_size=64, num_workers=1)

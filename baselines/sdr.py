@@ -1,0 +1,288 @@
+"""SDR (Michieli & Zanuttigh, CVPR 2021): prototypes matching, features sparsification and
+attraction-repulsion (contrastive) losses on the latent space, alone or on top of MiB.
+
+Facts from the reference code, LTTM/SDR (file: function), implemented here from scratch:
+
+* Feature map. Every SDR term works on ``features['body']`` (reference ``train.py:
+  Trainer.train``), the *backbone's* output before the ASPP head (``segmentation_module.py:
+  IncrementalSegmentationModule._network`` returns ``x_b = self.body(x)``; ``feat_dim = 2048``
+  is ResNet-101's layer4 width). Here: ``extract(inputs)['body'][-1]``.
+* Labels are brought to the feature map's size by nearest interpolation (every loss in
+  ``utils/loss.py`` does ``F.interpolate(labels, size=features.shape[2:], mode='nearest')``).
+* Prototypes (``train.py: Trainer._update_running_stats``, called on *every training batch*
+  before the losses, so the losses see the prototypes updated with the current batch): a
+  cumulative moving average per class of the (detached) feature vectors whose ground-truth
+  label is that class, ``p_c <- (sum_batch f + n_c p_c) / (n_c + N_batch)``, ``n_c += N_batch``,
+  running over every batch of every epoch of the step. Background is left out at steps > 0
+  (the disjoint/overlapped masking makes it contain old classes) and, with ``--overlap``, at
+  step 0 too; 255 is left out. ``run.py`` keeps ``prototypes`` (num_classes x feat_dim) and
+  ``count_features`` (num_classes, int64) in the step checkpoint and, at step t, starts from
+  zeros with the previous rows copied in: here two persistent class-indexed buffers.
+  They are updated during training (in ``loss``), not in ``after_step_training``.
+* Prototypes matching (``utils/loss.py: DistillationEncoderPrototypesLoss``, the SDR preset's
+  ``loss_de_prototypes_sumafter``): at steps > 0, the old classes are located by the *old
+  model's prediction* (argmax of its upsampled logits, then nearest-downsampled) on the pixels
+  whose ground truth is background; for each such class c != 0 present,
+  ``MSE(mean of the current features at those pixels, p_c)`` (MSE averaged over channels),
+  averaged over those classes. No such pixel: 0.
+* Attraction (``FeaturesClusteringSeparationLoss``, ``loss_fc``): at steps > 0, for each class in
+  the downsampled ground truth (background included, 255 left out), the MSE between its
+  current feature vectors and its prototype (averaged over pixels and channels); the running
+  sum is divided by the number of classes *inside* the loop (the reference's indentation), so
+  the class visited i-th of K (ascending ids) is weighted ``K^-(K-i+1)``. That is the default
+  here (``divide_in_loop=True``); ``False`` gives the plain mean over classes.
+* Repulsion (same class, ``lfc_sep_clust``, default ``lfc_sep_clust_ison_proto=False``): the
+  mean of the inverse Euclidean distances between the current batch's class means (same
+  classes as the attraction) over every ordered pair of distinct classes, infinite values
+  (zero distances) left out; fewer than two classes: 0.
+* Sparsification (``FeaturesSparsificationLoss`` with the SDR preset ``max_maskedforclass`` /
+  ``exponential`` / ``ratio``): each pixel's features are divided by the maximum feature value
+  over all channels and pixels of its (downsampled ground-truth) class, + 1e-15; the classes
+  are ``unique(labels)`` with 0 dropped only when it is the last one (i.e. when the batch holds
+  background only: the loss is then 0); 255 counts as a class. Per pixel
+  ``sum_c exp(f~_c) / (sum_c f~_c + 1e-15)``, averaged over every pixel. It has no step check
+  in the reference; the reference's step-0 command does not enable it.
+* Weights: ``argparser.py: modify_command_options`` for ``--method SDR`` (the reference's
+  scripts, e.g. ``script_19_1_step1.slurm``, run exactly that preset for VOC): ``loss_kd = 100``,
+  ``unce``, ``unkd``, ``loss_featspars = 1e-3``, ``loss_de_prototypes = 0.01``,
+  ``loss_fc = 1e-3``, ``lfc_sep_clust = 1e-3``; ``--alpha`` 1. ``init_balanced`` is not set.
+* Step 0: the reference trains step 0 as plain cross-entropy (the README's and
+  ``script_19_1_step0.slurm``'s command: ``--unce`` is plain CE at step 0, and
+  ``--loss_de_prototypes 1`` only so that the prototypes get accumulated; the matching and
+  attraction losses return 0 at step 0). So SDR's step-0 *weights* train exactly like
+  fine-tuning, but the step also produces the prototypes, accumulated over its training
+  batches: a cached fine-tuning step-0 model lacks them, hence ``plain_step0 = False``.
+
+Deliberate differences from the reference code (where it does not do what it describes):
+
+* Gathering a class's pixels: the reference indexes ``features[mask.expand(...)]`` (order
+  b, c, h, w) and reshapes with ``.view(C, -1)`` (prototype update, attraction) or
+  ``.view(-1, C)`` (matching), which mixes channels and pixels as soon as a class covers more
+  than one pixel (matching) or the batch holds more than one image (update/attraction). Here a
+  class's feature vectors are the per-pixel C-vectors, as the paper's formulas mean.
+* Background exclusion in the prototype update: the reference drops the *first* present class
+  (``cl_present[1:]``), which is a real class when a batch has no background pixel; here class
+  0 is dropped.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cssbench.methods import register_method
+
+from .lwf import LwF
+from .mib import MiB
+
+FS_EPS = 1e-15  # reference utils/loss.py: FeaturesSparsificationLoss.eps
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    """B x H x W labels to B x h x w by nearest interpolation (as every SDR loss does)."""
+    down = F.interpolate(labels[:, None].double(), size=tuple(size), mode='nearest')
+    return down[:, 0].long()
+
+
+def _pixels(features: torch.Tensor) -> torch.Tensor:
+    """B x C x h x w -> (B*h*w) x C feature vectors, one row per pixel."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def _present(labels: torch.Tensor, drop=()) -> list[int]:
+    return [c for c in torch.unique(labels).tolist() if c not in drop]
+
+
+def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, features: torch.Tensor,
+                      labels_down: torch.Tensor, exclude_background: bool,
+                      ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of the cumulative moving average (reference train.py:
+    Trainer._update_running_stats): returns new (prototypes, counts), the inputs untouched.
+
+    For each class c in ``labels_down`` (not ``ignore_index``, not 0 if ``exclude_background``),
+    with the N feature vectors f of its pixels: ``p_c = (sum f + n_c p_c) / (n_c + N)``,
+    ``n_c = n_c + N``. Other rows are kept. ``features`` is detached.
+    """
+    prototypes, counts = prototypes.clone(), counts.clone()
+    feats, labels = _pixels(features.detach()).to(prototypes.dtype), labels_down.reshape(-1)
+    drop = {ignore_index} | ({0} if exclude_background else set())
+    for c in _present(labels, drop):
+        f = feats[labels == c]
+        n = counts[c].to(prototypes.dtype)
+        prototypes[c] = (f.sum(dim=0) + n * prototypes[c]) / (n + f.shape[0])
+        counts[c] += f.shape[0]
+    return prototypes, counts
+
+
+def old_class_pseudolabels(old_logits: torch.Tensor, labels_down: torch.Tensor) -> torch.Tensor:
+    """Where the ground truth (downsampled) is background, the old model's predicted class
+    (argmax of its logits at input size, then nearest-downsampled); 0 elsewhere (reference
+    DistillationEncoderPrototypesLoss, not ``sequential``)."""
+    pred = old_logits.argmax(dim=1)
+    pred_down = downsample_labels(pred, labels_down.shape[-2:])
+    return pred_down * (labels_down == 0).long()
+
+
+def prototypes_matching_loss(features: torch.Tensor, pseudolabels: torch.Tensor,
+                             prototypes: torch.Tensor) -> torch.Tensor:
+    """SDR's prototypes matching (reference DistillationEncoderPrototypesLoss, sumafter):
+    ``(1/K) sum_{c in K} mean_channels((mean_{pixels of c} f - p_c)^2)`` over the K classes
+    != 0 in ``pseudolabels``; prototypes detached. 0 when K = 0."""
+    feats, labels = _pixels(features), pseudolabels.reshape(-1)
+    classes = _present(labels, {0})
+    loss = features.new_zeros(())
+    for c in classes:
+        loss = loss + F.mse_loss(feats[labels == c].mean(dim=0), prototypes[c].detach()) / len(classes)
+    return loss
+
+
+def attraction_loss(features: torch.Tensor, labels_down: torch.Tensor, prototypes: torch.Tensor,
+                    ignore_index: int = 255, divide_in_loop: bool = True) -> torch.Tensor:
+    """SDR's attraction of features to their class prototype (reference
+    FeaturesClusteringSeparationLoss, first output): for each class c present (ascending ids,
+    background included, ``ignore_index`` left out), ``l_c = mean((f - p_c)^2)`` over its
+    pixels and channels. ``divide_in_loop`` (the reference): ``L <- (L + l_c) / K`` at each
+    class; else ``L = mean_c l_c``. 0 when no class is present."""
+    feats, labels = _pixels(features), labels_down.reshape(-1)
+    classes = _present(labels, {ignore_index})
+    loss = features.new_zeros(())
+    for c in classes:
+        f = feats[labels == c]
+        term = F.mse_loss(f, prototypes[c].detach().expand_as(f))
+        loss = (loss + term) / len(classes) if divide_in_loop else loss + term / len(classes)
+    return loss
+
+
+def repulsion_loss(features: torch.Tensor, labels_down: torch.Tensor,
+                   ignore_index: int = 255) -> torch.Tensor:
+    """SDR's repulsion between classes (reference FeaturesClusteringSeparationLoss, second
+    output, ``lfc_sep_clust_ison_proto=False``): the batch means m_c of the present classes
+    (background included, ``ignore_index`` left out); the mean of ``1 / ||m_i - m_j||`` over the
+    ordered pairs i != j with a non-zero distance; 0 when there is no such pair."""
+    feats, labels = _pixels(features), labels_down.reshape(-1)
+    classes = _present(labels, {ignore_index})
+    if len(classes) < 2:
+        return features.new_zeros(())
+    means = torch.stack([feats[labels == c].mean(dim=0) for c in classes])
+    i, j = torch.triu_indices(len(classes), len(classes), offset=1, device=means.device)
+    sq = (means[i] - means[j]).pow(2).sum(dim=1)
+    keep = sq > 0  # the reference drops the infinite 1/0 entries
+    if not keep.any():
+        return features.new_zeros(())
+    # Ordered pairs (i, j) and (j, i) have the same distance: their mean is the unordered mean.
+    return sq[keep].sqrt().reciprocal().mean()
+
+
+def sparsification_loss(features: torch.Tensor, labels_down: torch.Tensor,
+                        eps: float = FS_EPS) -> torch.Tensor:
+    """SDR's features sparsification (reference FeaturesSparsificationLoss, normalisation
+    ``max_maskedforclass``, shrinking ``exponential``, loss ``ratio``).
+
+    ``f~ = f / (max over every channel and pixel of the pixel's class + eps)``, the classes
+    being ``unique(labels_down)`` with 0 dropped only if it is the largest (a background-only
+    batch: f~ = 0, loss 0); 255 counts as a class. Per pixel ``sum_c exp(f~_c) / (sum_c f~_c +
+    eps)``, averaged over every pixel; 0 if ``sum f~ <= 0``.
+    """
+    classes = torch.unique(labels_down).tolist()
+    if classes[-1] == 0:
+        classes = classes[:-1]
+    norm = torch.zeros_like(features)
+    for c in classes:
+        mask = (labels_down == c)[:, None]
+        peak = features.masked_select(mask.expand_as(features)).max()
+        norm = norm + features / (peak + eps) * mask.to(features.dtype)
+    if not norm.sum() > 0:
+        return features.new_zeros(())
+    return (norm.exp().sum(dim=1) / (norm.sum(dim=1) + eps)).mean()
+
+
+# ----------------------------------------------------------------------------- the methods
+
+@register_method('sdr')
+class SDR(LwF):
+    """SDR: CE + output distillation + prototypes matching, attraction-repulsion, sparsification.
+
+    The latent terms act on the backbone's features (Michieli & Zanuttigh, CVPR 2021).
+
+    Step 0: plain cross-entropy (fine-tuning's loss; every other term is 0) while the class
+    prototypes are accumulated batch by batch, so ``plain_step0`` is False.
+    """
+
+    plain_step0 = False
+    class_indexed_buffers = ('prototypes', 'prototype_counts')
+
+    def __init__(self, *args, loss_kd: float = 100.0, loss_de_prototypes: float = 0.01,
+                 loss_fc: float = 1e-3, lfc_sep_clust: float = 1e-3, loss_featspars: float = 1e-3,
+                 lfc_divide_in_loop: bool = True,
+                 featspars_at_step0: bool = False, **kwargs) -> None:
+        super().__init__(*args, loss_kd=loss_kd, **kwargs)
+        # reference argparser.py: modify_command_options, --method SDR
+        self.loss_de_prototypes = float(loss_de_prototypes)  # prototypes matching
+        self.loss_fc = float(loss_fc)                        # attraction
+        self.lfc_sep_clust = float(lfc_sep_clust)            # repulsion
+        self.loss_featspars = float(loss_featspars)          # sparsification
+        # self.overlapped (the protocol's mode, reference --overlap) decides whether background
+        # gets a step-0 prototype: with --overlap it is left out.
+        self.lfc_divide_in_loop = bool(lfc_divide_in_loop)
+        # The reference's step-0 command does not enable sparsification; True applies it there.
+        self.featspars_at_step0 = bool(featspars_at_step0)
+        dim, n = self.backbone.out_channels, sum(self.step_sizes)
+        self.register_buffer('prototypes', torch.zeros(n, dim), persistent=True)
+        self.register_buffer('prototype_counts', torch.zeros(n, dtype=torch.long), persistent=True)
+
+    def needs_teacher(self) -> bool:
+        return self.teacher is not None and (self.loss_kd > 0 or self.loss_de_prototypes > 0)
+
+    def updates_prototypes(self) -> bool:
+        # reference train.py: updated when any prototype-based loss is on, at every step
+        return self.loss_de_prototypes > 0 or self.loss_fc > 0 or self.lfc_sep_clust > 0
+
+    @torch.no_grad()
+    def update_prototypes(self, features: torch.Tensor, labels_down: torch.Tensor) -> None:
+        protos, counts = update_prototypes(
+            self.prototypes, self.prototype_counts, features, labels_down,
+            exclude_background=self.overlapped or self.step > 0, ignore_index=self.ignore_index)
+        self.prototypes.copy_(protos)
+        self.prototype_counts.copy_(counts)
+
+    def compute_losses(self, out: dict, old: dict | None, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = super().compute_losses(out, old, targets)
+        feats = out['body'][-1]
+        zero = feats.new_zeros(())
+        labels_down = downsample_labels(targets, feats.shape[-2:])
+        incremental = self.step > 0
+        pm = fc = sep = fs = zero
+        if incremental and old is not None and self.loss_de_prototypes > 0:
+            pseudo = old_class_pseudolabels(old['logits'], labels_down)
+            pm = self.loss_de_prototypes * prototypes_matching_loss(feats, pseudo, self.prototypes)
+        if incremental and self.loss_fc > 0:
+            fc = self.loss_fc * attraction_loss(feats, labels_down, self.prototypes, self.ignore_index,
+                                                self.lfc_divide_in_loop)
+        if incremental and self.lfc_sep_clust > 0:
+            sep = self.lfc_sep_clust * repulsion_loss(feats, labels_down, self.ignore_index)
+        if (incremental or self.featspars_at_step0) and self.loss_featspars > 0:
+            fs = self.loss_featspars * sparsification_loss(feats, labels_down)
+        losses.update(loss_pm=pm, loss_fc=fc, loss_sep=sep, loss_fs=fs)
+        return losses
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.encode_decode(inputs)          # the student, once per batch
+        old = self.teacher_outputs(inputs)        # under torch.no_grad()
+        if self.updates_prototypes():
+            # before the losses, as the reference: they see this batch's update
+            feats = out['body'][-1]
+            self.update_prototypes(feats, downsample_labels(targets, feats.shape[-2:]))
+        return self.compute_losses(out, old, targets)
+
+
+@register_method('sdr+mib')
+class SDRMiB(SDR, MiB):
+    """SDR on top of MiB: unbiased cross-entropy and distillation, MiB's classifier init.
+
+    The reference's ``--method SDR`` preset is this with ``loss_kd = 100`` (unce, unkd) but
+    without ``init_balanced``; ``init_balanced=True`` (MiB's) is the default here.
+    """
+
+    def __init__(self, *args, loss_kd: float = 100.0, init_balanced: bool = True, **kwargs) -> None:
+        super().__init__(*args, loss_kd=loss_kd, init_balanced=init_balanced, **kwargs)
