@@ -155,7 +155,7 @@ def entropy_pseudo_labels(targets: torch.Tensor, old_logits: torch.Tensor, thres
 class PLOP(IncrementalSegmentor):
     """PLOP: local POD on features and logits + entropy-filtered pseudo-labels (Douillard et al.)."""
 
-    plain_step0 = True  # step 0: plain cross-entropy, exactly fine-tuning
+    step0_kind = 'fine-tuning'  # step 0: plain cross-entropy, exactly fine-tuning
 
     def __init__(self, *args, pod_factor: float = 0.01, pod_logits_factor: float = 0.0005,
                  pod_logits: bool = True, pod_scales=(1, 2, 4), pod_schedule: bool = True,

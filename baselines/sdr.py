@@ -51,7 +51,8 @@ Facts from the reference code, LTTM/SDR (file: function), implemented here from 
   ``--loss_de_prototypes 1`` only so that the prototypes get accumulated; the matching and
   attraction losses return 0 at step 0). So SDR's step-0 *weights* train exactly like
   fine-tuning, but the step also produces the prototypes, accumulated over its training
-  batches: a cached fine-tuning step-0 model lacks them, hence ``plain_step0 = False``.
+  batches: a cached fine-tuning step-0 model lacks them, hence a step-0 kind of its own,
+  shared by ``sdr`` and ``sdr+mib`` (whose step 0 is the same).
 
 Deliberate differences from the reference code (where it does not do what it describes):
 
@@ -206,10 +207,10 @@ class SDR(LwF):
     The latent terms act on the backbone's features (Michieli & Zanuttigh, CVPR 2021).
 
     Step 0: plain cross-entropy (fine-tuning's loss; every other term is 0) while the class
-    prototypes are accumulated batch by batch, so ``plain_step0`` is False.
+    prototypes are accumulated batch by batch: ``step0_kind`` is SDR's own.
     """
 
-    plain_step0 = False
+    step0_kind = 'fine-tuning+prototypes'
     class_indexed_buffers = ('prototypes', 'prototype_counts')
 
     def __init__(self, *args, loss_kd: float = 100.0, loss_de_prototypes: float = 0.01,

@@ -24,8 +24,6 @@ def cmd_list(args) -> None:
 
 
 def cmd_splits(args) -> None:
-    import json
-
     from .io import atomic_write_json
     from .protocols import load_protocol
     from .splits import index_dataset, protocol_splits, resolve_data_root

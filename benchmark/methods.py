@@ -13,7 +13,7 @@ class Method:
     model_type: str         # the segmentor's name in cssbench's MODELS registry
     joint: bool = False     # trains every class of the protocol in one step (upper bound)
     description: str = ''
-    plain_step0: bool = True  # step 0 is fine-tuning: a cached step-0 model may be reused
+    step0_kind: str | None = 'fine-tuning'  # methods of one kind share a cached step 0
 
 
 METHODS: dict[str, Method] = {}
@@ -25,7 +25,7 @@ def register_method(name: str, *, joint: bool = False, description: str = ''):
         MODELS.register_module(cls.__name__, module=cls)
         METHODS[name] = Method(name, f'cssbench.{cls.__name__}', joint,
                                description or (cls.__doc__ or '').strip().split('\n')[0],
-                               plain_step0=getattr(cls, 'plain_step0', False))
+                               step0_kind=cls.step0_kind)
         return cls
     return wrap
 

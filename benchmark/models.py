@@ -172,9 +172,10 @@ class IncrementalSegmentor(BaseModel):
             teacher.eval().requires_grad_(False)
         self.__dict__['teacher'] = teacher
 
-    # Whether step 0 is plain fine-tuning with no extra state, so that a cached step-0 model
-    # of the same protocol, data, config and seed can stand in for training it.
-    plain_step0: bool = True
+    # What step 0 trains. Methods of one kind train the same step-0 model (weights and any
+    # extra state), so a cached one of the same kind, protocol, data, config and seed stands
+    # in for training it; None: always train step 0.
+    step0_kind: str | None = 'fine-tuning'
 
     # Names of buffers whose first dimension is indexed by class (e.g. per-class prototypes);
     # a step-t model takes the previous step's rows of them and keeps its new rows as built.

@@ -295,7 +295,7 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         started = time.time()
         step0_key = (_step0_cache_key(protocol, method, cfg, seed, deterministic,
                                       record['run']['dataset_fingerprint'])
-                      if step0_cache and method.plain_step0 else None)
+                      if step0_cache and method.step0_kind else None)
         step_results = [run_step(cfg, method, protocol, t, record['splits'][t], paths, seed,
                                  deterministic, keep_epoch_checkpoints, log,
                                  step0_key=step0_key if t == 0 else None)
@@ -350,9 +350,10 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
 
 def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
                      deterministic: bool, dataset_fingerprint: str) -> str:
-    """Everything a fine-tuning step 0 depends on; methods whose step 0 is fine-tuning share it."""
+    """Everything a step 0 depends on; methods of the same ``step0_kind`` share it."""
     steps = protocol.joint() if method.joint else protocol
-    key = dict(steps=steps.fingerprint, steps0=list(steps.steps[0]), config=_config_digest(cfg),
+    key = dict(kind=method.step0_kind, steps=steps.fingerprint, steps0=list(steps.steps[0]),
+               config=_config_digest(cfg),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

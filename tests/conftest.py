@@ -66,3 +66,23 @@ def make_voc_tree(root: Path, train: dict[str, np.ndarray], val: dict[str, np.nd
 def voc_tree() -> Callable[..., Path]:
     """The ``make_voc_tree`` helper as a fixture."""
     return make_voc_tree
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
+
+
+@pytest.fixture(scope='session')
+def synth32(tmp_path_factory) -> Path:
+    """A small synthetic VOC-layout dataset of 32 px images, for end-to-end runs."""
+    from cssbench.synth import make_synth
+    return make_synth(tmp_path_factory.mktemp('synth') / 'data', n_train=120, n_val=30, size=32,
+                      seed=3, progress=False)
+
+
+@pytest.fixture(scope='session')
+def config32(tmp_path_factory) -> Path:
+    """The small config at 32 px crops, without loader workers."""
+    path = tmp_path_factory.mktemp('config') / 'small32.py'
+    path.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                    "data = dict(crop_size=32, batch_size=16, num_workers=0)\n")
+    return path

@@ -13,9 +13,7 @@ from cssbench.losses import (cross_entropy, feature_distillation, knowledge_dist
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, load_previous_weights, run_protocol
-from cssbench.synth import make_synth
 
-CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 METHODS = ('lwf', 'ilt', 'mib')
 KEYS = dict(lwf={'loss_ce', 'loss_kd'}, ilt={'loss_ce', 'loss_kd', 'loss_de'}, mib={'loss_ce', 'loss_kd'})
 
@@ -137,20 +135,6 @@ def test_mib_init_can_be_turned_off():
     cfg.model.update(init_balanced=False)
     model = step1_model('mib', cfg)
     assert not torch.allclose(model.classifiers[1].weight[0], model.classifiers[0].weight[0])
-
-
-@pytest.fixture(scope='module')
-def synth32(tmp_path_factory) -> Path:
-    return make_synth(tmp_path_factory.mktemp('synth') / 'data', n_train=120, n_val=30, size=32,
-                      seed=3, progress=False)
-
-
-@pytest.fixture(scope='module')
-def config32(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp('config') / 'small32.py'
-    path.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
-                    "data = dict(crop_size=32, batch_size=16, num_workers=0)\n")
-    return path
 
 
 @pytest.mark.parametrize('name', METHODS)

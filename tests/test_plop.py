@@ -15,9 +15,7 @@ from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, local_
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, load_previous_weights, run_protocol
-from cssbench.synth import make_synth
 
-CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
 
 # -- POD ------------------------------------------------------------------------------------
@@ -203,7 +201,7 @@ def batch(seed: int = 0, size: int = 32, classes=(0, 16, 17, 255)):
 
 
 def test_defaults_are_the_references_voc_settings():
-    assert PLOP.plain_step0 is True and get_method('plop').plain_step0 is True
+    assert get_method('plop').step0_kind == get_method('ft').step0_kind == 'fine-tuning'
     m = step_model(1)
     assert (m.pod_factor, m.pod_logits_factor, m.pod_logits, m.pod_scales, m.pod_schedule) == \
         (0.01, 0.0005, True, (1, 2, 4), True)
@@ -307,20 +305,6 @@ def test_edge_cases_only_ignored_pixels_and_no_background():
 
 
 # -- end to end ----------------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def synth32(tmp_path_factory) -> Path:
-    return make_synth(tmp_path_factory.mktemp('synth') / 'data', n_train=120, n_val=30, size=32,
-                      seed=3, progress=False)
-
-
-@pytest.fixture(scope='module')
-def config32(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp('config') / 'small32.py'
-    path.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
-                    "data = dict(crop_size=32, batch_size=16, num_workers=0)\n")
-    return path
-
 
 def test_plop_runs_a_two_step_protocol_and_computes_thresholds_before_step1(
         synth32, config32, tmp_path, monkeypatch):

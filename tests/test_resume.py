@@ -113,3 +113,43 @@ def test_repair_last_checkpoint_skips_a_truncated_checkpoint(tmp_path):
     (tmp_path / 'epoch_1.pth').unlink()
     assert not repair_last_checkpoint(tmp_path)
     assert not (tmp_path / 'last_checkpoint').exists()
+
+
+def test_two_processes_share_one_results_store(setup, tmp_path):
+    results = tmp_path / 'results'
+    env = dict(os.environ, CSSBENCH_CACHE=str(setup['cache']))
+    procs = [subprocess.Popen([sys.executable, '-m', 'cssbench', 'run', '--protocol', PROTOCOL,
+                               '--method', method, '--config', str(setup['config']),
+                               '--data-root', str(setup['data']), '--epochs', '1',
+                               '--results', str(results), '--no-step0-cache'],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for method in ('ft', 'lwf')]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+    for method in ('ft', 'lwf'):
+        run = json.loads((results / PROTOCOL / method / 'tiny-seed0' / 'run.json').read_text())
+        assert run['status'] == 'complete' and run['method'] == method
+        assert len(json.loads((results / PROTOCOL / method / 'tiny-seed0' / 'metrics.json')
+                              .read_text())['steps']) == 2
+
+
+def test_deterministic_runs_repeat_bit_for_bit(setup, tmp_path):
+    import torch
+    kwargs = dict(config=str(setup['config']), data_root=str(setup['data']), epochs=1,
+                  deterministic=True, step0_cache=False, log=lambda *a: None)
+    try:
+        first = run_protocol(PROTOCOL, 'ft', results_root=tmp_path / 'a', **kwargs)
+        second = run_protocol(PROTOCOL, 'ft', results_root=tmp_path / 'b', **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second):
+        a.pop('wall_time_s'), b.pop('wall_time_s')
+    assert first == second
+    weights = [(root / PROTOCOL / 'ft' / 'tiny-seed0' / 'work' / 'step1' / 'model.pth')
+               for root in (tmp_path / 'a', tmp_path / 'b')]
+    assert torch.equal(torch.load(weights[0])['classifiers.1.weight'],
+                       torch.load(weights[1])['classifiers.1.weight'])
+    record = json.loads((tmp_path / 'a' / PROTOCOL / 'ft' / 'tiny-seed0' / 'run.json').read_text())
+    assert record['deterministic'] is True and record['seed'] == 0
+    assert record['dataset_fingerprint'] and record['environment']['torch'] and record['config']

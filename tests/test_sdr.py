@@ -17,9 +17,7 @@ from cssbench.losses import (cross_entropy, knowledge_distillation, unbiased_cro
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, load_previous_weights, run_protocol
-from cssbench.synth import make_synth
 
-CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 KEYS = {'loss_ce', 'loss_kd', 'loss_pm', 'loss_fc', 'loss_sep', 'loss_fs'}
 
 
@@ -204,7 +202,7 @@ def batch(labels: list[int], seed: int = 0, size: int = 32):
 
 def test_registration_defaults_and_step0_flag():
     for name in ('sdr', 'sdr+mib'):
-        assert get_method(name).plain_step0 is False
+        assert get_method(name).step0_kind == 'fine-tuning+prototypes'
     sdr, both = model_at('sdr', 1), model_at('sdr+mib', 1)
     for m in (sdr, both):
         assert (m.loss_kd, m.kd_alpha, m.loss_de_prototypes, m.loss_fc, m.lfc_sep_clust,
@@ -321,20 +319,6 @@ def test_sdr_mib_init_and_sdr_without_it():
 
 
 # --------------------------------------------------------------------------- end to end
-
-@pytest.fixture(scope='module')
-def synth32(tmp_path_factory) -> Path:
-    return make_synth(tmp_path_factory.mktemp('synth') / 'data', n_train=120, n_val=30, size=32,
-                      seed=3, progress=False)
-
-
-@pytest.fixture(scope='module')
-def config32(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp('config') / 'small32.py'
-    path.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
-                    "data = dict(crop_size=32, batch_size=16, num_workers=0)\n")
-    return path
-
 
 @pytest.mark.parametrize('name', ['sdr', 'sdr+mib'])
 def test_each_sdr_method_runs_a_two_step_protocol(name, synth32, config32, tmp_path):
