@@ -156,6 +156,9 @@ class PLOP(IncrementalSegmentor):
     """PLOP: local POD on features and logits + entropy-filtered pseudo-labels (Douillard et al.)."""
 
     step0_kind = 'fine-tuning'  # step 0: plain cross-entropy, exactly fine-tuning
+    # The reference's ADE20K scripts (scripts/ade/plop_ade_*.sh): --pod_factor 0.001 and
+    # pod_options switch.after.factor 0.00001; the signature's defaults are its VOC ones.
+    dataset_defaults = {'ade': dict(pod_factor=0.001, pod_logits_factor=1e-5)}
 
     def __init__(self, *args, pod_factor: float = 0.01, pod_logits_factor: float = 0.0005,
                  pod_logits: bool = True, pod_scales=(1, 2, 4), pod_schedule: bool = True,

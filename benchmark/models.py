@@ -177,6 +177,10 @@ class IncrementalSegmentor(BaseModel):
     # in for training it; None: always train step 0.
     step0_kind: str | None = 'fine-tuning'
 
+    # Hyperparameters (constructor arguments) that differ by dataset from the defaults in the
+    # signature, which are the VOC ones: {'ade': dict(...)}. A config's values win over both.
+    dataset_defaults: dict[str, dict] = {}
+
     # Names of buffers whose first dimension is indexed by class (e.g. per-class prototypes);
     # a step-t model takes the previous step's rows of them and keeps its new rows as built.
     class_indexed_buffers: tuple[str, ...] = ()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import MMLogger
+from mmengine.registry import DefaultScope
 from mmengine.runner import Runner, set_random_seed
 
 from . import __version__
@@ -108,7 +109,10 @@ class RunPaths:
 
 
 def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):
-    model_cfg = ConfigDict(cfg.model)
+    """The method's segmentor for ``step``: its per-dataset defaults, then the config's model."""
+    model_cls = MODELS.get(model_type)
+    model_cfg = ConfigDict(model_cls.dataset_defaults.get(protocol.dataset, {}))
+    model_cfg.update(cfg.model)
     model_cfg.update(type=model_type, step_sizes=protocol.step_sizes(step))
     model_cfg.setdefault('overlapped', protocol.mode == 'overlap')
     try:
@@ -470,8 +474,8 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
 
 
 def _release_mmengine_globals(runner: Runner) -> None:
-    """Each Runner registers a logger (with an open log file) and a visualizer under its
-    experiment name, and its loaders keep worker processes; release them all, so that steps
+    """Each Runner registers a logger (with an open log file), a visualizer and a default
+    scope under its experiment name, and its loaders keep worker processes; release them all, so that steps
     leak no files or processes and names never clash."""
     for loader in (runner.train_dataloader, runner.val_dataloader):
         # Persistent loader workers would otherwise be joined whenever the garbage collector
@@ -487,6 +491,7 @@ def _release_mmengine_globals(runner: Runner) -> None:
     MMLogger._instance_dict.pop(logger.instance_name, None)
     runner.visualizer.close()
     type(runner.visualizer)._instance_dict.pop(runner.visualizer.instance_name, None)
+    DefaultScope._instance_dict.pop(runner.experiment_name, None)
 
 
 def write_run_tables(results_dir: Path, step_results: list[dict]) -> None:

@@ -324,3 +324,13 @@ def test_plop_runs_a_two_step_protocol_and_computes_thresholds_before_step1(
     assert all(0.0 <= v <= 1.0 for v in steps[1]['iou'].values() if v is not None)
     step1 = [thr for step, thr in calls if step == 1]
     assert len(step1) == 1 and step1[0].shape == (21,)
+
+
+def test_ade_protocols_get_the_reference_ade_factors_and_a_config_still_wins():
+    cfg = load_config('small')
+    voc = build_model(cfg, 'cssbench.PLOP', load_protocol('voc-15-5-overlap'), 0)
+    ade = build_model(cfg, 'cssbench.PLOP', load_protocol('ade-100-50'), 0)
+    assert (voc.pod_factor, voc.pod_logits_factor) == (0.01, 0.0005)
+    assert (ade.pod_factor, ade.pod_logits_factor) == (0.001, 1e-5)
+    cfg.model.update(pod_factor=0.5)
+    assert build_model(cfg, 'cssbench.PLOP', load_protocol('ade-100-50'), 0).pod_factor == 0.5
