@@ -154,8 +154,9 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     missing = sorted(set(range(num_classes)) - set(first_step_of))
     if missing:
         shown = ', '.join(map(str, missing[:10])) + (' ...' if len(missing) > 10 else '')
-        raise ProtocolError(f'{src}: field steps: classes {shown} of dataset {dataset!r} '
-                            f'are in no step (the steps must cover 0..{num_classes - 1})')
+        noun = 'class' if len(missing) == 1 else 'classes'
+        raise ProtocolError(f'{src}: field steps: {noun} {shown} of dataset {dataset!r} in no '
+                            f'step (the steps must cover 0..{num_classes - 1})')
     return Protocol(name=str(data['name']), dataset=dataset, mode=mode, steps=tuple(steps),
                     train_ignore=train_ignore, description=str(data.get('description', '')),
                     source=Path(source) if source != '<protocol>' else None)

@@ -51,6 +51,7 @@ from .transforms import EvalTransform, TrainTransform
 
 CONFIGS_DIR = Path(__file__).resolve().parent / 'configs'
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WORK_MARKER = 'cssbench-work.json'  # names the run whose checkpoints a work dir holds
 
 
 def load_config(name_or_path: str, epochs: int | None = None) -> Config:
@@ -265,7 +266,7 @@ def _exclusive(run_dir: Path):
 
 def _check_work_dir(work: Path, identity: dict) -> None:
     """Refuse a work dir that holds checkpoints of another protocol, method or config."""
-    marker = work / 'cssbench-work.json'
+    marker = work / WORK_MARKER
     if marker.exists():
         stored = json.loads(marker.read_text())
         if stored != identity:
@@ -318,10 +319,12 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     and the per-step splits (with the samples of each)."""
     run_file = paths.results / 'run.json'
     if run_file.exists() and overwrite:
-        shutil.rmtree(paths.work, ignore_errors=True)
-        for child in paths.results.iterdir():
-            if child.name != '.lock':
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        # Only what this run wrote: a --work-dir given by the user may hold other things.
+        work_items = [*paths.work.glob('step*'), paths.work / WORK_MARKER] if paths.work.is_dir() else []
+        for child in [*work_items, *paths.results.iterdir()]:
+            if child.name == '.lock' or not child.exists():
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
     if run_file.exists():
         previous = json.loads(run_file.read_text())
         if previous.get('config_digest') != _config_digest(cfg):

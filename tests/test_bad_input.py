@@ -129,8 +129,12 @@ def test_work_dir_of_another_protocol_is_refused(capsys, tmp_path, tiny_run):
 
 def test_finished_run_is_not_overwritten_without_flag(capsys, tmp_path, tiny_run):
     data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    work = tmp_path / 'shared-work'
+    work.mkdir()
+    (work / 'notes.txt').write_text('not cssbench\'s')
     args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
-            '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results')]
+            '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results'),
+            '--work-dir', str(work)]
     assert main(args) == 0
     metrics = next((tmp_path / 'results').rglob('metrics.json'))
     before = metrics.read_bytes()
@@ -138,3 +142,5 @@ def test_finished_run_is_not_overwritten_without_flag(capsys, tmp_path, tiny_run
     assert 'complete' in fails(capsys, *args)
     assert metrics.read_bytes() == before
     assert main(args + ['--overwrite']) == 0
+    assert (work / 'notes.txt').read_text() == "not cssbench's"   # only the run's own files go
+    assert (work / 'step1' / 'model.pth').is_file()
