@@ -86,3 +86,32 @@ def config32(tmp_path_factory) -> Path:
     path.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
                     "data = dict(crop_size=32, batch_size=16, num_workers=0)\n")
     return path
+
+
+def method_model(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overlap',
+                 prepare_old=None):
+    """A method's model at step 0, or at step 1 as the runner makes it: step 0's weights
+    loaded, step 0 attached as the teacher, the new classifier initialised. The step-0
+    classifiers are drawn at random (non-trivial, so that initialisations show);
+    ``prepare_old(old)`` may set more of step 0's state first."""
+    import torch
+
+    from cssbench.methods import get_method
+    from cssbench.protocols import load_protocol
+    from cssbench.runner import build_model, load_config, load_previous_weights
+    torch.manual_seed(0)
+    cfg = cfg or load_config('small')
+    method, proto = get_method(name), load_protocol(protocol)
+    old = build_model(cfg, method.model_type, proto, 0)
+    if step == 0:
+        return old
+    with torch.no_grad():
+        for p in old.classifiers.parameters():
+            p.normal_(0, 0.5)
+        if prepare_old is not None:
+            prepare_old(old)
+    model = build_model(cfg, method.model_type, proto, 1)
+    load_previous_weights(model, old.state_dict(), Path('step0'))
+    model.set_teacher(old)
+    model.init_new_classifier()
+    return model

@@ -3,7 +3,6 @@ MiB's initialisation keeps the old model's background, and each runs a protocol 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,27 +11,11 @@ from cssbench.losses import (cross_entropy, feature_distillation, knowledge_dist
                                         unbiased_cross_entropy, unbiased_knowledge_distillation)
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model, load_config, load_previous_weights, run_protocol
+from cssbench.runner import build_model, load_config, run_protocol
+from conftest import method_model
 
 METHODS = ('lwf', 'ilt', 'mib')
 KEYS = dict(lwf={'loss_ce', 'loss_kd'}, ilt={'loss_ce', 'loss_kd', 'loss_de'}, mib={'loss_ce', 'loss_kd'})
-
-
-def step1_model(name: str, cfg=None, protocol: str = 'voc-15-5-overlap'):
-    """A step-1 model as the runner makes it: step 0's weights loaded, step 0 as teacher."""
-    torch.manual_seed(0)
-    cfg = cfg or load_config('small')
-    protocol = load_protocol(protocol)
-    method = get_method(name)
-    old = build_model(cfg, method.model_type, protocol, 0)
-    with torch.no_grad():  # a non-trivial background classifier for the init check
-        for p in old.classifiers.parameters():
-            p.normal_(0, 0.5)
-    model = build_model(cfg, method.model_type, protocol, 1)
-    load_previous_weights(model, old.state_dict(), Path('step0'))
-    model.set_teacher(old)
-    model.init_new_classifier()
-    return model
 
 
 def batch(seed: int = 0, size: int = 16, num_classes: int = 21):
@@ -44,18 +27,18 @@ def batch(seed: int = 0, size: int = 16, num_classes: int = 21):
 
 
 def test_hyperparameters_default_to_the_references_voc_settings_and_follow_the_config():
-    lwf, ilt, mib = (step1_model(m) for m in METHODS)
+    lwf, ilt, mib = (method_model(m, 1) for m in METHODS)
     assert (lwf.loss_kd, lwf.kd_alpha) == (100.0, 1.0)
     assert (ilt.loss_kd, ilt.loss_de, ilt.kd_alpha) == (100.0, 100.0, 1.0)
     assert (mib.loss_kd, mib.kd_alpha, mib.init_balanced) == (10.0, 1.0, True)
     cfg = load_config('small')
     cfg.model.update(loss_kd=3.0, loss_de=0.5)
-    assert (step1_model('ilt', cfg).loss_kd, step1_model('ilt', cfg).loss_de) == (3.0, 0.5)
+    assert (method_model('ilt', 1, cfg).loss_kd, method_model('ilt', 1, cfg).loss_de) == (3.0, 0.5)
 
 
 @pytest.mark.parametrize('name', METHODS)
 def test_step1_loss_has_its_terms_is_finite_and_trains_only_the_student(name):
-    model = step1_model(name).train()
+    model = method_model(name, 1).train()
     data = model.data_preprocessor(batch(), True)
     losses = model(**data, mode='loss')
     assert set(losses) == KEYS[name]
@@ -81,7 +64,7 @@ def test_step0_loss_has_the_same_keys_with_zero_distillation(name):
 
 @pytest.mark.parametrize('name', METHODS)
 def test_a_batch_of_only_ignored_pixels_gives_a_finite_loss(name):
-    model = step1_model(name).train()
+    model = method_model(name, 1).train()
     data = model.data_preprocessor(dict(batch(), data_samples=torch.full((2, 16, 16), 255)), True)
     losses = model(**data, mode='loss')
     assert losses['loss_ce'].item() == 0.0
@@ -91,7 +74,7 @@ def test_a_batch_of_only_ignored_pixels_gives_a_finite_loss(name):
 
 @pytest.mark.parametrize('name', METHODS)
 def test_the_terms_are_the_weighted_shared_losses_on_the_logits_and_backbone_output(name):
-    model = step1_model(name).eval()  # eval: no dropout, so two forwards agree
+    model = method_model(name, 1).eval()  # eval: no dropout, so two forwards agree
     data = model.data_preprocessor(batch(1), False)
     inputs, targets = data['inputs'], data['data_samples']
     losses = model(**data, mode='loss')
@@ -113,7 +96,7 @@ def test_the_terms_are_the_weighted_shared_losses_on_the_logits_and_backbone_out
 
 @pytest.mark.parametrize('protocol, new', [('voc-15-5-overlap', 5), ('voc-19-1-overlap', 1)])
 def test_mib_init_keeps_the_old_background_probability_and_the_old_classes(protocol, new):
-    model = step1_model('mib', protocol=protocol).eval()
+    model = method_model('mib', 1, protocol=protocol).eval()
     n_old = model.num_old_classes
     old_cls, new_cls = model.teacher.classifiers[0], model.classifiers
     torch.testing.assert_close(new_cls[1].weight, old_cls.weight[:1].expand(new, -1, -1, -1))
@@ -133,7 +116,7 @@ def test_mib_init_keeps_the_old_background_probability_and_the_old_classes(proto
 def test_mib_init_can_be_turned_off():
     cfg = load_config('small')
     cfg.model.update(init_balanced=False)
-    model = step1_model('mib', cfg)
+    model = method_model('mib', 1, cfg)
     assert not torch.allclose(model.classifiers[1].weight[0], model.classifiers[0].weight[0])
 
 

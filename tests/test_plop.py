@@ -3,7 +3,6 @@ the step-0 / step-1 losses, edge cases, and a two-step protocol end to end."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, local_
                              merge_new_into_background, pod_distillation, pod_layer_distance)
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model, load_config, load_previous_weights, run_protocol
+from cssbench.runner import build_model, load_config, run_protocol
+from conftest import method_model
 
 
 
@@ -175,24 +175,6 @@ def test_image_weighted_cross_entropy_averages_over_every_pixel():
 
 # -- the method ----------------------------------------------------------------------------
 
-def step_model(step: int, cfg=None):
-    torch.manual_seed(0)
-    cfg = cfg or load_config('small')
-    protocol = load_protocol('voc-15-5-overlap')
-    method = get_method('plop')
-    old = build_model(cfg, method.model_type, protocol, 0)
-    if step == 0:
-        return old
-    with torch.no_grad():
-        for p in old.classifiers.parameters():
-            p.normal_(0, 0.5)
-    model = build_model(cfg, method.model_type, protocol, 1)
-    load_previous_weights(model, old.state_dict(), Path('step0'))
-    model.set_teacher(old)
-    model.init_new_classifier()
-    return model
-
-
 def batch(seed: int = 0, size: int = 32, classes=(0, 16, 17, 255)):
     g = torch.Generator().manual_seed(seed)
     choice = torch.tensor(classes)[torch.randint(0, len(classes), (2, size, size), generator=g)]
@@ -202,18 +184,18 @@ def batch(seed: int = 0, size: int = 32, classes=(0, 16, 17, 255)):
 
 def test_defaults_are_the_references_voc_settings():
     assert get_method('plop').step0_kind == get_method('ft').step0_kind == 'fine-tuning'
-    m = step_model(1)
+    m = method_model('plop', 1)
     assert (m.pod_factor, m.pod_logits_factor, m.pod_logits, m.pod_scales, m.pod_schedule) == \
         (0.01, 0.0005, True, (1, 2, 4), True)
     assert (m.pseudo, m.threshold, m.entropy_bins, m.classif_adaptive_factor, m.init_balanced) == \
         ('entropy', 0.001, 100, True, True)
     cfg = load_config('small')
     cfg.model.update(pod_factor=0.5, threshold=0.2)
-    assert (step_model(1, cfg).pod_factor, step_model(1, cfg).threshold) == (0.5, 0.2)
+    assert (method_model('plop', 1, cfg).pod_factor, method_model('plop', 1, cfg).threshold) == (0.5, 0.2)
 
 
 def test_step0_is_plain_cross_entropy():
-    model = step_model(0).eval()
+    model = method_model('plop', 0).eval()
     model.init_new_classifier()  # no-op
     data = model.data_preprocessor(batch(classes=(0, 5, 15, 255)), False)
     losses = model(**data, mode='loss')
@@ -225,7 +207,7 @@ def test_step0_is_plain_cross_entropy():
 
 
 def test_mib_style_init_of_the_new_classifier():
-    model = step_model(1)
+    model = method_model('plop', 1)
     old = model.teacher.classifiers[0]
     torch.testing.assert_close(model.classifiers[1].weight, old.weight[:1].expand(5, -1, -1, -1))
     torch.testing.assert_close(model.classifiers[1].bias, (old.bias[0] - math.log(6)).expand(5))
@@ -233,7 +215,7 @@ def test_mib_style_init_of_the_new_classifier():
 
 
 def test_step1_loss_is_pseudo_labelled_ce_plus_scheduled_pod():
-    model = step_model(1).eval()   # eval: no dropout, so the forwards below agree
+    model = method_model('plop', 1).eval()   # eval: no dropout, so the forwards below agree
     thr = model.compute_thresholds([batch(1), batch(2)])
     assert thr.shape == (21,) and (thr[~thr.isnan()] >= 0.001).all()
     data = model.data_preprocessor(batch(3), False)
@@ -254,7 +236,7 @@ def test_step1_loss_is_pseudo_labelled_ce_plus_scheduled_pod():
 
 
 def test_step1_backward_trains_only_the_student_and_the_head_map_skips_dropout():
-    model = step_model(1).train()
+    model = method_model('plop', 1).train()
     model.compute_thresholds([batch(1)])
     data = model.data_preprocessor(batch(4), True)
     losses = model(**data, mode='loss')
@@ -276,20 +258,20 @@ def test_step1_backward_trains_only_the_student_and_the_head_map_skips_dropout()
 
 
 def test_without_the_hook_thresholds_come_from_the_first_batch_with_a_warning():
-    model = step_model(1).eval()
+    model = method_model('plop', 1).eval()
     data = model.data_preprocessor(batch(5), False)
     with pytest.warns(UserWarning, match='first training batch'):
         model(**data, mode='loss')
     expected = model.compute_thresholds([batch(5)])
     assert model.thresholds is not None
-    model2 = step_model(1).eval()
+    model2 = method_model('plop', 1).eval()
     with pytest.warns(UserWarning):
         model2(**data, mode='loss')
     torch.testing.assert_close(model2.thresholds, expected, equal_nan=True)
 
 
 def test_edge_cases_only_ignored_pixels_and_no_background():
-    model = step_model(1).train()
+    model = method_model('plop', 1).train()
     model.compute_thresholds([batch(1)])
     ignored = model.data_preprocessor(dict(batch(), data_samples=torch.full((2, 32, 32), 255)), True)
     losses = model(**ignored, mode='loss')

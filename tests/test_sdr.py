@@ -17,6 +17,7 @@ from cssbench.losses import (cross_entropy, knowledge_distillation, unbiased_cro
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, load_previous_weights, run_protocol
+from conftest import method_model
 
 KEYS = {'loss_ce', 'loss_kd', 'loss_pm', 'loss_fc', 'loss_sep', 'loss_fs'}
 
@@ -174,24 +175,13 @@ def test_sparsification_edge_cases():
 
 # --------------------------------------------------------------------------- the models
 
-def model_at(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overlap'):
-    torch.manual_seed(0)
-    cfg = cfg or load_config('small')
-    method, proto = get_method(name), load_protocol(protocol)
-    if step == 0:
-        return build_model(cfg, method.model_type, proto, 0)
-    old = build_model(cfg, method.model_type, proto, 0)
-    with torch.no_grad():
-        for p in old.classifiers.parameters():
-            p.normal_(0, 0.5)
-        old.prototypes.copy_(torch.rand_like(old.prototypes))
-        old.prototype_counts.fill_(7)
-    model = build_model(cfg, method.model_type, proto, 1)
-    load_previous_weights(model, old.state_dict(), Path('step0'))
-    model.set_teacher(old)
-    model.init_new_classifier()
-    return model
+def random_prototypes(old) -> None:
+    old.prototypes.copy_(torch.rand_like(old.prototypes))
+    old.prototype_counts.fill_(7)
 
+
+def model_at(name: str, step: int, cfg=None):
+    return method_model(name, step, cfg, prepare_old=random_prototypes)
 
 def batch(labels: list[int], seed: int = 0, size: int = 32):
     g = torch.Generator().manual_seed(seed)
