@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 
 def cache_dir(*parts: str) -> Path:
     """``$CSSBENCH_CACHE`` (default ``~/.cache/cssbench``) joined with ``parts``, created."""
-    base = Path(os.environ.get('CSSBENCH_CACHE', Path.home() / '.cache' / 'cssbench'))
+    base = Path(os.environ.get('CSSBENCH_CACHE', Path.home() / '.cache' / 'cssbench')).expanduser()
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -28,6 +29,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    """Copy ``source`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -40,7 +40,7 @@ from . import hooks  # noqa: F401  (registers the hooks and the sampler)
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
 from .datasets_info import DATASET_INFO
 from .errors import UserError
-from .io import atomic_write_json, atomic_write_text, cache_dir
+from .io import atomic_copy, atomic_write_json, atomic_write_text, cache_dir
 from .methods import Method, get_method
 from .metrics import summarize_step
 from .protocols import Protocol, load_protocol
@@ -92,6 +92,11 @@ def environment() -> dict:
 def derive_seed(*keys: int) -> int:
     """A 31-bit seed from integer keys, with no collisions between e.g. (0, 1) and (1, 0)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
+
+
+def steps_of(protocol: Protocol, method: Method) -> Protocol:
+    """The steps a method trains: the protocol's, or all its classes at once for ``joint``."""
+    return protocol.joint() if method.joint else protocol
 
 
 @dataclass
@@ -338,7 +343,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     _check_work_dir(paths.work, dict(protocol=protocol.to_dict(), method=method.name,
                                      config_digest=_config_digest(cfg), seed=seed))
 
-    steps_protocol = protocol.joint() if method.joint else protocol
+    steps_protocol = steps_of(protocol, method)
     root = resolve_data_root(protocol.dataset, data_root, progress=progress)
     index = index_dataset(protocol.dataset, root, progress=progress)
     splits = protocol_splits(steps_protocol, index)
@@ -358,7 +363,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
 def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
                      deterministic: bool, dataset_fingerprint: str) -> str:
     """Everything a step 0 depends on; methods of the same ``step0_kind`` share it."""
-    steps = protocol.joint() if method.joint else protocol
+    steps = steps_of(protocol, method)
     key = dict(kind=method.step0_kind, steps=steps.fingerprint, steps0=list(steps.steps[0]),
                config=_config_digest(cfg),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
@@ -371,18 +376,13 @@ def _reuse_cached_step0(key: str, paths: RunPaths) -> dict | None:
     cached = cache_dir('step0', key)
     if not ((cached / 'model.pth').exists() and (cached / 'iou.json').exists()):
         return None
-    paths.step_work(0).mkdir(parents=True, exist_ok=True)
-    tmp = paths.step_weights(0).with_name('.model.pth.tmp')
-    shutil.copyfile(cached / 'model.pth', tmp)
-    os.replace(tmp, paths.step_weights(0))
+    atomic_copy(cached / 'model.pth', paths.step_weights(0))
     return json.loads((cached / 'iou.json').read_text())
 
 
 def _store_step0(key: str, paths: RunPaths, iou: dict[int, float], wall_time_s: float) -> None:
     cached = cache_dir('step0', key)
-    tmp = cached / '.model.pth.tmp'
-    shutil.copyfile(paths.step_weights(0), tmp)
-    os.replace(tmp, cached / 'model.pth')
+    atomic_copy(paths.step_weights(0), cached / 'model.pth')
     atomic_write_json(cached / 'iou.json', dict(iou={str(c): v for c, v in iou.items()},
                                                 trained_in_s=wall_time_s, run=str(paths.results)))
 
@@ -400,7 +400,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     if metrics_file.exists() and paths.step_weights(t).exists():
         log(f'{tag} step {t}: done before, reusing its weights and metrics')
         return json.loads(metrics_file.read_text())
-    steps_protocol = protocol.joint() if method.joint else protocol
+    steps_protocol = steps_of(protocol, method)
     last = steps_protocol.num_steps - 1
     log(f'{tag} step {t}/{last}: classes {split["classes"][0]}..{split["classes"][-1]}, '
         f'{len(split["train"])} train images, {len(split["val"])} val images')

@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .io import cache_dir
+
 __all__ = [
     "SYNTH_DEFAULTS",
     "SYNTH_VERSION",
@@ -428,9 +430,7 @@ def _reuse_or_refuse(out: Path, params: dict) -> Path:
 def default_synth_root() -> Path:
     """Cache folder of the default dataset, ``$CSSBENCH_CACHE/synth-v<version>`` (default cache
     ``~/.cache/cssbench``): a new generator version makes a new folder, never a clash."""
-    cache = os.environ.get("CSSBENCH_CACHE")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "cssbench"
-    return base / f"synth-v{SYNTH_VERSION}"
+    return cache_dir() / f"synth-v{SYNTH_VERSION}"
 
 
 def ensure_default_synth(progress: bool = True) -> Path:
