@@ -54,12 +54,12 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 
+from cssbench.distributed import sum_over_processes
 from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, merge_new_into_background,
                              pod_distillation)
 from cssbench.methods import register_method
-from cssbench.models import IncrementalSegmentor
+from cssbench.models import IncrementalSegmentor, upsample_logits
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -140,9 +140,8 @@ def entropy_pseudo_labels(targets: torch.Tensor, old_logits: torch.Tensor, thres
     pseudo = probs.argmax(dim=1)
     valid = normalized_entropy(probs) / max_entropy < thresholds.to(probs.device)[pseudo]
     background = targets < num_old
-    labels = targets.clone()
-    labels[background & ~valid] = ignore_index
-    labels[background & valid] = pseudo[background & valid]
+    # torch.where, not boolean-mask assignment: no host sync on the GPU
+    labels = torch.where(background, torch.where(valid, pseudo, ignore_index), targets)
     num = (background & valid).float().sum(dim=(1, 2))
     den = background.float().sum(dim=(1, 2))
     factor = num / (den + 1e-6)
@@ -205,7 +204,7 @@ class PLOP(IncrementalSegmentor):
         distils (backbone stages, head output, see the module docstring)."""
         out = self.extract(inputs)
         small = self.classify(out['features'])
-        logits = F.interpolate(small, size=inputs.shape[-2:], mode='bilinear', align_corners=False)
+        logits = upsample_logits(small, inputs.shape[-2:])
         return dict(logits=logits, small_logits=small, maps=list(out['body']) + [out['features']])
 
     def needs_teacher(self) -> bool:
@@ -230,15 +229,15 @@ class PLOP(IncrementalSegmentor):
             self.thresholds = None
             return None
         num_classes = sum(self.step_sizes)
-        hist = None
+        hist = torch.zeros(num_classes, self.entropy_bins, dtype=torch.long,
+                           device=self.data_preprocessor.device)
         for batch in batches:
             data = self.data_preprocessor(batch, False)
             logits = self.teacher_outputs(data['inputs'])['logits']
-            part = entropy_histogram(logits, data['data_samples'], num_classes, self.max_entropy,
-                                     self.entropy_bins)
-            hist = part if hist is None else hist + part
-        if hist is None:
-            hist = torch.zeros(num_classes, self.entropy_bins, dtype=torch.long)
+            hist += entropy_histogram(logits, data['data_samples'], num_classes, self.max_entropy,
+                                      self.entropy_bins)
+        # Under DDP each process saw its share of the data: every one takes the whole's thresholds.
+        sum_over_processes(hist)
         self.thresholds = median_thresholds(hist, self.threshold).to(hist.device)
         return self.thresholds
 

@@ -70,6 +70,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cssbench.distributed import sum_over_processes
 from cssbench.methods import register_method
 
 from .lwf import LwF
@@ -97,23 +98,28 @@ def _present(labels: torch.Tensor, drop=()) -> list[int]:
 
 def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, features: torch.Tensor,
                       labels_down: torch.Tensor, exclude_background: bool,
-                      ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+                      ignore_index: int = 255, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of the cumulative moving average (reference train.py:
     Trainer._update_running_stats): returns new (prototypes, counts), the inputs untouched.
 
     For each class c in ``labels_down`` (not ``ignore_index``, not 0 if ``exclude_background``),
     with the N feature vectors f of its pixels: ``p_c = (sum f + n_c p_c) / (n_c + N)``,
-    ``n_c = n_c + N``. Other rows are kept. ``features`` is detached.
+    ``n_c = n_c + N``. Other rows are kept. ``features`` is detached. ``reduce`` (in place,
+    e.g. ``sum_over_processes``) is applied to the per-class sums and pixel counts first:
+    under DDP every process then updates with the whole batch, and all keep equal prototypes.
     """
-    prototypes, counts = prototypes.clone(), counts.clone()
     feats, labels = _pixels(features.detach()).to(prototypes.dtype), labels_down.reshape(-1)
     drop = {ignore_index} | ({0} if exclude_background else set())
+    sums, batch_counts = torch.zeros_like(prototypes), torch.zeros_like(counts)
     for c in _present(labels, drop):
         f = feats[labels == c]
-        n = counts[c].to(prototypes.dtype)
-        prototypes[c] = (f.sum(dim=0) + n * prototypes[c]) / (n + f.shape[0])
-        counts[c] += f.shape[0]
-    return prototypes, counts
+        sums[c], batch_counts[c] = f.sum(dim=0), f.shape[0]
+    if reduce is not None:
+        reduce(sums)
+        reduce(batch_counts)
+    n = counts.to(prototypes.dtype)[:, None]
+    updated = (sums + n * prototypes) / (n + batch_counts[:, None])
+    return torch.where((batch_counts > 0)[:, None], updated, prototypes), counts + batch_counts
 
 
 def old_class_pseudolabels(old_logits: torch.Tensor, labels_down: torch.Tensor) -> torch.Tensor:
@@ -243,13 +249,14 @@ class SDR(LwF):
     def update_prototypes(self, features: torch.Tensor, labels_down: torch.Tensor) -> None:
         protos, counts = update_prototypes(
             self.prototypes, self.prototype_counts, features, labels_down,
-            exclude_background=self.overlapped or self.step > 0, ignore_index=self.ignore_index)
+            exclude_background=self.overlapped or self.step > 0, ignore_index=self.ignore_index,
+            reduce=sum_over_processes)
         self.prototypes.copy_(protos)
         self.prototype_counts.copy_(counts)
 
     def compute_losses(self, out: dict, old: dict | None, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         losses = super().compute_losses(out, old, targets)
-        feats = out['body'][-1]
+        feats = out['body'][-1].float()  # the latent losses in fp32 under autocast too
         zero = feats.new_zeros(())
         labels_down = downsample_labels(targets, feats.shape[-2:])
         incremental = self.step > 0

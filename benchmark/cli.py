@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
 DEFAULT_RESULTS = 'results'
+FORMATS = ('md', 'csv', 'latex')
 
 
 def cmd_list(args) -> None:
@@ -27,7 +29,7 @@ def cmd_splits(args) -> None:
     from .io import atomic_write_json
     from .protocols import load_protocol
     from .splits import index_dataset, protocol_splits, resolve_data_root
-    protocol = load_protocol(args.protocol)
+    protocol = load_protocol(args.protocol).with_class_order(args.seed)
     root = resolve_data_root(protocol.dataset, args.data_root)
     index = index_dataset(protocol.dataset, root)
     steps = protocol_splits(protocol, index)
@@ -50,28 +52,112 @@ def cmd_make_synth(args) -> None:
 
 
 def cmd_run(args) -> None:
+    from .distributed import is_main_process, start_from_env
     from .methods import method_names
     from .protocols import load_protocol
     from .runner import load_config, run_protocol
-    from .tables import format_comparison, format_step_table
-    load_protocol(args.protocol)  # every input checked before the first step trains
-    load_config(args.config, args.epochs)
+    from .tables import format_step_table
+    start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
+    protocol = load_protocol(args.protocol).name  # every input checked before the first step trains
+    load_config(args.config, args.epochs, compile=args.compile, fp32=args.fp32)
     methods = method_names(args.method)
-    for method in methods:
-        results = run_protocol(args.protocol, method, config=args.config, data_root=args.data_root,
-                               epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
-                               run_name=args.run_name, seed=args.seed, overwrite=args.overwrite,
-                               resume=args.resume, deterministic=args.deterministic,
-                               keep_epoch_checkpoints=args.keep_epoch_checkpoints,
-                               step0_cache=not args.no_step0_cache)
-        print(format_step_table(args.protocol, method, results))
-    if len(methods) > 1:
-        print(format_comparison(args.results, args.protocol))
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    for seed in seeds:
+        run_name = args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name)
+        for method in methods:
+            results = run_protocol(args.protocol, method, config=args.config, data_root=args.data_root,
+                                   epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
+                                   run_name=run_name, seed=seed, overwrite=args.overwrite,
+                                   resume=args.resume, deterministic=args.deterministic,
+                                   keep_epoch_checkpoints=args.keep_epoch_checkpoints,
+                                   step0_cache=not args.no_step0_cache,
+                                   compile=args.compile, fp32=args.fp32)
+            print(format_step_table(protocol, method, results))
+    if (len(methods) > 1 or len(seeds) > 1) and is_main_process():  # rank 0 reads the store
+        print(render_table(args.results, protocol, 'md'))
+
+
+def cmd_bench(args) -> None:
+    from .bench import run_bench
+    run_bench(config=args.config, size=args.size, data_root=args.data_root, batch=args.batch,
+              iters=args.iters, warmup=args.warmup, workers=args.workers, compile=args.compile)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(',') if s.strip()]
+    except ValueError:
+        raise UserError(f'--seeds: expected comma-separated integers, got {text!r}') from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f'--seeds: expected distinct non-negative integers, got {text!r}')
+    return seeds
+
+
+def _patterns(text: str | None) -> list[str] | None:
+    return [p.strip() for p in text.split(',') if p.strip()] if text else None
+
+
+def render_table(results: str, protocol: str, fmt: str, kind: str = 'leaderboard',
+                 run: str | None = None, config: str | None = None) -> str:
+    from .store import open_store
+    from .tables import TABLES, render
+    store = open_store(results)
+    return render(TABLES[kind](store, protocol, _patterns(run), config), fmt)
 
 
 def cmd_table(args) -> None:
-    from .tables import format_comparison
-    print(format_comparison(args.results, args.protocol))
+    from .store import open_store
+    from .tables import write_all_tables
+    if args.all:
+        out = Path(args.out or Path(args.results) / 'tables')
+        written = write_all_tables(open_store(args.results), out, _patterns(args.run), args.config)
+        if not written:
+            raise UserError(f'{args.results}: no complete run stored; nothing to tabulate')
+        print(f'wrote {len(written)} files to {out}/')
+        return
+    if not args.protocol:
+        raise UserError('table: give --protocol P, or --all for every protocol')
+    kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
+    text = render_table(args.results, stored_protocol_name(args.protocol), args.format, kind,
+                        args.run, args.config)
+    if args.out:
+        from .io import atomic_write_text
+        atomic_write_text(args.out, text)
+        print(f'wrote {args.out}')
+    else:
+        print(text, end='')
+
+
+def cmd_plot(args) -> None:
+    from .plots import write_protocol_plots
+    from .store import open_store, select_runs
+    if not args.all and not args.protocol:
+        raise UserError('plot: give --protocol P, or --all for every protocol')
+    store = open_store(args.results)
+    protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol)]
+    out = Path(args.out or Path(args.results) / 'tables')
+    written = []
+    for protocol in protocols:
+        rows = select_runs(store, protocol, _patterns(args.run), args.config)
+        if rows:
+            written += write_protocol_plots(protocol, rows, out)
+    if not written:
+        chosen = ' matching --run/--config' if args.run or args.config else ''
+        raise UserError(f'{args.results}: no complete run{chosen} stored for '
+                        f'{", ".join(protocols) or "any protocol"}')
+    for skipped in store.skipped:
+        if skipped.path.split('/')[0] in protocols:
+            print(f'cssbench: skipped {skipped.path}: {skipped.reason}', file=sys.stderr)
+    for path in written:
+        print(f'wrote {path}')
+
+
+def stored_protocol_name(text: str) -> str:
+    """Results are stored under the protocol's name; a protocol file's path gives its name."""
+    if text.endswith(('.yaml', '.yml')):
+        from .protocols import load_protocol
+        return load_protocol(text).name
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--protocol', required=True)
     p.add_argument('--data-root', help='dataset folder (default for synth-*: the generated one)')
     p.add_argument('--out', help='write the per-step lists to this JSON file')
+    p.add_argument('--seed', type=int, default=0,
+                   help="the run seed, which draws a random class order (class_order: random)")
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser('make-synth', help='generate the synthetic dataset in the VOC layout')
@@ -92,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--n-train', type=int, default=2000)
     p.add_argument('--n-val', type=int, default=300)
     p.add_argument('--size', type=int, default=64, help='image side in pixels (512 for GPU work)')
-    p.add_argument('--seed', type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument('--seed', type=int, default=0)
+    seeds.add_argument('--seeds', help='several seeds, e.g. 0,1,2: each one run in turn')
     p.add_argument('--workers', type=int, default=1)
     p.set_defaults(func=cmd_make_synth)
 
@@ -103,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--config', default='small', help='small | deeplabv3-r101 | path to a config .py')
     p.add_argument('--data-root')
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's)")
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--run-name', help='default: <config>-seed<seed>')
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument('--seed', type=int, default=0)
+    seeds.add_argument('--seeds', help='several seeds, e.g. 0,1,2: each one run in turn')
+    p.add_argument('--run-name', help='default: <config>-seed<seed> (with --seeds: <name>-seed<seed>)')
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--work-dir', help='checkpoints and logs (default: <run folder>/work)')
     p.add_argument('--overwrite', action='store_true', help='replace a stored run of the same name')
@@ -117,12 +209,49 @@ def build_parser() -> argparse.ArgumentParser:
                         'config and seed exists (methods whose step 0 is fine-tuning share it)')
     p.add_argument('--keep-epoch-checkpoints', action='store_true',
                    help="keep each step's last epoch checkpoints (default: only its weights)")
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the backbone and the head (first iterations slower)')
+    p.add_argument('--fp32', action='store_true',
+                   help="the reference code's regime: fp32, no channels_last, no cudnn benchmark "
+                        "(default on GPU: bf16 autocast, channels_last, cudnn benchmark)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser('table', help='methods side by side after the last step, from stored results')
-    p.add_argument('--protocol', required=True)
+    p = sub.add_parser('bench', help='training and evaluation throughput, fp32 eager vs the fast '
+                                     'path, and the projected time of voc-15-1-overlap')
+    p.add_argument('--config', help='default: deeplabv3-r101 on GPU, small on CPU')
+    p.add_argument('--size', type=int,
+                   help='side of the synthetic images (default: 512 on GPU, 64 on CPU)')
+    p.add_argument('--data-root', help='a VOC-layout dataset to read instead of the synthetic one')
+    p.add_argument('--batch', type=int, help="training batch (default: the config's)")
+    p.add_argument('--iters', type=int, default=20, help='timed training iterations per case')
+    p.add_argument('--warmup', type=int, default=5, help='untimed iterations before them')
+    p.add_argument('--workers', type=int, help="loader workers (default: the config's)")
+    p.add_argument('--compile', action='store_true', help='torch.compile in the fast path')
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser('table', help='methods side by side, from the results store')
+    p.add_argument('--protocol')
+    p.add_argument('--all', action='store_true',
+                   help="write every protocol's tables, in every format, to <results>/tables/")
+    p.add_argument('--format', choices=FORMATS, default='md')
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument('--per-step', action='store_true', help='old / new / all after every step')
+    kind.add_argument('--per-class', action='store_true', help='forgetting of every old class')
+    p.add_argument('--run', help='use the runs of these names (comma-separated, globs allowed) '
+                                 'instead of the latest run of each seed')
+    p.add_argument('--config', help='only runs of this config name')
     p.add_argument('--results', default=DEFAULT_RESULTS)
+    p.add_argument('--out', help='write to this file (with --all: this folder)')
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser('plot', help='mIoU-by-step and per-class IoU figures (PNG)')
+    p.add_argument('--protocol')
+    p.add_argument('--all', action='store_true', help='every protocol with results')
+    p.add_argument('--run', help='as for table')
+    p.add_argument('--config', help='only runs of this config name')
+    p.add_argument('--results', default=DEFAULT_RESULTS)
+    p.add_argument('--out', help='folder for the PNGs (default: <results>/tables)')
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

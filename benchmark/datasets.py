@@ -196,8 +196,9 @@ class IncrementalSegDataset(Dataset):
     ``transform(image, mask, generator)`` returns the pair transformed. An item is fetched by
     index or by ``(epoch, index)`` (see ``EpochKeyedSampler``); the augmentation's random
     stream is seeded from ``(seed, epoch, index)``, so it is the same in any loader worker
-    and after a resume. Items are ``dict(inputs=uint8 CxHxW, data_samples=int64 HxW)``: the
-    model's data preprocessor normalises on the device, so only bytes cross the loader.
+    and after a resume. Items are ``dict(inputs=uint8 CxHxW, data_samples=uint8 HxW)``: the
+    model's data preprocessor normalises the image and widens the mask on the device, so
+    only bytes cross the loader.
     """
 
     def __init__(self, samples: list[Sample], lut: np.ndarray, transform: Callable | None = None,
@@ -223,4 +224,4 @@ class IncrementalSegDataset(Dataset):
         mask_t = torch.from_numpy(self.lut[mask])
         if self.transform is not None:
             image_t, mask_t = self.transform(image_t, mask_t, sample_generator(self.seed, epoch, index))
-        return dict(inputs=image_t, data_samples=mask_t.long())
+        return dict(inputs=image_t, data_samples=mask_t)

@@ -1,4 +1,5 @@
-"""Runner pieces: a compact console progress line, and per-epoch seeding for exact resumes."""
+"""Runner pieces: loss logging without host syncs, a compact console progress line, and
+per-epoch seeding for exact resumes."""
 from __future__ import annotations
 
 import datetime
@@ -7,16 +8,56 @@ import time
 import numpy as np
 import torch
 from mmengine.dataset import DefaultSampler
-from mmengine.hooks import Hook
+from mmengine.hooks import Hook, RuntimeInfoHook
 
+from .distributed import rank, world_size
 from .registry import DATA_SAMPLERS, HOOKS
+
+
+@HOOKS.register_module()
+class AveragedRuntimeInfoHook(RuntimeInfoHook):
+    """mmengine's RuntimeInfoHook, but the losses reach the message hub as their mean over
+    the last ``interval`` iterations (and over the tail of each epoch), not one by one.
+
+    mmengine's hook turns every loss into a Python float each iteration, which waits for
+    the GPU to finish the step. Here the losses are summed on the device and read back once
+    per interval, when the LoggerHook and the StepProgressHook (set to multiples of the
+    interval) read them.
+    """
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def before_train_epoch(self, runner) -> None:
+        super().before_train_epoch(runner)
+        self._sums, self._count = {}, 0
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        for key, value in (outputs or {}).items():
+            value = value.detach().double()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._count += 1
+        if (batch_idx + 1) % self.interval == 0 or batch_idx + 1 == len(runner.train_dataloader):
+            self._publish(runner)
+
+    def _publish(self, runner) -> None:
+        if not self._sums:
+            return
+        keys = list(self._sums)
+        means = (torch.stack([self._sums[k] for k in keys]) / self._count).tolist()  # one sync
+        for key, mean in zip(keys, means):
+            runner.message_hub.update_scalar(f'train/{key}', mean)
+        self._sums, self._count = {}, 0
 
 
 @HOOKS.register_module()
 class StepProgressHook(Hook):
     """Prints every ``interval`` iterations and at the end of each epoch.
 
-    Reads the loss from the values mmengine already logs, so it adds no device sync.
+    Reads the loss from the message hub (the mean since the last print, see
+    ``AveragedRuntimeInfoHook``), so it adds no device sync. Rank 0 prints for every process.
     """
 
     priority = 'BELOW_NORMAL'
@@ -31,7 +72,8 @@ class StepProgressHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         iters_per_epoch = len(runner.train_dataloader)
-        if (batch_idx + 1) % self.interval and batch_idx + 1 != iters_per_epoch:
+        at_print = (batch_idx + 1) % self.interval == 0 or batch_idx + 1 == iters_per_epoch
+        if not at_print or rank() != 0:
             return
         done = runner.iter + 1 - self._start_iter
         remaining = runner.max_iters - runner.iter - 1
@@ -48,7 +90,8 @@ class EpochSeedHook(Hook):
     """Re-seeds torch's global generator from (seed, epoch) before each training epoch.
 
     Dropout and other in-model randomness then depend on the epoch alone, so a run resumed
-    from an epoch checkpoint continues exactly as the uninterrupted run would have.
+    from an epoch checkpoint continues exactly as the uninterrupted run would have. Under
+    several processes each seeds from (seed, epoch, rank): their dropout masks differ.
     """
 
     priority = 'VERY_HIGH'
@@ -57,7 +100,8 @@ class EpochSeedHook(Hook):
         self.seed = seed
 
     def before_train_epoch(self, runner) -> None:
-        state = np.random.SeedSequence([self.seed, runner.epoch]).generate_state(1)[0]
+        keys = [self.seed, runner.epoch] + ([rank()] if world_size() > 1 else [])
+        state = np.random.SeedSequence(keys).generate_state(1)[0]
         torch.manual_seed(int(state))
 
 

@@ -61,17 +61,27 @@ class IncrementalIoUMetric(BaseMetric):
 
     ``class_ids[i]`` is the class id of channel i; results are keyed by class id:
     ``{'mIoU': m, 'IoU.<id>': iou, ...}`` with NaN for classes absent from the ground truth.
+
+    The matrix is summed on the device and read back once, at ``evaluate``; each process
+    contributes its own matrix, and rank 0 sums them (mmengine's ``collect_results``).
     """
 
     def __init__(self, class_ids: list[int], ignore_index: int = IGNORE_INDEX, **kwargs) -> None:
         super().__init__(**kwargs)
         self.class_ids = list(class_ids)
         self.ignore_index = ignore_index
+        self._cm: torch.Tensor | None = None
 
     def process(self, data_batch, data_samples) -> None:
         for output in data_samples:
             cm = confusion_matrix(output['pred'], output['gt'], len(self.class_ids), self.ignore_index)
-            self.results.append(cm.cpu().numpy())
+            self._cm = cm if self._cm is None else self._cm + cm
+
+    def evaluate(self, size: int) -> dict:
+        if self._cm is not None:
+            self.results.append(self._cm.cpu().numpy())
+            self._cm = None
+        return super().evaluate(size)
 
     def compute_metrics(self, results: list) -> dict[str, float]:
         cm = np.sum(results, axis=0)

@@ -25,10 +25,15 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 @MODELS.register_module()
 class SegDataPreprocessor(BaseDataPreprocessor):
-    """Moves a uint8 batch to the device, then normalises it there (cheaper than on the host)."""
+    """Moves a uint8 batch (images and masks) to the device, then normalises the images and
+    widens the masks to int64 there: only bytes cross the loader and the bus.
+
+    The copy does not block the host (the loader's pinned batches are fresh each time, so
+    nothing overwrites them while the copy is in flight).
+    """
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False) -> None:
-        super().__init__()
+        super().__init__(non_blocking=True)
         self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.channels_last = channels_last
@@ -38,7 +43,8 @@ class SegDataPreprocessor(BaseDataPreprocessor):
         inputs = (data['inputs'].float() - self.mean) / self.std
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return dict(inputs=inputs, data_samples=data.get('data_samples'))
+        targets = data.get('data_samples')
+        return dict(inputs=inputs, data_samples=None if targets is None else targets.long())
 
 
 @MODELS.register_module()
@@ -132,6 +138,12 @@ class ASPPHead(nn.Module):
         return self.project(x)
 
 
+def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """Logits at the input size, in fp32: under bf16 autocast the losses, the distillation
+    and the argmax see full-precision logits (a no-op cast in fp32 runs)."""
+    return F.interpolate(logits.float(), size=size, mode='bilinear', align_corners=False)
+
+
 @MODELS.register_module()
 class IncrementalSegmentor(BaseModel):
     """Backbone + head + one classifier per step; trained with plain cross-entropy (fine-tuning).
@@ -210,7 +222,7 @@ class IncrementalSegmentor(BaseModel):
     def encode_decode(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.extract(inputs)
         logits = self.classify(out['features'])
-        out['logits'] = F.interpolate(logits, size=inputs.shape[-2:], mode='bilinear', align_corners=False)
+        out['logits'] = upsample_logits(logits, inputs.shape[-2:])
         return out
 
     def forward(self, inputs: torch.Tensor, data_samples: torch.Tensor | None = None,

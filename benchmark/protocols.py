@@ -10,15 +10,21 @@ A protocol file names its dataset, its image-filtering mode and its steps::
 A step is a list of class ids and "a-b" ranges (inclusive), or a single such item. Step 0
 holds the background class 0, as in the reference code's ``tasks.py``; the steps together
 cover every class id of the dataset exactly once.
+
+``class_order: random`` (PLOP's random class orderings) keeps the steps' sizes but draws which
+classes each step holds: a permutation of the non-background classes, seeded by
+``class_order_seed`` if the file sets one, else by the run's seed (so ``--seeds 0,1,2`` runs
+three orders, which the tables aggregate).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from .datasets_info import DATASET_INFO
@@ -26,6 +32,7 @@ from .errors import UserError
 
 PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / 'protocols'
 MODES = ('overlap', 'disjoint')
+CLASS_ORDERS = ('fixed', 'random')  # in a file; a run's protocol with a drawn order says 'drawn'
 TRAIN_IGNORE_CHOICES = ('ignore', 'background')
 
 
@@ -44,6 +51,9 @@ class Protocol:
     # masking_value`, 0 in training) trains it as background: that is the default. PLOP
     # keeps it ignored: 'ignore'. Evaluation always ignores it.
     train_ignore: str = 'background'
+    # The file's ``class_order``: fixed | random; 'drawn' once a random order is resolved.
+    ordering: str = 'fixed'
+    ordering_seed: int | None = None
     description: str = ''
     source: Path | None = field(default=None, compare=False)
 
@@ -73,13 +83,30 @@ class Protocol:
 
     def joint(self) -> 'Protocol':
         """The offline upper bound: every class of this protocol in a single step."""
-        return Protocol(name=self.name, dataset=self.dataset, mode=self.mode,
-                        steps=(tuple(sorted(self.classes_seen(self.num_steps - 1))),),
-                        train_ignore=self.train_ignore, source=self.source)
+        return replace(self, steps=(tuple(sorted(self.classes_seen(self.num_steps - 1))),),
+                       description='')
+
+    def with_class_order(self, run_seed: int) -> 'Protocol':
+        """The protocol a run with ``run_seed`` trains: itself, unless its class order is
+        random; then the same step sizes holding a permutation of the non-background classes,
+        drawn from ``class_order_seed`` (or ``run_seed``). Background stays in step 0."""
+        if self.ordering != 'random':
+            return self
+        seed = run_seed if self.ordering_seed is None else self.ordering_seed
+        classes = np.random.default_rng(seed).permutation(sorted(set(self.class_order) - {0}))
+        sizes = [len(s) for s in self.steps]
+        sizes[0] -= 1  # background stays in step 0
+        bounds = np.cumsum([0, *sizes])
+        steps = [tuple(sorted(int(c) for c in classes[a:b])) for a, b in zip(bounds, bounds[1:])]
+        steps[0] = (0, *steps[0])
+        return replace(self, steps=tuple(steps), ordering='drawn', ordering_seed=seed)
 
     def to_dict(self) -> dict:
-        return dict(name=self.name, dataset=self.dataset, mode=self.mode,
-                    steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)
+        d = dict(name=self.name, dataset=self.dataset, mode=self.mode,
+                 steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)
+        if self.ordering != 'fixed':  # fixed-order dicts (and fingerprints) stay as they were
+            d.update(class_order=self.ordering, class_order_seed=self.ordering_seed)
+        return d
 
     @cached_property
     def fingerprint(self) -> str:
@@ -114,7 +141,8 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     for key in ('name', 'dataset', 'mode', 'steps'):
         if key not in data:
             raise ProtocolError(f'{src}: field {key!r} is missing')
-    unknown = set(data) - {'name', 'dataset', 'mode', 'steps', 'train_ignore', 'description'}
+    unknown = set(data) - {'name', 'dataset', 'mode', 'steps', 'train_ignore', 'description',
+                           'class_order', 'class_order_seed'}
     if unknown:
         raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
     dataset = data['dataset']
@@ -128,6 +156,16 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     if train_ignore not in TRAIN_IGNORE_CHOICES:
         raise ProtocolError(f'{src}: field train_ignore: {train_ignore!r} is not one of '
                             f'{TRAIN_IGNORE_CHOICES}')
+    class_order = data.get('class_order', 'fixed')
+    if class_order not in CLASS_ORDERS:
+        raise ProtocolError(f'{src}: field class_order: {class_order!r} is not one of {CLASS_ORDERS}')
+    order_seed = data.get('class_order_seed')
+    if order_seed is not None and (isinstance(order_seed, bool) or not isinstance(order_seed, int)
+                                   or order_seed < 0):
+        raise ProtocolError(f'{src}: field class_order_seed: expected a non-negative integer, '
+                            f'got {order_seed!r}')
+    if order_seed is not None and class_order != 'random':
+        raise ProtocolError(f'{src}: field class_order_seed: only with class_order: random')
     raw_steps = data['steps']
     if not isinstance(raw_steps, list) or not raw_steps:
         raise ProtocolError(f'{src}: field steps: expected a non-empty list of steps')
@@ -158,7 +196,8 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
         raise ProtocolError(f'{src}: field steps: {noun} {shown} of dataset {dataset!r} in no '
                             f'step (the steps must cover 0..{num_classes - 1})')
     return Protocol(name=str(data['name']), dataset=dataset, mode=mode, steps=tuple(steps),
-                    train_ignore=train_ignore, description=str(data.get('description', '')),
+                    train_ignore=train_ignore, ordering=class_order, ordering_seed=order_seed,
+                    description=str(data.get('description', '')),
                     source=Path(source) if source != '<protocol>' else None)
 
 

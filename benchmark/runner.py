@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import MMLogger
+from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner, set_random_seed
 
@@ -39,13 +40,18 @@ from . import __version__
 from . import hooks  # noqa: F401  (registers the hooks and the sampler)
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
 from .datasets_info import DATASET_INFO
+from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
+                          world_size)
 from .errors import UserError
 from .io import atomic_copy, atomic_write_json, atomic_write_text, cache_dir
 from .methods import Method, get_method
 from .metrics import summarize_step
 from .protocols import Protocol, load_protocol
 from .registry import MODELS
+from .speed import (effective_speed, optim_wrapper_config, prepare_model, resolve_speed,
+                    training_device, val_loop_config)
 from .splits import index_dataset, protocol_splits, resolve_data_root, select
+from .store import open_store
 from .tables import format_step_table, steps_to_csv
 from .transforms import EvalTransform, TrainTransform
 
@@ -54,7 +60,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_MARKER = 'cssbench-work.json'  # names the run whose checkpoints a work dir holds
 
 
-def load_config(name_or_path: str, epochs: int | None = None) -> Config:
+def load_config(name_or_path: str, epochs: int | None = None, *, compile: bool = False,
+                fp32: bool = False) -> Config:
+    """A config by name or path; ``cfg.speed`` is its speed section completed with the
+    defaults and the run flags (``--compile``, ``--fp32``: see ``speed.py``)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIGS_DIR / f'{name_or_path.replace("-", "_")}.py'
@@ -66,6 +75,7 @@ def load_config(name_or_path: str, epochs: int | None = None) -> Config:
         if epochs < 1:
             raise UserError(f'--epochs must be at least 1, got {epochs}')
         cfg.schedule.epochs = epochs
+    cfg.speed = resolve_speed(cfg.get('speed'), cfg.filename, compile=compile, fp32=fp32)
     return cfg
 
 
@@ -148,12 +158,23 @@ def load_previous_weights(model, state: dict, source: Path) -> None:
     model.load_state_dict({k: (own[k] if k in grown else v) for k, v in state.items()}, strict=False)
 
 
+def attach_previous_step(model, teacher, previous: dict, source: Path) -> None:
+    """Make ``model`` step t's: step t-1's weights (``previous``) loaded but for the new
+    classifier, step t-1's model (``teacher``, given those weights) attached frozen, the new
+    classifier initialised by the method."""
+    load_previous_weights(model, previous, source)
+    teacher.load_state_dict(previous)
+    model.set_teacher(teacher)
+    model.init_new_classifier()
+
+
 def save_weights(model, path: Path) -> None:
     tmp = path.with_name(f'.{path.name}.tmp')
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
 
 
+@decided_by_main
 def repair_last_checkpoint(work_dir: Path) -> bool:
     """Point mmengine's ``last_checkpoint`` at the newest complete epoch checkpoint.
 
@@ -176,43 +197,84 @@ def repair_last_checkpoint(work_dir: Path) -> bool:
     return True
 
 
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """A config's batch size is the total over the processes; each takes an equal share."""
+    if batch_size % processes:
+        raise UserError(f'batch size {batch_size} does not split evenly over {processes} '
+                        f'processes: set data.batch_size to a multiple of {processes}')
+    return batch_size // processes
+
+
+def loader_settings(data: ConfigDict, batch_size: int) -> dict:
+    """A step's DataLoader settings (``cssbench bench`` measures the same loader)."""
+    return dict(batch_size=batch_size, num_workers=data.num_workers,
+                persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def sgd_config(schedule: ConfigDict, lr: float) -> dict:
+    return dict(type='SGD', lr=lr, momentum=schedule.momentum, nesterov=schedule.nesterov,
+                weight_decay=schedule.weight_decay)
+
+
+def distribute(model):
+    """The model as each process trains it: with several processes, DDP, with SyncBN on CUDA
+    (gloo has none: on CPU each process normalises with its own batch statistics)."""
+    if world_size() == 1:
+        return model
+    on_cuda = training_device() == 'cuda'
+    if on_cuda:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Buffers are not broadcast: SyncBN keeps BN's statistics equal, and methods sum their
+    # data-derived state over the processes themselves (SDR's prototypes, PLOP's thresholds).
+    return MMDistributedDataParallel(module=model, broadcast_buffers=False,
+                                     device_ids=[torch.cuda.current_device()] if on_cuda else None)
+
+
 def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step_seed: int,
                          metric_cfg: dict, progress_prefix: str, lr: float,
                          deterministic: bool, resume: bool) -> Runner:
     sched, data = cfg.schedule, cfg.data
+    speed, processes = effective_speed(cfg), world_size()
     epochs = sched.epochs
     iters_per_epoch = max(1, len(train_set) // data.batch_size)
-    loader = dict(batch_size=data.batch_size, num_workers=data.num_workers,
-                  persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available(),
+    # The losses reach the message hub averaged over this many iterations (one host sync
+    # each); the logger and the console line print at multiples of it.
+    log_interval = max(1, iters_per_epoch // 4)
+    loader = dict(loader_settings(data, per_process_batch(data.batch_size, processes)),
                   collate_fn=dict(type='default_collate'))
     return Runner(
-        model=model,
+        model=distribute(model),
         work_dir=str(work_dir),
         experiment_name=work_dir.name,
         train_dataloader=dict(loader, dataset=train_set, drop_last=True,
                               sampler=dict(type='cssbench.EpochKeyedSampler', shuffle=True)),
-        val_dataloader=dict(loader, dataset=val_set, batch_size=data.eval_batch_size,
-                            sampler=dict(type='DefaultSampler', shuffle=False)),
+        # Not padded to a multiple of the processes: each val image is scored exactly once.
+        val_dataloader=dict(loader, dataset=val_set, batch_size=max(1, data.eval_batch_size // processes),
+                            sampler=dict(type='DefaultSampler', shuffle=False, round_up=False)),
         val_evaluator=metric_cfg,
         # Evaluated once, after the last epoch, by the caller (never used to select a checkpoint).
         train_cfg=dict(by_epoch=True, max_epochs=epochs, val_begin=epochs + 1),
-        val_cfg=dict(),
-        optim_wrapper=dict(optimizer=dict(
-            type='SGD', lr=lr, momentum=sched.momentum, nesterov=sched.nesterov,
-            weight_decay=sched.weight_decay)),
+        val_cfg=val_loop_config(speed),
+        optim_wrapper=optim_wrapper_config(speed, sgd_config(sched, lr)),
         param_scheduler=[dict(type='PolyLR', power=sched.poly_power, eta_min=0.0, by_epoch=True,
                               begin=0, end=epochs, convert_to_iter_based=True)],
         default_hooks=dict(
+            runtime_info=dict(type='cssbench.AveragedRuntimeInfoHook', interval=log_interval),
             # Two kept: mmengine deletes the older one before it writes the newer.
             checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2),
-            logger=dict(type='LoggerHook', interval=max(1, iters_per_epoch // 4)),
+            logger=dict(type='LoggerHook', interval=log_interval),
             progress=dict(type='cssbench.StepProgressHook', prefix=progress_prefix,
-                          interval=max(1, iters_per_epoch // 2)),
+                          interval=2 * log_interval),
             timer=dict(type='IterTimerHook'),
             param_scheduler=dict(type='ParamSchedulerHook'),
             sampler_seed=dict(type='DistSamplerSeedHook'),
         ),
+        # The losses arrive averaged already: the log shows them as they are (no 'loss' in
+        # the smoothing pattern); the timings are smoothed over the logging interval.
+        log_processor=dict(window_size=log_interval, mean_pattern=r'.*(time|data_time|grad_norm).*'),
         custom_hooks=[dict(type='cssbench.EpochSeedHook', seed=step_seed)],
+        env_cfg=dict(cudnn_benchmark=speed.cudnn_benchmark),
+        launcher='pytorch' if processes > 1 else 'none',
         randomness=dict(seed=step_seed, deterministic=deterministic),
         resume=resume,
         default_scope='cssbench',
@@ -251,13 +313,19 @@ class _DropDeprecationNotes(logging.Filter):
 
 
 def _config_digest(cfg: Config) -> str:
-    text = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    """What the config computes; its speed section (how fast) is left out."""
+    text = json.dumps({k: v for k, v in cfg.to_dict().items() if k != 'speed'},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
 def _exclusive(run_dir: Path):
-    """Holds a lock on the run folder: a second process on the same run is refused."""
+    """Holds a lock on the run folder: a second process on the same run is refused. Under
+    torchrun rank 0 holds it for all the run's processes."""
+    if not is_main_process():
+        yield
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / '.lock', 'w') as lock:
         try:
@@ -288,14 +356,17 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
                  run_name: str | None = None, seed: int = 0, overwrite: bool = False,
                  resume: bool = False, deterministic: bool = False,
                  keep_epoch_checkpoints: bool = False, step0_cache: bool = True,
+                 compile: bool = False, fp32: bool = False,
                  progress: bool = True, log=print) -> list[dict]:
     """Train and evaluate every step; returns the per-step metrics (also written to disk).
 
     Re-running the same call continues a run that stopped; ``resume=True`` insists on it.
+    ``compile`` and ``fp32`` are the run flags of the speed settings (``speed.py``). Under
+    torchrun (``distributed.start_from_env()`` first) every process calls it; rank 0 writes.
     """
-    protocol = load_protocol(protocol_name)
+    protocol = load_protocol(protocol_name).with_class_order(seed)
     method = get_method(method_name)
-    cfg = load_config(config, epochs)
+    cfg = load_config(config, epochs, compile=compile, fp32=fp32)
     run_name = run_name or f'{Path(config).stem.replace("_", "-")}-seed{seed}'
     results_dir = Path(results_root) / protocol.name / method.name / run_name
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
@@ -310,13 +381,17 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
                                  deterministic, keep_epoch_checkpoints, log,
                                  step0_key=step0_key if t == 0 else None)
                         for t in range(len(record['splits']))]
+        if not is_main_process():
+            return step_results  # rank 0 writes the run's files
         write_run_tables(results_dir, step_results)
         record['run'].update(status='complete', wall_time_s=round(time.time() - started, 1),
                              finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
         atomic_write_json(results_dir / 'run.json', record['run'])
+    open_store(results_root)  # brings the results index up to date
     return step_results
 
 
+@decided_by_main
 def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run_name: str,
                seed: int, deterministic: bool, data_root: str | None, paths: RunPaths,
                overwrite: bool, resume: bool, progress: bool) -> dict:
@@ -354,10 +429,22 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                deterministic=deterministic, config_name=config, config=cfg.to_dict(),
                config_digest=_config_digest(cfg), data_root=str(root),
                dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
-               environment=environment(), status='running',
+               environment=environment(), speed=speed_record(cfg), status='running',
                started=time.strftime('%Y-%m-%dT%H:%M:%S'))
     atomic_write_json(run_file, run)
     return dict(run=run, splits=splits)
+
+
+def speed_record(cfg: Config) -> dict:
+    """How this run trains, for its record: the speed settings in effect on this machine,
+    the number of processes (torchrun), the batch each takes, and whether BN statistics
+    are synchronised across them."""
+    speed, processes, device = effective_speed(cfg), world_size(), training_device()
+    return dict(device=device, amp=speed.amp or 'float32', channels_last=speed.channels_last,
+                cudnn_benchmark=speed.cudnn_benchmark, compile=speed.compile,
+                world_size=processes,
+                batch_per_process=per_process_batch(cfg.data.batch_size, processes),
+                sync_bn=processes > 1 and device == 'cuda')
 
 
 def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
@@ -368,9 +455,13 @@ def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
                config=_config_digest(cfg),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
+    amp = effective_speed(cfg).amp
+    if amp:  # a step 0 trained under bf16 autocast is not the fp32 one (whose key is unchanged)
+        key['amp'] = amp
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
+@decided_by_main
 def _reuse_cached_step0(key: str, paths: RunPaths) -> dict | None:
     """Copy a cached step-0 model into the run; returns its IoU record, or None if absent."""
     cached = cache_dir('step0', key)
@@ -396,10 +487,10 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     protocol, data, config, seed; a fine-tuning step 0) was trained before by any method.
     """
     tag = f'[{protocol.name}/{method.name}]'
-    metrics_file = paths.step_metrics(t)
-    if metrics_file.exists() and paths.step_weights(t).exists():
+    stored = _stored_step_result(paths, t)
+    if stored is not None:
         log(f'{tag} step {t}: done before, reusing its weights and metrics')
-        return json.loads(metrics_file.read_text())
+        return stored
     steps_protocol = steps_of(protocol, method)
     last = steps_protocol.num_steps - 1
     log(f'{tag} step {t}/{last}: classes {split["classes"][0]}..{split["classes"][-1]}, '
@@ -416,7 +507,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     else:
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
                                       deterministic, info, tag)
-        if step0_key:
+        if step0_key and is_main_process():
             _store_step0(step0_key, paths, iou, round(time.time() - step_start, 1))
     # Joint training's single step is reported in the protocol's columns (old/new/all).
     summary_step = protocol.num_steps - 1 if method.joint else t
@@ -426,13 +517,23 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
                   columns=summarize_step(protocol, summary_step, iou, info.background_scored),
                   wall_time_s=round(time.time() - step_start, 1),
                   step0_cache=step0_key if cached is not None else None)
-    atomic_write_json(metrics_file, result)
-    if not keep_epoch_checkpoints:  # resume needs them no more; the weights stay
-        for f in paths.step_work(t).glob('epoch_*.pth'):
-            f.unlink()
-        (paths.step_work(t) / 'last_checkpoint').unlink(missing_ok=True)
+    if is_main_process():
+        atomic_write_json(paths.step_metrics(t), result)
+        if not keep_epoch_checkpoints:  # resume needs them no more; the weights stay
+            for f in paths.step_work(t).glob('epoch_*.pth'):
+                f.unlink()
+            (paths.step_work(t) / 'last_checkpoint').unlink(missing_ok=True)
+    barrier()  # the other processes load this step's weights, written by rank 0, next
     log(format_step_table(protocol.name, method.name, [result]))
     return result
+
+
+@decided_by_main
+def _stored_step_result(paths: RunPaths, t: int) -> dict | None:
+    """Step t's metrics if the step finished before (its weights and metrics exist)."""
+    if paths.step_metrics(t).exists() and paths.step_weights(t).exists():
+        return json.loads(paths.step_metrics(t).read_text())
+    return None
 
 
 def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
@@ -444,11 +545,9 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     model = build_model(cfg, method.model_type, protocol, t)
     if t > 0:
         previous = torch.load(paths.step_weights(t - 1), map_location='cpu', weights_only=True)
-        load_previous_weights(model, previous, paths.step_weights(t - 1))
-        teacher = build_model(cfg, method.model_type, protocol, t - 1)
-        teacher.load_state_dict(previous)
-        model.set_teacher(teacher)
-        model.init_new_classifier()
+        attach_previous_step(model, build_model(cfg, method.model_type, protocol, t - 1),
+                             previous, paths.step_weights(t - 1))
+    prepare_model(model, effective_speed(cfg), training_device())
 
     crop = cfg.data.crop_size
     train_set = IncrementalSegDataset(split['train_samples'], train_lut(protocol, t),
@@ -456,7 +555,10 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     val_set = IncrementalSegDataset(split['val_samples'], eval_lut(protocol, t, info.background_scored),
                                     EvalTransform(crop), info.classes)
     class_ids = list(protocol.classes_seen(t))
-    metric_cfg = dict(type='cssbench.IncrementalIoUMetric', class_ids=class_ids, prefix='val')
+    # collect_device 'gpu': under DDP the processes' results are gathered with
+    # all_gather_object (gloo included), not through a temporary folder in the cwd.
+    metric_cfg = dict(type='cssbench.IncrementalIoUMetric', class_ids=class_ids, prefix='val',
+                      collect_device='gpu')
     work = paths.step_work(t)
     work.mkdir(parents=True, exist_ok=True)
     resuming = repair_last_checkpoint(work)
@@ -464,14 +566,14 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
                                   progress_prefix=f'{tag} step {t}', lr=cfg.schedule.lr[min(t, 1)],
                                   deterministic=deterministic, resume=resuming)
     runner.logger.addFilter(_DropDeprecationNotes())
-    if model.teacher is not None:
-        model.teacher.to(next(model.parameters()).device)
     model.before_step_training(runner.train_loop.dataloader)
     with _trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
         runner.train()
     model.after_step_training(runner.train_dataloader)
+    broadcast_buffers_from_main(model)
     metrics = runner.val_loop.run()
-    save_weights(model, paths.step_weights(t))
+    if is_main_process():
+        save_weights(model, paths.step_weights(t))
     _release_mmengine_globals(runner)
     return {c: metrics[f'val/IoU.{c}'] for c in class_ids}
 

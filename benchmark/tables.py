@@ -1,20 +1,44 @@
-"""Paper-style tables from stored step metrics (mIoU in percent, one decimal)."""
+"""Paper-style tables from the results store: mIoU in percent, mean ± std over seeds.
+
+Three tables per protocol, each as markdown, CSV or LaTeX:
+
+* the leaderboard: per method, old / new / all mIoU after the last step, the average
+  incremental mIoU (the mean over steps of the all-classes mIoU), the mean forgetting of the
+  old classes and the gap to joint training, beside the published numbers for the same
+  method and setting (``data/paper_tables.csv``) and our difference to them;
+* per step: old / new / all after every step;
+* per class: each old class's forgetting (its best IoU at an earlier step minus its IoU
+  after the last step).
+
+std is the sample standard deviation (n - 1) over the seeds a row aggregates; one run shows
+the mean alone. The best incremental method per column is bold (joint, the upper bound, and
+the published numbers are not ranked; nor is a method alone).
+"""
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from .datasets_info import DATASET_INFO
 from .errors import UserError
+from .metrics import mean_iou, range_label
+from .published import published_cells
+from .store import RowRuns, Store, StoredRun, select_runs
 
 COLUMNS = ('old', 'new', 'all')
+FORMATS = ('md', 'csv', 'latex')
+EXTENSIONS = dict(md='md', csv='csv', latex='tex')
 
 
-def _pct(value) -> float:
+def percent(value) -> float:
     return math.nan if value is None or (isinstance(value, float) and math.isnan(value)) else 100 * value
 
+
+# Per-step records (metrics.json's steps), as the runner prints and stores them.
 
 def step_frame(step_results: list[dict]) -> pd.DataFrame:
     """One row per step: old / new / all mIoU, and the class ranges old and new cover."""
@@ -23,7 +47,7 @@ def step_frame(step_results: list[dict]) -> pd.DataFrame:
         cols = r['columns']
         row = {'step': r['step'], 'old classes': cols['old']['label'],
                'new classes': cols['new']['label']}
-        row.update({name: _pct(cols[name]['mIoU']) for name in COLUMNS})
+        row.update({name: percent(cols[name]['mIoU']) for name in COLUMNS})
         rows.append(row)
     return pd.DataFrame(rows).set_index('step')
 
@@ -39,47 +63,331 @@ def steps_to_csv(step_results: list[dict]) -> str:
         row = {'step': r['step'], 'num_train': r['num_train'], 'num_val': r['num_val']}
         for name in COLUMNS:
             row[f'{name}_classes'] = r['columns'][name]['label']
-            row[f'{name}_mIoU'] = _pct(r['columns'][name]['mIoU'])
-        row.update({f'IoU_{c}': _pct(v) for c, v in r['iou'].items()})
+            row[f'{name}_mIoU'] = percent(r['columns'][name]['mIoU'])
+        row.update({f'IoU_{c}': percent(v) for c, v in r['iou'].items()})
         rows.append(row)
     return pd.DataFrame(rows).to_csv(index=False, float_format='%.2f')
 
 
-def latest_complete_run(method_dir: Path) -> Path | None:
-    """The most recently finished complete run of one method, or None."""
-    runs = []
-    for run_file in method_dir.glob('*/run.json'):
-        try:
-            record = json.loads(run_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if record.get('status') == 'complete' and (run_file.parent / 'metrics.json').exists():
-            runs.append((record.get('finished', ''), run_file.parent))
-    return max(runs)[1] if runs else None
+# Continual-learning metrics of one run (fractions, as stored).
+
+def forgetting_per_class(steps: list[dict]) -> dict[int, float]:
+    """For each class learned before the last step: its best IoU at an earlier step minus its
+    IoU after the last step (Chaudhry et al.'s forgetting; negative if the class improved).
+    Classes not scored after the last step, or at no earlier step, are left out."""
+    if len(steps) < 2:
+        return {}
+    forgetting = {}
+    for c, final in steps[-1]['iou'].items():
+        earlier = [s['iou'][c] for s in steps[:-1] if s['iou'].get(c) is not None]
+        if final is not None and earlier:
+            forgetting[int(c)] = max(earlier) - final
+    return forgetting
 
 
-def comparison_frame(results_root: str | Path, protocol: str) -> pd.DataFrame:
-    """Methods side by side: old / new / all after the last step, from their latest runs."""
-    base = Path(results_root) / protocol
-    if not base.is_dir():
-        raise UserError(f'{base}: no results for protocol {protocol!r}; run `cssbench run` first')
-    rows = []
-    for method_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        run_dir = latest_complete_run(method_dir)
-        if run_dir is None:
-            continue
-        last = json.loads((run_dir / 'metrics.json').read_text())['steps'][-1]
-        row = {'method': method_dir.name, 'run': run_dir.name}
-        for name in COLUMNS:
-            col = last['columns'][name]
-            row[col['label'] if name != 'all' else 'all'] = _pct(col['mIoU'])
-        rows.append(row)
+def average_incremental_miou(steps: list[dict]) -> float:
+    """The mean over steps of the all-classes mIoU after each step (PLOP's 'avg')."""
+    return mean_iou([s['columns']['all']['mIoU'] for s in steps])
+
+
+def run_summary(run: StoredRun) -> dict[str, float]:
+    last = run.steps[-1]['columns']
+    summary = {name: _nan(last[name]['mIoU']) for name in COLUMNS}
+    summary['avg'] = average_incremental_miou(run.steps)
+    summary['forgetting'] = mean_iou(forgetting_per_class(run.steps).values())
+    return summary
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample std (n - 1) of the non-NaN values; std NaN below two values."""
+    v = np.array([x for x in values if not math.isnan(x)], dtype=float)
+    if not v.size:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+
+# Tables: a numeric frame (the CSV) and how to display it (markdown, LaTeX).
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    key: str                    # mean in frame[key], std in frame[key + '_std'] if present
+    best: str | None = None     # 'max' or 'min': bold the best incremental method's mean
+    signed: bool = False        # a difference: printed with its sign
+
+
+@dataclass
+class Table:
+    title: str
+    frame: pd.DataFrame         # percent values; index: the row labels
+    columns: list[Column]
+    index_names: list[str]
+    unranked: set = field(default_factory=set)   # row labels never bold (joint)
+    notes: list[str] = field(default_factory=list)
+
+
+def _row_label(row: RowRuns, several_configs: bool) -> str:
+    return f'{row.method} ({row.config})' if several_configs else row.method
+
+
+def column_labels(rows: list[RowRuns]) -> dict[str, str]:
+    """Old/new headers: the class ranges when every run agrees on them (a fixed class
+    order), else 'old' / 'new' (random class orders)."""
+    labels = {}
+    for name in ('old', 'new'):
+        found = {r.steps[-1]['columns'][name]['label'] for row in rows for r in row.runs}
+        labels[name] = found.pop() if len(found) == 1 else name
+    labels['all'] = 'all'
+    return labels
+
+
+def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
+    rows = select_runs(store, protocol, runs, config)
     if not rows:
-        raise UserError(f'{base}: no complete run stored for protocol {protocol!r}')
-    return pd.DataFrame(rows).set_index('method')
+        chosen = ' matching --run/--config' if runs or config else ''
+        raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; '
+                        f'`cssbench run --protocol {protocol}` makes one')
+    return rows
 
 
-def format_comparison(results_root: str | Path, protocol: str) -> str:
-    frame = comparison_frame(results_root, protocol)
-    return (f'{protocol}: mIoU (%) after the last step\n'
-            + frame.to_string(float_format='{:.1f}'.format, na_rep='-'))
+def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[str]:
+    notes = []
+    for row in rows:
+        used = ', '.join(f'{r.run} (seed {r.seed}, {r.finished}, {r.git_revision[:8]})' for r in row.runs)
+        notes.append(f'{_row_label(row, True)}: {used}')
+        if row.passed_over:
+            notes.append(f'  {len(row.passed_over)} other complete run(s) of the same seeds not '
+                         f'used (older): {", ".join(r.run for r in row.passed_over)}; '
+                         f'--run NAME picks runs by name')
+    for skipped in store.skipped:
+        if skipped.path.split('/')[0] == protocol:
+            notes.append(f'skipped {skipped.path}: {skipped.reason}')
+    return notes
+
+
+def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
+                config: str | None = None) -> Table:
+    """Per method: old / new / all after the last step, avg, forgetting, gap to joint, and the
+    published numbers of the same method and setting."""
+    rows = _rows_or_error(store, protocol, runs, config)
+    several = len({r.config for r in rows}) > 1
+    labels = column_labels(rows)
+    records = []
+    for row in rows:
+        summaries = [run_summary(r) for r in row.runs]
+        record = {'row': _row_label(row, several), 'method': row.method, 'config': row.config,
+                  'seeds': len(row.runs)}
+        for key in (*COLUMNS, 'avg', 'forgetting'):
+            mean, std = mean_std([100 * s[key] for s in summaries])
+            record[key], record[f'{key}_std'] = mean, std
+        records.append(record)
+    frame = pd.DataFrame(records).set_index('row')
+    frame['gap_joint'] = [_joint_all(frame, r['config']) - r['all'] for _, r in frame.iterrows()]
+
+    columns = [Column('seeds', 'seeds'),
+               Column(labels['old'], 'old', 'max'), Column(labels['new'], 'new', 'max'),
+               Column('all', 'all', 'max'), Column('avg', 'avg', 'max'),
+               Column('forgetting', 'forgetting', 'min'), Column('gap to joint', 'gap_joint', 'min')]
+    reference = rows[0].runs[0].protocol
+    notes = []
+    for name in COLUMNS:
+        frame[f'paper_{name}'] = math.nan
+        frame[f'diff_{name}'] = math.nan
+    shown = set()
+    for row in rows:
+        label = _row_label(row, several)
+        for cell in published_cells(reference, row.method):   # exact variant first
+            ours_classes = _column_classes(row.runs[0], cell.column)
+            tag = f'{cell.value:.1f}{"" if cell.exact_variant else "*"} ({cell.source})'
+            slot = f'paper_{cell.column}'
+            if cell.classes in (None, ours_classes) and math.isnan(frame.at[label, slot]):
+                frame.at[label, slot] = cell.value
+                frame.at[label, f'diff_{cell.column}'] = frame.at[label, cell.column] - cell.value
+                shown.add(cell.column)
+                notes.append(f'published {row.method} {labels[cell.column]}: {tag}')
+                continue
+            classes = cell.classes or ours_classes
+            mean, std = mean_std([100 * mean_iou([_nan(r.steps[-1]['iou'].get(str(c)))
+                                                  for c in classes]) for r in row.runs])
+            notes.append(f'also published {row.method} {cell.column} over classes '
+                         f'{range_label(classes)}: {tag}; ours over the same classes '
+                         f'{_pm(mean, std)} ({mean - cell.value:+.1f})')
+    for name in COLUMNS:
+        if name in shown:
+            columns += [Column(f'paper {labels[name]}', f'paper_{name}'),
+                        Column(f'diff {labels[name]}', f'diff_{name}', signed=True)]
+    if not shown and not notes:
+        notes.append(f'no published numbers for this setting in data/paper_tables.csv '
+                     f'(dataset {reference["dataset"]!r})')
+    elif any('*' in n for n in notes):
+        notes.append('* the source does not state whether the setting is overlapped or disjoint')
+    notes += _provenance_notes(store, protocol, rows)
+    return Table(title=f'{protocol}: mIoU (%) after the last step, mean ± std over seeds',
+                 frame=frame, columns=columns, index_names=['method'],
+                 unranked={_row_label(r, several) for r in rows if r.method == 'joint'}, notes=notes)
+
+
+def _joint_all(frame: pd.DataFrame, config: str) -> float:
+    joint = frame[(frame['method'] == 'joint') & (frame['config'] == config)]
+    return float(joint['all'].iloc[0]) if len(joint) else math.nan
+
+
+def _column_classes(run: StoredRun, column: str) -> tuple[int, ...]:
+    """The class ids a column of ``run``'s last step averages (background where scored)."""
+    steps = run.protocol['steps']
+    scored = DATASET_INFO[run.protocol['dataset']].background_scored
+    chosen = dict(old=steps[:1], new=steps[1:], all=steps)[column]
+    return tuple(sorted(c for s in chosen for c in s if scored or c != 0))
+
+
+def per_step(store: Store, protocol: str, runs: list[str] | None = None,
+             config: str | None = None) -> Table:
+    """Per method and step: old / new / all after that step (joint: its single step, shown
+    as the last)."""
+    rows = _rows_or_error(store, protocol, runs, config)
+    several = len({r.config for r in rows}) > 1
+    labels = column_labels(rows)
+    records = []
+    for row in rows:
+        num_steps = len(row.runs[0].steps)
+        last = len(row.runs[0].protocol['steps']) - 1
+        for t in range(num_steps):
+            record = {'row': _row_label(row, several), 'step': last if row.method == 'joint' else t,
+                      'seeds': len(row.runs)}
+            for name in COLUMNS:
+                mean, std = mean_std([percent(r.steps[t]['columns'][name]['mIoU']) for r in row.runs])
+                record[name], record[f'{name}_std'] = mean, std
+            records.append(record)
+    frame = pd.DataFrame(records).set_index(['row', 'step'])
+    columns = [Column('seeds', 'seeds'), Column(labels['old'], 'old'), Column(labels['new'], 'new'),
+               Column('all', 'all')]
+    return Table(title=f'{protocol}: mIoU (%) after each step, mean ± std over seeds', frame=frame,
+                 columns=columns, index_names=['method', 'step'],
+                 notes=_provenance_notes(store, protocol, rows))
+
+
+def per_class_forgetting(store: Store, protocol: str, runs: list[str] | None = None,
+                         config: str | None = None) -> Table:
+    """Per old class and method: its forgetting (best earlier IoU minus final IoU)."""
+    rows = [r for r in _rows_or_error(store, protocol, runs, config) if r.method != 'joint']
+    if not rows:
+        raise UserError(f'protocol {protocol!r}: only joint runs stored; forgetting needs steps')
+    several = len({r.config for r in rows}) > 1
+    per_row = {_row_label(row, several): [forgetting_per_class(r.steps) for r in row.runs]
+               for row in rows}
+    classes = sorted({c for runs_ in per_row.values() for f in runs_ for c in f})
+    names = DATASET_INFO[rows[0].runs[0].protocol['dataset']].classes
+    frame = pd.DataFrame(index=pd.Index([f'{c} {names[c]}' for c in classes], name='class'))
+    columns = []
+    for label, forgettings in per_row.items():
+        stats = [mean_std([100 * f.get(c, math.nan) for f in forgettings]) for c in classes]
+        frame[label] = [m for m, _ in stats]
+        frame[f'{label}_std'] = [s for _, s in stats]
+        columns.append(Column(label, label))
+    return Table(title=f'{protocol}: forgetting per old class (IoU %, best earlier step minus '
+                       f'last), mean ± std over seeds', frame=frame, columns=columns,
+                 index_names=['class'], notes=_provenance_notes(store, protocol, rows))
+
+
+# Rendering.
+
+def _pm(mean: float, std: float, signed: bool = False, latex: bool = False) -> str:
+    if math.isnan(mean):
+        return '-'
+    text = f'{mean:+.1f}' if signed else f'{mean:.1f}'
+    if not math.isnan(std):
+        text += f' $\\pm$ {std:.1f}' if latex else f' ± {std:.1f}'
+    return text
+
+
+def _cells(table: Table, latex: bool) -> list[list[str]]:
+    """The displayed text of every row, best values bold."""
+    frame = table.frame
+    ranked = ~frame.index.get_level_values(0).isin(table.unranked)
+    out = [[str(v) for v in (key if isinstance(key, tuple) else (key,))] for key in frame.index]
+    for column in table.columns:
+        means = frame[column.key].astype(float)
+        stds = frame[f'{column.key}_std'] if f'{column.key}_std' in frame else [math.nan] * len(frame)
+        best = math.nan
+        if column.best and ranked.sum() > 1:   # a lone method is not 'best'
+            best = (means[ranked].max() if column.best == 'max' else means[ranked].min())
+        for i, (mean, std) in enumerate(zip(means, stds)):
+            if column.key == 'seeds':
+                text = '-' if math.isnan(mean) else str(int(mean))
+            else:
+                text = _pm(mean, std, column.signed, latex)
+            if ranked[i] and not math.isnan(best) and round(mean, 1) == round(best, 1):
+                text = f'\\textbf{{{text}}}' if latex else f'**{text}**'
+            out[i].append(text)
+    return out
+
+
+def to_markdown(table: Table) -> str:
+    header = table.index_names + [c.header for c in table.columns]
+    lines = [f'### {table.title}', '', '| ' + ' | '.join(header) + ' |',
+             '|' + '|'.join(['---'] * len(table.index_names) + ['---:'] * len(table.columns)) + '|']
+    lines += ['| ' + ' | '.join(row) + ' |' for row in _cells(table, latex=False)]
+    if table.notes:
+        lines += [''] + [f'- {n}' if not n.startswith('  ') else f'  - {n.strip()}' for n in table.notes]
+    return '\n'.join(lines) + '\n'
+
+
+def _latex_escape(text: str) -> str:
+    for char, escaped in (('\\', '\\textbackslash{}'), ('&', '\\&'), ('%', '\\%'), ('_', '\\_'),
+                          ('#', '\\#'), ('±', '$\\pm$')):
+        text = text.replace(char, escaped)
+    return text
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs tabular, ready to paste (needs ``\\usepackage{booktabs}``)."""
+    header = table.index_names + [c.header for c in table.columns]
+    spec = 'l' * len(table.index_names) + 'r' * len(table.columns)
+    lines = [f'% {_latex_escape(table.title)}']
+    lines += [f'% {_latex_escape(n)}' for n in table.notes]
+    lines += [f'\\begin{{tabular}}{{{spec}}}', '\\toprule',
+              ' & '.join(_latex_escape(h) for h in header) + ' \\\\', '\\midrule']
+    for row in _cells(table, latex=True):
+        keys = [_latex_escape(c) for c in row[:len(table.index_names)]]
+        lines.append(' & '.join(keys + row[len(table.index_names):]) + ' \\\\')
+    lines += ['\\bottomrule', '\\end{tabular}']
+    return '\n'.join(lines) + '\n'
+
+
+def to_csv(table: Table) -> str:
+    frame = table.frame.copy()
+    frame.index.names = table.index_names
+    return frame.to_csv(float_format='%.2f')
+
+
+def render(table: Table, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UserError(f'unknown format {fmt!r} (known: {", ".join(FORMATS)})')
+    return dict(md=to_markdown, csv=to_csv, latex=to_latex)[fmt](table)
+
+
+TABLES = dict(leaderboard=leaderboard, per_step=per_step, per_class=per_class_forgetting)
+
+
+def write_all_tables(store: Store, out_dir: str | Path, runs=None, config=None) -> list[Path]:
+    """Every protocol's tables in every format under ``out_dir``: ``<protocol>.<ext>``,
+    ``<protocol>-per-step.<ext>``, ``<protocol>-per-class.<ext>``."""
+    out_dir = Path(out_dir)
+    from .io import atomic_write_text
+    written = []
+    for protocol in store.protocols():
+        for kind, build in TABLES.items():
+            try:
+                table = build(store, protocol, runs, config)
+            except UserError:
+                continue  # e.g. no run matches the filter, or only joint for per-class
+            suffix = '' if kind == 'leaderboard' else '-' + kind.replace('_', '-')
+            for fmt in FORMATS:
+                path = out_dir / f'{protocol}{suffix}.{EXTENSIONS[fmt]}'
+                atomic_write_text(path, render(table, fmt))
+                written.append(path)
+    return written

@@ -121,12 +121,18 @@ def test_incremental_iou_metric_accumulates() -> None:
     metric.process(None, [dict(pred=PRED, gt=GT)])
     metric.process(None, [dict(pred=torch.tensor([2, 2, 0]), gt=torch.tensor([2, 2, 255]))])
     # summed matrix [[2,1,0],[0,2,1],[1,0,3]]: IoU 2/4, 2/4, 3/5
-    out = metric.compute_metrics(metric.results)
+    out = metric.evaluate(size=2)
     assert set(out) == {'mIoU', 'IoU.0', 'IoU.1', 'IoU.2'}
     assert out['IoU.0'] == pytest.approx(0.5)
     assert out['IoU.1'] == pytest.approx(0.5)
     assert out['IoU.2'] == pytest.approx(0.6)
     assert out['mIoU'] == pytest.approx(1.6 / 3)
+    # evaluate starts the next evaluation from an empty matrix
+    second = dict(pred=torch.tensor([2, 2, 0]), gt=torch.tensor([2, 2, 255]))
+    metric.process(None, [second])
+    alone = IncrementalIoUMetric(class_ids=[0, 1, 2])
+    alone.process(None, [second])
+    np.testing.assert_equal(metric.evaluate(size=1), alone.evaluate(size=1))  # NaN == NaN here
 
 
 def test_incremental_iou_metric_keys_by_class_id_and_nan() -> None:
@@ -135,7 +141,7 @@ def test_incremental_iou_metric_keys_by_class_id_and_nan() -> None:
     metric.process(None, [dict(pred=torch.tensor([[0, 1], [1, 2]]),
                                gt=torch.tensor([[0, 1], [0, 255]]))])
     # cm = [[1,1,0],[0,1,0],[0,0,0]]: IoU 1/2, 1/2, nan
-    out = metric.compute_metrics(metric.results)
+    out = metric.evaluate(size=1)
     assert set(out) == {'mIoU', 'IoU.0', 'IoU.20', 'IoU.16'}
     assert out['IoU.0'] == pytest.approx(0.5)
     assert out['IoU.20'] == pytest.approx(0.5)

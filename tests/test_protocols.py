@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cssbench.protocols import (PROTOCOLS_DIR, Protocol, ProtocolError, available_protocols,
@@ -12,7 +13,7 @@ SHIPPED = sorted(p.stem for p in Path(PROTOCOLS_DIR).glob('*.yaml'))
 
 
 def test_shipped_protocol_list() -> None:
-    assert len(SHIPPED) == 24
+    assert len(SHIPPED) == 26
     assert available_protocols() == SHIPPED
     assert 'voc-15-1-overlap' in SHIPPED and 'ade-100-50' in SHIPPED
 
@@ -81,7 +82,7 @@ def test_voc_and_synth_sets_match() -> None:
     synth = {n[len('synth-'):] for n in SHIPPED if n.startswith('synth-')}
     assert voc == synth == {'10-1-disjoint', '10-1-overlap', '10-10-disjoint', '10-10-overlap',
                             '15-1-disjoint', '15-1-overlap', '15-5-disjoint', '15-5-overlap',
-                            '19-1-disjoint', '19-1-overlap'}
+                            '19-1-disjoint', '19-1-overlap', '15-1-overlap-random'}
 
 
 # --- helpers on a known protocol ----------------------------------------------------------
@@ -117,6 +118,47 @@ def test_fingerprint_ignores_name_but_not_steps() -> None:
     d = parse_protocol(dict(name='a', dataset='voc', mode='overlap', steps=['0-10', '11-20']))
     assert a.fingerprint == b.fingerprint
     assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
+
+
+def test_random_class_order_is_drawn_by_the_run_seed() -> None:
+    p = load_protocol('voc-15-1-overlap-random')
+    assert p.ordering == 'random' and p.steps == load_protocol('voc-15-1-overlap').steps
+    a, b = p.with_class_order(0), p.with_class_order(1)
+    for q in (a, b):
+        assert [len(s) for s in q.steps] == [16, 1, 1, 1, 1, 1]
+        assert q.steps[0][0] == 0 and sorted(q.class_order) == list(range(21))
+        assert q.ordering == 'drawn' and q.with_class_order(5) == q   # drawn once only
+    assert a.steps != b.steps
+    assert p.with_class_order(0) == a                                  # the same seed, the same order
+    assert a.to_dict()['class_order'] == 'drawn' and a.to_dict()['class_order_seed'] == 0
+    assert a.fingerprint != b.fingerprint
+    # numpy's permutation of 1..20 under seed 0, then cut into steps of 15, 1, 1, 1, 1, 1
+    perm = np.random.default_rng(0).permutation(np.arange(1, 21))
+    assert a.steps[1:] == tuple((int(c),) for c in perm[15:])
+    assert set(a.steps[0]) == {0, *map(int, perm[:15])}
+
+
+def test_class_order_seed_fixes_the_order() -> None:
+    p = parse_protocol(dict(name='r', dataset='voc', mode='overlap', steps=['0-10', '11-20'],
+                            class_order='random', class_order_seed=7))
+    assert p.with_class_order(0) == p.with_class_order(1)
+    assert p.with_class_order(0).ordering_seed == 7
+
+
+def test_fixed_order_is_untouched() -> None:
+    p = load_protocol('voc-15-1-overlap')
+    assert p.with_class_order(3) is p and 'class_order' not in p.to_dict()
+
+
+@pytest.mark.parametrize('over, message', [
+    (dict(class_order='shuffled'), "field class_order: 'shuffled' is not one of"),
+    (dict(class_order_seed=3), 'field class_order_seed: only with class_order: random'),
+    (dict(class_order='random', class_order_seed=-1), 'field class_order_seed: expected a non-negative'),
+    (dict(class_order='random', class_order_seed='x'), 'field class_order_seed: expected a non-negative'),
+])
+def test_class_order_errors(over, message) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        parse_protocol(dict(name='r', dataset='voc', mode='overlap', steps=['0-15', '16-20'], **over))
 
 
 # --- parsing ------------------------------------------------------------------------------

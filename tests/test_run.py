@@ -11,6 +11,7 @@ import pytest
 
 from cssbench.cli import main
 from cssbench.errors import UserError
+from cssbench.protocols import load_protocol
 from cssbench.runner import run_protocol
 from cssbench.synth import make_synth
 
@@ -41,6 +42,7 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
     assert record['status'] == 'complete' and record['seed'] == 0
     assert record['protocol']['steps'][1] == [16, 17, 18, 19, 20]
     assert record['environment']['torch']
+    assert record['speed']['world_size'] == 1 and record['speed']['batch_per_process'] == 16
     stored = json.loads((run_dir / 'metrics.json').read_text())['steps']
     assert stored == json.loads(json.dumps(steps))
     csv_lines = (run_dir / 'metrics.csv').read_text().splitlines()
@@ -48,6 +50,8 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
     assert len(csv_lines) == 3
     for t in (0, 1):
         assert (run_dir / 'work' / f'step{t}' / 'model.pth').is_file()
+    index = json.loads((results / 'index.json').read_text())   # brought up to date by the run
+    assert index['runs']['synth-15-5-overlap/ft/r']['run']['steps'] == stored
 
     with pytest.raises(UserError, match='complete'):
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
@@ -55,6 +59,31 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
     assert main(['table', '--protocol', 'synth-15-5-overlap', '--results', str(results)]) == 0
     out = capsys.readouterr().out
     assert 'ft' in out and '0-15' in out and '16-20' in out
+
+
+def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32, tmp_path, capsys):
+    protocol = tmp_path / 'rand.yaml'
+    protocol.write_text('name: rand\ndataset: synth\nmode: overlap\nclass_order: random\n'
+                        'steps: ["0-15", "16-20"]\n')
+    results = tmp_path / 'results'
+    assert main(['run', '--protocol', str(protocol), '--seeds', '0,1', '--config', str(config32),
+                 '--data-root', str(synth32), '--epochs', '1', '--results', str(results)]) == 0
+    orders = []
+    for seed in (0, 1):
+        record = json.loads((results / 'rand' / 'ft' / f'small32-seed{seed}' / 'run.json').read_text())
+        drawn = load_protocol(str(protocol)).with_class_order(seed)
+        assert record['seed'] == seed and record['protocol'] == drawn.to_dict()
+        steps = json.loads((results / 'rand' / 'ft' / f'small32-seed{seed}' / 'metrics.json').read_text())['steps']
+        assert steps[1]['classes'] == list(drawn.steps[1])
+        orders.append(drawn.steps)
+    assert orders[0] != orders[1]
+    capsys.readouterr()
+    assert main(['table', '--protocol', 'rand', '--results', str(results)]) == 0
+    out = capsys.readouterr().out
+    # two class orders: the old/new columns cover different classes, so they are named so
+    assert '| method | seeds | old | new | all |' in out and '| ft | 2 |' in out
+    assert main(['run', '--protocol', str(protocol), '--seeds', '0,x']) == 2
+    assert "--seeds: expected comma-separated integers, got '0,x'" in capsys.readouterr().err
 
 
 def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):

@@ -11,3 +11,6 @@ model = dict(
 data = dict(crop_size=512, batch_size=24, eval_batch_size=24, num_workers=8)
 schedule = dict(epochs=30, lr=(0.01, 0.001), momentum=0.9, nesterov=True, weight_decay=1e-4,
                 poly_power=0.9)
+# GPU fast path (applies on CUDA only; see README "GPU and multi-GPU"); left out of the config
+# digest: it changes how fast a run goes, not what it computes.
+speed = dict(amp='bfloat16', channels_last=True, cudnn_benchmark=True, compile=False)

@@ -1,0 +1,362 @@
+"""``cssbench bench``: training and evaluation throughput, the reference regime against the
+fast path, and what it means for a full protocol.
+
+In one process, on the synthetic dataset at the real size (512 px on GPU, generated into the
+cache once) or on a dataset given with ``--data-root``:
+
+* training img/s of a fine-tuning step (step 0 of voc-15-1-overlap's split of the data) and
+  of an SDR incremental step (step 1: the teacher's forward and SDR's losses too), each in
+  the reference regime (fp32 eager, PyTorch's defaults) and in the fast path (the config's
+  speed settings, torch.compile with ``--compile``). The step is the runner's: the same
+  model preparation, optimizer wrapper and ``train_step``. Batches are loaded onto the
+  device beforehand, so that the model's speed is timed (the loader is timed apart);
+  warm-up iterations are not timed, and the device is synchronised only around the timed
+  window;
+* FLOPs per image (``torch.utils.flop_counter`` over one training step: forward, backward,
+  teacher forward), the achieved TFLOP/s and the model FLOP utilisation against this
+  device's matmul peak as measured here (bf16 on GPU; the fp32 regime against the same);
+* evaluation img/s in both regimes;
+* the data loader: decoding and augmentation in one process, and the step's DataLoader with
+  the config's workers, so that one sees whether it keeps up with the GPU;
+* the projected wall time of voc-15-1-overlap with SDR: per step, its training images x 30
+  epochs at the training rate (step 0 at fine-tuning's, later steps at SDR's, capped by the
+  loader's), plus its val images at the evaluation rate.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from mmengine.dataset import default_collate
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import DefaultScope
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from .datasets import IncrementalSegDataset, eval_lut, train_lut
+from .errors import UserError
+from .hooks import EpochKeyedSampler
+from .io import cache_dir
+from .methods import get_method
+from .protocols import load_protocol
+from .runner import attach_previous_step, build_model, load_config, loader_settings, sgd_config
+from .speed import REFERENCE_SPEED, Speed, autocast, optim_wrapper_config, prepare_model, training_device
+from .splits import index_dataset, protocol_splits, select
+from .synth import make_synth
+from .transforms import EvalTransform, TrainTransform
+
+EPOCHS_PER_STEP = 30  # the papers' VOC schedule
+PROJECTED_PROTOCOL = 'voc-15-1-overlap'
+VOC_TRAIN_IMAGES, VOC_VAL_IMAGES = 10_582, 1_449  # train_aug and val
+# TODO(voc-counts): (train, val) images of each of voc-15-1-overlap's 6 steps on the real
+# VOC 2012 + SBD lists, to be filled in from the spec. Until then (None) the projection
+# counts every step with the whole lists: an upper bound, and the report says so.
+VOC_15_1_OVERLAP_STEP_IMAGES: list[tuple[int, int]] | None = None
+PRELOADED_BATCHES = 4   # distinct batches cycled through by the timed loops
+LOADER_BATCHES = 30     # batches timed through the DataLoader (at most)
+
+
+@dataclass
+class Case:
+    """A kind of training step: which method's model, at which step, on which images."""
+    label: str
+    method: str
+    step: int
+    dataset: IncrementalSegDataset | None
+
+
+def run_bench(config: str | None = None, size: int | None = None, data_root: str | None = None,
+              batch: int | None = None, iters: int = 20, warmup: int = 5,
+              workers: int | None = None, compile: bool = False, log=print) -> dict:
+    """Measure, print the report, and return its numbers."""
+    device = training_device()
+    on_gpu = device == 'cuda'
+    cfg = load_config(config or ('deeplabv3-r101' if on_gpu else 'small'))
+    size = (512 if on_gpu else 64) if size is None else size
+    batch = cfg.data.batch_size if batch is None else batch
+    _check_flags(size=size, batch=batch, iters=iters, warmup=warmup, workers=workers)
+    if workers is not None:
+        cfg.data.num_workers = workers
+    regimes = {'fp32 eager': REFERENCE_SPEED.on(device),
+               'fast path': replace(Speed(**cfg.speed), compile=compile).on(device)}
+    loops = dict(iters=iters, warmup=warmup, device=device)
+
+    root = data_root or bench_dataset(size, batch, cfg.data.eval_batch_size)
+    cases, val_set = bench_datasets(cfg, root, batch)
+    peak, peak_label = matmul_peak(device)
+    report = dict(device=_device_name(), config=cfg.filename, size=size, batch=batch,
+                  iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
+                  regimes=regimes,
+                  train=[row for case in cases for row in measure_training(cfg, case, regimes, batch, **loops)],
+                  eval=measure_eval(cfg, cases[0], val_set, regimes, **loops),
+                  loader=dict(per_process=decode_rate(cases[0].dataset, 2 * batch),
+                              workers=cfg.data.num_workers,
+                              with_workers=loader_rate(cases[0].dataset, cfg, batch)))
+    report['projection'] = {name: project_protocol(report, name) for name in regimes}
+    log(format_report(report))
+    return report
+
+
+def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, iters: int,
+                     warmup: int, device: str) -> list[dict]:
+    """The case's training img/s in each regime, and its FLOPs per image."""
+    batches = preload(case.dataset, batch, device)
+    rows, flops = [], None
+    for name, speed in regimes.items():
+        model, optim = build_step(cfg, case, speed, device)
+        try:
+            if flops is None:  # counted once, on the reference regime's eager model
+                flops = training_flops(model, optim, batches[0]) / batch
+            rate = timed(lambda i: model.train_step(batches[i % len(batches)], optim),
+                         iters, warmup, batch, speed, device, train=True, model=model)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f'out of GPU memory: {case.label} at batch {batch} in the {name} '
+                            f'regime; try --batch {max(1, batch // 2)}') from None
+        rows.append(dict(case=case.label, step=case.step, regime=name, img_s=rate, flops_per_img=flops))
+        del model, optim
+        _release_memory(device)
+    return rows
+
+
+def measure_eval(cfg, case: Case, val_set, regimes: dict[str, Speed], *, iters: int, warmup: int,
+                 device: str) -> dict[str, float]:
+    """Evaluation img/s (forward and argmax, as the val loop runs them) in each regime."""
+    batches = preload(val_set, cfg.data.eval_batch_size, device)
+    rates = {}
+    for name, speed in regimes.items():
+        model, _ = build_step(cfg, case, speed, device)
+        rates[name] = timed(lambda i: model.val_step(batches[i % len(batches)]), iters, warmup,
+                            cfg.data.eval_batch_size, speed, device, train=False, model=model)
+        del model
+        _release_memory(device)
+    return rates
+
+
+def _check_flags(**flags) -> None:
+    minimum = dict(size=16, batch=1, iters=1, warmup=0, workers=0)
+    for name, value in flags.items():
+        if value is not None and value < minimum[name]:
+            raise UserError(f'--{name} must be at least {minimum[name]}, got {value}')
+
+
+# ----------------------------------------------------------------------------- data
+
+def bench_dataset(size: int, batch: int, eval_batch: int) -> str:
+    """The synthetic dataset of ``size`` px images, generated into the cache on first use;
+    enough images for every timed loop."""
+    n_train, n_val = 40 * batch, 4 * eval_batch
+    out = cache_dir('bench') / f'synth-{size}px-{n_train}-{n_val}'
+    return str(make_synth(out, n_train=n_train, n_val=n_val, size=size, seed=0,
+                          workers=os.cpu_count() or 1))
+
+
+def bench_datasets(cfg, root: str, batch: int) -> tuple[list[Case], IncrementalSegDataset]:
+    """voc-15-1-overlap's step-0 and step-1 training sets of the data (label sets and
+    splits from the cache) and step 0's evaluation set."""
+    protocol = load_protocol(PROJECTED_PROTOCOL)
+    index = index_dataset(protocol.dataset, root)
+    splits = protocol_splits(protocol, index)
+    crop = cfg.data.crop_size
+
+    def train_set(step: int) -> IncrementalSegDataset:
+        samples = select(index.samples['train'], splits[step]['train'])
+        if len(samples) < batch:
+            raise UserError(f'{root}: {len(samples)} training images at step {step} of '
+                            f'{protocol.name}, fewer than a batch of {batch}')
+        return IncrementalSegDataset(samples, train_lut(protocol, step), TrainTransform(crop))
+
+    val = IncrementalSegDataset(select(index.samples['val'], splits[0]['val']),
+                                eval_lut(protocol, 0), EvalTransform(crop))
+    if len(val) < cfg.data.eval_batch_size:
+        raise UserError(f'{root}: {len(val)} evaluation images, fewer than a batch of '
+                        f'{cfg.data.eval_batch_size}')
+    return [Case('fine-tuning, step 0', 'ft', 0, train_set(0)),
+            Case('sdr, step 1 (+ teacher)', 'sdr', 1, train_set(1))], val
+
+
+def preload(dataset, batch: int, device: str) -> list[dict]:
+    """A few batches on the device, as the loader would deliver them."""
+    loader = DataLoader(dataset, batch_size=batch, shuffle=False, drop_last=True,
+                        collate_fn=default_collate)
+    batches = []
+    for data in loader:
+        batches.append({k: v.to(device) for k, v in data.items()})
+        if len(batches) == PRELOADED_BATCHES:
+            break
+    return batches
+
+
+def decode_rate(dataset, n: int) -> float:
+    """Images per second that one process reads, decodes and augments."""
+    n = min(n, len(dataset))
+    start = time.perf_counter()
+    for i in range(n):
+        dataset[(0, i)]
+    return n / (time.perf_counter() - start)
+
+
+def loader_rate(dataset, cfg, batch: int) -> float:
+    """Images per second through the step's DataLoader (the runner's settings), after the
+    first batch (worker start-up is not counted)."""
+    loader = DataLoader(dataset, sampler=EpochKeyedSampler(dataset, shuffle=True, seed=0),
+                        collate_fn=default_collate, drop_last=True, **loader_settings(cfg.data, batch))
+    n = min(LOADER_BATCHES, len(loader) - 1)
+    if n < 1:
+        return math.nan
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(iterator)
+    elapsed = time.perf_counter() - start
+    if hasattr(iterator, '_shutdown_workers'):
+        iterator._shutdown_workers()
+    return n * batch / elapsed
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_step(cfg, case: Case, speed: Speed, device: str):
+    """The case's model (with a teacher after step 0) prepared for ``speed`` as the runner
+    prepares it, and its optimizer wrapper."""
+    protocol, model_type = load_protocol(PROJECTED_PROTOCOL), get_method(case.method).model_type
+    torch.manual_seed(0)
+    model = build_model(cfg, model_type, protocol, case.step)
+    if case.step > 0:
+        teacher = build_model(cfg, model_type, protocol, case.step - 1)
+        attach_previous_step(model, teacher, teacher.state_dict(), 'bench')
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+    prepare_model(model, speed, device)
+    with DefaultScope.overwrite_default_scope('cssbench'):
+        optim = build_optim_wrapper(model, optim_wrapper_config(
+            speed, sgd_config(cfg.schedule, cfg.schedule.lr[min(case.step, 1)])))
+    return model, optim
+
+
+def training_flops(model, optim, data: dict) -> int:
+    """FLOPs of one training step (forward, backward, the teacher's forward)."""
+    with FlopCounterMode(display=False) as counter:
+        model.train_step(data, optim)
+    return counter.get_total_flops()
+
+
+def timed(step, iters: int, warmup: int, batch: int, speed: Speed, device: str, *,
+          train: bool, model) -> float:
+    """Images per second of ``step(i)`` over ``iters`` calls after ``warmup`` untimed ones."""
+    model.train(train)
+    # Training autocasts inside train_step (the optimizer wrapper's context), as in a run.
+    with torch.set_grad_enabled(train), contextlib.nullcontext() if train else autocast(speed.amp):
+        for i in range(warmup):
+            step(i)
+        _synchronize(device)
+        start = time.perf_counter()
+        for i in range(warmup, warmup + iters):
+            step(i)
+        _synchronize(device)
+    return iters * batch / (time.perf_counter() - start)
+
+
+def matmul_peak(device: str) -> tuple[float, str]:
+    """The device's measured matmul throughput (FLOP/s): bf16 on GPU, fp32 on CPU; the best
+    of a few trials."""
+    n, dtype, reps = (8192, torch.bfloat16, 20) if device == 'cuda' else (512, torch.float32, 10)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = 0.0
+    for _ in range(4):  # the first is the warm-up
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        _synchronize(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+    return best, f'{str(dtype).removeprefix("torch.")} matmul {n}x{n}, measured'
+
+
+def _synchronize(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _release_memory(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f'cpu, torch threads: {torch.get_num_threads()}'
+
+
+# ----------------------------------------------------------------------------- projection
+
+def protocol_step_images() -> tuple[list[tuple[int, int]], bool]:
+    """(train, val) images of each step of voc-15-1-overlap, and whether they are the real
+    counts (else the upper bound: every step with the whole lists)."""
+    if VOC_15_1_OVERLAP_STEP_IMAGES is not None:
+        return VOC_15_1_OVERLAP_STEP_IMAGES, True
+    steps = load_protocol(PROJECTED_PROTOCOL).num_steps
+    return [(VOC_TRAIN_IMAGES, VOC_VAL_IMAGES)] * steps, False
+
+
+def project_protocol(report: dict, regime: str) -> float:
+    """Seconds for voc-15-1-overlap with SDR in ``regime``: step 0 at fine-tuning's rate,
+    later steps at SDR's (its teacher's forward included), each capped by the loader's rate;
+    30 epochs per step; each step's evaluation at the evaluation rate."""
+    rates = {row['step']: row['img_s'] for row in report['train'] if row['regime'] == regime}
+    loader = report['loader']['with_workers']
+    cap = math.inf if math.isnan(loader) else loader
+    seconds = 0.0
+    for t, (n_train, n_val) in enumerate(protocol_step_images()[0]):
+        rate = min(rates[min(t, 1)], cap)
+        seconds += n_train * EPOCHS_PER_STEP / rate + n_val / report['eval'][regime]
+    return seconds
+
+
+# ----------------------------------------------------------------------------- report
+
+def describe(speed: Speed) -> str:
+    return ', '.join([speed.amp or 'fp32',
+                      'channels_last' if speed.channels_last else 'contiguous',
+                      f'cudnn benchmark {"on" if speed.cudnn_benchmark else "off"}',
+                      'torch.compile' if speed.compile else 'eager'])
+
+
+def format_report(report: dict) -> str:
+    peak = report['peak_flops']
+    reference = {row['case']: row['img_s'] for row in report['train'] if row['regime'] == 'fp32 eager'}
+    lines = [f'cssbench bench: {os.path.basename(report["config"])}, {report["size"]} px images, '
+             f'batch {report["batch"]}, {report["iters"]} timed iterations after '
+             f'{report["warmup"]} warm-up',
+             f'device: {report["device"]}; peak {peak / 1e12:.1f} TFLOP/s '
+             f'({report["peak_label"]}; the MFU of both regimes is against it)']
+    lines += [f'  {name}: {describe(speed)}' for name, speed in report['regimes'].items()]
+    lines += ['', f'{"training step":<26} {"regime":<11} {"img/s":>9} {"vs fp32":>8} '
+                  f'{"GFLOP/img":>10} {"TFLOP/s":>9} {"MFU":>7}']
+    for row in report['train']:
+        achieved = row['flops_per_img'] * row['img_s']
+        lines.append(f'{row["case"]:<26} {row["regime"]:<11} {row["img_s"]:>9.1f} '
+                     f'{row["img_s"] / reference[row["case"]]:>7.2f}x '
+                     f'{row["flops_per_img"] / 1e9:>10.1f} {achieved / 1e12:>9.2f} '
+                     f'{100 * achieved / peak:>6.1f}%')
+    for name, rate in report['eval'].items():
+        lines.append(f'{"evaluation":<26} {name:<11} {rate:>9.1f} '
+                     f'{rate / report["eval"]["fp32 eager"]:>7.2f}x')
+    loader = report['loader']
+    lines += ['', f'data loader: {loader["per_process"]:.1f} img/s decode + augment in one process; '
+                  f'{loader["with_workers"]:.1f} img/s through the loader with '
+                  f'{loader["workers"]} worker(s)']
+    counts, exact = protocol_step_images()
+    basis = ('real per-step image counts' if exact else
+             f'PLACEHOLDER counts: every step with all {VOC_TRAIN_IMAGES:,} train / '
+             f'{VOC_VAL_IMAGES:,} val images, an upper bound')
+    lines += [f'projected {PROJECTED_PROTOCOL} with sdr ({len(counts)} steps x {EPOCHS_PER_STEP} '
+              f'epochs, one process; {basis}):']
+    lines += [f'  {name:<11} {datetime.timedelta(seconds=round(seconds))}'
+              for name, seconds in report['projection'].items()]
+    return '\n'.join(lines)

@@ -1,0 +1,91 @@
+"""Several processes on one run, as ``torchrun --nproc_per_node=K -m cssbench run ...`` starts them.
+
+Every process trains on its share of each batch (DDP); rank 0 alone decides what the run
+folder holds, holds the run lock and writes results, weights, caches and logs. The others
+take rank 0's decisions (``decided_by_main``) and wait for its files at ``barrier()``.
+Without torchrun (or with one process) every function here is a no-op.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+def start_from_env() -> int:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
+    LOCAL_RANK); returns the number of processes. NCCL with one GPU per process on CUDA,
+    gloo on CPU. Ranks other than 0 print nothing: rank 0 speaks for the run."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or dist.is_initialized():
+        return world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    atexit.register(dist.destroy_process_group)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, 'w')
+    return world_size()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the processes, in place (it must live on the backend's device:
+    CUDA under NCCL, CPU under gloo); returns it. One process: unchanged."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_buffers_from_main(module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BN statistics, class prototypes): what each
+    process then evaluates is the model rank 0 saves. Without SyncBN (on CPU) each process's
+    BN statistics follow its own batches during training."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def decided_by_main(fn):
+    """Decorator: ``fn`` runs on rank 0 only, and every process gets its return value, or
+    raises its error (a UserError stays one, with the same message). Every process must
+    call the decorated function at the same point."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if world_size() == 1:
+            return fn(*args, **kwargs)
+        outcome = [None]
+        if is_main_process():
+            try:
+                outcome[0] = ('value', fn(*args, **kwargs))
+            except Exception as e:
+                outcome[0] = ('error', isinstance(e, UserError), str(e))
+                dist.broadcast_object_list(outcome)
+                raise
+        dist.broadcast_object_list(outcome)
+        if outcome[0][0] == 'value':
+            return outcome[0][1]
+        _, user_error, message = outcome[0]
+        raise (UserError if user_error else RuntimeError)(message)
+    return wrapper

@@ -1,0 +1,100 @@
+"""Figures from the results store, written as PNG beside the tables.
+
+* ``<protocol>-miou.png``: mIoU of all / old / new classes against the step, one line per
+  method (the mean over its seeds, a band of ± one std); joint, trained in one step, is a
+  dashed horizontal line at its value.
+* ``<protocol>-<method>-<run>-iou.png``: one run's per-class IoU, class x step, as a heat map
+  (blank where a class is not yet learned or not in the evaluation set).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only; no display is needed or wanted
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .datasets_info import DATASET_INFO  # noqa: E402
+from .io import atomic_write_bytes  # noqa: E402
+from .store import RowRuns, StoredRun  # noqa: E402
+from .tables import column_labels, mean_std, percent  # noqa: E402
+
+
+def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
+    """Three panels (all, old, new), one line per row (method)."""
+    labels = column_labels(rows)
+    num_steps = max(len(row.runs[0].protocol['steps']) for row in rows)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True, layout='constrained')
+    for ax, column in zip(axes, ('all', 'old', 'new')):
+        for row in rows:
+            if row.method == 'joint':
+                mean, _ = mean_std([percent(r.steps[0]['columns'][column]['mIoU']) for r in row.runs])
+                ax.axhline(mean, color='black', linestyle='--', linewidth=1, label=row.method)
+                continue
+            stats = [mean_std([percent(r.steps[t]['columns'][column]['mIoU']) for r in row.runs])
+                     for t in range(len(row.runs[0].steps))]
+            mean, std = np.array(stats).T
+            steps = np.arange(len(mean))
+            (line,) = ax.plot(steps, mean, marker='o', markersize=3, label=row.method)
+            if len(row.runs) > 1:
+                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15,
+                                linewidth=0)
+        title = 'all classes' if column == 'all' else f'{column} classes ({labels[column]})'
+        ax.set(title=title, xlabel='step', xticks=range(num_steps), ylim=(0, 100))
+    axes[0].set_ylabel('mIoU (%)')
+    axes[-1].legend(loc='center left', bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.suptitle(f'{protocol}: mIoU after each step (mean ± std over seeds)')
+    return fig
+
+
+def class_iou_figure(run: StoredRun) -> Figure:
+    """Per-class IoU (rows: classes in the run's learning order; columns: steps)."""
+    protocol = run.protocol
+    classes = [c for step in protocol['steps'] for c in step]
+    names = DATASET_INFO[protocol['dataset']].classes
+    grid = np.full((len(classes), len(run.steps)), np.nan)
+    for t, step in enumerate(run.steps):
+        for i, c in enumerate(classes):
+            value = step['iou'].get(str(c))
+            if value is not None:
+                grid[i, t] = 100 * value
+    height = max(3.0, 0.22 * len(classes) + 1.2)
+    fig, ax = plt.subplots(figsize=(1.0 * len(run.steps) + 3.5, height), layout='constrained')
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect='auto', cmap='viridis', vmin=0, vmax=100,
+                      interpolation='nearest')
+    ax.set_xticks(range(len(run.steps)), [str(s['step']) for s in run.steps])
+    if len(classes) <= 60:
+        ax.set_yticks(range(len(classes)), [f'{c} {names[c]}' for c in classes], fontsize=7)
+        for (i, t), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(t, i, f'{value:.0f}', ha='center', va='center', fontsize=6,
+                        color='white' if value < 50 else 'black')
+    ax.set(xlabel='step', ylabel='class',
+           title=f'{protocol["name"]} / {run.method} / {run.run}: IoU (%)')
+    fig.colorbar(image, ax=ax, label='IoU (%)')
+    return fig
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Render to PNG in memory, then write it atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_protocol_plots(protocol: str, rows: list[RowRuns], out_dir: str | Path) -> list[Path]:
+    """The mIoU-by-step figure, and a heat map of one run (its lowest seed) per method."""
+    out_dir = Path(out_dir)
+    written = [save_png(miou_by_step_figure(protocol, rows), out_dir / f'{protocol}-miou.png')]
+    for row in rows:
+        run = row.runs[0]
+        path = out_dir / f'{protocol}-{row.method}-{run.run}-iou.png'
+        written.append(save_png(class_iou_figure(run), path))
+    return written
+

@@ -1,0 +1,75 @@
+"""The papers' published numbers (``data/paper_tables.csv``), matched to our protocols.
+
+A row of that file gives a method's old / new / all mIoU in one setting (dataset, e.g.
+``15-1``, variant ``overlapped``/``disjoint``/``unspecified``) and, where the paper says
+so, which classes its old column averages (``old_range``, e.g. ``1-15`` or ``0-15``). A
+protocol matches a row when its dataset and setting are the row's and its mode is the row's
+variant, or the row leaves the variant unstated (flagged as not exact).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+PAPER_TABLES = Path(__file__).resolve().parent / 'data' / 'paper_tables.csv'
+VARIANT_OF_MODE = {'overlap': 'overlapped', 'disjoint': 'disjoint'}
+# Method names as papers print them -> cssbench's method names.
+METHOD_ALIASES = {'fine-tuning': 'ft', 'finetuning': 'ft', 'offline': 'joint'}
+
+
+@dataclass(frozen=True)
+class PublishedCell:
+    column: str                     # old | new | all
+    classes: tuple[int, ...] | None  # the classes the paper's column averages, if it says
+    value: float                    # mIoU in percent
+    source: str
+    exact_variant: bool             # False: the source does not state overlapped/disjoint
+
+
+def setting_of(steps: list[list[int]]) -> str:
+    """The papers' name of a protocol's class split: ``15-1`` for 0..15 then one class a step,
+    ``100-50``, ``50-50`` (ADE's 0..50, 51..100, 101..150). Step 0's background is not counted."""
+    sizes = [len(steps[0]) - 1] + [len(s) for s in steps[1:]]
+    if len(sizes) > 1 and len(set(sizes[1:])) == 1:
+        return f'{sizes[0]}-{sizes[1]}'
+    return '-'.join(map(str, sizes))
+
+
+def parse_range(text) -> tuple[int, ...] | None:
+    if not isinstance(text, str) or not text.strip():
+        return None
+    lo, _, hi = text.strip().partition('-')
+    return tuple(range(int(lo), int(hi or lo) + 1))
+
+
+def method_key(name: str) -> str:
+    key = name.strip().lower().replace(' ', '')
+    return METHOD_ALIASES.get(key, key)
+
+
+@lru_cache(maxsize=1)
+def paper_table() -> pd.DataFrame:
+    return pd.read_csv(PAPER_TABLES, dtype={'setting': str, 'old_range': str})
+
+
+def published_cells(protocol: dict, method: str) -> list[PublishedCell]:
+    """The published values for ``method`` in ``protocol``'s setting, exact variants first."""
+    table = paper_table()
+    variant = VARIANT_OF_MODE[protocol['mode']]
+    setting = setting_of(protocol['steps'])
+    rows = table[(table['dataset'] == protocol['dataset']) & (table['setting'] == setting)
+                 & table['method'].map(method_key).eq(method)
+                 & table['variant'].isin([variant, 'unspecified'])]
+    cells = []
+    for _, row in rows.iterrows():
+        source = f"{row['source_paper']}, {row['source_location']}"
+        for column in ('old', 'new', 'all'):
+            value = row[f'mIoU_{column}']
+            if pd.notna(value):
+                classes = parse_range(row['old_range']) if column == 'old' else None
+                cells.append(PublishedCell(column, classes, float(value), source,
+                                           row['variant'] == variant))
+    return sorted(cells, key=lambda c: not c.exact_variant)

@@ -1,0 +1,130 @@
+"""The GPU fast path: bf16 autocast, channels_last, cudnn benchmark and (opt-in) torch.compile.
+
+A config may hold a ``speed`` section; the defaults are ``SPEED_DEFAULTS``. The settings
+apply on CUDA only: on CPU a run stays fp32 in the contiguous layout, exactly as without
+them. ``--fp32`` gives the reference code's regime (``REFERENCE_SPEED``: PyTorch's defaults),
+``--compile`` adds torch.compile.
+
+bf16 needs no loss scaling (it has fp32's exponent range), so the optimizer wrapper here
+only adds autocast to mmengine's plain OptimWrapper: mmengine's AmpOptimWrapper would step
+through a GradScaler, whose inf check reads a flag back to the host every iteration.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from mmengine.optim import OptimWrapper
+from mmengine.runner import ValLoop
+
+from .errors import UserError
+from .registry import LOOPS, OPTIM_WRAPPERS
+
+AMP_DTYPES = ('bfloat16', None)
+
+
+@dataclass(frozen=True)
+class Speed:
+    amp: str | None = 'bfloat16'    # autocast dtype of the forward passes; None: fp32
+    channels_last: bool = True       # model and inputs in NHWC memory layout
+    cudnn_benchmark: bool = True     # cudnn picks the fastest convolution per shape
+    compile: bool = False            # torch.compile of the backbone and the head
+
+    def on(self, device: str) -> 'Speed':
+        """What takes effect on ``device``: on CPU, none of the CUDA-only settings."""
+        if device == 'cuda':
+            return self
+        return replace(self, amp=None, channels_last=False, cudnn_benchmark=False)
+
+
+SPEED_DEFAULTS = Speed()
+REFERENCE_SPEED = Speed(amp=None, channels_last=False, cudnn_benchmark=False, compile=False)
+
+
+def training_device() -> str:
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def resolve_speed(section: dict | None, source: str, *, compile: bool = False,
+                  fp32: bool = False) -> dict:
+    """The config's ``speed`` section over the defaults, then the run flags; as a dict (it
+    goes back into the config). ``source`` names the config file in errors."""
+    section = dict(section or {})
+    unknown = set(section) - set(asdict(SPEED_DEFAULTS))
+    if unknown:
+        raise UserError(f'{source}: unknown speed setting(s) {sorted(unknown)} '
+                        f'(known: {", ".join(asdict(SPEED_DEFAULTS))})')
+    if section.get('amp', 'bfloat16') not in AMP_DTYPES:
+        raise UserError(f'{source}: speed.amp must be "bfloat16" or None, got {section["amp"]!r}')
+    if compile and fp32:
+        raise UserError('--compile and --fp32 exclude each other (--fp32 is the eager reference regime)')
+    speed = REFERENCE_SPEED if fp32 else replace(SPEED_DEFAULTS, **section)
+    return asdict(replace(speed, compile=True) if compile else speed)
+
+
+def effective_speed(cfg) -> Speed:
+    """The settings of ``cfg`` (defaults where it has none) that apply on this machine."""
+    return Speed(**resolve_speed(cfg.get('speed'), cfg.filename)).on(training_device())
+
+
+def prepare_model(model, speed: Speed, device: str):
+    """Move a segmentor, and its teacher if it has one, to ``device`` in ``speed``'s memory
+    layout, compiled if asked; the data preprocessor then hands over channels_last inputs."""
+    for net in (model, model.teacher):
+        if net is None:
+            continue
+        net.to(device)
+        if speed.channels_last:
+            net.to(memory_format=torch.channels_last)
+        net.data_preprocessor.channels_last = speed.channels_last
+        if speed.compile:
+            # The backbone and the head: fixed shapes, no data-dependent control flow. The
+            # methods' losses (SDR's per-class loops) stay eager.
+            net.backbone.compile()
+            net.decode_head.compile()
+    return model
+
+
+def autocast(amp: str | None):
+    """The forward passes' autocast context for ``amp`` (a dtype name; None: none)."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast('cuda', dtype=getattr(torch, amp))
+
+
+@OPTIM_WRAPPERS.register_module()
+class AutocastOptimWrapper(OptimWrapper):
+    """mmengine's OptimWrapper whose forward passes (``optim_context``) run under autocast."""
+
+    def __init__(self, *args, dtype: str = 'bfloat16', **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.amp = dtype
+
+    @contextlib.contextmanager
+    def optim_context(self, model):
+        with super().optim_context(model), autocast(self.amp):
+            yield
+
+
+@LOOPS.register_module()
+class AutocastValLoop(ValLoop):
+    """mmengine's ValLoop with each batch's forward under autocast of ``dtype``."""
+
+    def __init__(self, runner, dataloader, evaluator, dtype: str = 'bfloat16') -> None:
+        super().__init__(runner, dataloader, evaluator)
+        self.amp = dtype
+
+    def run_iter(self, idx, data_batch) -> None:
+        with autocast(self.amp):
+            super().run_iter(idx, data_batch)
+
+
+def optim_wrapper_config(speed: Speed, optimizer: dict) -> dict:
+    if speed.amp is None:
+        return dict(optimizer=optimizer)
+    return dict(type='cssbench.AutocastOptimWrapper', dtype=speed.amp, optimizer=optimizer)
+
+
+def val_loop_config(speed: Speed) -> dict:
+    return dict(type='cssbench.AutocastValLoop', dtype=speed.amp) if speed.amp else dict()

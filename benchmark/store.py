@@ -1,0 +1,224 @@
+"""The results store: one folder per run, and the index the tables read.
+
+``cssbench run`` writes each run to ``<results>/<protocol>/<method>/<run>/`` (``run.json``:
+protocol, method, seed, resolved config, code version, dataset fingerprint, dates, wall time;
+``metrics.json``: per-step metrics and per-class IoU). ``<results>/index.json`` holds every
+complete run's record and metrics, keyed by its folder and stamped with the size and
+modification time of those two files. Reading the store checks the stamps against the folders
+and re-reads only what changed (a missing or stale index is rebuilt from the run folders); a
+run folder that is corrupt or unfinished is reported and skipped, never fatal.
+
+Runs are never merged: a table takes one run per (method, config, seed), the latest finished
+unless the user names runs, and says which it took.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .io import atomic_write_json
+
+INDEX_FILE = 'index.json'
+INDEX_VERSION = 1
+RUN_FILES = ('run.json', 'metrics.json')
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """One complete run, as the tables need it."""
+    path: str               # the run folder, relative to the results root
+    protocol: dict          # the protocol the run trained (its class order resolved)
+    method: str
+    run: str
+    seed: int
+    config_name: str
+    config_digest: str
+    started: str
+    finished: str
+    wall_time_s: float | None
+    git_revision: str
+    cssbench_version: str
+    dataset_fingerprint: str
+    steps: list[dict]       # metrics.json's per-step records
+
+    @property
+    def protocol_name(self) -> str:
+        return self.protocol['name']
+
+
+@dataclass(frozen=True)
+class SkippedRun:
+    path: str
+    reason: str
+
+
+@dataclass
+class Store:
+    root: Path
+    runs: list[StoredRun] = field(default_factory=list)
+    skipped: list[SkippedRun] = field(default_factory=list)
+
+    def protocols(self) -> list[str]:
+        return sorted({r.protocol_name for r in self.runs})
+
+
+class CorruptRun(Exception):
+    """A run folder that cannot be read as a run; the message says why."""
+
+
+def _stamp(run_dir: Path) -> list:
+    stamp = []
+    for name in RUN_FILES:
+        try:
+            st = (run_dir / name).stat()
+            stamp.append([name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            stamp.append([name, None, None])
+    return stamp
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorruptRun(f'{path.name} is missing') from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptRun(f'{path.name} is not readable JSON ({e})') from None
+    if not isinstance(data, dict):
+        raise CorruptRun(f'{path.name} does not hold a JSON object')
+    return data
+
+
+def _require(record: dict, name: str, kind, where: str):
+    value = record.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise CorruptRun(f'{where} lacks a valid {name!r}')
+    return value
+
+
+def _check_steps(steps, num_steps: int) -> list[dict]:
+    if not isinstance(steps, list) or len(steps) != num_steps:
+        got = len(steps) if isinstance(steps, list) else 'no'
+        raise CorruptRun(f'metrics.json holds {got} steps, the run trained {num_steps}')
+    for t, step in enumerate(steps):
+        columns = step.get('columns') if isinstance(step, dict) else None
+        if (not isinstance(columns, dict) or any(not isinstance(columns.get(c), dict)
+                                                 for c in ('old', 'new', 'all'))
+                or not isinstance(step.get('iou'), dict)):
+            raise CorruptRun(f'metrics.json: step {t} lacks its columns or per-class IoU')
+    return steps
+
+
+def read_run(root: Path, run_dir: Path) -> StoredRun:
+    """The complete run stored in ``run_dir``; raises CorruptRun saying why it is not one."""
+    record = _read_json(run_dir / 'run.json')
+    status = record.get('status')
+    if status != 'complete':
+        done = len(list((run_dir / 'steps').glob('step*.json')))
+        raise CorruptRun(f'unfinished (status {status!r}, {done} step(s) done)')
+    protocol = _require(record, 'protocol', dict, 'run.json')
+    protocol_steps = _require(protocol, 'steps', list, "run.json's protocol")
+    _require(protocol, 'name', str, "run.json's protocol")
+    # joint trains every class in one step, reported in the protocol's columns
+    num_steps = 1 if record.get('method') == 'joint' else len(protocol_steps)
+    steps = _check_steps(_read_json(run_dir / 'metrics.json').get('steps'), num_steps)
+    env = record.get('environment') if isinstance(record.get('environment'), dict) else {}
+    return StoredRun(
+        path=run_dir.relative_to(root).as_posix(), protocol=protocol,
+        method=_require(record, 'method', str, 'run.json'), run=_require(record, 'run', str, 'run.json'),
+        seed=_require(record, 'seed', int, 'run.json'),
+        config_name=_require(record, 'config_name', str, 'run.json'),
+        config_digest=_require(record, 'config_digest', str, 'run.json'),
+        started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
+        wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
+        cssbench_version=str(env.get('cssbench', 'unknown')),
+        dataset_fingerprint=str(record.get('dataset_fingerprint', '')), steps=steps)
+
+
+def run_folders(root: Path) -> list[Path]:
+    """Every ``<protocol>/<method>/<run>`` folder under ``root`` holding anything but a lock."""
+    return sorted(d for d in root.glob('*/*/*') if d.is_dir()
+                  and any(child.name != '.lock' for child in d.iterdir()))
+
+
+def _read_index(root: Path) -> dict:
+    try:
+        index = json.loads((root / INDEX_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(index, dict) or index.get('version') != INDEX_VERSION:
+        return {}
+    runs = index.get('runs')
+    return runs if isinstance(runs, dict) else {}
+
+
+def open_store(root: str | Path, write_index: bool = True) -> Store:
+    """Every run under ``root``: complete ones from the index where its stamps still hold,
+    read anew otherwise; the index is rewritten when anything changed."""
+    root = Path(root)
+    store = Store(root)
+    if not root.is_dir():
+        return store
+    cached = _read_index(root)
+    fresh: dict[str, dict] = {}
+    for run_dir in run_folders(root):
+        key = run_dir.relative_to(root).as_posix()
+        stamp = _stamp(run_dir)
+        entry = cached.get(key)
+        if isinstance(entry, dict) and entry.get('stamp') == stamp:
+            try:
+                run = StoredRun(**entry['run'])
+            except (TypeError, KeyError):
+                run = None
+            if run is not None:
+                store.runs.append(run)
+                fresh[key] = entry
+                continue
+        try:
+            run = read_run(root, run_dir)
+        except CorruptRun as e:
+            store.skipped.append(SkippedRun(key, str(e)))
+            continue
+        store.runs.append(run)
+        fresh[key] = dict(stamp=stamp, run=asdict(run))
+    if write_index and fresh != cached:
+        atomic_write_json(root / INDEX_FILE, dict(version=INDEX_VERSION, runs=fresh))
+    return store
+
+
+def _matches(run: StoredRun, patterns: list[str] | None) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(run.run, p) for p in patterns)
+
+
+@dataclass
+class RowRuns:
+    """The runs one table row aggregates: one per seed, and the ones it left out."""
+    method: str
+    config: str             # the config's name, with its digest where two share a name
+    runs: list[StoredRun]
+    passed_over: list[StoredRun]
+
+
+def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
+                config: str | None = None) -> list[RowRuns]:
+    """One row per (method, config): for each seed, the latest finished complete run (among
+    those whose name matches one of ``runs``' glob patterns, if given)."""
+    candidates = [r for r in store.runs if r.protocol_name == protocol and _matches(r, runs)
+                  and (config is None or r.config_name == config)]
+    names_by_config: dict[str, set[str]] = {}
+    for r in candidates:
+        names_by_config.setdefault(r.config_name, set()).add(r.config_digest)
+    groups: dict[tuple[str, str, str], list[StoredRun]] = {}
+    for r in candidates:
+        groups.setdefault((r.method, r.config_name, r.config_digest), []).append(r)
+    rows = []
+    for (method, config_name, digest), group in sorted(groups.items()):
+        latest: dict[int, StoredRun] = {}
+        for r in sorted(group, key=lambda r: (r.finished, r.path)):
+            latest[r.seed] = r
+        chosen = [latest[s] for s in sorted(latest)]
+        label = config_name if len(names_by_config[config_name]) == 1 else f'{config_name}@{digest[:6]}'
+        rows.append(RowRuns(method, label, chosen, [r for r in group if r not in chosen]))
+    return rows

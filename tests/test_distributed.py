@@ -1,0 +1,118 @@
+"""Several processes on one run (torchrun, DDP), tested on CPU with gloo: two processes train
+SDR through two steps, rank 0 alone writes, the metrics are those of the saved model; the
+state methods derive from the data is summed over the processes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cssbench.baselines.sdr import update_prototypes
+from cssbench.datasets import IncrementalSegDataset, eval_lut
+from cssbench.distributed import sum_over_processes
+from cssbench.errors import UserError
+from cssbench.metrics import IncrementalIoUMetric
+from cssbench.methods import get_method
+from cssbench.protocols import load_protocol
+from cssbench.runner import build_model, load_config, per_process_batch
+from cssbench.splits import index_dataset, protocol_splits, select
+from cssbench.transforms import EvalTransform
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
+PROTOCOL = 'synth-15-5-overlap'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def evaluate_alone(weights: Path, config: Path, data: Path, step: int) -> dict[str, float]:
+    """IoU per class of the saved model over the step's whole val set, in this one process."""
+    protocol, cfg = load_protocol(PROTOCOL), load_config(str(config))
+    model = build_model(cfg, get_method('sdr').model_type, protocol, step)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    index = index_dataset('synth', data, progress=False)
+    split = protocol_splits(protocol, index)[step]
+    val = IncrementalSegDataset(select(index.samples['val'], split['val']), eval_lut(protocol, step),
+                                EvalTransform(cfg.data.crop_size))
+    metric = IncrementalIoUMetric(class_ids=list(protocol.classes_seen(step)))
+    model.eval()
+    for start in range(0, len(val), 8):
+        batch = [val[i] for i in range(start, min(start + 8, len(val)))]
+        data_batch = {k: torch.stack([item[k] for item in batch]) for k in batch[0]}
+        metric.process(data_batch, model.val_step(data_batch))
+    return {k.removeprefix('IoU.'): v for k, v in metric.evaluate(len(val)).items() if k != 'mIoU'}
+
+
+def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth32, tmp_path):
+    config = tmp_path / 'tiny.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "data = dict(crop_size=32, batch_size=8, eval_batch_size=8, num_workers=0)\n")
+    results = tmp_path / 'results'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
+           f'--master_port={free_port()}', '-m', 'cssbench', 'run', '--protocol', PROTOCOL,
+           '--method', 'sdr', '--config', str(config), '--data-root', str(synth32), '--epochs', '1',
+           '--results', str(results), '--run-name', 'ddp']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    run_dir = results / PROTOCOL / 'sdr' / 'ddp'
+    steps = json.loads((run_dir / 'metrics.json').read_text())['steps']
+    assert [s['step'] for s in steps] == [0, 1]
+    assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
+    # Rank 1 prints nothing: each step's table and the run's once.
+    assert proc.stdout.count('step 1/1: classes 16..20') == 1
+    # One mmengine log per step (rank 0's), and no temporary folder of mmengine's collection.
+    assert len(list((run_dir / 'work' / 'step1').glob('*/*.log'))) == 1
+    assert not (tmp_path / '.dist_test').exists()
+    # The gathered evaluation is the saved model's over the whole val set.
+    alone = evaluate_alone(run_dir / 'work' / 'step1' / 'model.pth', config, synth32, 1)
+    stored = {c: (float('nan') if v is None else v) for c, v in steps[1]['iou'].items()}
+    assert stored.keys() == alone.keys()
+    for c in stored:
+        assert stored[c] == pytest.approx(alone[c], abs=1e-6, nan_ok=True), c
+
+
+def _prototype_update_on_half_batch(rank: int, port: int, features, labels, out) -> None:
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    try:
+        half = slice(rank * 2, rank * 2 + 2)
+        protos, counts = update_prototypes(torch.ones(5, 3), torch.full((5,), 4), features[half],
+                                           labels[half], exclude_background=True,
+                                           reduce=sum_over_processes)
+        out[rank] = (protos, counts)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sdr_prototypes_are_updated_with_the_whole_batch_on_every_process():
+    g = torch.Generator().manual_seed(0)
+    features = torch.rand(4, 3, 5, 5, generator=g)
+    labels = torch.randint(0, 5, (4, 5, 5), generator=g)
+    labels[2:][labels[2:] == 3] = 1  # class 3 only in the first process's half
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_prototype_update_on_half_batch, args=(free_port(), features, labels, out), nprocs=2)
+        (p0, n0), (p1, n1) = out[0], out[1]
+    whole, counts = update_prototypes(torch.ones(5, 3), torch.full((5,), 4), features, labels,
+                                      exclude_background=True)
+    assert torch.equal(p0, p1) and torch.equal(n0, n1)
+    torch.testing.assert_close(p0, whole)
+    assert torch.equal(n0, counts) and n0[0] == 4  # background left out
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused():
+    assert per_process_batch(24, 4) == 6
+    with pytest.raises(UserError, match='batch size 24 does not split evenly over 5 processes'):
+        per_process_batch(24, 5)

@@ -1,0 +1,103 @@
+"""The fast path on a GPU: bf16 losses track fp32's, channels_last computes what the contiguous
+layout does, a compiled step matches the eager one, a fast-path run completes, and (with two
+GPUs) a torchrun run with NCCL and SyncBN. Skipped without CUDA."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cssbench.bench import Case, build_step
+from cssbench.runner import load_config, run_protocol, speed_record
+from cssbench.speed import REFERENCE_SPEED, Speed
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
+
+
+def gpu_batch(n: int = 4, size: int = 64, classes: int = 17, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, classes, (n, size, size), generator=g, dtype=torch.uint8)
+    targets[:, :4] = 255
+    return dict(inputs=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g).cuda(),
+                data_samples=targets.cuda())
+
+
+def losses_of(method: str, step: int, speed: Speed) -> dict[str, float]:
+    """One forward of a step's loss in ``speed``, from the same initial weights each time."""
+    cfg = load_config('small')
+    model, optim = build_step(cfg, Case(method, method, step, dataset=None), speed, 'cuda')
+    model.eval()  # no dropout draws: both regimes compute the same function
+    data = model.data_preprocessor(gpu_batch(classes=17 if step else 16), True)
+    with optim.optim_context(model):
+        losses = model(**data, mode='loss')
+    return {k: float(v) for k, v in losses.items()}
+
+
+@pytest.mark.parametrize('method, step', [('ft', 0), ('sdr', 1)])
+def test_bf16_losses_track_fp32_on_the_same_batch(method, step):
+    torch.backends.cudnn.allow_tf32 = False  # the reference in true fp32
+    try:
+        fp32 = losses_of(method, step, REFERENCE_SPEED)
+        bf16 = losses_of(method, step, Speed(amp='bfloat16', channels_last=True))
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert fp32.keys() == bf16.keys()
+    for key in fp32:
+        # bf16 keeps 8 bits of mantissa: a few parts in a thousand through the network
+        assert bf16[key] == pytest.approx(fp32[key], rel=3e-2, abs=1e-4), key
+
+
+def test_channels_last_computes_what_the_contiguous_layout_does():
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        outputs = []
+        for speed in (REFERENCE_SPEED, Speed(amp=None, channels_last=True)):
+            model, _ = build_step(load_config('small'), Case('sdr', 'sdr', 1, None), speed, 'cuda')
+            model.eval()
+            with torch.no_grad():
+                outputs.append(model(model.data_preprocessor(gpu_batch())['inputs']))
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_training_step_matches_the_eager_one():
+    losses = []
+    for speed in (Speed(amp='bfloat16'), Speed(amp='bfloat16', compile=True)):
+        model, optim = build_step(load_config('small'), Case('ft', 'ft', 0, None), speed, 'cuda')
+        model.eval()  # no dropout: both see the same function
+        data = gpu_batch(classes=16)
+        losses.append([float(model.train_step(data, optim)['loss']) for _ in range(3)])
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
+def test_a_fast_path_run_completes_and_records_its_settings(synth32, config32, tmp_path):
+    steps = run_protocol('synth-15-5-overlap', 'sdr', config=str(config32), data_root=str(synth32),
+                         epochs=1, results_root=tmp_path, run_name='fast', log=lambda *a: None)
+    assert [s['step'] for s in steps] == [0, 1]
+    assert all(0.0 <= v <= 1.0 for v in steps[1]['iou'].values() if v is not None)
+    run = json.loads((tmp_path / 'synth-15-5-overlap' / 'sdr' / 'fast' / 'run.json').read_text())
+    assert run['config']['speed']['amp'] == 'bfloat16'
+    record = speed_record(load_config(str(config32)))
+    assert (record['device'], record['amp'], record['channels_last']) == ('cuda', 'bfloat16', True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_two_gpus_train_with_nccl_and_syncbn(synth32, config32, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           '-m', 'cssbench', 'run', '--protocol', 'synth-15-5-overlap', '--method', 'sdr',
+           '--config', str(config32), '--data-root', str(synth32), '--epochs', '1',
+           '--results', str(tmp_path), '--run-name', 'ddp']
+    proc = subprocess.run(cmd, env=dict(os.environ), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = json.loads((tmp_path / 'synth-15-5-overlap' / 'sdr' / 'ddp' / 'metrics.json')
+                       .read_text())['steps']
+    assert [s['step'] for s in steps] == [0, 1]

@@ -1,0 +1,99 @@
+"""The speed settings (config section, run flags, what applies on CPU), the losses logged
+without per-iteration host syncs, and channels_last models on CPU."""
+from __future__ import annotations
+
+from statistics import mean
+from types import SimpleNamespace
+
+import pytest
+import torch
+from mmengine.logging import MessageHub
+
+from cssbench.cli import main
+from cssbench.errors import UserError
+from cssbench.hooks import AveragedRuntimeInfoHook
+from cssbench.methods import get_method
+from cssbench.protocols import load_protocol
+from cssbench.runner import _config_digest, build_model, load_config, speed_record
+from cssbench.speed import REFERENCE_SPEED, Speed, prepare_model, resolve_speed
+
+SMALL_DIGEST = '4b660a8be0305c19'  # the digest stored runs of the small config carry
+
+
+def test_defaults_config_section_and_run_flags():
+    assert resolve_speed(None, 'c.py') == dict(amp='bfloat16', channels_last=True,
+                                               cudnn_benchmark=True, compile=False)
+    assert resolve_speed(dict(channels_last=False), 'c.py')['channels_last'] is False
+    assert resolve_speed(dict(amp=None), 'c.py', compile=True) == dict(
+        amp=None, channels_last=True, cudnn_benchmark=True, compile=True)
+    assert resolve_speed(dict(compile=True), 'c.py', fp32=True) == dict(
+        amp=None, channels_last=False, cudnn_benchmark=False, compile=False)
+    assert Speed(**resolve_speed(None, 'c.py', fp32=True)) == REFERENCE_SPEED
+
+
+@pytest.mark.parametrize('section, flags, message', [
+    (dict(amp='float16'), {}, 'speed.amp must be "bfloat16" or None'),
+    (dict(channel_last=True), {}, r"c.py: unknown speed setting\(s\) \['channel_last'\]"),
+    (None, dict(compile=True, fp32=True), '--compile and --fp32 exclude each other'),
+])
+def test_bad_speed_settings_are_refused(section, flags, message):
+    with pytest.raises(UserError, match=message):
+        resolve_speed(section, 'c.py', **flags)
+
+
+def test_on_cpu_a_run_stays_fp32_contiguous_and_its_config_digest_is_unchanged():
+    cfg = load_config('small', compile=True)
+    assert cfg.speed['amp'] == 'bfloat16'  # requested (the record shows what applies)
+    if not torch.cuda.is_available():
+        assert speed_record(cfg) == dict(device='cpu', amp='float32', channels_last=False,
+                                         cudnn_benchmark=False, compile=True, world_size=1,
+                                         batch_per_process=8, sync_bn=False)
+    assert Speed(amp='bfloat16', channels_last=True).on('cpu') == Speed(
+        amp=None, channels_last=False, cudnn_benchmark=False)
+    assert {_config_digest(load_config('small', **flags))
+            for flags in ({}, dict(fp32=True), dict(compile=True))} == {SMALL_DIGEST}
+
+
+def test_a_channels_last_model_computes_what_the_contiguous_one_does():
+    protocol, method = load_protocol('voc-15-5-overlap'), get_method('sdr')
+    torch.manual_seed(0)
+    model = build_model(load_config('small'), method.model_type, protocol, 0).eval()
+    reference = build_model(load_config('small'), method.model_type, protocol, 0).eval()
+    reference.load_state_dict(model.state_dict())
+    prepare_model(model, Speed(amp=None, channels_last=True), 'cpu')
+    assert model.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    batch = dict(inputs=torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+                 data_samples=torch.randint(0, 16, (2, 32, 32), dtype=torch.uint8))
+    data = model.data_preprocessor(batch)
+    assert data['inputs'].is_contiguous(memory_format=torch.channels_last)
+    assert data['data_samples'].dtype == torch.int64
+    with torch.no_grad():
+        torch.testing.assert_close(model(data['inputs']),
+                                   reference(reference.data_preprocessor(batch)['inputs']),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_logged_losses_are_the_means_over_each_interval_and_the_epoch_tail():
+    hub = MessageHub.get_instance('test_logged_losses')
+    runner = SimpleNamespace(message_hub=hub, train_dataloader=list(range(7)), epoch=0)
+    hook = AveragedRuntimeInfoHook(interval=3)
+    hook.before_train_epoch(runner)
+    losses = [0.5, 1.0, 3.0, 2.0, 4.0, 0.25, 0.75]
+    published = []
+    for i, loss in enumerate(losses):
+        outputs = dict(loss=torch.tensor(loss), loss_ce=torch.tensor(2 * loss))
+        hook.after_train_iter(runner, i, outputs=outputs)
+        published.append(len(hub.get_scalar('train/loss').data[0]) if 'train/loss' in hub.log_scalars
+                         else 0)
+    history = hub.get_scalar('train/loss').data[0].tolist()
+    # published after iterations 3 and 6 (the interval) and 7 (the end of the epoch), only
+    means = [mean(losses[0:3]), mean(losses[3:6]), mean(losses[6:])]
+    assert history == pytest.approx(means, rel=1e-12)
+    assert hub.get_scalar('train/loss_ce').data[0].tolist() == pytest.approx([2 * m for m in means])
+    assert published == [0, 0, 1, 1, 1, 2, 3]
+
+
+def test_run_refuses_compile_with_the_fp32_reference_regime(capsys):
+    assert main(['run', '--protocol', 'synth-15-5-overlap', '--compile', '--fp32']) == 2
+    assert capsys.readouterr().err.strip() == (
+        'cssbench: error: --compile and --fp32 exclude each other (--fp32 is the eager reference regime)')

@@ -1,0 +1,321 @@
+"""The results store, the leaderboard tables and the plots, on stores written by hand here.
+
+Every expected number below is worked out by hand from the IoUs the test writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cssbench.cli import main
+from cssbench.errors import UserError
+from cssbench.metrics import summarize_step
+from cssbench.plots import class_iou_figure, miou_by_step_figure
+from cssbench.protocols import load_protocol
+from cssbench.store import INDEX_FILE, open_store, select_runs
+from cssbench.tables import (forgetting_per_class, leaderboard, mean_std, per_class_forgetting,
+                             per_step, render)
+
+VOC19 = 'voc-19-1-overlap'
+
+
+def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: str = VOC19,
+              method: str = 'ft', run: str = 'small-seed0', seed: int = 0,
+              finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small') -> Path:
+    """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``."""
+    p = load_protocol(protocol)
+    steps = []
+    for t, iou in enumerate(step_ious):
+        summary_step = p.num_steps - 1 if method == 'joint' else t
+        steps.append(dict(step=t, classes=list(p.steps[t]), num_train=10, num_val=5,
+                          iou={str(c): v for c, v in iou.items()},
+                          columns=summarize_step(p, summary_step,
+                                                 {c: math.nan if v is None else v for c, v in iou.items()})))
+    run_dir = root / p.name / method / run
+    run_dir.mkdir(parents=True)
+    (run_dir / 'run.json').write_text(json.dumps(dict(
+        protocol=p.to_dict(), method=method, run=run, seed=seed, config_name='small',
+        config_digest=config_digest, status='complete', started='2026-01-01T00:00:00',
+        finished=finished, wall_time_s=12.5, git_revision='0123456789abcdef',
+        environment=dict(cssbench='0.1.0'), dataset_fingerprint='fp')))
+    (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
+    return run_dir
+
+
+def uniform(classes, value) -> dict[int, float]:
+    return {c: value for c in classes}
+
+
+OLD19 = range(20)
+
+
+@pytest.fixture
+def store_19_1(tmp_path: Path) -> Path:
+    """ft with two seeds, lwf with one, joint with one, on VOC 19-1.
+
+    ft seed 0: step 0 every class 0.8; step 1 old 0.6, class 20 0.3
+        old 60, new 30, all (20*0.6 + 0.3)/21 = 58.5714, avg (80 + 58.5714)/2, forgetting 20
+    ft seed 1: step 0 0.7; step 1 old 0.4, class 20 0.5
+        old 40, new 50, all (20*0.4 + 0.5)/21 = 40.4762, avg (70 + 40.4762)/2, forgetting 30
+    lwf seed 0: step 0 0.8; step 1 old 0.7, class 20 0.2: old 70, new 20, all 67.619
+    joint: one step, every class 0.9: all 90
+    """
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}])
+    write_run(root, [uniform(OLD19, 0.7), {**uniform(OLD19, 0.4), 20: 0.5}], run='small-seed1', seed=1)
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.7), 20: 0.2}], method='lwf')
+    write_run(root, [uniform(range(21), 0.9)], method='joint')
+    return root
+
+
+def test_mean_std_is_the_sample_std() -> None:
+    mean, std = mean_std([60.0, 40.0])
+    assert mean == 50.0 and std == pytest.approx(math.sqrt(200))
+    assert mean_std([3.0])[0] == 3.0 and math.isnan(mean_std([3.0])[1])
+    assert mean_std([1.0, math.nan, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_forgetting_on_a_hand_made_example() -> None:
+    steps = [dict(iou={'0': 0.9, '1': 0.8}),
+             dict(iou={'0': None, '1': 0.9, '2': 0.7}),
+             dict(iou={'0': None, '1': 0.5, '2': 0.75, '3': 0.6})]
+    f = forgetting_per_class(steps)
+    # class 1: best earlier 0.9 - 0.5; class 2: 0.7 - 0.75 (improved); class 0 not scored at
+    # the end, class 3 learned at the last step: neither has a forgetting.
+    assert f == {1: pytest.approx(0.4), 2: pytest.approx(-0.05)}
+    assert forgetting_per_class(steps[:1]) == {}
+
+
+def test_leaderboard_values_mean_std_and_gap_to_joint(store_19_1: Path) -> None:
+    table = leaderboard(open_store(store_19_1), VOC19)
+    f = table.frame
+    assert list(f.index) == ['ft', 'joint', 'lwf']
+    assert f.at['ft', 'seeds'] == 2 and f.at['lwf', 'seeds'] == 1
+    assert f.at['ft', 'old'] == pytest.approx(50.0)
+    assert f.at['ft', 'old_std'] == pytest.approx(math.sqrt(200))
+    assert f.at['ft', 'new'] == pytest.approx(40.0)
+    all0, all1 = 100 * 12.3 / 21, 100 * 8.5 / 21
+    assert f.at['ft', 'all'] == pytest.approx((all0 + all1) / 2)
+    assert f.at['ft', 'avg'] == pytest.approx(((80 + all0) / 2 + (70 + all1) / 2) / 2)
+    assert f.at['ft', 'forgetting'] == pytest.approx(25.0)
+    assert f.at['ft', 'forgetting_std'] == pytest.approx(math.sqrt(50))
+    assert f.at['ft', 'gap_joint'] == pytest.approx(90 - (all0 + all1) / 2)
+    assert f.at['lwf', 'old'] == pytest.approx(70.0) and math.isnan(f.at['lwf', 'old_std'])
+    assert f.at['joint', 'all'] == pytest.approx(90.0) and f.at['joint', 'gap_joint'] == 0
+    assert math.isnan(f.at['joint', 'forgetting'])
+
+    md = render(table, 'md')
+    assert '| method | seeds | 0-19 | 20 | all | avg | forgetting | gap to joint |' in md
+    assert '| ft | 2 | 50.0 ± 14.1 | **40.0 ± 14.1** | 49.5 ± 12.8 |' in md
+    # best incremental method per column in bold; joint (the upper bound) is never bold
+    assert '| lwf | 1 | **70.0** | 20.0 | **67.6** |' in md
+    assert '| joint | 1 | 90.0 | 90.0 | 90.0 |' in md
+    assert 'ft (small): small-seed0 (seed 0' in md and 'small-seed1 (seed 1' in md
+
+
+def test_latex_is_a_booktabs_tabular_with_the_best_bold(store_19_1: Path) -> None:
+    tex = render(leaderboard(open_store(store_19_1), VOC19), 'latex')
+    body = tex[tex.index('\\begin{tabular}'):]
+    assert body.startswith('\\begin{tabular}{lrrrrrrr}\n\\toprule\n')
+    assert 'method & seeds & 0-19 & 20 & all & avg & forgetting & gap to joint \\\\' in body
+    assert 'ft & 2 & 50.0 $\\pm$ 14.1 & \\textbf{40.0 $\\pm$ 14.1} &' in body
+    assert 'lwf & 1 & \\textbf{70.0} & 20.0 & \\textbf{67.6} &' in body
+    assert body.rstrip().endswith('\\bottomrule\n\\end{tabular}')
+    assert all(line.startswith('%') for line in tex[:tex.index('\\begin')].splitlines())
+
+
+def test_csv_keeps_means_and_stds_as_numbers(store_19_1: Path) -> None:
+    lines = render(leaderboard(open_store(store_19_1), VOC19), 'csv').splitlines()
+    header = lines[0].split(',')
+    ft = dict(zip(header, lines[1].split(',')))
+    assert ft['method'] == 'ft' and float(ft['old']) == 50.0 and float(ft['old_std']) == 14.14
+
+
+def test_per_step_table(store_19_1: Path) -> None:
+    f = per_step(open_store(store_19_1), VOC19).frame
+    assert f.loc[('ft', 0), 'all'] == pytest.approx(75.0)
+    assert f.loc[('ft', 0), 'all_std'] == pytest.approx(math.sqrt(50))
+    assert math.isnan(f.loc[('ft', 0), 'new'])
+    assert f.loc[('ft', 1), 'new'] == pytest.approx(40.0)
+    assert f.loc[('joint', 1), 'all'] == pytest.approx(90.0)   # joint's one step, shown last
+    assert len(f) == 2 + 2 + 1
+
+
+def test_per_class_forgetting_table(store_19_1: Path) -> None:
+    f = per_class_forgetting(open_store(store_19_1), VOC19).frame
+    assert list(f.columns) == ['ft', 'ft_std', 'lwf', 'lwf_std']      # joint has no steps
+    assert len(f) == 20 and f.index[0] == '0 background' and f.index[19] == '19 train'
+    assert f.at['3 bird', 'ft'] == pytest.approx(25.0)
+    assert f.at['3 bird', 'lwf'] == pytest.approx(10.0)
+
+
+def test_latest_run_is_used_and_run_names_pick_others(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], run='a',
+              finished='2026-01-01T00:00:00')
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.2), 20: 0.3}], run='b',
+              finished='2026-02-01T00:00:00')
+    store = open_store(root)
+    table = leaderboard(store, VOC19)
+    assert table.frame.at['ft', 'old'] == pytest.approx(20.0) and table.frame.at['ft', 'seeds'] == 1
+    assert any('1 other complete run(s)' in n and ': a;' in n for n in table.notes)
+    assert leaderboard(store, VOC19, runs=['a']).frame.at['ft', 'old'] == pytest.approx(60.0)
+    with pytest.raises(UserError, match='no complete run matching'):
+        leaderboard(store, VOC19, runs=['nope*'])
+
+
+def test_runs_of_different_configs_are_separate_rows(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], run='x',
+              config_digest='d1')
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.2), 20: 0.3}], run='y',
+              config_digest='d2')
+    rows = select_runs(open_store(root), VOC19)
+    assert [(r.method, r.config, [x.run for x in r.runs]) for r in rows] == [
+        ('ft', 'small@d1', ['x']), ('ft', 'small@d2', ['y'])]
+
+
+def test_corrupt_and_partial_run_folders_are_reported_and_skipped(store_19_1: Path) -> None:
+    base = store_19_1 / VOC19
+    bad = base / 'mib' / 'garbled'
+    bad.mkdir(parents=True)
+    (bad / 'run.json').write_text('{"protocol": ')
+    partial = write_run(store_19_1, [uniform(OLD19, 0.8)], method='sdr')
+    record = json.loads((partial / 'run.json').read_text())
+    (partial / 'run.json').write_text(json.dumps(dict(record, status='running')))
+    (partial / 'steps').mkdir()
+    (partial / 'steps' / 'step0.json').write_text('{}')
+    short = write_run(store_19_1, [uniform(OLD19, 0.8)], method='ilt')   # 1 of 2 steps
+    (base / 'plop' / 'no-metrics').mkdir(parents=True)
+    (base / 'plop' / 'no-metrics' / 'run.json').write_text(json.dumps(dict(record, run='no-metrics')))
+
+    store = open_store(store_19_1)
+    reasons = {s.path: s.reason for s in store.skipped}
+    assert 'not readable JSON' in reasons[f'{VOC19}/mib/garbled']
+    assert reasons[f'{VOC19}/sdr/small-seed0'] == "unfinished (status 'running', 1 step(s) done)"
+    assert reasons[f'{VOC19}/ilt/small-seed0'] == 'metrics.json holds 1 steps, the run trained 2'
+    assert reasons[f'{VOC19}/plop/no-metrics'] == 'metrics.json is missing'
+    assert short.name == 'small-seed0'
+    md = render(leaderboard(store, VOC19), 'md')
+    rows = [line.split(' | ')[0] for line in md.splitlines()
+            if line.startswith('| ') and not line.startswith('| method')]
+    assert rows == ['| ft', '| joint', '| lwf']
+    assert f'skipped {VOC19}/mib/garbled: run.json is not readable JSON' in md
+
+
+def test_index_is_rebuilt_when_missing_or_stale(store_19_1: Path) -> None:
+    open_store(store_19_1)
+    index = json.loads((store_19_1 / INDEX_FILE).read_text())
+    assert sorted(index['runs']) == [f'{VOC19}/{m}/small-seed{s}' for m, s in
+                                     (('ft', 0), ('ft', 1), ('joint', 0), ('lwf', 0))]
+
+    # A run rewritten after indexing: its stamp changed, so it is read again.
+    run_dir = store_19_1 / VOC19 / 'lwf' / 'small-seed0'
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    metrics['steps'][-1]['columns']['old']['mIoU'] = 0.123
+    (run_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
+    assert leaderboard(open_store(store_19_1), VOC19).frame.at['lwf', 'old'] == pytest.approx(12.3)
+
+    # A run folder removed: gone from the index too; index deleted: rebuilt the same.
+    import shutil
+    shutil.rmtree(store_19_1 / VOC19 / 'ft' / 'small-seed1')
+    open_store(store_19_1)
+    assert f'{VOC19}/ft/small-seed1' not in json.loads((store_19_1 / INDEX_FILE).read_text())['runs']
+    before = (store_19_1 / INDEX_FILE).read_text()
+    (store_19_1 / INDEX_FILE).unlink()
+    open_store(store_19_1)
+    assert (store_19_1 / INDEX_FILE).read_text() == before
+
+    # The index is what is read while the stamps hold: an entry edited in the index shows.
+    index = json.loads(before)
+    index['runs'][f'{VOC19}/lwf/small-seed0']['run']['steps'][-1]['columns']['old']['mIoU'] = 0.5
+    (store_19_1 / INDEX_FILE).write_text(json.dumps(index))
+    assert leaderboard(open_store(store_19_1), VOC19).frame.at['lwf', 'old'] == pytest.approx(50.0)
+
+
+def test_published_numbers_beside_our_rows(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    p = load_protocol('voc-15-1-overlap')
+    ious = []
+    for t in range(6):
+        iou = uniform(p.classes_seen(t), 0.5)
+        iou[0] = 0.9
+        ious.append(iou)
+    write_run(root, ious, protocol='voc-15-1-overlap', method='sdr')
+    table = leaderboard(open_store(root), 'voc-15-1-overlap')
+    f = table.frame
+    old = (0.9 + 15 * 0.5) / 16 * 100        # 0-15, background included
+    all_ = (0.9 + 20 * 0.5) / 21 * 100
+    # paper_tables.csv: SDR 15-1 0-15 = 47.3 and all = 48.7, variant not stated
+    assert f.at['sdr', 'paper_old'] == 47.3 and f.at['sdr', 'diff_old'] == pytest.approx(old - 47.3)
+    assert f.at['sdr', 'paper_all'] == 48.7 and f.at['sdr', 'diff_all'] == pytest.approx(all_ - 48.7)
+    assert math.isnan(f.at['sdr', 'paper_new'])
+    md = render(table, 'md')
+    assert '| paper 0-15 | diff 0-15 | paper all | diff all |' in md
+    assert f'| 47.3 | {old - 47.3:+.1f} | 48.7 | {all_ - 48.7:+.1f} |' in md
+    # the overlapped 1-15 number is for other classes: ours over 1-15 is given beside it
+    assert any('over classes 1-15: 44.7 (SDR (CVPR 2021)' in n and 'ours over the same classes 50.0 (+5.3)' in n
+               for n in table.notes)
+    assert any(n.startswith('* the source does not state') for n in table.notes)
+
+
+def test_no_published_numbers_for_the_synthetic_dataset(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_run(root, [uniform(range(20), 0.8), {**uniform(range(20), 0.6), 20: 0.3}],
+              protocol='synth-19-1-overlap', method='sdr')
+    table = leaderboard(open_store(root), 'synth-19-1-overlap')
+    assert "no published numbers for this setting in data/paper_tables.csv (dataset 'synth')" in table.notes
+    assert 'paper' not in render(table, 'md').splitlines()[2]
+
+
+def test_miou_figure_has_a_line_per_method_in_each_panel(store_19_1: Path) -> None:
+    rows = select_runs(open_store(store_19_1), VOC19)
+    fig = miou_by_step_figure(VOC19, rows)
+    assert [ax.get_title() for ax in fig.axes] == ['all classes', 'old classes (0-19)', 'new classes (20)']
+    for ax in fig.axes:
+        assert len(ax.get_lines()) == 3            # ft, lwf, and joint's dashed level
+        assert sorted(line.get_label() for line in ax.get_lines()) == ['ft', 'joint', 'lwf']
+    ft = next(line for line in fig.axes[1].get_lines() if line.get_label() == 'ft')
+    np.testing.assert_allclose(ft.get_ydata(), [75.0, 50.0])   # old: mean over the two seeds
+    assert len(fig.axes[1].collections) == 1                  # ft's ± std band (two seeds)
+
+
+def test_class_heat_map_is_class_by_step(store_19_1: Path) -> None:
+    run = next(r for r in open_store(store_19_1).runs if r.method == 'ft' and r.seed == 0)
+    fig = class_iou_figure(run)
+    grid = fig.axes[0].images[0].get_array()
+    assert grid.shape == (21, 2)
+    assert grid[3, 0] == pytest.approx(80.0) and grid[20, 1] == pytest.approx(30.0)
+    assert grid.mask[20, 0] and not grid.mask[20, 1]     # class 20 unseen at step 0
+
+
+def test_cli_table_all_and_plot_write_valid_files(store_19_1: Path, capsys) -> None:
+    results = str(store_19_1)
+    assert main(['table', '--protocol', VOC19, '--results', results, '--format', 'latex']) == 0
+    assert '\\begin{tabular}' in capsys.readouterr().out
+    assert main(['table', '--all', '--results', results]) == 0
+    tables = store_19_1 / 'tables'
+    assert sorted(p.name for p in tables.iterdir()) == sorted(
+        f'{VOC19}{kind}.{ext}' for kind in ('', '-per-step', '-per-class') for ext in ('md', 'csv', 'tex'))
+    assert main(['plot', '--protocol', VOC19, '--results', results]) == 0
+    pngs = sorted(p.name for p in tables.glob('*.png'))
+    assert pngs == [f'{VOC19}-ft-small-seed0-iou.png', f'{VOC19}-joint-small-seed0-iou.png',
+                    f'{VOC19}-lwf-small-seed0-iou.png', f'{VOC19}-miou.png']
+    for name in pngs:
+        with Image.open(tables / name) as im:
+            im.verify()
+            assert im.format == 'PNG' and im.size[0] > 300
+    assert not [f for f in os.listdir(tables) if f.endswith('.tmp')]
+
+
+def test_cli_table_errors(tmp_path: Path, capsys) -> None:
+    assert main(['table', '--protocol', VOC19, '--results', str(tmp_path / 'none')]) == 2
+    assert 'no complete run' in capsys.readouterr().err
+    assert main(['table', '--results', str(tmp_path)]) == 2
+    assert 'give --protocol' in capsys.readouterr().err
