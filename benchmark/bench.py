@@ -52,11 +52,12 @@ from .transforms import EvalTransform, TrainTransform
 
 EPOCHS_PER_STEP = 30  # the papers' VOC schedule
 PROJECTED_PROTOCOL = 'voc-15-1-overlap'
-VOC_TRAIN_IMAGES, VOC_VAL_IMAGES = 10_582, 1_449  # train_aug and val
-# TODO(voc-counts): (train, val) images of each of voc-15-1-overlap's 6 steps on the real
-# VOC 2012 + SBD lists, to be filled in from the spec. Until then (None) the projection
-# counts every step with the whole lists: an upper bound, and the report says so.
-VOC_15_1_OVERLAP_STEP_IMAGES: list[tuple[int, int]] | None = None
+# (train, val) images of each step of voc-15-1-overlap on VOC 2012 + SBD (10,582 / 1,449):
+# the lengths of the reference's split files, fcdl94/MiB and LTTM/SDR
+# data/voc/15-5s-ov/train-<t>.npy (identical in both) and LTTM/SDR
+# data/voc/15-5s/test_on_val-<t>.npy (val images holding a class seen so far).
+VOC_15_1_OVERLAP_STEP_IMAGES = [(9568, 1240), (487, 1277), (299, 1329), (491, 1353), (500, 1421),
+                                (548, 1449)]
 PRELOADED_BATCHES = 4   # distinct batches cycled through by the timed loops
 LOADER_BATCHES = 30     # batches timed through the DataLoader (at most)
 
@@ -295,15 +296,6 @@ def _device_name() -> str:
 
 # ----------------------------------------------------------------------------- projection
 
-def protocol_step_images() -> tuple[list[tuple[int, int]], bool]:
-    """(train, val) images of each step of voc-15-1-overlap, and whether they are the real
-    counts (else the upper bound: every step with the whole lists)."""
-    if VOC_15_1_OVERLAP_STEP_IMAGES is not None:
-        return VOC_15_1_OVERLAP_STEP_IMAGES, True
-    steps = load_protocol(PROJECTED_PROTOCOL).num_steps
-    return [(VOC_TRAIN_IMAGES, VOC_VAL_IMAGES)] * steps, False
-
-
 def project_protocol(report: dict, regime: str) -> float:
     """Seconds for voc-15-1-overlap with SDR in ``regime``: step 0 at fine-tuning's rate,
     later steps at SDR's (its teacher's forward included), each capped by the loader's rate;
@@ -312,7 +304,7 @@ def project_protocol(report: dict, regime: str) -> float:
     loader = report['loader']['with_workers']
     cap = math.inf if math.isnan(loader) else loader
     seconds = 0.0
-    for t, (n_train, n_val) in enumerate(protocol_step_images()[0]):
+    for t, (n_train, n_val) in enumerate(VOC_15_1_OVERLAP_STEP_IMAGES):
         rate = min(rates[min(t, 1)], cap)
         seconds += n_train * EPOCHS_PER_STEP / rate + n_val / report['eval'][regime]
     return seconds
@@ -351,12 +343,9 @@ def format_report(report: dict) -> str:
     lines += ['', f'data loader: {loader["per_process"]:.1f} img/s decode + augment in one process; '
                   f'{loader["with_workers"]:.1f} img/s through the loader with '
                   f'{loader["workers"]} worker(s)']
-    counts, exact = protocol_step_images()
-    basis = ('real per-step image counts' if exact else
-             f'PLACEHOLDER counts: every step with all {VOC_TRAIN_IMAGES:,} train / '
-             f'{VOC_VAL_IMAGES:,} val images, an upper bound')
-    lines += [f'projected {PROJECTED_PROTOCOL} with sdr ({len(counts)} steps x {EPOCHS_PER_STEP} '
-              f'epochs, one process; {basis}):']
+    train_images = '/'.join(str(n) for n, _ in VOC_15_1_OVERLAP_STEP_IMAGES)
+    lines += [f'projected {PROJECTED_PROTOCOL} with sdr ({len(VOC_15_1_OVERLAP_STEP_IMAGES)} steps '
+              f'x {EPOCHS_PER_STEP} epochs, one process; train images per step {train_images}):']
     lines += [f'  {name:<11} {datetime.timedelta(seconds=round(seconds))}'
               for name, seconds in report['projection'].items()]
     return '\n'.join(lines)
