@@ -180,9 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--n-train', type=int, default=2000)
     p.add_argument('--n-val', type=int, default=300)
     p.add_argument('--size', type=int, default=64, help='image side in pixels (512 for GPU work)')
-    seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument('--seed', type=int, default=0)
-    seeds.add_argument('--seeds', help='several seeds, e.g. 0,1,2: each one run in turn')
+    p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=1)
     p.set_defaults(func=cmd_make_synth)
 

@@ -116,7 +116,7 @@ class Protocol:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _parse_class_item(item, where: str) -> list[int]:
+def parse_class_item(item, where: str) -> list[int]:
     if isinstance(item, bool):
         raise ProtocolError(f'{where}: {item!r} is not a class id')
     if isinstance(item, int):
@@ -176,7 +176,7 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     for i, raw in enumerate(raw_steps):
         where = f'{src}: field steps[{i}]'
         items = raw if isinstance(raw, list) else [raw]
-        classes = [c for item in items for c in _parse_class_item(item, where)]
+        classes = [c for item in items for c in parse_class_item(item, where)]
         if not classes:
             raise ProtocolError(f'{where}: step has no classes')
         for c in classes:

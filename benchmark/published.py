@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .protocols import parse_class_item
+
 PAPER_TABLES = Path(__file__).resolve().parent / 'data' / 'paper_tables.csv'
 VARIANT_OF_MODE = {'overlap': 'overlapped', 'disjoint': 'disjoint'}
 # Method names as papers print them -> cssbench's method names.
@@ -39,10 +41,10 @@ def setting_of(steps: list[list[int]]) -> str:
 
 
 def parse_range(text) -> tuple[int, ...] | None:
+    """``old_range`` as class ids (``1-15``: 1..15, read as a protocol file's range); None if empty."""
     if not isinstance(text, str) or not text.strip():
         return None
-    lo, _, hi = text.strip().partition('-')
-    return tuple(range(int(lo), int(hi or lo) + 1))
+    return tuple(parse_class_item(text.strip(), f'{PAPER_TABLES.name}: old_range'))
 
 
 def method_key(name: str) -> str:

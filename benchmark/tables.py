@@ -25,6 +25,7 @@ import pandas as pd
 
 from .datasets_info import DATASET_INFO
 from .errors import UserError
+from .io import atomic_write_text
 from .metrics import mean_iou, range_label
 from .published import published_cells
 from .store import RowRuns, Store, StoredRun, select_runs
@@ -377,7 +378,6 @@ def write_all_tables(store: Store, out_dir: str | Path, runs=None, config=None) 
     """Every protocol's tables in every format under ``out_dir``: ``<protocol>.<ext>``,
     ``<protocol>-per-step.<ext>``, ``<protocol>-per-class.<ext>``."""
     out_dir = Path(out_dir)
-    from .io import atomic_write_text
     written = []
     for protocol in store.protocols():
         for kind, build in TABLES.items():
