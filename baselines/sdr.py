@@ -80,6 +80,13 @@ FS_EPS = 1e-15  # reference utils/loss.py: FeaturesSparsificationLoss.eps
 
 
 # ----------------------------------------------------------------------------- pure functions
+#
+# Each term handles every class at once: per-class sums are one scatter over the pixels, and
+# "the classes present" is a mask, never a Python list, so a training step reads nothing back
+# from the device.
+
+LABEL_VALUES = 256  # masks are uint8: every label, the ignored 255 included, is below this
+
 
 def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
     """B x H x W labels to B x h x w by nearest interpolation (as every SDR loss does)."""
@@ -92,8 +99,16 @@ def _pixels(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-def _present(labels: torch.Tensor, drop=()) -> list[int]:
-    return [c for c in torch.unique(labels).tolist() if c not in drop]
+def class_sums(rows: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+               num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each class c < ``num_classes``: the sum of the ``rows`` (one per pixel) labelled c
+    where ``keep`` holds, and how many there are (``num_classes x ...``, ``num_classes``
+    int64). Differentiable in ``rows``."""
+    bins = torch.where(keep, labels, num_classes)  # the pixels left out share one extra bin
+    sums = rows.new_zeros(num_classes + 1, *rows.shape[1:]).index_add(0, bins, rows)
+    counts = torch.zeros(num_classes + 1, dtype=torch.long, device=labels.device)
+    counts.index_add_(0, bins, torch.ones_like(bins))
+    return sums[:num_classes], counts[:num_classes]
 
 
 def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, features: torch.Tensor,
@@ -109,11 +124,10 @@ def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, features: 
     under DDP every process then updates with the whole batch, and all keep equal prototypes.
     """
     feats, labels = _pixels(features.detach()).to(prototypes.dtype), labels_down.reshape(-1)
-    drop = {ignore_index} | ({0} if exclude_background else set())
-    sums, batch_counts = torch.zeros_like(prototypes), torch.zeros_like(counts)
-    for c in _present(labels, drop):
-        f = feats[labels == c]
-        sums[c], batch_counts[c] = f.sum(dim=0), f.shape[0]
+    keep = labels != ignore_index
+    if exclude_background:
+        keep &= labels != 0
+    sums, batch_counts = class_sums(feats, labels, keep, prototypes.shape[0])
     if reduce is not None:
         reduce(sums)
         reduce(batch_counts)
@@ -136,12 +150,12 @@ def prototypes_matching_loss(features: torch.Tensor, pseudolabels: torch.Tensor,
     """SDR's prototypes matching (reference DistillationEncoderPrototypesLoss, sumafter):
     ``(1/K) sum_{c in K} mean_channels((mean_{pixels of c} f - p_c)^2)`` over the K classes
     != 0 in ``pseudolabels``; prototypes detached. 0 when K = 0."""
-    feats, labels = _pixels(features), pseudolabels.reshape(-1)
-    classes = _present(labels, {0})
-    loss = features.new_zeros(())
-    for c in classes:
-        loss = loss + F.mse_loss(feats[labels == c].mean(dim=0), prototypes[c].detach()) / len(classes)
-    return loss
+    labels = pseudolabels.reshape(-1)
+    sums, counts = class_sums(_pixels(features), labels, labels != 0, prototypes.shape[0])
+    present = counts > 0
+    means = sums / counts.clamp(min=1)[:, None]
+    per_class = (means - prototypes.detach()).pow(2).mean(dim=1)
+    return (per_class * present).sum() / present.sum().clamp(min=1)
 
 
 def attraction_loss(features: torch.Tensor, labels_down: torch.Tensor, prototypes: torch.Tensor,
@@ -150,15 +164,22 @@ def attraction_loss(features: torch.Tensor, labels_down: torch.Tensor, prototype
     FeaturesClusteringSeparationLoss, first output): for each class c present (ascending ids,
     background included, ``ignore_index`` left out), ``l_c = mean((f - p_c)^2)`` over its
     pixels and channels. ``divide_in_loop`` (the reference): ``L <- (L + l_c) / K`` at each
-    class; else ``L = mean_c l_c``. 0 when no class is present."""
+    class, i.e. the i-th of the K classes weighted ``K^-(K-i+1)``; else ``L = mean_c l_c``.
+    0 when no class is present."""
     feats, labels = _pixels(features), labels_down.reshape(-1)
-    classes = _present(labels, {ignore_index})
-    loss = features.new_zeros(())
-    for c in classes:
-        f = feats[labels == c]
-        term = F.mse_loss(f, prototypes[c].detach().expand_as(f))
-        loss = (loss + term) / len(classes) if divide_in_loop else loss + term / len(classes)
-    return loss
+    keep = labels != ignore_index
+    own_prototype = prototypes.detach()[torch.where(keep, labels, 0)]
+    squared = (feats - own_prototype).pow(2).sum(dim=1)
+    sums, counts = class_sums(squared, labels, keep, prototypes.shape[0])
+    per_class = sums / (counts.clamp(min=1) * feats.shape[1])
+    present = counts > 0
+    k = present.sum().to(per_class.dtype)
+    if divide_in_loop:
+        position = present.cumsum(dim=0).to(per_class.dtype)  # i, among the present classes
+        weights = k.pow(position - k - 1)
+    else:
+        weights = 1 / k
+    return (torch.where(present, weights, 0) * per_class).sum()
 
 
 def repulsion_loss(features: torch.Tensor, labels_down: torch.Tensor,
@@ -167,18 +188,15 @@ def repulsion_loss(features: torch.Tensor, labels_down: torch.Tensor,
     output, ``lfc_sep_clust_ison_proto=False``): the batch means m_c of the present classes
     (background included, ``ignore_index`` left out); the mean of ``1 / ||m_i - m_j||`` over the
     ordered pairs i != j with a non-zero distance; 0 when there is no such pair."""
-    feats, labels = _pixels(features), labels_down.reshape(-1)
-    classes = _present(labels, {ignore_index})
-    if len(classes) < 2:
-        return features.new_zeros(())
-    means = torch.stack([feats[labels == c].mean(dim=0) for c in classes])
-    i, j = torch.triu_indices(len(classes), len(classes), offset=1, device=means.device)
-    sq = (means[i] - means[j]).pow(2).sum(dim=1)
-    keep = sq > 0  # the reference drops the infinite 1/0 entries
-    if not keep.any():
-        return features.new_zeros(())
-    # Ordered pairs (i, j) and (j, i) have the same distance: their mean is the unordered mean.
-    return sq[keep].sqrt().reciprocal().mean()
+    labels = labels_down.reshape(-1)
+    sums, counts = class_sums(_pixels(features), labels, labels != ignore_index, LABEL_VALUES)
+    present = counts > 0
+    means = sums / counts.clamp(min=1)[:, None]
+    # Differences, not the matrix-product expansion: close means keep their exact distance.
+    dist = torch.cdist(means, means, compute_mode='donot_use_mm_for_euclid_dist')
+    pairs = present[:, None] & present[None, :] & (dist > 0)  # the reference drops 1/0
+    inverse = torch.where(pairs, dist, 1.0).reciprocal()
+    return torch.where(pairs, inverse, 0).sum() / pairs.sum().clamp(min=1)
 
 
 def sparsification_loss(features: torch.Tensor, labels_down: torch.Tensor,
@@ -191,17 +209,14 @@ def sparsification_loss(features: torch.Tensor, labels_down: torch.Tensor,
     batch: f~ = 0, loss 0); 255 counts as a class. Per pixel ``sum_c exp(f~_c) / (sum_c f~_c +
     eps)``, averaged over every pixel; 0 if ``sum f~ <= 0``.
     """
-    classes = torch.unique(labels_down).tolist()
-    if classes[-1] == 0:
-        classes = classes[:-1]
-    norm = torch.zeros_like(features)
-    for c in classes:
-        mask = (labels_down == c)[:, None]
-        peak = features.masked_select(mask.expand_as(features)).max()
-        norm = norm + features / (peak + eps) * mask.to(features.dtype)
-    if not norm.sum() > 0:
-        return features.new_zeros(())
-    return (norm.exp().sum(dim=1) / (norm.sum(dim=1) + eps)).mean()
+    labels = labels_down.reshape(-1)
+    peaks = features.new_full((LABEL_VALUES,), float('-inf')).scatter_reduce(
+        0, labels, features.amax(dim=1).reshape(-1), 'amax')
+    norm = features / (peaks[labels_down] + eps)[:, None]
+    valid = (labels.amax() > 0) & (norm.sum() > 0)
+    norm = torch.where(valid, norm, 1.0)  # the unused branch stays finite, and so its gradient
+    loss = (norm.exp().sum(dim=1) / (norm.sum(dim=1) + eps)).mean()
+    return torch.where(valid, loss, 0.0)
 
 
 # ----------------------------------------------------------------------------- the methods

@@ -80,7 +80,7 @@ def prepare_model(model, speed: Speed, device: str):
         net.data_preprocessor.channels_last = speed.channels_last
         if speed.compile:
             # The backbone and the head: fixed shapes, no data-dependent control flow. The
-            # methods' losses (SDR's per-class loops) stay eager.
+            # methods' losses stay eager.
             net.backbone.compile()
             net.decode_head.compile()
     return model

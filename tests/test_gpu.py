@@ -1,6 +1,7 @@
 """The fast path on a GPU: bf16 losses track fp32's, channels_last computes what the contiguous
-layout does, a compiled step matches the eager one, a fast-path run completes, and (with two
-GPUs) a torchrun run with NCCL and SyncBN. Skipped without CUDA."""
+layout does, a compiled step matches the eager one, no method's training iteration waits for
+the GPU, a fast-path run completes, and (with two GPUs) a torchrun run with NCCL and SyncBN.
+Skipped without CUDA."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 from cssbench.bench import Case, build_step
+from cssbench.methods import method_names
 from cssbench.runner import load_config, run_protocol, speed_record
-from cssbench.speed import REFERENCE_SPEED, Speed
+from cssbench.speed import REFERENCE_SPEED, SPEED_DEFAULTS, Speed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -76,6 +78,21 @@ def test_a_compiled_training_step_matches_the_eager_one():
         data = gpu_batch(classes=16)
         losses.append([float(model.train_step(data, optim)['loss']) for _ in range(3)])
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
+@pytest.mark.parametrize('name', method_names('all'))
+def test_a_fast_path_training_iteration_does_not_wait_for_the_gpu(name):
+    model, optim = build_step(load_config('small'), Case(name, name, 1, None), SPEED_DEFAULTS, 'cuda')
+    data = gpu_batch(classes=sum(model.step_sizes))
+    model.before_step_training([data])
+    model.train()
+    model.train_step(data, optim)  # the first iteration: cudnn's benchmark searches, buffers appear
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')  # any synchronising CUDA call raises
+    try:
+        model.train_step(data, optim)
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
 
 
 def test_a_fast_path_run_completes_and_records_its_settings(synth32, config32, tmp_path):

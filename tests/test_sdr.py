@@ -1,6 +1,7 @@
-"""SDR and SDR+MiB: each latent loss against hand-computed values, the prototypes' running
-update, the class-indexed buffers across steps, the loss terms of a step-1 model, and a
-two-step protocol run end to end."""
+"""SDR and SDR+MiB: each latent loss against hand-computed values and, with its gradient,
+against a per-class loop of its definition; the prototypes' running update, the
+class-indexed buffers across steps, the loss terms of a step-1 model, and a two-step
+protocol run end to end."""
 from __future__ import annotations
 
 import math
@@ -171,6 +172,69 @@ def test_sparsification_edge_cases():
     x = torch.rand(2, 4, 3, 3, requires_grad=True)
     sparsification_loss(x, torch.randint(0, 3, (2, 3, 3))).backward()
     assert torch.isfinite(x.grad).all()
+
+
+# Each term written as the per-class loop of its definition (ascending class ids): the
+# implementation handles all classes at once, and must compute the same values and gradients.
+
+def looped_terms(feats, labels, pseudo, protos):
+    pixels = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    labels, pseudo = labels.reshape(-1), pseudo.reshape(-1)
+    present = [c for c in range(256) if (labels == c).any() and c != 255]
+    old = [c for c in range(256) if (pseudo == c).any() and c != 0]
+    pm = sum(((pixels[pseudo == c].mean(0) - protos[c]) ** 2).mean() for c in old) / max(len(old), 1)
+    fc = feats.new_zeros(())
+    for c in present:
+        fc = (fc + ((pixels[labels == c] - protos[c]) ** 2).mean()) / len(present)
+    means = [pixels[labels == c].mean(0) for c in present]
+    inverse = [1 / (a - b).norm() for i, a in enumerate(means) for j, b in enumerate(means)
+               if i != j and (a - b).norm() > 0]
+    sep = sum(inverse) / len(inverse) if inverse else feats.new_zeros(())
+    norm = torch.zeros_like(pixels)
+    for c in range(256) if labels.max() > 0 else ():
+        if (labels == c).any():
+            norm[labels == c] = pixels[labels == c] / (pixels[labels == c].max() + 1e-15)
+    fs = (norm.exp().sum(1) / (norm.sum(1) + 1e-15)).mean() if norm.sum() > 0 else feats.new_zeros(())
+    return dict(pm=pm, fc=fc, sep=sep, fs=fs)
+
+
+def computed_terms(feats, labels, pseudo, protos):
+    return dict(pm=prototypes_matching_loss(feats, pseudo, protos),
+                fc=attraction_loss(feats, labels, protos), sep=repulsion_loss(feats, labels),
+                fs=sparsification_loss(feats, labels))
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_every_term_and_its_gradient_equal_the_per_class_loops(seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.relu(torch.randn(3, 8, 5, 6, generator=g, dtype=torch.float64))
+    classes = torch.randperm(21, generator=g)[:seed + 1]  # some classes absent, ids not in order
+    labels = classes[torch.randint(0, len(classes), (3, 5, 6), generator=g)]
+    labels[torch.rand(3, 5, 6, generator=g) < 0.2] = 255
+    pseudo = torch.where(labels == 0, torch.randint(0, 16, (3, 5, 6), generator=g), 0)
+    protos = torch.rand(21, 8, generator=g, dtype=torch.float64)
+    for name in ('pm', 'fc', 'sep', 'fs'):
+        results = []
+        for terms in (looped_terms, computed_terms):
+            x = feats.clone().requires_grad_()
+            value = feats.new_zeros(()) + terms(x, labels, pseudo, protos)[name]
+            if value.requires_grad:
+                value.backward()
+            results.append((value.detach(), torch.zeros_like(x) if x.grad is None else x.grad))
+        (looped_value, looped_grad), (value, grad) = results
+        torch.testing.assert_close(value, looped_value, msg=name)
+        torch.testing.assert_close(grad, looped_grad, msg=name)
+
+
+def test_degenerate_batches_give_zero_terms_and_finite_gradients():
+    protos = torch.rand(21, 4)
+    background, ignored = torch.zeros(2, 3, 3, dtype=torch.long), torch.full((2, 3, 3), 255)
+    for labels, zero_terms in ((background, ('pm', 'sep', 'fs')), (ignored, ('pm', 'fc', 'sep'))):
+        x = torch.rand(2, 4, 3, 3, requires_grad=True)
+        terms = computed_terms(x, labels, torch.zeros_like(labels), protos)
+        assert [terms[name].item() for name in zero_terms] == [0, 0, 0]
+        sum(terms.values()).backward()
+        assert torch.isfinite(x.grad).all()
 
 
 # --------------------------------------------------------------------------- the models

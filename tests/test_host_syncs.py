@@ -1,0 +1,114 @@
+"""No training iteration makes the host wait for the device.
+
+On a GPU, an operator that reads device values back to the host (``.item()``, ``bool(t)``,
+``.tolist()``, ``nonzero``, ``unique``, boolean-mask indexing, ...) stalls the step loop
+until the GPU catches up. These tests run iterations on the CPU under a dispatch mode that
+records every such operator, so a stall is caught here, without a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cssbench.bench import Case, build_step
+from cssbench.hooks import AveragedRuntimeInfoHook
+from cssbench.methods import method_names
+from cssbench.runner import load_config
+from cssbench.speed import SPEED_DEFAULTS
+
+aten = torch.ops.aten
+
+# Operators whose result depends on device values that the host must read (sizes or Python
+# scalars).
+HOST_READING_OPS = {aten._local_scalar_dense, aten.nonzero, aten._unique, aten._unique2,
+                    aten.unique_dim, aten.unique_consecutive, aten.masked_select, aten.bincount,
+                    aten.repeat_interleave, aten.equal}
+# Indexing with a boolean mask: its result's size is the mask's count.
+MASK_INDEXING_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators, and the ``tolist``/``numpy`` calls, that would wait for a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        if packet in HOST_READING_OPS or (packet in MASK_INDEXING_OPS and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        # Tensor.tolist and Tensor.numpy read memory directly, below the dispatcher.
+        self._methods = {name: getattr(torch.Tensor, name) for name in ('tolist', 'numpy')}
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, self._recording(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def _recording(self, name, method):
+        def wrapper(tensor, *args, **kwargs):
+            self.found.append(f'Tensor.{name}')
+            return method(tensor, *args, **kwargs)
+        return wrapper
+
+
+def test_the_detector_sees_each_kind_of_host_read():
+    x = torch.arange(6.0)
+    reads = [lambda: x.sum().item(), lambda: bool(x.any()), lambda: x.tolist(),
+             lambda: torch.unique(x), lambda: x[x > 2], lambda: x.masked_fill(x > 2, 0)[x > 1],
+             lambda: torch.where(x > 2)]
+    for read in reads:
+        with HostReads() as detector:
+            read()
+        assert detector.found
+    y = torch.arange(6.0, requires_grad=True)
+    with HostReads() as detector:
+        torch.where(y > 2, y, 0).sum().backward()  # masks as values, not as indices: no read
+    assert detector.found == []
+    x.tolist()  # outside the detector, Tensor.tolist is itself again
+    assert detector.found == []
+
+def training_batch(classes: int, size: int = 32, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randint(0, classes, (4, size, size), generator=g).to(torch.uint8)
+    masks[:, :3] = 255
+    return dict(inputs=torch.randint(0, 256, (4, 3, size, size), generator=g, dtype=torch.uint8),
+                data_samples=masks)
+
+
+@pytest.mark.parametrize('name', method_names('all'))
+def test_a_training_iteration_of_every_method_reads_nothing_back(name):
+    model, optim = build_step(load_config('small'), Case(name, name, 1, None),
+                              SPEED_DEFAULTS.on('cpu'), 'cpu')
+    batch = training_batch(classes=sum(model.step_sizes))
+    model.before_step_training([batch])  # once per step, before the loop (PLOP's thresholds)
+    model.train()
+    model.train_step(batch, optim)  # a first iteration may set up state (e.g. momentum buffers)
+    with HostReads() as detector:
+        model.train_step(batch, optim)
+    assert detector.found == []
+
+
+def test_loss_logging_reads_back_once_per_interval():
+    class Runner:
+        train_dataloader = range(10)
+
+        class message_hub:
+            update_scalar = staticmethod(lambda key, value: None)
+
+    hook = AveragedRuntimeInfoHook(interval=4)
+    reads = []
+    for i in range(8):
+        with HostReads() as detector:
+            hook.after_train_iter(Runner, i, outputs=dict(loss=torch.tensor(float(i))))
+        reads.append(len(detector.found))
+    assert reads == [0, 0, 0, 1, 0, 0, 0, 1]
