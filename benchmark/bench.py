@@ -10,8 +10,10 @@ cache once) or on a dataset given with ``--data-root``:
   speed settings, torch.compile with ``--compile``). The step is the runner's: the same
   model preparation, optimizer wrapper and ``train_step``. Batches are loaded onto the
   device beforehand, so that the model's speed is timed (the loader is timed apart);
-  warm-up iterations are not timed, and the device is synchronised only around the timed
-  window;
+  warm-up iterations are not timed; the timed ones are cut into rounds in which the regimes
+  take turns, so that a drift of the machine (clocks, other load) falls on both alike, and a
+  regime's rate is its median over the rounds; the device is synchronised only around each
+  round;
 * FLOPs per image (``torch.utils.flop_counter`` over one training step: forward, backward,
   teacher forward), the achieved TFLOP/s and the model FLOP utilisation against this
   device's matmul peak as measured here (bf16 on GPU; the fp32 regime against the same);
@@ -28,8 +30,10 @@ import contextlib
 import datetime
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from mmengine.dataset import default_collate
@@ -59,6 +63,7 @@ PROJECTED_PROTOCOL = 'voc-15-1-overlap'
 VOC_15_1_OVERLAP_STEP_IMAGES = [(9568, 1240), (487, 1277), (299, 1329), (491, 1353), (500, 1421),
                                 (548, 1449)]
 PRELOADED_BATCHES = 4   # distinct batches cycled through by the timed loops
+ROUNDS = 4              # the timed iterations of each regime, in this many alternating rounds
 LOADER_BATCHES = 30     # batches timed through the DataLoader (at most)
 
 
@@ -107,35 +112,56 @@ def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, 
                      warmup: int, device: str) -> list[dict]:
     """The case's training img/s in each regime, and its FLOPs per image."""
     batches = preload(case.dataset, batch, device)
-    rows, flops = [], None
+    try:
+        rates, flops = _time_training(cfg, case, regimes, batches, iters, warmup, device)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f'out of GPU memory: {case.label} at batch {batch}; '
+                        f'try --batch {max(1, batch // 2)}') from None
+    finally:
+        _release_memory(device)  # the models went with _time_training's frame
+    return [dict(case=case.label, step=case.step, regime=name, img_s=rate, flops_per_img=flops)
+            for name, rate in rates.items()]
+
+
+def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
+                   warmup: int, device: str) -> tuple[dict[str, float], float]:
+    steps, flops = {}, None
+    batch = len(batches[0]['inputs'])
     for name, speed in regimes.items():
         model, optim = build_step(cfg, case, speed, device)
-        try:
-            if flops is None:  # counted once, on the reference regime's eager model
-                flops = training_flops(model, optim, batches[0]) / batch
-            rate = timed(lambda i: model.train_step(batches[i % len(batches)], optim),
-                         iters, warmup, batch, speed, device, train=True, model=model)
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(f'out of GPU memory: {case.label} at batch {batch} in the {name} '
-                            f'regime; try --batch {max(1, batch // 2)}') from None
-        rows.append(dict(case=case.label, step=case.step, regime=name, img_s=rate, flops_per_img=flops))
-        del model, optim
-        _release_memory(device)
-    return rows
+        if flops is None:  # counted once, on the reference regime's eager model
+            flops = training_flops(model, optim, batches[0]) / batch
+        steps[name] = (partial(_train_on, model, optim, batches),
+                       partial(regime_context, speed, model, train=True))
+    return interleaved_rates(steps, iters, warmup, batch, device), flops
 
 
 def measure_eval(cfg, case: Case, val_set, regimes: dict[str, Speed], *, iters: int, warmup: int,
                  device: str) -> dict[str, float]:
     """Evaluation img/s (forward and argmax, as the val loop runs them) in each regime."""
     batches = preload(val_set, cfg.data.eval_batch_size, device)
-    rates = {}
+    try:
+        return _time_eval(cfg, case, regimes, batches, iters, warmup, device)
+    finally:
+        _release_memory(device)
+
+
+def _time_eval(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
+               warmup: int, device: str) -> dict[str, float]:
+    steps = {}
     for name, speed in regimes.items():
         model, _ = build_step(cfg, case, speed, device)
-        rates[name] = timed(lambda i: model.val_step(batches[i % len(batches)]), iters, warmup,
-                            cfg.data.eval_batch_size, speed, device, train=False, model=model)
-        del model
-        _release_memory(device)
-    return rates
+        steps[name] = (partial(_evaluate_on, model, batches),
+                       partial(regime_context, speed, model, train=False))
+    return interleaved_rates(steps, iters, warmup, len(batches[0]['inputs']), device)
+
+
+def _train_on(model, optim, batches: list[dict], i: int) -> None:
+    model.train_step(batches[i % len(batches)], optim)
+
+
+def _evaluate_on(model, batches: list[dict], i: int) -> None:
+    model.val_step(batches[i % len(batches)])
 
 
 def _check_flags(**flags) -> None:
@@ -246,20 +272,43 @@ def training_flops(model, optim, data: dict) -> int:
     return counter.get_total_flops()
 
 
-def timed(step, iters: int, warmup: int, batch: int, speed: Speed, device: str, *,
-          train: bool, model) -> float:
-    """Images per second of ``step(i)`` over ``iters`` calls after ``warmup`` untimed ones."""
+@contextlib.contextmanager
+def regime_context(speed: Speed, model, *, train: bool):
+    """What a regime's calls run under: the model's mode, grad mode, cudnn's benchmark flag
+    (a global, so set at each turn) and, for evaluation, autocast (training autocasts in
+    ``train_step``, through the optimizer wrapper, as in a run)."""
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
     model.train(train)
-    # Training autocasts inside train_step (the optimizer wrapper's context), as in a run.
     with torch.set_grad_enabled(train), contextlib.nullcontext() if train else autocast(speed.amp):
-        for i in range(warmup):
-            step(i)
-        _synchronize(device)
-        start = time.perf_counter()
-        for i in range(warmup, warmup + iters):
-            step(i)
-        _synchronize(device)
-    return iters * batch / (time.perf_counter() - start)
+        yield
+
+
+def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: str, *,
+                      rounds: int = ROUNDS) -> dict[str, float]:
+    """Images per second of each regime's ``step(i)``; ``steps`` maps a regime's name to
+    ``(step, context)``, ``context()`` giving what its calls run under. Each
+    regime first makes ``warmup`` untimed calls; then ``iters`` timed calls each, in
+    ``rounds`` rounds (fewer if ``iters`` is smaller) in which the regimes take turns. A
+    regime's rate is its median over its rounds."""
+    for step, context in steps.values():
+        with context():
+            for i in range(warmup):
+                step(i)
+    rounds = min(rounds, iters)
+    sizes = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
+    rates = {name: [] for name in steps}
+    first = warmup
+    for size in sizes:
+        for name, (step, context) in steps.items():
+            with context():
+                _synchronize(device)
+                start = time.perf_counter()
+                for i in range(first, first + size):
+                    step(i)
+                _synchronize(device)
+                rates[name].append(size * batch / (time.perf_counter() - start))
+        first += size
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def matmul_peak(device: str) -> tuple[float, str]:
@@ -324,7 +373,8 @@ def format_report(report: dict) -> str:
     reference = {row['case']: row['img_s'] for row in report['train'] if row['regime'] == 'fp32 eager'}
     lines = [f'cssbench bench: {os.path.basename(report["config"])}, {report["size"]} px images, '
              f'batch {report["batch"]}, {report["iters"]} timed iterations after '
-             f'{report["warmup"]} warm-up',
+             f'{report["warmup"]} warm-up, in {min(ROUNDS, report["iters"])} rounds taking '
+             f'turns (median)',
              f'device: {report["device"]}; peak {peak / 1e12:.1f} TFLOP/s '
              f'({report["peak_label"]}; the MFU of both regimes is against it)']
     lines += [f'  {name}: {describe(speed)}' for name, speed in report['regimes'].items()]

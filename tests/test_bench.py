@@ -2,6 +2,7 @@
 finite numbers, and one-line errors for bad flags."""
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -49,6 +50,36 @@ def test_bench_reports_every_measure_for_both_regimes(one_thread, capsys):
     assert 'train images per step 9568/487/299/491/500/548' in out
     projected = re.findall(r'^  (fp32 eager|fast path) +(.+)$', out, re.M)
     assert [regime for regime, _ in projected] == ['fp32 eager', 'fast path']
+
+
+def test_regimes_take_turns_in_rounds_and_each_rate_is_its_median(monkeypatch):
+    """Two fake regimes on a fake clock: each call advances it by the regime's seconds per
+    iteration in that round; the calls must alternate by rounds after the warm-ups."""
+    clock, calls, contexts = [0.0], [], []
+    seconds = {'a': [1.0, 2.0, 4.0], 'b': [0.5, 0.5, 8.0]}  # per round: medians 2.0 and 0.5
+    monkeypatch.setattr(bench.time, 'perf_counter', lambda: clock[0])
+
+    def step(name):
+        def call(i):  # i = 0, 1: the warm-ups; then rounds of 2 iterations
+            clock[0] += seconds[name][(i - 2) // 2] if i >= 2 else 100.0
+            calls.append((name, i))
+        return call
+
+    def context(name):
+        contexts.append(name)
+        return contextlib.nullcontext()
+
+    steps = {name: (step(name), lambda name=name: context(name)) for name in ('a', 'b')}
+    rates = bench.interleaved_rates(steps, iters=6, warmup=2, batch=10, device='cpu', rounds=3)
+    assert calls == [('a', 0), ('a', 1), ('b', 0), ('b', 1),
+                     ('a', 2), ('a', 3), ('b', 2), ('b', 3), ('a', 4), ('a', 5), ('b', 4), ('b', 5),
+                     ('a', 6), ('a', 7), ('b', 6), ('b', 7)]
+    assert contexts == ['a', 'b'] + ['a', 'b'] * 3   # entered for the warm-ups and each turn
+    assert rates == {'a': pytest.approx(10 / 2.0), 'b': pytest.approx(10 / 0.5)}
+    # fewer timed iterations than rounds: one iteration per round
+    calls.clear()
+    bench.interleaved_rates(steps, iters=2, warmup=0, batch=1, device='cpu', rounds=4)
+    assert calls == [('a', 0), ('b', 0), ('a', 1), ('b', 1)]
 
 
 def test_the_projection_adds_30_epochs_of_each_step_and_its_evaluation(monkeypatch):
