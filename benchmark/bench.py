@@ -286,10 +286,10 @@ def regime_context(speed: Speed, model, *, train: bool):
 def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: str, *,
                       rounds: int = ROUNDS) -> dict[str, float]:
     """Images per second of each regime's ``step(i)``; ``steps`` maps a regime's name to
-    ``(step, context)``, ``context()`` giving what its calls run under. Each
-    regime first makes ``warmup`` untimed calls; then ``iters`` timed calls each, in
-    ``rounds`` rounds (fewer if ``iters`` is smaller) in which the regimes take turns. A
-    regime's rate is its median over its rounds."""
+    ``(step, context)``, ``context()`` giving what its calls run under. Each regime first
+    makes ``warmup`` untimed calls; then ``iters`` timed calls each, in ``rounds`` rounds
+    (fewer if ``iters`` is smaller) in which the regimes take turns. A regime's rate is its
+    median over its rounds."""
     for step, context in steps.values():
         with context():
             for i in range(warmup):
