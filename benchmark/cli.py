@@ -105,18 +105,27 @@ def render_table(results: str, protocol: str, fmt: str, kind: str = 'leaderboard
     return render(TABLES[kind](store, protocol, _patterns(run), config), fmt)
 
 
+def _require_protocol_or_all(args, command: str) -> None:
+    if not args.all and not args.protocol:
+        raise UserError(f'{command}: give --protocol P, or --all for every protocol')
+
+
+def _tables_folder(args) -> Path:
+    """Where ``--all`` tables and the plots go: ``--out``, else ``<results>/tables``."""
+    return Path(args.out or Path(args.results) / 'tables')
+
+
 def cmd_table(args) -> None:
     from .store import open_store
     from .tables import write_all_tables
+    _require_protocol_or_all(args, 'table')
     if args.all:
-        out = Path(args.out or Path(args.results) / 'tables')
+        out = _tables_folder(args)
         written = write_all_tables(open_store(args.results), out, _patterns(args.run), args.config)
         if not written:
             raise UserError(f'{args.results}: no complete run stored; nothing to tabulate')
         print(f'wrote {len(written)} files to {out}/')
         return
-    if not args.protocol:
-        raise UserError('table: give --protocol P, or --all for every protocol')
     kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
     text = render_table(args.results, stored_protocol_name(args.protocol), args.format, kind,
                         args.run, args.config)
@@ -131,11 +140,10 @@ def cmd_table(args) -> None:
 def cmd_plot(args) -> None:
     from .plots import write_protocol_plots
     from .store import open_store, select_runs
-    if not args.all and not args.protocol:
-        raise UserError('plot: give --protocol P, or --all for every protocol')
+    _require_protocol_or_all(args, 'plot')
     store = open_store(args.results)
     protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol)]
-    out = Path(args.out or Path(args.results) / 'tables')
+    out = _tables_folder(args)
     written = []
     for protocol in protocols:
         rows = select_runs(store, protocol, _patterns(args.run), args.config)

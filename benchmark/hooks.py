@@ -10,7 +10,7 @@ import torch
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook, RuntimeInfoHook
 
-from .distributed import rank, world_size
+from .distributed import is_main_process, rank, world_size
 from .registry import DATA_SAMPLERS, HOOKS
 
 
@@ -39,7 +39,8 @@ class AveragedRuntimeInfoHook(RuntimeInfoHook):
             value = value.detach().double()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
         self._count += 1
-        if (batch_idx + 1) % self.interval == 0 or batch_idx + 1 == len(runner.train_dataloader):
+        if (self.every_n_inner_iters(batch_idx, self.interval)
+                or self.end_of_epoch(runner.train_dataloader, batch_idx)):
             self._publish(runner)
 
     def _publish(self, runner) -> None:
@@ -71,9 +72,9 @@ class StepProgressHook(Hook):
         self._start_iter = runner.iter
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        iters_per_epoch = len(runner.train_dataloader)
-        at_print = (batch_idx + 1) % self.interval == 0 or batch_idx + 1 == iters_per_epoch
-        if not at_print or rank() != 0:
+        at_print = (self.every_n_inner_iters(batch_idx, self.interval)
+                    or self.end_of_epoch(runner.train_dataloader, batch_idx))
+        if not at_print or not is_main_process():
             return
         done = runner.iter + 1 - self._start_iter
         remaining = runner.max_iters - runner.iter - 1
@@ -81,7 +82,7 @@ class StepProgressHook(Hook):
         loss = runner.message_hub.get_scalar('train/loss').current()
         lr = runner.optim_wrapper.get_lr()['lr'][0]
         print(f'{self.prefix} epoch {runner.epoch + 1}/{runner.max_epochs} '
-              f'iter {batch_idx + 1}/{iters_per_epoch}  loss {loss:.4f}  lr {lr:.2e}  '
+              f'iter {batch_idx + 1}/{len(runner.train_dataloader)}  loss {loss:.4f}  lr {lr:.2e}  '
               f'eta {datetime.timedelta(seconds=round(eta))}', flush=True)
 
 

@@ -35,8 +35,13 @@ FORMATS = ('md', 'csv', 'latex')
 EXTENSIONS = dict(md='md', csv='csv', latex='tex')
 
 
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
 def percent(value) -> float:
-    return math.nan if value is None or (isinstance(value, float) and math.isnan(value)) else 100 * value
+    """A stored fraction in percent; None (not scored) is NaN."""
+    return 100 * _nan(value)
 
 
 # Per-step records (metrics.json's steps), as the runner prints and stores them.
@@ -97,10 +102,6 @@ def run_summary(run: StoredRun) -> dict[str, float]:
     summary['avg'] = average_incremental_miou(run.steps)
     summary['forgetting'] = mean_iou(forgetting_per_class(run.steps).values())
     return summary
-
-
-def _nan(value) -> float:
-    return math.nan if value is None else float(value)
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -88,6 +88,17 @@ def config32(tmp_path_factory) -> Path:
     return path
 
 
+def random_batch(n: int = 4, size: int = 32, classes: int = 17, seed: int = 0) -> dict:
+    """A training batch as the loader delivers it (uint8 images and masks): random labels
+    below ``classes``, the first 4 rows of every mask ignored (255)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randint(0, classes, (n, size, size), generator=g, dtype=torch.uint8)
+    masks[:, :4] = 255
+    return dict(inputs=torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+                data_samples=masks)
+
+
 def method_model(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overlap',
                  prepare_old=None):
     """A method's model at step 0, or at step 1 as the runner makes it: step 0's weights

@@ -17,18 +17,15 @@ from cssbench.bench import Case, build_step
 from cssbench.methods import method_names
 from cssbench.runner import load_config, run_protocol, speed_record
 from cssbench.speed import REFERENCE_SPEED, SPEED_DEFAULTS, Speed
+from conftest import random_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
 
-def gpu_batch(n: int = 4, size: int = 64, classes: int = 17, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    targets = torch.randint(0, classes, (n, size, size), generator=g, dtype=torch.uint8)
-    targets[:, :4] = 255
-    return dict(inputs=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g).cuda(),
-                data_samples=targets.cuda())
+def gpu_batch(classes: int = 17) -> dict:
+    return {k: v.cuda() for k, v in random_batch(size=64, classes=classes).items()}
 
 
 def losses_of(method: str, step: int, speed: Speed) -> dict[str, float]:

@@ -16,6 +16,7 @@ from cssbench.hooks import AveragedRuntimeInfoHook
 from cssbench.methods import method_names
 from cssbench.runner import load_config
 from cssbench.speed import SPEED_DEFAULTS
+from conftest import random_batch
 
 aten = torch.ops.aten
 
@@ -78,19 +79,11 @@ def test_the_detector_sees_each_kind_of_host_read():
     assert detector.found == []
 
 
-def training_batch(classes: int, size: int = 32, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.randint(0, classes, (4, size, size), generator=g).to(torch.uint8)
-    masks[:, :3] = 255
-    return dict(inputs=torch.randint(0, 256, (4, 3, size, size), generator=g, dtype=torch.uint8),
-                data_samples=masks)
-
-
 @pytest.mark.parametrize('name', method_names('all'))
 def test_a_training_iteration_of_every_method_reads_nothing_back(name):
     model, optim = build_step(load_config('small'), Case(name, name, 1, None),
                               SPEED_DEFAULTS.on('cpu'), 'cpu')
-    batch = training_batch(classes=sum(model.step_sizes))
+    batch = random_batch(classes=sum(model.step_sizes))
     model.before_step_training([batch])  # once per step, before the loop (PLOP's thresholds)
     model.train()
     model.train_step(batch, optim)  # a first iteration may set up state (e.g. momentum buffers)

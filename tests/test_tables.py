@@ -55,6 +55,13 @@ def uniform(classes, value) -> dict[int, float]:
 OLD19 = range(20)
 
 
+def write_two_ft_runs(root: Path, first: dict, second: dict) -> None:
+    """Two ft runs of voc-19-1 (``write_run`` options ``first``, ``second``): old classes at
+    80 % after step 0, then at 60 % in the first run and 20 % in the second."""
+    for old_after, options in ((0.6, first), (0.2, second)):
+        write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, old_after), 20: 0.3}], **options)
+
+
 @pytest.fixture
 def store_19_1(tmp_path: Path) -> Path:
     """ft with two seeds, lwf with one, joint with one, on VOC 19-1.
@@ -157,10 +164,8 @@ def test_per_class_forgetting_table(store_19_1: Path) -> None:
 
 def test_latest_run_is_used_and_run_names_pick_others(tmp_path: Path) -> None:
     root = tmp_path / 'results'
-    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], run='a',
-              finished='2026-01-01T00:00:00')
-    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.2), 20: 0.3}], run='b',
-              finished='2026-02-01T00:00:00')
+    write_two_ft_runs(root, dict(run='a', finished='2026-01-01T00:00:00'),
+                      dict(run='b', finished='2026-02-01T00:00:00'))
     store = open_store(root)
     table = leaderboard(store, VOC19)
     assert table.frame.at['ft', 'old'] == pytest.approx(20.0) and table.frame.at['ft', 'seeds'] == 1
@@ -172,10 +177,7 @@ def test_latest_run_is_used_and_run_names_pick_others(tmp_path: Path) -> None:
 
 def test_runs_of_different_configs_are_separate_rows(tmp_path: Path) -> None:
     root = tmp_path / 'results'
-    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], run='x',
-              config_digest='d1')
-    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.2), 20: 0.3}], run='y',
-              config_digest='d2')
+    write_two_ft_runs(root, dict(run='x', config_digest='d1'), dict(run='y', config_digest='d2'))
     rows = select_runs(open_store(root), VOC19)
     assert [(r.method, r.config, [x.run for x in r.runs]) for r in rows] == [
         ('ft', 'small@d1', ['x']), ('ft', 'small@d2', ['y'])]
