@@ -31,6 +31,7 @@ import datetime
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -78,8 +79,12 @@ class Case:
 
 def run_bench(config: str | None = None, size: int | None = None, data_root: str | None = None,
               batch: int | None = None, iters: int = 20, warmup: int = 5,
-              workers: int | None = None, compile: bool = False, log=print) -> dict:
-    """Measure, print the report, and return its numbers."""
+              workers: int | None = None, compile: bool = False, log=print,
+              progress=None) -> dict:
+    """Measure, print the report, and return its numbers. Each measure is announced on
+    ``progress`` (default: stderr) as it is taken, so a run cut short still tells what it
+    measured."""
+    progress = progress or _to_stderr
     device = training_device()
     on_gpu = device == 'cuda'
     cfg = load_config(config or ('deeplabv3-r101' if on_gpu else 'small'))
@@ -90,41 +95,43 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
         cfg.data.num_workers = workers
     regimes = {'fp32 eager': REFERENCE_SPEED.on(device),
                'fast path': replace(Speed(**cfg.speed), compile=compile).on(device)}
-    loops = dict(iters=iters, warmup=warmup, device=device)
+    loops = dict(iters=iters, warmup=warmup, device=device, progress=progress)
 
+    progress(f'{_device_name()}; {os.path.basename(cfg.filename)}, batch {batch}, {size} px')
     root = data_root or bench_dataset(size, batch, cfg.data.eval_batch_size)
     cases, val_set = bench_datasets(cfg, root, batch)
     peak, peak_label = matmul_peak(device)
+    progress(f'peak {peak / 1e12:.1f} TFLOP/s ({peak_label})')
     report = dict(device=_device_name(), config=cfg.filename, size=size, batch=batch,
                   iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
                   regimes=regimes,
                   train=[row for case in cases for row in measure_training(cfg, case, regimes, batch, **loops)],
-                  eval=measure_eval(cfg, cases[0], val_set, regimes, **loops),
-                  loader=dict(per_process=decode_rate(cases[0].dataset, 2 * batch),
-                              workers=cfg.data.num_workers,
-                              with_workers=loader_rate(cases[0].dataset, cfg, batch)))
+                  eval=measure_eval(cfg, cases[0], val_set, regimes, **loops))
+    report['loader'] = measure_loader(cfg, cases[0].dataset, batch, progress)
     report['projection'] = {name: project_protocol(report, name) for name in regimes}
     log(format_report(report))
     return report
 
 
 def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, iters: int,
-                     warmup: int, device: str) -> list[dict]:
+                     warmup: int, device: str, progress) -> list[dict]:
     """The case's training img/s in each regime, and its FLOPs per image."""
     batches = preload(case.dataset, batch, device)
     try:
-        rates, flops = _time_training(cfg, case, regimes, batches, iters, warmup, device)
+        rates, flops = _time_training(cfg, case, regimes, batches, iters, warmup, device,
+                                      partial(_prefixed, progress, f'training, {case.label}'))
     except torch.cuda.OutOfMemoryError:
         raise UserError(f'out of GPU memory: {case.label} at batch {batch}; '
                         f'try --batch {max(1, batch // 2)}') from None
     finally:
         _release_memory(device)  # the models went with _time_training's frame
+    progress(f'training, {case.label}: {_rates(rates)}; {flops / 1e9:.1f} GFLOP/img')
     return [dict(case=case.label, step=case.step, regime=name, img_s=rate, flops_per_img=flops)
             for name, rate in rates.items()]
 
 
 def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
-                   warmup: int, device: str) -> tuple[dict[str, float], float]:
+                   warmup: int, device: str, progress) -> tuple[dict[str, float], float]:
     steps, flops = {}, None
     batch = len(batches[0]['inputs'])
     for name, speed in regimes.items():
@@ -133,27 +140,31 @@ def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dic
             flops = training_flops(model, optim, batches[0]) / batch
         steps[name] = (partial(_train_on, model, optim, batches),
                        partial(regime_context, speed, model, train=True))
-    return interleaved_rates(steps, iters, warmup, batch, device), flops
+    return interleaved_rates(steps, iters, warmup, batch, device, progress=progress), flops
 
 
 def measure_eval(cfg, case: Case, val_set, regimes: dict[str, Speed], *, iters: int, warmup: int,
-                 device: str) -> dict[str, float]:
+                 device: str, progress) -> dict[str, float]:
     """Evaluation img/s (forward and argmax, as the val loop runs them) in each regime."""
     batches = preload(val_set, cfg.data.eval_batch_size, device)
     try:
-        return _time_eval(cfg, case, regimes, batches, iters, warmup, device)
+        rates = _time_eval(cfg, case, regimes, batches, iters, warmup, device,
+                           partial(_prefixed, progress, 'evaluation'))
     finally:
         _release_memory(device)
+    progress(f'evaluation: {_rates(rates)}')
+    return rates
 
 
 def _time_eval(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
-               warmup: int, device: str) -> dict[str, float]:
+               warmup: int, device: str, progress) -> dict[str, float]:
     steps = {}
     for name, speed in regimes.items():
         model, _ = build_step(cfg, case, speed, device)
         steps[name] = (partial(_evaluate_on, model, batches),
                        partial(regime_context, speed, model, train=False))
-    return interleaved_rates(steps, iters, warmup, len(batches[0]['inputs']), device)
+    return interleaved_rates(steps, iters, warmup, len(batches[0]['inputs']), device,
+                             progress=progress)
 
 
 def _train_on(model, optim, batches: list[dict], i: int) -> None:
@@ -216,6 +227,14 @@ def preload(dataset, batch: int, device: str) -> list[dict]:
         if len(batches) == PRELOADED_BATCHES:
             break
     return batches
+
+
+def measure_loader(cfg, dataset, batch: int, progress) -> dict:
+    loader = dict(per_process=decode_rate(dataset, 2 * batch), workers=cfg.data.num_workers,
+                  with_workers=loader_rate(dataset, cfg, batch))
+    progress(f'data loader: {loader["per_process"]:.1f} img/s in one process, '
+             f'{loader["with_workers"]:.1f} img/s with {loader["workers"]} worker(s)')
+    return loader
 
 
 def decode_rate(dataset, n: int) -> float:
@@ -284,16 +303,22 @@ def regime_context(speed: Speed, model, *, train: bool):
 
 
 def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: str, *,
-                      rounds: int = ROUNDS) -> dict[str, float]:
+                      rounds: int = ROUNDS, progress=lambda line: None) -> dict[str, float]:
     """Images per second of each regime's ``step(i)``; ``steps`` maps a regime's name to
     ``(step, context)``, ``context()`` giving what its calls run under. Each regime first
-    makes ``warmup`` untimed calls; then ``iters`` timed calls each, in ``rounds`` rounds
+    makes ``warmup`` untimed calls (their time, which holds any compilation, and the peak
+    GPU memory go to ``progress``); then ``iters`` timed calls each, in ``rounds`` rounds
     (fewer if ``iters`` is smaller) in which the regimes take turns. A regime's rate is its
     median over its rounds."""
-    for step, context in steps.values():
+    for name, (step, context) in steps.items():
         with context():
+            _reset_peak_memory(device)
+            start = time.perf_counter()
             for i in range(warmup):
                 step(i)
+            _synchronize(device)
+            progress(f'{name}: {warmup} warm-up iterations in {time.perf_counter() - start:.1f} s'
+                     f'{_peak_memory(device)}')
     rounds = min(rounds, iters)
     sizes = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
     rates = {name: [] for name in steps}
@@ -335,6 +360,29 @@ def _synchronize(device: str) -> None:
 def _release_memory(device: str) -> None:
     if device == 'cuda':
         torch.cuda.empty_cache()
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory(device: str) -> str:
+    if device != 'cuda':
+        return ''
+    return f', peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB'
+
+
+def _rates(rates: dict[str, float]) -> str:
+    return ', '.join(f'{name} {rate:.1f} img/s' for name, rate in rates.items())
+
+
+def _prefixed(progress, prefix: str, line: str) -> None:
+    progress(f'{prefix}, {line}')
+
+
+def _to_stderr(line: str) -> None:
+    print(f'cssbench bench: {line}', file=sys.stderr, flush=True)
 
 
 def _device_name() -> str:

@@ -140,8 +140,27 @@ class ASPPHead(nn.Module):
 
 def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     """Logits at the input size, in fp32: under bf16 autocast the losses, the distillation
-    and the argmax see full-precision logits (a no-op cast in fp32 runs)."""
-    return F.interpolate(logits.float(), size=size, mode='bilinear', align_corners=False)
+    and the argmax see full-precision logits (a no-op cast in fp32 runs).
+
+    The result is ``F.interpolate(..., mode='bilinear', align_corners=False)``'s, computed
+    as two matrix products, ``rows @ logits @ cols.T``: on a GPU the backward of
+    interpolate's kernel adds each output gradient into the input with atomics, about a
+    fifth of DeepLabV3-R101's bf16 training step at 512 px (18.5 of 85 ms on an H100; 32 to
+    512 px is hundreds of additions into each input value); the products' backward is two
+    products (under 1 ms)."""
+    rows = bilinear_weights(logits.shape[-2], size[0], logits.device)
+    cols = bilinear_weights(logits.shape[-1], size[1], logits.device)
+    return rows @ (logits.float() @ cols.T)
+
+
+def bilinear_weights(n_in: int, n_out: int, device, dtype=torch.float32) -> torch.Tensor:
+    """The ``(n_out, n_in)`` matrix of 1-d bilinear resizing with align_corners=False: output
+    ``i`` reads the input at ``(i + 0.5) * n_in / n_out - 0.5``, clamped to the input, with
+    the tent weights ``max(0, 1 - |position - j|)`` on inputs ``j``."""
+    position = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out)
+                - 0.5).clamp(0, n_in - 1)
+    inputs = torch.arange(n_in, device=device, dtype=torch.float64)
+    return (1 - (position[:, None] - inputs).abs()).clamp(min=0).to(dtype)
 
 
 @MODELS.register_module()

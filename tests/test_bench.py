@@ -28,7 +28,8 @@ def one_thread():
 def test_bench_reports_every_measure_for_both_regimes(one_thread, capsys):
     assert main(['bench', '--config', 'small', '--size', '64', '--batch', '8', '--iters', '5',
                  '--warmup', '2']) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     train = re.findall(rf'^(fine-tuning, step 0|sdr, step 1 \(\+ teacher\)) +(fp32 eager|fast path) +'
                        rf'{NUMBER} +{NUMBER}x +{NUMBER} +{NUMBER} +{NUMBER}%$', out, re.M)
     assert [(case, regime) for case, regime, *_ in train] == [
@@ -50,6 +51,19 @@ def test_bench_reports_every_measure_for_both_regimes(one_thread, capsys):
     assert 'train images per step 9568/487/299/491/500/548' in out
     projected = re.findall(r'^  (fp32 eager|fast path) +(.+)$', out, re.M)
     assert [regime for regime, _ in projected] == ['fp32 eager', 'fast path']
+    # each measure was announced on stderr as it was taken, with the same rates
+    progress = captured.err
+    for case in ('fine-tuning, step 0', 'sdr, step 1 (+ teacher)'):
+        for regime in ('fp32 eager', 'fast path'):
+            assert re.search(rf'^cssbench bench: training, {re.escape(case)}, {regime}: '
+                             rf'2 warm-up iterations in {NUMBER} s$', progress, re.M)
+    rates = re.search(rf'^cssbench bench: training, fine-tuning, step 0: fp32 eager {NUMBER} img/s, '
+                      rf'fast path {NUMBER} img/s; {NUMBER} GFLOP/img$', progress, re.M)
+    assert rates and [float(v) for v in rates.groups()[:2]] == pytest.approx(
+        [float(train[0][2]), float(train[1][2])], abs=0.06)
+    assert re.search(r'^cssbench bench: evaluation: fp32 eager .* img/s, fast path .* img/s$',
+                     progress, re.M)
+    assert re.search(r'^cssbench bench: data loader: ', progress, re.M)
 
 
 def test_regimes_take_turns_in_rounds_and_each_rate_is_its_median(monkeypatch):

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mmseg.registry import MODELS as MMSEG_MODELS
 
 from cssbench.errors import UserError
+from cssbench.models import bilinear_weights, upsample_logits
 from cssbench.registry import MODELS as CSSBENCH_MODELS
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, load_previous_weights, save_weights
@@ -82,3 +84,34 @@ def test_teacher_is_frozen_and_not_part_of_the_student():
     assert not any(p.requires_grad for p in teacher.parameters())
     assert len(list(student.parameters())) == n_params
     assert not any(k.startswith('teacher') for k in student.state_dict())
+
+
+@pytest.mark.parametrize('size, out', [((32, 32), (512, 512)), ((8, 8), (64, 64)), ((33, 24), (500, 375)),
+                                       ((16, 12), (5, 7)), ((1, 1), (4, 3)), ((10, 10), (10, 10))])
+def test_upsampled_logits_and_their_gradient_are_bilinear_interpolations(size, out):
+    """The two matrix products compute F.interpolate's bilinear resize (align_corners=False),
+    up and down, at integer and other ratios; and its backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    expected = F.interpolate(x, size=out, mode='bilinear', align_corners=False)
+    rows, cols = (bilinear_weights(n, m, 'cpu', torch.float64) for n, m in zip(size, out))
+    got = rows @ x @ cols.T
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0],
+                               torch.autograd.grad(expected, x, grad)[0], rtol=0, atol=1e-11)
+    # and what the segmentor calls: fp32 out of any input dtype and memory layout
+    logits = x.detach().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    up = upsample_logits(logits, out)
+    assert up.dtype == torch.float32 and up.shape == (2, 3, *out)
+    torch.testing.assert_close(up, F.interpolate(logits.float(), size=out, mode='bilinear',
+                                                 align_corners=False), rtol=1e-5, atol=1e-5)
+
+
+def test_bilinear_weights_rows_sum_to_one_with_two_neighbours_at_most():
+    w = bilinear_weights(7, 23, 'cpu', torch.float64)
+    assert w.shape == (23, 7)
+    torch.testing.assert_close(w.sum(1), torch.ones(23, dtype=torch.float64))
+    assert ((w > 0).sum(1) <= 2).all()
+    # output 0 reads input position (0 + 0.5) * 7 / 23 - 0.5 < 0: clamped to input 0
+    assert w[0, 0] == 1
