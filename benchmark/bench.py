@@ -22,7 +22,9 @@ cache once) or on a dataset given with ``--data-root``:
   the config's workers, so that one sees whether it keeps up with the GPU;
 * the projected wall time of voc-15-1-overlap with SDR: per step, its training images x 30
   epochs at the training rate (step 0 at fine-tuning's, later steps at SDR's, capped by the
-  loader's), plus its val images at the evaluation rate.
+  loader's), plus its val images at the evaluation rate, plus the start-up of its training
+  and of its evaluation (what the warm-up took beyond its iterations: compilation, cudnn's
+  search).
 """
 from __future__ import annotations
 
@@ -68,6 +70,14 @@ ROUNDS = 4              # the timed iterations of each regime, in this many alte
 LOADER_BATCHES = 30     # batches timed through the DataLoader (at most)
 
 
+@dataclass(frozen=True)
+class Rate:
+    """A regime's measured speed on one kind of step."""
+    img_s: float       # images per second, the median over the timed rounds
+    startup_s: float   # the warm-up's seconds beyond its iterations at that rate: compilation,
+                       # cudnn's search, first allocations; paid again by each step of a run
+
+
 @dataclass
 class Case:
     """A kind of training step: which method's model, at which step, on which images."""
@@ -104,7 +114,7 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     progress(f'peak {peak / 1e12:.1f} TFLOP/s ({peak_label})')
     report = dict(device=_device_name(), config=cfg.filename, size=size, batch=batch,
                   iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
-                  regimes=regimes,
+                  regimes=regimes, tf32=on_gpu and torch.backends.cudnn.allow_tf32,
                   train=[row for case in cases for row in measure_training(cfg, case, regimes, batch, **loops)],
                   eval=measure_eval(cfg, cases[0], val_set, regimes, **loops))
     report['loader'] = measure_loader(cfg, cases[0].dataset, batch, progress)
@@ -126,12 +136,12 @@ def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, 
     finally:
         _release_memory(device)  # the models went with _time_training's frame
     progress(f'training, {case.label}: {_rates(rates)}; {flops / 1e9:.1f} GFLOP/img')
-    return [dict(case=case.label, step=case.step, regime=name, img_s=rate, flops_per_img=flops)
-            for name, rate in rates.items()]
+    return [dict(case=case.label, step=case.step, regime=name, img_s=rate.img_s,
+                 startup_s=rate.startup_s, flops_per_img=flops) for name, rate in rates.items()]
 
 
 def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
-                   warmup: int, device: str, progress) -> tuple[dict[str, float], float]:
+                   warmup: int, device: str, progress) -> tuple[dict[str, Rate], float]:
     steps, flops = {}, None
     batch = len(batches[0]['inputs'])
     for name, speed in regimes.items():
@@ -144,7 +154,7 @@ def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dic
 
 
 def measure_eval(cfg, case: Case, val_set, regimes: dict[str, Speed], *, iters: int, warmup: int,
-                 device: str, progress) -> dict[str, float]:
+                 device: str, progress) -> dict[str, Rate]:
     """Evaluation img/s (forward and argmax, as the val loop runs them) in each regime."""
     batches = preload(val_set, cfg.data.eval_batch_size, device)
     try:
@@ -157,7 +167,7 @@ def measure_eval(cfg, case: Case, val_set, regimes: dict[str, Speed], *, iters: 
 
 
 def _time_eval(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
-               warmup: int, device: str, progress) -> dict[str, float]:
+               warmup: int, device: str, progress) -> dict[str, Rate]:
     steps = {}
     for name, speed in regimes.items():
         model, _ = build_step(cfg, case, speed, device)
@@ -303,13 +313,14 @@ def regime_context(speed: Speed, model, *, train: bool):
 
 
 def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: str, *,
-                      rounds: int = ROUNDS, progress=lambda line: None) -> dict[str, float]:
-    """Images per second of each regime's ``step(i)``; ``steps`` maps a regime's name to
+                      rounds: int = ROUNDS, progress=lambda line: None) -> dict[str, Rate]:
+    """The speed of each regime's ``step(i)``; ``steps`` maps a regime's name to
     ``(step, context)``, ``context()`` giving what its calls run under. Each regime first
-    makes ``warmup`` untimed calls (their time, which holds any compilation, and the peak
-    GPU memory go to ``progress``); then ``iters`` timed calls each, in ``rounds`` rounds
-    (fewer if ``iters`` is smaller) in which the regimes take turns. A regime's rate is its
-    median over its rounds."""
+    makes ``warmup`` untimed calls (their time and the peak GPU memory go to ``progress``);
+    then ``iters`` timed calls each, in ``rounds`` rounds (fewer if ``iters`` is smaller) in
+    which the regimes take turns. A regime's rate is its median over its rounds; its
+    start-up, what its warm-up took beyond ``warmup`` calls at that rate."""
+    warmup_s = {}
     for name, (step, context) in steps.items():
         with context():
             _reset_peak_memory(device)
@@ -317,7 +328,8 @@ def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: 
             for i in range(warmup):
                 step(i)
             _synchronize(device)
-            progress(f'{name}: {warmup} warm-up iterations in {time.perf_counter() - start:.1f} s'
+            warmup_s[name] = time.perf_counter() - start
+            progress(f'{name}: {warmup} warm-up iterations in {warmup_s[name]:.1f} s'
                      f'{_peak_memory(device)}')
     rounds = min(rounds, iters)
     sizes = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
@@ -333,7 +345,9 @@ def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: 
                 _synchronize(device)
                 rates[name].append(size * batch / (time.perf_counter() - start))
         first += size
-    return {name: statistics.median(values) for name, values in rates.items()}
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    return {name: Rate(rate, max(0.0, warmup_s[name] - warmup * batch / rate))
+            for name, rate in medians.items()}
 
 
 def matmul_peak(device: str) -> tuple[float, str]:
@@ -373,8 +387,8 @@ def _peak_memory(device: str) -> str:
     return f', peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB'
 
 
-def _rates(rates: dict[str, float]) -> str:
-    return ', '.join(f'{name} {rate:.1f} img/s' for name, rate in rates.items())
+def _rates(rates: dict[str, Rate]) -> str:
+    return ', '.join(f'{name} {rate.img_s:.1f} img/s' for name, rate in rates.items())
 
 
 def _prefixed(progress, prefix: str, line: str) -> None:
@@ -385,6 +399,10 @@ def _to_stderr(line: str) -> None:
     print(f'cssbench bench: {line}', file=sys.stderr, flush=True)
 
 
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
 def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -393,24 +411,29 @@ def _device_name() -> str:
 
 # ----------------------------------------------------------------------------- projection
 
-def project_protocol(report: dict, regime: str) -> float:
-    """Seconds for voc-15-1-overlap with SDR in ``regime``: step 0 at fine-tuning's rate,
-    later steps at SDR's (its teacher's forward included), each capped by the loader's rate;
-    30 epochs per step; each step's evaluation at the evaluation rate."""
-    rates = {row['step']: row['img_s'] for row in report['train'] if row['regime'] == regime}
+def project_protocol(report: dict, regime: str) -> tuple[float, float]:
+    """Seconds for voc-15-1-overlap with SDR in ``regime``, and the start-ups' share of
+    them: step 0 at fine-tuning's rate, later steps at SDR's (its teacher's forward
+    included), each capped by the loader's rate; 30 epochs per step; each step's evaluation
+    at the evaluation rate; each step pays its training's and its evaluation's start-up."""
+    train = {row['step']: row for row in report['train'] if row['regime'] == regime}
+    evaluation = report['eval'][regime]
     loader = report['loader']['with_workers']
     cap = math.inf if math.isnan(loader) else loader
-    seconds = 0.0
+    seconds = startup = 0.0
     for t, (n_train, n_val) in enumerate(VOC_15_1_OVERLAP_STEP_IMAGES):
-        rate = min(rates[min(t, 1)], cap)
-        seconds += n_train * EPOCHS_PER_STEP / rate + n_val / report['eval'][regime]
-    return seconds
+        row = train[min(t, 1)]
+        startup += row['startup_s'] + evaluation.startup_s
+        seconds += n_train * EPOCHS_PER_STEP / min(row['img_s'], cap) + n_val / evaluation.img_s
+    return seconds + startup, startup
 
 
 # ----------------------------------------------------------------------------- report
 
-def describe(speed: Speed) -> str:
-    return ', '.join([speed.amp or 'fp32',
+def describe(speed: Speed, tf32: bool = False) -> str:
+    """A regime's settings; ``tf32``: cudnn runs fp32 convolutions in TF32."""
+    fp32 = "fp32 (TF32 convolutions, PyTorch's default)" if tf32 else 'fp32'
+    return ', '.join([speed.amp or fp32,
                       'channels_last' if speed.channels_last else 'contiguous',
                       f'cudnn benchmark {"on" if speed.cudnn_benchmark else "off"}',
                       'torch.compile' if speed.compile else 'eager'])
@@ -425,7 +448,8 @@ def format_report(report: dict) -> str:
              f'turns (median)',
              f'device: {report["device"]}; peak {peak / 1e12:.1f} TFLOP/s '
              f'({report["peak_label"]}; the MFU of both regimes is against it)']
-    lines += [f'  {name}: {describe(speed)}' for name, speed in report['regimes'].items()]
+    lines += [f'  {name}: {describe(speed, report["tf32"])}'
+              for name, speed in report['regimes'].items()]
     lines += ['', f'{"training step":<26} {"regime":<11} {"img/s":>9} {"vs fp32":>8} '
                   f'{"GFLOP/img":>10} {"TFLOP/s":>9} {"MFU":>7}']
     for row in report['train']:
@@ -435,8 +459,8 @@ def format_report(report: dict) -> str:
                      f'{row["flops_per_img"] / 1e9:>10.1f} {achieved / 1e12:>9.2f} '
                      f'{100 * achieved / peak:>6.1f}%')
     for name, rate in report['eval'].items():
-        lines.append(f'{"evaluation":<26} {name:<11} {rate:>9.1f} '
-                     f'{rate / report["eval"]["fp32 eager"]:>7.2f}x')
+        lines.append(f'{"evaluation":<26} {name:<11} {rate.img_s:>9.1f} '
+                     f'{rate.img_s / report["eval"]["fp32 eager"].img_s:>7.2f}x')
     loader = report['loader']
     lines += ['', f'data loader: {loader["per_process"]:.1f} img/s decode + augment in one process; '
                   f'{loader["with_workers"]:.1f} img/s through the loader with '
@@ -444,6 +468,7 @@ def format_report(report: dict) -> str:
     train_images = '/'.join(str(n) for n, _ in VOC_15_1_OVERLAP_STEP_IMAGES)
     lines += [f'projected {PROJECTED_PROTOCOL} with sdr ({len(VOC_15_1_OVERLAP_STEP_IMAGES)} steps '
               f'x {EPOCHS_PER_STEP} epochs, one process; train images per step {train_images}):']
-    lines += [f'  {name:<11} {datetime.timedelta(seconds=round(seconds))}'
-              for name, seconds in report['projection'].items()]
+    lines += [f'  {name:<11} {_duration(seconds)} ({_duration(startup)} of it start-up: '
+              f'compilation, cudnn\'s search)'
+              for name, (seconds, startup) in report['projection'].items()]
     return '\n'.join(lines)

@@ -12,6 +12,7 @@ import torch
 from cssbench import bench
 from cssbench.bench import project_protocol
 from cssbench.cli import main
+from cssbench.speed import REFERENCE_SPEED, Speed
 
 NUMBER = r'([0-9.]+)'
 
@@ -48,9 +49,11 @@ def test_bench_reports_every_measure_for_both_regimes(one_thread, capsys):
                        r'through the loader with 1 worker', out)
     assert loader and all(float(v) > 0 for v in loader.groups())
     assert 'peak' in out and 'float32 matmul' in out
+    assert '  fp32 eager: fp32, contiguous, cudnn benchmark off, eager\n' in out  # no TF32 on CPU
     assert 'train images per step 9568/487/299/491/500/548' in out
-    projected = re.findall(r'^  (fp32 eager|fast path) +(.+)$', out, re.M)
-    assert [regime for regime, _ in projected] == ['fp32 eager', 'fast path']
+    projected = re.findall(r'^  (fp32 eager|fast path) +(\d+:\d\d:\d\d) \((\d+:\d\d:\d\d) of it '
+                           r"start-up: compilation, cudnn's search\)$", out, re.M)
+    assert [regime for regime, *_ in projected] == ['fp32 eager', 'fast path']
     # each measure was announced on stderr as it was taken, with the same rates
     progress = captured.err
     for case in ('fine-tuning, step 0', 'sdr, step 1 (+ teacher)'):
@@ -89,7 +92,11 @@ def test_regimes_take_turns_in_rounds_and_each_rate_is_its_median(monkeypatch):
                      ('a', 2), ('a', 3), ('b', 2), ('b', 3), ('a', 4), ('a', 5), ('b', 4), ('b', 5),
                      ('a', 6), ('a', 7), ('b', 6), ('b', 7)]
     assert contexts == ['a', 'b'] + ['a', 'b'] * 3   # entered for the warm-ups and each turn
-    assert rates == {'a': pytest.approx(10 / 2.0), 'b': pytest.approx(10 / 0.5)}
+    assert {name: rate.img_s for name, rate in rates.items()} == {
+        'a': pytest.approx(10 / 2.0), 'b': pytest.approx(10 / 0.5)}
+    # start-up: the 2 warm-ups' 200 s less 2 iterations at the measured rate
+    assert rates['a'].startup_s == pytest.approx(200 - 2 * 10 / 5.0)
+    assert rates['b'].startup_s == pytest.approx(200 - 2 * 10 / 20.0)
     # fewer timed iterations than rounds: one iteration per round
     calls.clear()
     bench.interleaved_rates(steps, iters=2, warmup=0, batch=1, device='cpu', rounds=4)
@@ -99,12 +106,24 @@ def test_regimes_take_turns_in_rounds_and_each_rate_is_its_median(monkeypatch):
 def test_the_projection_adds_30_epochs_of_each_step_and_its_evaluation(monkeypatch):
     monkeypatch.setattr(bench, 'VOC_15_1_OVERLAP_STEP_IMAGES',
                         [(8000, 1200), (400, 1250), (300, 1300), (200, 1350), (100, 1400), (50, 1449)])
-    report = dict(train=[dict(step=0, regime='r', img_s=100.0), dict(step=1, regime='r', img_s=50.0)],
-                  eval={'r': 500.0}, loader=dict(with_workers=80.0))
-    # step 0 at fine-tuning's rate capped by the loader's, the others at SDR's
+    report = dict(train=[dict(step=0, regime='r', img_s=100.0, startup_s=60.0),
+                         dict(step=1, regime='r', img_s=50.0, startup_s=15.0)],
+                  eval={'r': bench.Rate(500.0, startup_s=5.0)}, loader=dict(with_workers=80.0))
+    # step 0 at fine-tuning's rate capped by the loader's, the others at SDR's; each step
+    # starts its training (step 0 as fine-tuning, the others as SDR) and its evaluation
+    startup = 60.0 + 5 * 15.0 + 6 * 5.0
     expected = (8000 * 30 / 80.0 + (400 + 300 + 200 + 100 + 50) * 30 / 50.0
-                + (1200 + 1250 + 1300 + 1350 + 1400 + 1449) / 500.0)
-    assert project_protocol(report, 'r') == pytest.approx(expected)
+                + (1200 + 1250 + 1300 + 1350 + 1400 + 1449) / 500.0 + startup)
+    assert project_protocol(report, 'r') == (pytest.approx(expected), pytest.approx(startup))
+
+
+def test_a_regime_says_when_its_fp32_convolutions_run_in_tf32():
+    assert bench.describe(REFERENCE_SPEED, tf32=True) == (
+        "fp32 (TF32 convolutions, PyTorch's default), contiguous, cudnn benchmark off, eager")
+    assert bench.describe(REFERENCE_SPEED) == 'fp32, contiguous, cudnn benchmark off, eager'
+    # bf16 autocast: the TF32 setting concerns fp32 convolutions only
+    assert bench.describe(Speed(compile=True), tf32=True) == (
+        'bfloat16, channels_last, cudnn benchmark on, torch.compile')
 
 
 @pytest.mark.parametrize('flags, message', [
