@@ -107,12 +107,13 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
                'fast path': replace(Speed(**cfg.speed), compile=compile).on(device)}
     loops = dict(iters=iters, warmup=warmup, device=device, progress=progress)
 
-    progress(f'{_device_name()}; {os.path.basename(cfg.filename)}, batch {batch}, {size} px')
+    device_name = _device_name()
+    progress(f'{device_name}; {os.path.basename(cfg.filename)}, batch {batch}, {size} px')
     root = data_root or bench_dataset(size, batch, cfg.data.eval_batch_size)
     cases, val_set = bench_datasets(cfg, root, batch)
     peak, peak_label = matmul_peak(device)
     progress(f'peak {peak / 1e12:.1f} TFLOP/s ({peak_label})')
-    report = dict(device=_device_name(), config=cfg.filename, size=size, batch=batch,
+    report = dict(device=device_name, config=cfg.filename, size=size, batch=batch,
                   iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
                   regimes=regimes, tf32=on_gpu and torch.backends.cudnn.allow_tf32,
                   train=[row for case in cases for row in measure_training(cfg, case, regimes, batch, **loops)],

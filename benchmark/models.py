@@ -140,20 +140,23 @@ class ASPPHead(nn.Module):
 
 def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     """Logits at the input size, in fp32: under bf16 autocast the losses, the distillation
-    and the argmax see full-precision logits (a no-op cast in fp32 runs).
+    and the argmax see full-precision logits (a no-op cast in fp32 runs)."""
+    return resize_bilinear(logits.float(), size)
 
-    The result is ``F.interpolate(..., mode='bilinear', align_corners=False)``'s, computed
-    as two matrix products, ``rows @ logits @ cols.T``: on a GPU the backward of
+
+def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
+    """``F.interpolate(x, size, mode='bilinear', align_corners=False)``, computed as two
+    matrix products, ``rows @ x @ cols.T``, in ``x``'s dtype: on a GPU the backward of
     interpolate's kernel adds each output gradient into the input with atomics, about a
-    fifth of DeepLabV3-R101's bf16 training step at 512 px (18.5 of 85 ms on an H100; 32 to
-    512 px is hundreds of additions into each input value); the products' backward is two
-    products (under 1 ms)."""
-    rows = bilinear_weights(logits.shape[-2], size[0], logits.device)
-    cols = bilinear_weights(logits.shape[-1], size[1], logits.device)
-    return rows @ (logits.float() @ cols.T)
+    fifth of DeepLabV3-R101's bf16 training step at 512 px (18.5 of 85 ms on an H100, for
+    the logits' 32 to 512 px: hundreds of additions into each input value); the products'
+    backward is two products (under 1 ms)."""
+    rows = bilinear_weights(x.shape[-2], size[0], x.device, x.dtype)
+    cols = bilinear_weights(x.shape[-1], size[1], x.device, x.dtype)
+    return rows @ (x @ cols.T)
 
 
-def bilinear_weights(n_in: int, n_out: int, device, dtype=torch.float32) -> torch.Tensor:
+def bilinear_weights(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
     """The ``(n_out, n_in)`` matrix of 1-d bilinear resizing with align_corners=False: output
     ``i`` reads the input at ``(i + 0.5) * n_in / n_out - 0.5``, clamped to the input, with
     the tent weights ``max(0, 1 - |position - j|)`` on inputs ``j``."""
