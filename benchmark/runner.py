@@ -212,8 +212,10 @@ def loader_settings(data: ConfigDict, batch_size: int) -> dict:
 
 
 def sgd_config(schedule: ConfigDict, lr: float) -> dict:
+    # fused: the whole update (weight decay, momentum, Nesterov, step) in one pass over each
+    # tensor, where the default takes five; the same numbers (bit for bit on CPU).
     return dict(type='SGD', lr=lr, momentum=schedule.momentum, nesterov=schedule.nesterov,
-                weight_decay=schedule.weight_decay)
+                weight_decay=schedule.weight_decay, fused=True)
 
 
 def distribute(model):

@@ -7,15 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from mmengine.config import ConfigDict
 from mmengine.logging import MessageHub
+from mmengine.optim import build_optim_wrapper
 
 from cssbench.cli import main
 from cssbench.errors import UserError
 from cssbench.hooks import AveragedRuntimeInfoHook
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.runner import _config_digest, build_model, load_config, speed_record
-from cssbench.speed import REFERENCE_SPEED, Speed, prepare_model, resolve_speed
+from cssbench.runner import _config_digest, build_model, load_config, sgd_config, speed_record
+from cssbench.speed import REFERENCE_SPEED, Speed, optim_wrapper_config, prepare_model, resolve_speed
 
 SMALL_DIGEST = '4b660a8be0305c19'  # the digest stored runs of the small config carry
 
@@ -71,6 +73,21 @@ def test_a_channels_last_model_computes_what_the_contiguous_one_does():
         torch.testing.assert_close(model(data['inputs']),
                                    reference(reference.data_preprocessor(batch)['inputs']),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_the_optimizer_takes_nesterov_sgd_steps_with_weight_decay():
+    schedule = ConfigDict(momentum=0.9, nesterov=True, weight_decay=0.01)
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(2.0)
+    optim = build_optim_wrapper(model, optim_wrapper_config(Speed().on('cpu'), sgd_config(schedule, 0.1)))
+    assert optim.optimizer.defaults['fused'] is True
+    # By hand, g' = g + wd p, buffer b = g' at the first step then 0.9 b + g', step lr (g' + 0.9 b):
+    # step 1, g = 1: g' = 1.02, b = 1.02, p = 2 - 0.1 * 1.938 = 1.8062;
+    # step 2, g = -0.5: g' = -0.481938, b = 0.436062, p = 1.8062 + 0.1 * 0.0894822 = 1.81514822.
+    for grad, expected in ((1.0, 1.8062), (-0.5, 1.81514822)):
+        model.weight.grad = torch.full_like(model.weight, grad)
+        optim.step()
+        assert model.weight.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_logged_losses_are_the_means_over_each_interval_and_the_epoch_tail():
