@@ -15,18 +15,20 @@ def cmd_list(args) -> None:
     from .methods import METHODS, get_method
     from .protocols import available_protocols, load_protocol
     get_method('ft')  # registers the shipped methods
+    width = max(map(len, [*available_protocols(), *METHODS]))
     print('protocols:')
     for name in available_protocols():
         p = load_protocol(name)
         sizes = '-'.join(str(len(set(s) - {0})) for s in p.steps[:3]) + ('-...' if p.num_steps > 3 else '')
-        print(f'  {name:<24} {p.dataset:<6} {p.mode:<9} {p.num_steps:>2} steps  ({sizes})')
+        print(f'  {name:<{width}} {p.dataset:<6} {p.mode:<9} {p.num_steps:>2} steps  ({sizes})')
     print('methods:')
     for name, m in sorted(METHODS.items()):
-        print(f'  {name:<24} {m.description}')
+        print(f'  {name:<{width}} {m.description}')
 
 
 def cmd_splits(args) -> None:
     from .io import atomic_write_json
+    from .metrics import range_label
     from .protocols import load_protocol
     from .splits import index_dataset, protocol_splits, resolve_data_root
     protocol = load_protocol(args.protocol).with_class_order(args.seed)
@@ -34,10 +36,9 @@ def cmd_splits(args) -> None:
     index = index_dataset(protocol.dataset, root)
     steps = protocol_splits(protocol, index)
     print(f'{protocol.name} ({protocol.mode}) on {root}')
-    print(f'{"step":>4}  {"classes":<14} {"train":>7} {"val":>6}')
+    print(f'{"step":>4} {"train":>7} {"val":>6}  classes')
     for s in steps:
-        classes = f'{s["classes"][0]}-{s["classes"][-1]}' if len(s['classes']) > 1 else str(s['classes'][0])
-        print(f'{s["step"]:>4}  {classes:<14} {len(s["train"]):>7} {len(s["val"]):>6}')
+        print(f'{s["step"]:>4} {len(s["train"]):>7} {len(s["val"]):>6}  {range_label(s["classes"])}')
     if args.out:
         atomic_write_json(args.out, dict(protocol=protocol.name, dataset_fingerprint=index.fingerprint,
                                          steps=steps))
@@ -53,27 +54,40 @@ def cmd_make_synth(args) -> None:
 
 def cmd_run(args) -> None:
     from .distributed import is_main_process, start_from_env
-    from .methods import method_names
+    from .methods import get_method, method_names
     from .protocols import load_protocol
-    from .runner import load_config, run_protocol
+    from .runner import check_model_settings, load_config, run_is_stored, run_protocol
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     protocol = load_protocol(args.protocol).name  # every input checked before the first step trains
-    load_config(args.config, args.epochs, compile=args.compile, fp32=args.fp32)
+    cfg = load_config(args.config, args.epochs, compile=args.compile, fp32=args.fp32)
     methods = method_names(args.method)
+    for method in methods:
+        check_model_settings(cfg, get_method(method).model_type)
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
-    for seed in seeds:
-        run_name = args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name)
-        for method in methods:
-            results = run_protocol(args.protocol, method, config=args.config, data_root=args.data_root,
-                                   epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
-                                   run_name=run_name, seed=seed, overwrite=args.overwrite,
-                                   resume=args.resume, deterministic=args.deterministic,
-                                   keep_epoch_checkpoints=args.keep_epoch_checkpoints,
-                                   step0_cache=not args.no_step0_cache,
-                                   compile=args.compile, fp32=args.fp32)
-            print(format_step_table(protocol, method, results))
-    if (len(methods) > 1 or len(seeds) > 1) and is_main_process():  # rank 0 reads the store
+    runs = [(seed, method, args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
+            for seed in seeds for method in methods]
+    several = len(runs) > 1
+    # A command of several runs continues as a whole: the runs it finished are kept, and
+    # --resume asks only that it was started.
+    if several and args.work_dir:
+        raise UserError('--work-dir holds the checkpoints of one run: leave it out with several '
+                        'methods or seeds (each run then works inside its results folder)')
+    if several and args.resume and not any(
+            run_is_stored(args.protocol, method, args.results, run_name, args.config, seed)
+            for seed, method, run_name in runs):
+        raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
+    for seed, method, run_name in runs:
+        results = run_protocol(args.protocol, method, config=args.config, data_root=args.data_root,
+                               epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
+                               run_name=run_name, seed=seed, overwrite=args.overwrite,
+                               resume=args.resume and not several, keep_complete=several,
+                               deterministic=args.deterministic,
+                               keep_epoch_checkpoints=args.keep_epoch_checkpoints,
+                               step0_cache=not args.no_step0_cache,
+                               compile=args.compile, fp32=args.fp32)
+        print(format_step_table(protocol, method, results))
+    if several and is_main_process():  # rank 0 reads the store
         print(render_table(args.results, protocol, 'md'))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main,
                           world_size)
 from .errors import UserError
 from .io import atomic_copy, atomic_write_json, atomic_write_text, cache_dir
-from .methods import Method, get_method
+from .methods import METHODS, Method, get_method
 from .metrics import summarize_step
 from .protocols import Protocol, load_protocol
 from .registry import MODELS
@@ -70,7 +71,10 @@ def load_config(name_or_path: str, epochs: int | None = None, *, compile: bool =
     if not path.is_file():
         known = ', '.join(p.stem.replace('_', '-') for p in sorted(CONFIGS_DIR.glob('*.py')))
         raise UserError(f'unknown config {name_or_path!r} (known: {known}, or a path to a .py file)')
-    cfg = Config.fromfile(str(path))
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as e:  # a config is Python: whatever stops it loading is the file's
+        raise UserError(f'{path}: cannot load this config ({type(e).__name__}: {e})') from None
     if epochs is not None:
         if epochs < 1:
             raise UserError(f'--epochs must be at least 1, got {epochs}')
@@ -124,8 +128,36 @@ class RunPaths:
         return self.results / 'steps' / f'step{step}.json'
 
 
+def model_settings(model_cls) -> set[str]:
+    """The keyword arguments a segmentor class takes: its constructor's, then its bases' for
+    as long as each constructor passes ``**kwargs`` on."""
+    names = set()
+    for klass in model_cls.__mro__:
+        if '__init__' not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)['__init__']).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names - {'self'}
+
+
+def check_model_settings(cfg: Config, model_type: str) -> None:
+    """Refuse a config whose ``model`` section sets what this method's segmentor does not
+    take (e.g. SDR's ``loss_kd`` given to fine-tuning), before anything is built."""
+    model_cls = MODELS.get(model_type)
+    # ``type`` is the method's own (build_model sets it)
+    unknown = sorted(set(cfg.model) - {'type'} - model_settings(model_cls)) if model_cls else []
+    if unknown:
+        method = next((m.name for m in METHODS.values() if m.model_type == model_type), model_type)
+        known = ', '.join(sorted(model_settings(model_cls) - {'step_sizes'}))
+        raise UserError(f'{cfg.filename}: model.{unknown[0]} is not a setting of method '
+                        f'{method!r} (its settings: {known})')
+
+
 def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):
     """The method's segmentor for ``step``: its per-dataset defaults, then the config's model."""
+    check_model_settings(cfg, model_type)
     model_cls = MODELS.get(model_type)
     model_cfg = ConfigDict(model_cls.dataset_defaults.get(protocol.dataset, {}))
     model_cfg.update(cfg.model)
@@ -358,23 +390,28 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
                  run_name: str | None = None, seed: int = 0, overwrite: bool = False,
                  resume: bool = False, deterministic: bool = False,
                  keep_epoch_checkpoints: bool = False, step0_cache: bool = True,
-                 compile: bool = False, fp32: bool = False,
+                 compile: bool = False, fp32: bool = False, keep_complete: bool = False,
                  progress: bool = True, log=print) -> list[dict]:
     """Train and evaluate every step; returns the per-step metrics (also written to disk).
 
-    Re-running the same call continues a run that stopped; ``resume=True`` insists on it.
-    ``compile`` and ``fp32`` are the run flags of the speed settings (``speed.py``). Under
-    torchrun (``distributed.start_from_env()`` first) every process calls it; rank 0 writes.
+    Re-running the same call continues a run that stopped; ``resume=True`` insists on it. A
+    complete run is refused unless ``overwrite`` (trained again) or ``keep_complete`` (its
+    stored metrics are returned). ``compile`` and ``fp32`` are the run flags of the speed
+    settings (``speed.py``). Under torchrun (``distributed.start_from_env()`` first) every
+    process calls it; rank 0 writes.
     """
     protocol = load_protocol(protocol_name).with_class_order(seed)
     method = get_method(method_name)
     cfg = load_config(config, epochs, compile=compile, fp32=fp32)
-    run_name = run_name or f'{Path(config).stem.replace("_", "-")}-seed{seed}'
-    results_dir = Path(results_root) / protocol.name / method.name / run_name
+    run_name = run_name or default_run_name(config, seed)
+    results_dir = run_folder(results_root, protocol, method, run_name)
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
     with _exclusive(results_dir):
         record = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
-                            data_root, paths, overwrite, resume, progress)
+                            data_root, paths, overwrite, resume, keep_complete, progress)
+        if record is None:
+            log(f'{results_dir}: complete, kept (--overwrite trains it again)')
+            return json.loads((results_dir / 'metrics.json').read_text())['steps']
         started = time.time()
         step0_key = (_step0_cache_key(protocol, method, cfg, seed, deterministic,
                                       record['run']['dataset_fingerprint'])
@@ -393,12 +430,29 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     return step_results
 
 
+def default_run_name(config: str, seed: int) -> str:
+    return f'{Path(config).stem.replace("_", "-")}-seed{seed}'
+
+
+def run_folder(results_root: str | Path, protocol: Protocol, method: Method, run_name: str) -> Path:
+    return Path(results_root) / protocol.name / method.name / run_name
+
+
+def run_is_stored(protocol_name: str, method_name: str, results_root: str | Path,
+                  run_name: str | None, config: str, seed: int) -> bool:
+    """Whether the run that ``run_protocol`` would continue was started (or finished)."""
+    protocol = load_protocol(protocol_name).with_class_order(seed)
+    folder = run_folder(results_root, protocol, get_method(method_name),
+                        run_name or default_run_name(config, seed))
+    return (folder / 'run.json').exists()
+
+
 @decided_by_main
 def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run_name: str,
                seed: int, deterministic: bool, data_root: str | None, paths: RunPaths,
-               overwrite: bool, resume: bool, progress: bool) -> dict:
+               overwrite: bool, resume: bool, keep_complete: bool, progress: bool) -> dict | None:
     """Check what the run folder holds, index the data, write run.json; returns the record
-    and the per-step splits (with the samples of each)."""
+    and the per-step splits (with the samples of each), or None for a complete run to keep."""
     run_file = paths.results / 'run.json'
     if run_file.exists() and overwrite:
         # Only what this run wrote: a --work-dir given by the user may hold other things.
@@ -413,6 +467,8 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
             raise UserError(f'{paths.results}: a run with another config is stored there; pass '
                             f'--overwrite to replace it or --run-name to keep both')
         if previous.get('status') == 'complete':
+            if keep_complete:
+                return None
             raise UserError(f'{paths.results}: this run is complete; `cssbench table` shows it, '
                             f'--overwrite reruns it')
     elif resume:

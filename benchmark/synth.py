@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .errors import UserError
 from .io import cache_dir
 
 __all__ = [
@@ -387,7 +388,8 @@ def make_synth(
     other non-empty ``out`` raises :class:`FileExistsError`.
     """
     if n_train < 1 or n_val < 1 or size < 16:
-        raise ValueError("need n_train >= 1, n_val >= 1 and size >= 16")
+        raise UserError(f"a synthetic dataset needs n_train >= 1, n_val >= 1 and size >= 16 "
+                        f"(got {n_train}, {n_val}, {size})")
     out = Path(out).expanduser().absolute()
     params = _params(n_train, n_val, size, seed)
     if out.exists() and not _is_empty_dir(out):

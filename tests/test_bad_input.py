@@ -108,6 +108,35 @@ def test_config_naming_an_unknown_model_part(capsys, tmp_path, tiny_run):
     assert str(config) in err and 'cssbench.Nope' in err
 
 
+def test_config_that_does_not_load(capsys, tmp_path):
+    broken = tmp_path / 'broken.py'
+    broken.write_text('model = dict(\n')
+    err = fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(broken))
+    assert err.startswith(f'cssbench: error: {broken}: cannot load this config (SyntaxError: ')
+    orphan = tmp_path / 'orphan.py'
+    orphan.write_text(f"_base_ = ['{tmp_path / 'gone.py'}']\n")
+    err = fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(orphan))
+    assert str(orphan) in err and 'FileNotFoundError' in err and str(tmp_path / 'gone.py') in err
+
+
+def test_config_setting_what_a_method_does_not_take(capsys, tmp_path, tiny_run):
+    config = tmp_path / 'kd50.py'
+    config.write_text(f"_base_ = ['{tiny_run['config']}']\nmodel = dict(loss_kd=50.0)\n")
+    results = tmp_path / 'results'
+    err = fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', '--method', 'sdr,ft',
+                '--config', str(config), '--results', str(results))
+    assert err == (f"cssbench: error: {config}: model.loss_kd is not a setting of method 'ft' (its "
+                   "settings: backbone, classifier_dropout, data_preprocessor, decode_head, "
+                   "ignore_index, overlapped)")
+    assert not results.exists()  # refused before sdr, first in the list, trained
+
+
+def test_synthetic_dataset_too_small(capsys, tmp_path):
+    err = fails(capsys, 'make-synth', '--size', '8', '--out', str(tmp_path / 'synth'))
+    assert 'size >= 16' in err and '(got 2000, 300, 8)' in err
+    assert not (tmp_path / 'synth').exists()
+
+
 def test_corrupt_jpeg_found_while_training(capsys, tmp_path, tiny_run):
     data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
     victim = sorted((data / 'JPEGImages').glob('synth_train_*.jpg'))[0]

@@ -1,6 +1,7 @@
 """Tests of protocol loading and validation (benchmark/protocols.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,18 @@ def test_voc_15_1_overlap_steps() -> None:
     assert p.dataset == 'voc'
     assert p.num_steps == 6
     assert p.num_classes == 21
+
+
+def test_the_readmes_protocol_file_is_the_shipped_voc_15_1_overlap(tmp_path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+    example = readme.split('## Protocols', 1)[1].split('```yaml\n', 1)[1].split('```', 1)[0]
+    (tmp_path / 'mine.yaml').write_text(example)
+    shipped = load_protocol('voc-15-1-overlap')
+    assert load_protocol(str(tmp_path / 'mine.yaml')) == replace(shipped, description='')
+    random = example.replace('class_order: fixed', 'class_order: random').replace('# class_order_seed', 'class_order_seed')
+    (tmp_path / 'random.yaml').write_text(random)
+    drawn = load_protocol(str(tmp_path / 'random.yaml'))
+    assert drawn.ordering == 'random' and drawn.ordering_seed == 3
 
 
 def test_voc_10_1_disjoint_steps() -> None:

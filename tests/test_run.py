@@ -106,6 +106,34 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
     assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
 
 
+def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
+        synth32, config32, tmp_path, capsys):
+    results = tmp_path / 'results'
+    run = ['run', '--protocol', 'synth-15-5-overlap', '--config', str(config32),
+           '--data-root', str(synth32), '--epochs', '1', '--results', str(results)]
+    assert main([*run, '--method', 'ft']) == 0
+    ft_record = results / 'synth-15-5-overlap' / 'ft' / 'small32-seed0' / 'run.json'
+    written = ft_record.stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert main([*run, '--method', 'ft,joint', '--resume']) == 0
+    out = capsys.readouterr().out
+    assert f'{ft_record.parent}: complete, kept (--overwrite trains it again)' in out
+    assert out.count('synth-15-5-overlap / ft (mIoU %)') == 1 and 'synth-15-5-overlap / joint' in out
+    assert ft_record.stat().st_mtime_ns == written
+    joint = json.loads((results / 'synth-15-5-overlap' / 'joint' / 'small32-seed0' / 'run.json').read_text())
+    assert joint['status'] == 'complete'
+
+    # One run: a finished one is refused, as before; several never started: nothing to resume.
+    assert main([*run, '--method', 'ft']) == 2
+    assert 'this run is complete' in capsys.readouterr().err
+    assert main([*run, '--method', 'ft,joint', '--resume', '--results', str(tmp_path / 'none')]) == 2
+    assert 'none of these runs is stored; no run to resume' in capsys.readouterr().err
+    assert main([*run, '--method', 'ft,joint', '--work-dir', str(tmp_path / 'w')]) == 2
+    assert '--work-dir holds the checkpoints of one run' in capsys.readouterr().err
+    assert not (tmp_path / 'w').exists()
+
+
 def test_fine_tuning_forgets_joint_does_not_and_mib_and_sdr_forget_less(synth64, tmp_path):
     """The phenomenon the suite measures: after a new step, fine-tuning loses the old classes."""
     config = tmp_path / 'small_bs4.py'  # more updates per epoch: learns in fewer epochs

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 import cssbench.splits as splits
+from cssbench.cli import main
 from cssbench.errors import DatasetError
+from cssbench.metrics import range_label
 from cssbench.protocols import load_protocol
 from cssbench.splits import compute_splits, index_dataset, keep_for_step, protocol_splits
 from conftest import make_voc_tree, mask_with
@@ -320,3 +322,12 @@ def test_ade_tree_given_to_voc(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as e:
         index_dataset('voc', root, progress=False)
     assert 'ADE20K' in str(e.value) and str(root) in str(e.value)
+
+
+def test_splits_command_prints_the_classes_of_the_drawn_order(synth32, capsys):
+    assert main(['splits', '--protocol', 'synth-15-1-overlap-random', '--seed', '1',
+                 '--data-root', str(synth32)]) == 0
+    drawn = load_protocol('synth-15-1-overlap-random').with_class_order(1)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[-1] for row in rows] == [range_label(step) for step in drawn.steps]
+    assert rows[0][-1] != '0-15' and rows[1][-1] == str(drawn.steps[1][0])
