@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--n-val', type=int, default=300)
     p.add_argument('--size', type=int, default=64, help='image side in pixels (512 for GPU work)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--workers', type=int, default=1)
+    p.add_argument('--workers', type=int, default=1,
+                   help='processes that draw the images (the same files for any number)')
     p.set_defaults(func=cmd_make_synth)
 
     p = sub.add_parser('run', help='train and evaluate a method through every step of a protocol')
