@@ -400,11 +400,9 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     settings (``speed.py``). Under torchrun (``distributed.start_from_env()`` first) every
     process calls it; rank 0 writes.
     """
-    protocol = load_protocol(protocol_name).with_class_order(seed)
-    method = get_method(method_name)
+    protocol, method, run_name, results_dir = locate_run(protocol_name, method_name, results_root,
+                                                         run_name, config, seed)
     cfg = load_config(config, epochs, compile=compile, fp32=fp32)
-    run_name = run_name or default_run_name(config, seed)
-    results_dir = run_folder(results_root, protocol, method, run_name)
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
     with _exclusive(results_dir):
         record = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
@@ -430,20 +428,20 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     return step_results
 
 
-def default_run_name(config: str, seed: int) -> str:
-    return f'{Path(config).stem.replace("_", "-")}-seed{seed}'
-
-
-def run_folder(results_root: str | Path, protocol: Protocol, method: Method, run_name: str) -> Path:
-    return Path(results_root) / protocol.name / method.name / run_name
+def locate_run(protocol_name: str, method_name: str, results_root: str | Path,
+               run_name: str | None, config: str, seed: int) -> tuple[Protocol, Method, str, Path]:
+    """A run's protocol (its class order drawn for ``seed``), method, name (by default
+    ``<config>-seed<seed>``) and results folder ``<results>/<protocol>/<method>/<name>``."""
+    protocol = load_protocol(protocol_name).with_class_order(seed)
+    method = get_method(method_name)
+    run_name = run_name or f'{Path(config).stem.replace("_", "-")}-seed{seed}'
+    return protocol, method, run_name, Path(results_root) / protocol.name / method.name / run_name
 
 
 def run_is_stored(protocol_name: str, method_name: str, results_root: str | Path,
                   run_name: str | None, config: str, seed: int) -> bool:
     """Whether the run that ``run_protocol`` would continue was started (or finished)."""
-    protocol = load_protocol(protocol_name).with_class_order(seed)
-    folder = run_folder(results_root, protocol, get_method(method_name),
-                        run_name or default_run_name(config, seed))
+    *_, folder = locate_run(protocol_name, method_name, results_root, run_name, config, seed)
     return (folder / 'run.json').exists()
 
 
