@@ -6,8 +6,8 @@ cache once) or on a dataset given with ``--data-root``:
 
 * training img/s of a fine-tuning step (step 0 of voc-15-1-overlap's split of the data) and
   of an SDR incremental step (step 1: the teacher's forward and SDR's losses too), each in
-  the reference regime (fp32 eager, PyTorch's defaults) and in the fast path (the config's
-  speed settings, torch.compile with ``--compile``). The step is the runner's: the same
+  the reference regime (fp32 eager, PyTorch's defaults), in the fast path (the config's
+  speed settings) and, with ``--compile``, in the fast path with torch.compile. The step is the runner's: the same
   model preparation, optimizer wrapper and ``train_step``. Batches are loaded onto the
   device beforehand, so that the model's speed is timed (the loader is timed apart);
   warm-up iterations are not timed; the timed ones are cut into rounds in which the regimes
@@ -17,7 +17,7 @@ cache once) or on a dataset given with ``--data-root``:
 * FLOPs per image (``torch.utils.flop_counter`` over one training step: forward, backward,
   teacher forward), the achieved TFLOP/s and the model FLOP utilisation against this
   device's matmul peak as measured here (bf16 on GPU; the fp32 regime against the same);
-* evaluation img/s in both regimes;
+* evaluation img/s in each regime;
 * the data loader: decoding and augmentation in one process, and the step's DataLoader with
   the config's workers, so that one sees whether it keeps up with the GPU;
 * the projected wall time of voc-15-1-overlap with SDR: per step, its training images x 30
@@ -103,8 +103,7 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     _check_flags(size=size, batch=batch, iters=iters, warmup=warmup, workers=workers)
     if workers is not None:
         cfg.data.num_workers = workers
-    regimes = {'fp32 eager': REFERENCE_SPEED.on(device),
-               'fast path': replace(Speed(**cfg.speed), compile=compile).on(device)}
+    regimes = bench_regimes(Speed(**cfg.speed), device, compile)
     loops = dict(iters=iters, warmup=warmup, device=device, progress=progress)
 
     device_name = _device_name()
@@ -122,6 +121,16 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     report['projection'] = {name: project_protocol(report, name) for name in regimes}
     log(format_report(report))
     return report
+
+
+def bench_regimes(fast: Speed, device: str, compile: bool) -> dict[str, Speed]:
+    """The regimes compared, by name: the reference (fp32 eager), the config's fast path
+    (eager) and, with ``compile``, the same compiled, so that one run shows what compiling
+    adds on this machine."""
+    regimes = {'fp32 eager': REFERENCE_SPEED, 'fast path': replace(fast, compile=False)}
+    if compile:
+        regimes['fast+compile'] = replace(fast, compile=True)
+    return {name: speed.on(device) for name, speed in regimes.items()}
 
 
 def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, iters: int,
@@ -448,19 +457,19 @@ def format_report(report: dict) -> str:
              f'{report["warmup"]} warm-up, in {min(ROUNDS, report["iters"])} rounds taking '
              f'turns (median)',
              f'device: {report["device"]}; peak {peak / 1e12:.1f} TFLOP/s '
-             f'({report["peak_label"]}; the MFU of both regimes is against it)']
+             f'({report["peak_label"]}; the MFU of every regime is against it)']
     lines += [f'  {name}: {describe(speed, report["tf32"])}'
               for name, speed in report['regimes'].items()]
-    lines += ['', f'{"training step":<26} {"regime":<11} {"img/s":>9} {"vs fp32":>8} '
+    lines += ['', f'{"training step":<26} {"regime":<12} {"img/s":>9} {"vs fp32":>8} '
                   f'{"GFLOP/img":>10} {"TFLOP/s":>9} {"MFU":>7}']
     for row in report['train']:
         achieved = row['flops_per_img'] * row['img_s']
-        lines.append(f'{row["case"]:<26} {row["regime"]:<11} {row["img_s"]:>9.1f} '
+        lines.append(f'{row["case"]:<26} {row["regime"]:<12} {row["img_s"]:>9.1f} '
                      f'{row["img_s"] / reference[row["case"]]:>7.2f}x '
                      f'{row["flops_per_img"] / 1e9:>10.1f} {achieved / 1e12:>9.2f} '
                      f'{100 * achieved / peak:>6.1f}%')
     for name, rate in report['eval'].items():
-        lines.append(f'{"evaluation":<26} {name:<11} {rate.img_s:>9.1f} '
+        lines.append(f'{"evaluation":<26} {name:<12} {rate.img_s:>9.1f} '
                      f'{rate.img_s / report["eval"]["fp32 eager"].img_s:>7.2f}x')
     loader = report['loader']
     lines += ['', f'data loader: {loader["per_process"]:.1f} img/s decode + augment in one process; '
@@ -469,7 +478,7 @@ def format_report(report: dict) -> str:
     train_images = '/'.join(str(n) for n, _ in VOC_15_1_OVERLAP_STEP_IMAGES)
     lines += [f'projected {PROJECTED_PROTOCOL} with sdr ({len(VOC_15_1_OVERLAP_STEP_IMAGES)} steps '
               f'x {EPOCHS_PER_STEP} epochs, one process; train images per step {train_images}):']
-    lines += [f'  {name:<11} {_duration(seconds)} ({_duration(startup)} of it start-up: '
+    lines += [f'  {name:<12} {_duration(seconds)} ({_duration(startup)} of it start-up: '
               f'compilation, cudnn\'s search)'
               for name, (seconds, startup) in report['projection'].items()]
     return '\n'.join(lines)

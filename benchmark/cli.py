@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--iters', type=int, default=20, help='timed training iterations per case')
     p.add_argument('--warmup', type=int, default=5, help='untimed iterations before them')
     p.add_argument('--workers', type=int, help="loader workers (default: the config's)")
-    p.add_argument('--compile', action='store_true', help='torch.compile in the fast path')
+    p.add_argument('--compile', action='store_true',
+                   help='also measure the fast path with torch.compile (a third regime)')
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser('table', help='methods side by side, from the results store')

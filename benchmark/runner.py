@@ -580,7 +580,8 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
                 f.unlink()
             (paths.step_work(t) / 'last_checkpoint').unlink(missing_ok=True)
     barrier()  # the other processes load this step's weights, written by rank 0, next
-    log(format_step_table(protocol.name, method.name, [result]))
+    if last > 0:  # a run of one step (joint training) ends with this same table
+        log(format_step_table(protocol.name, method.name, [result]))
     return result
 
 

@@ -117,6 +117,19 @@ def test_the_projection_adds_30_epochs_of_each_step_and_its_evaluation(monkeypat
     assert project_protocol(report, 'r') == (pytest.approx(expected), pytest.approx(startup))
 
 
+def test_compile_adds_the_fast_path_compiled_as_a_third_regime():
+    fast = Speed(amp='bfloat16', channels_last=True, cudnn_benchmark=True, compile=True)
+    eager_fast = Speed(amp='bfloat16', channels_last=True, cudnn_benchmark=True, compile=False)
+    assert bench.bench_regimes(fast, 'cuda', compile=False) == {
+        'fp32 eager': REFERENCE_SPEED, 'fast path': eager_fast}
+    assert bench.bench_regimes(eager_fast, 'cuda', compile=True) == {
+        'fp32 eager': REFERENCE_SPEED, 'fast path': eager_fast, 'fast+compile': fast}
+    # on CPU the CUDA-only settings fall away; compiling stays
+    cpu = bench.bench_regimes(fast, 'cpu', compile=True)
+    assert cpu['fast path'] == REFERENCE_SPEED
+    assert cpu['fast+compile'] == Speed(amp=None, channels_last=False, cudnn_benchmark=False, compile=True)
+
+
 def test_a_regime_says_when_its_fp32_convolutions_run_in_tf32():
     assert bench.describe(REFERENCE_SPEED, tf32=True) == (
         "fp32 (TF32 convolutions, PyTorch's default), contiguous, cudnn benchmark off, eager")
