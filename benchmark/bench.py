@@ -7,13 +7,13 @@ cache once) or on a dataset given with ``--data-root``:
 * training img/s of a fine-tuning step (step 0 of voc-15-1-overlap's split of the data) and
   of an SDR incremental step (step 1: the teacher's forward and SDR's losses too), each in
   the reference regime (fp32 eager, PyTorch's defaults), in the fast path (the config's
-  speed settings) and, with ``--compile``, in the fast path with torch.compile. The step is the runner's: the same
-  model preparation, optimizer wrapper and ``train_step``. Batches are loaded onto the
-  device beforehand, so that the model's speed is timed (the loader is timed apart);
-  warm-up iterations are not timed; the timed ones are cut into rounds in which the regimes
-  take turns, so that a drift of the machine (clocks, other load) falls on both alike, and a
-  regime's rate is its median over the rounds; the device is synchronised only around each
-  round;
+  speed settings) and, with ``--compile``, in the fast path with torch.compile. The step is
+  the runner's: the same model preparation, optimizer wrapper and ``train_step``. Batches
+  are loaded onto the device beforehand, so that the model's speed is timed (the loader is
+  timed apart); warm-up iterations are not timed; the timed ones are cut into rounds in
+  which the regimes take turns, so that a drift of the machine (clocks, other load) falls
+  on all alike, and a regime's rate is its median over the rounds; the device is
+  synchronised only around each round;
 * FLOPs per image (``torch.utils.flop_counter`` over one training step: forward, backward,
   teacher forward), the achieved TFLOP/s and the model FLOP utilisation against this
   device's matmul peak as measured here (bf16 on GPU; the fp32 regime against the same);
