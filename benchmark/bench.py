@@ -24,7 +24,9 @@ cache once) or on a dataset given with ``--data-root``:
   epochs at the training rate (step 0 at fine-tuning's, later steps at SDR's, capped by the
   loader's), plus its val images at the evaluation rate, plus the start-up of its training
   and of its evaluation (what the warm-up took beyond its iterations: compilation, cudnn's
-  search).
+  search). A run's later steps build new models of a kind the process has run before, whose
+  compiled graphs and cudnn's choices it keeps: their start-up is measured apart, by warming
+  up a newly built model again.
 """
 from __future__ import annotations
 
@@ -75,7 +77,9 @@ class Rate:
     """A regime's measured speed on one kind of step."""
     img_s: float       # images per second, the median over the timed rounds
     startup_s: float   # the warm-up's seconds beyond its iterations at that rate: compilation,
-                       # cudnn's search, first allocations; paid again by each step of a run
+                       # cudnn's search, first allocations
+    restart_s: float | None = None  # the same for a newly built model of the same kind in the
+                       # same process (graphs and cudnn's choices kept): what a later step pays
 
 
 @dataclass
@@ -147,20 +151,28 @@ def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, 
         _release_memory(device)  # the models went with _time_training's frame
     progress(f'training, {case.label}: {_rates(rates)}; {flops / 1e9:.1f} GFLOP/img')
     return [dict(case=case.label, step=case.step, regime=name, img_s=rate.img_s,
-                 startup_s=rate.startup_s, flops_per_img=flops) for name, rate in rates.items()]
+                 startup_s=rate.startup_s, restart_s=rate.restart_s, flops_per_img=flops)
+            for name, rate in rates.items()]
 
 
 def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
                    warmup: int, device: str, progress) -> tuple[dict[str, Rate], float]:
-    steps, flops = {}, None
     batch = len(batches[0]['inputs'])
-    for name, speed in regimes.items():
+
+    def training_step(speed: Speed):
         model, optim = build_step(cfg, case, speed, device)
+        return model, optim, (partial(_train_on, model, optim, batches),
+                              partial(regime_context, speed, model, train=True))
+
+    steps, flops = {}, None
+    for name, speed in regimes.items():
+        model, optim, steps[name] = training_step(speed)
         if flops is None:  # counted once, on the reference regime's eager model
             flops = training_flops(model, optim, batches[0]) / batch
-        steps[name] = (partial(_train_on, model, optim, batches),
-                       partial(regime_context, speed, model, train=True))
-    return interleaved_rates(steps, iters, warmup, batch, device, progress=progress), flops
+    rates = interleaved_rates(steps, iters, warmup, batch, device, progress=progress)
+    del steps, model, optim
+    return with_restarts(rates, regimes, lambda speed: training_step(speed)[2], warmup, batch,
+                         device, progress), flops
 
 
 def measure_eval(cfg, case: Case, val_set, regimes: dict[str, Speed], *, iters: int, warmup: int,
@@ -178,13 +190,16 @@ def measure_eval(cfg, case: Case, val_set, regimes: dict[str, Speed], *, iters: 
 
 def _time_eval(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
                warmup: int, device: str, progress) -> dict[str, Rate]:
-    steps = {}
-    for name, speed in regimes.items():
+    batch = len(batches[0]['inputs'])
+
+    def eval_step(speed: Speed):
         model, _ = build_step(cfg, case, speed, device)
-        steps[name] = (partial(_evaluate_on, model, batches),
-                       partial(regime_context, speed, model, train=False))
-    return interleaved_rates(steps, iters, warmup, len(batches[0]['inputs']), device,
-                             progress=progress)
+        return (partial(_evaluate_on, model, batches),
+                partial(regime_context, speed, model, train=False))
+
+    rates = interleaved_rates({name: eval_step(speed) for name, speed in regimes.items()},
+                              iters, warmup, batch, device, progress=progress)
+    return with_restarts(rates, regimes, eval_step, warmup, batch, device, progress)
 
 
 def _train_on(model, optim, batches: list[dict], i: int) -> None:
@@ -360,6 +375,28 @@ def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: 
             for name, rate in medians.items()}
 
 
+def with_restarts(rates: dict[str, Rate], regimes: dict[str, Speed], make_step, warmup: int,
+                  batch: int, device: str, progress) -> dict[str, Rate]:
+    """``rates`` with each regime's restart: ``make_step(speed)`` builds a new model and gives
+    its ``(step, context)``, whose ``warmup`` calls are timed; what they took beyond
+    ``warmup`` calls at the regime's rate is what a later step of a run pays to start."""
+    result = {}
+    for name, speed in regimes.items():
+        step, context = make_step(speed)
+        with context():
+            _synchronize(device)
+            start = time.perf_counter()
+            for i in range(warmup):
+                step(i)
+            _synchronize(device)
+            seconds = time.perf_counter() - start
+        del step, context
+        progress(f'{name}: {warmup} warm-up iterations of a newly built model in {seconds:.1f} s')
+        rate = rates[name]
+        result[name] = replace(rate, restart_s=max(0.0, seconds - warmup * batch / rate.img_s))
+    return result
+
+
 def matmul_peak(device: str) -> tuple[float, str]:
     """The device's measured matmul throughput (FLOP/s): bf16 on GPU, fp32 on CPU; the best
     of a few trials."""
@@ -425,7 +462,9 @@ def project_protocol(report: dict, regime: str) -> tuple[float, float]:
     """Seconds for voc-15-1-overlap with SDR in ``regime``, and the start-ups' share of
     them: step 0 at fine-tuning's rate, later steps at SDR's (its teacher's forward
     included), each capped by the loader's rate; 30 epochs per step; each step's evaluation
-    at the evaluation rate; each step pays its training's and its evaluation's start-up."""
+    at the evaluation rate. Start-ups, as one process runs the steps: step 0 pays
+    fine-tuning's and evaluation's, step 1 SDR's (its teacher is new) and evaluation's
+    restart, later steps SDR's and evaluation's restarts."""
     train = {row['step']: row for row in report['train'] if row['regime'] == regime}
     evaluation = report['eval'][regime]
     loader = report['loader']['with_workers']
@@ -433,7 +472,8 @@ def project_protocol(report: dict, regime: str) -> tuple[float, float]:
     seconds = startup = 0.0
     for t, (n_train, n_val) in enumerate(VOC_15_1_OVERLAP_STEP_IMAGES):
         row = train[min(t, 1)]
-        startup += row['startup_s'] + evaluation.startup_s
+        startup += ((row['startup_s'] if t <= 1 else row['restart_s'])
+                    + (evaluation.startup_s if t == 0 else evaluation.restart_s))
         seconds += n_train * EPOCHS_PER_STEP / min(row['img_s'], cap) + n_val / evaluation.img_s
     return seconds + startup, startup
 

@@ -60,6 +60,9 @@ def test_bench_reports_every_measure_for_both_regimes(one_thread, capsys):
         for regime in ('fp32 eager', 'fast path'):
             assert re.search(rf'^cssbench bench: training, {re.escape(case)}, {regime}: '
                              rf'2 warm-up iterations in {NUMBER} s$', progress, re.M)
+            assert re.search(rf'^cssbench bench: training, {re.escape(case)}, {regime}: '
+                             rf'2 warm-up iterations of a newly built model in {NUMBER} s$',
+                             progress, re.M)
     rates = re.search(rf'^cssbench bench: training, fine-tuning, step 0: fp32 eager {NUMBER} img/s, '
                       rf'fast path {NUMBER} img/s; {NUMBER} GFLOP/img$', progress, re.M)
     assert rates and [float(v) for v in rates.groups()[:2]] == pytest.approx(
@@ -103,15 +106,43 @@ def test_regimes_take_turns_in_rounds_and_each_rate_is_its_median(monkeypatch):
     assert calls == [('a', 0), ('b', 0), ('a', 1), ('b', 1)]
 
 
+def test_a_restart_is_a_new_models_warm_up_beyond_its_iterations_at_the_measured_rate(monkeypatch):
+    clock, built = [0.0], []
+    monkeypatch.setattr(bench.time, 'perf_counter', lambda: clock[0])
+    first_call = {'slow': 30.0, 'fast': 0.0}  # extra seconds of a new model's first call
+
+    def make_step(speed):
+        name = 'slow' if speed.compile else 'fast'
+        built.append(name)
+
+        def step(i):
+            clock[0] += 2.0 + (first_call[name] if i == 0 else 0.0)  # 2 s per iteration
+        return step, contextlib.nullcontext
+
+    rates = {'fast': bench.Rate(5.0, startup_s=9.0), 'slow': bench.Rate(5.0, startup_s=99.0)}
+    regimes = {'fast': Speed(), 'slow': Speed(compile=True)}
+    lines = []
+    result = bench.with_restarts(rates, regimes, make_step, warmup=3, batch=10, device='cpu',
+                                 progress=lines.append)
+    assert built == ['fast', 'slow']  # one new model each
+    # 3 calls: 6 s (+30 s for the slow one's first), less 3 batches of 10 at 5 img/s (6 s)
+    assert result == {'fast': bench.Rate(5.0, startup_s=9.0, restart_s=0.0),
+                      'slow': bench.Rate(5.0, startup_s=99.0, restart_s=30.0)}
+    assert lines == ['fast: 3 warm-up iterations of a newly built model in 6.0 s',
+                     'slow: 3 warm-up iterations of a newly built model in 36.0 s']
+
+
 def test_the_projection_adds_30_epochs_of_each_step_and_its_evaluation(monkeypatch):
     monkeypatch.setattr(bench, 'VOC_15_1_OVERLAP_STEP_IMAGES',
                         [(8000, 1200), (400, 1250), (300, 1300), (200, 1350), (100, 1400), (50, 1449)])
-    report = dict(train=[dict(step=0, regime='r', img_s=100.0, startup_s=60.0),
-                         dict(step=1, regime='r', img_s=50.0, startup_s=15.0)],
-                  eval={'r': bench.Rate(500.0, startup_s=5.0)}, loader=dict(with_workers=80.0))
-    # step 0 at fine-tuning's rate capped by the loader's, the others at SDR's; each step
-    # starts its training (step 0 as fine-tuning, the others as SDR) and its evaluation
-    startup = 60.0 + 5 * 15.0 + 6 * 5.0
+    report = dict(train=[dict(step=0, regime='r', img_s=100.0, startup_s=60.0, restart_s=1.0),
+                         dict(step=1, regime='r', img_s=50.0, startup_s=15.0, restart_s=2.0)],
+                  eval={'r': bench.Rate(500.0, startup_s=5.0, restart_s=0.5)},
+                  loader=dict(with_workers=80.0))
+    # step 0 at fine-tuning's rate capped by the loader's, the others at SDR's. Start-ups:
+    # step 0 fine-tuning's and evaluation's; step 1 SDR's and evaluation's restart; steps
+    # 2-5 SDR's restart and evaluation's
+    startup = (60.0 + 5.0) + (15.0 + 0.5) + 4 * (2.0 + 0.5)
     expected = (8000 * 30 / 80.0 + (400 + 300 + 200 + 100 + 50) * 30 / 50.0
                 + (1200 + 1250 + 1300 + 1350 + 1400 + 1449) / 500.0 + startup)
     assert project_protocol(report, 'r') == (pytest.approx(expected), pytest.approx(startup))

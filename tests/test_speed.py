@@ -114,3 +114,31 @@ def test_run_refuses_compile_with_the_fp32_reference_regime(capsys):
     assert main(['run', '--protocol', 'synth-15-5-overlap', '--compile', '--fp32']) == 2
     assert capsys.readouterr().err.strip() == (
         'cssbench: error: --compile and --fp32 exclude each other (--fp32 is the eager reference regime)')
+
+
+def test_a_later_steps_new_model_runs_the_graphs_compiled_for_the_step_before(monkeypatch):
+    """What the bench's projection relies on: within a run's process, the models of steps 2
+    and 3 (a class more each, a new teacher) compile nothing that step 1's did not."""
+    from torch._dynamo.utils import counters
+
+    from cssbench.bench import Case, build_step
+    from conftest import random_batch
+
+    # Whether a graph is captured again is dynamo's decision (its guards), whatever backend
+    # then compiles it; the eager backend spares the test inductor's C++ builds.
+    module_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, 'compile',
+                        lambda self, **kwargs: module_compile(self, **dict(kwargs, backend='eager')))
+    torch._dynamo.reset()
+    cfg = load_config('small')
+    batch = random_batch(n=2, size=32, classes=16)
+    graphs = []
+    for step in (1, 2, 3):
+        model, optim = build_step(cfg, Case(f'step {step}', 'sdr', step, None),
+                                  Speed(compile=True).on('cpu'), 'cpu')
+        model.train()
+        model.train_step(batch, optim)
+        graphs.append(counters['stats']['unique_graphs'])
+    torch._dynamo.reset()
+    assert graphs[0] >= 4  # the student's backbone and head, and the teacher's
+    assert graphs[2] == graphs[1] == graphs[0]
