@@ -349,11 +349,7 @@ def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: 
     for name, (step, context) in steps.items():
         with context():
             _reset_peak_memory(device)
-            start = time.perf_counter()
-            for i in range(warmup):
-                step(i)
-            _synchronize(device)
-            warmup_s[name] = time.perf_counter() - start
+            warmup_s[name] = _timed_calls(step, 0, warmup, device)
             progress(f'{name}: {warmup} warm-up iterations in {warmup_s[name]:.1f} s'
                      f'{_peak_memory(device)}')
     rounds = min(rounds, iters)
@@ -363,15 +359,10 @@ def interleaved_rates(steps: dict, iters: int, warmup: int, batch: int, device: 
     for size in sizes:
         for name, (step, context) in steps.items():
             with context():
-                _synchronize(device)
-                start = time.perf_counter()
-                for i in range(first, first + size):
-                    step(i)
-                _synchronize(device)
-                rates[name].append(size * batch / (time.perf_counter() - start))
+                rates[name].append(size * batch / _timed_calls(step, first, size, device))
         first += size
     medians = {name: statistics.median(values) for name, values in rates.items()}
-    return {name: Rate(rate, max(0.0, warmup_s[name] - warmup * batch / rate))
+    return {name: Rate(rate, _beyond_calls(warmup_s[name], warmup, batch, rate))
             for name, rate in medians.items()}
 
 
@@ -384,17 +375,28 @@ def with_restarts(rates: dict[str, Rate], regimes: dict[str, Speed], make_step, 
     for name, speed in regimes.items():
         step, context = make_step(speed)
         with context():
-            _synchronize(device)
-            start = time.perf_counter()
-            for i in range(warmup):
-                step(i)
-            _synchronize(device)
-            seconds = time.perf_counter() - start
+            seconds = _timed_calls(step, 0, warmup, device)
         del step, context
         progress(f'{name}: {warmup} warm-up iterations of a newly built model in {seconds:.1f} s')
         rate = rates[name]
-        result[name] = replace(rate, restart_s=max(0.0, seconds - warmup * batch / rate.img_s))
+        result[name] = replace(rate, restart_s=_beyond_calls(seconds, warmup, batch, rate.img_s))
     return result
+
+
+def _timed_calls(step, first: int, n: int, device: str) -> float:
+    """Seconds that ``step(first) ... step(first + n - 1)`` take, the device synchronised
+    before and after."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for i in range(first, first + n):
+        step(i)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _beyond_calls(seconds: float, calls: int, batch: int, img_s: float) -> float:
+    """What ``calls`` calls took beyond their time at ``img_s``: the start-up."""
+    return max(0.0, seconds - calls * batch / img_s)
 
 
 def matmul_peak(device: str) -> tuple[float, str]:
