@@ -47,6 +47,9 @@ Known differences from the reference, kept explicit:
   dropout, as the reference's head (which has no dropout) gives it.
 * Non-square maps: regions are ``(H // s) x (W // s)``; the reference uses ``W // s`` for
   both sides (identical on its square 512 x 512 crops).
+* Epochs: ``scripts/voc/plop_10-1.sh`` trains the incremental steps of 10-1 for 10 epochs
+  (its other VOC scripts, 30). The harness trains every step of every method for the
+  config's epochs, so that the methods compare on one schedule.
 """
 from __future__ import annotations
 

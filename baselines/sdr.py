@@ -225,7 +225,9 @@ def sparsification_loss(features: torch.Tensor, labels_down: torch.Tensor,
 class SDR(LwF):
     """SDR: CE + output distillation + prototypes matching, attraction-repulsion, sparsification.
 
-    The latent terms act on the backbone's features (Michieli & Zanuttigh, CVPR 2021).
+    The latent terms act on the backbone's features (Michieli & Zanuttigh, CVPR 2021). The
+    cross-entropy and the output distillation are the plain ones (LwF's); the reference code's
+    ``--method SDR`` preset turns on MiB's unbiased versions instead: ``sdr+mib``.
 
     Step 0: plain cross-entropy (fine-tuning's loss; every other term is 0) while the class
     prototypes are accumulated batch by batch: ``step0_kind`` is SDR's own.
@@ -304,7 +306,8 @@ class SDRMiB(SDR, MiB):
     """SDR on top of MiB: unbiased cross-entropy and distillation, MiB's classifier init.
 
     The reference's ``--method SDR`` preset is this with ``loss_kd = 100`` (unce, unkd) but
-    without ``init_balanced``; ``init_balanced=True`` (MiB's) is the default here.
+    without ``init_balanced``; ``init_balanced=True`` (MiB's) is the default here, as the
+    method is SDR on top of MiB, and MiB initialises its new classifiers so.
     """
 
     def __init__(self, *args, loss_kd: float = 100.0, init_balanced: bool = True, **kwargs) -> None:

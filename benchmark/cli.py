@@ -59,8 +59,10 @@ def cmd_run(args) -> None:
     from .runner import check_model_settings, load_config, run_is_stored, run_protocol
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
-    protocol = load_protocol(args.protocol).name  # every input checked before the first step trains
-    cfg = load_config(args.config, args.epochs, compile=args.compile, fp32=args.fp32)
+    protocol = load_protocol(args.protocol)  # every input checked before the first step trains
+    cfg = load_config(args.config, args.epochs, dataset=protocol.dataset, compile=args.compile,
+                      fp32=args.fp32)
+    protocol = protocol.name
     methods = method_names(args.method)
     for method in methods:
         check_model_settings(cfg, get_method(method).model_type)
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='a method, several separated by commas, or all')
     p.add_argument('--config', default='small', help='small | deeplabv3-r101 | path to a config .py')
     p.add_argument('--data-root')
-    p.add_argument('--epochs', type=int, help="epochs per step (default: the config's)")
+    p.add_argument('--epochs', type=int, help="epochs per step (default: the config's for the protocol's dataset)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument('--seed', type=int, default=0)
     seeds.add_argument('--seeds', help='several seeds, e.g. 0,1,2: each one run in turn')

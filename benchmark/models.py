@@ -122,7 +122,13 @@ class SmallResNet(nn.Module):
 
 @MODELS.register_module()
 class ASPPHead(nn.Module):
-    """DeepLabV3's atrous spatial pyramid pooling; returns features, not logits."""
+    """DeepLabV3's atrous spatial pyramid pooling; returns features, not logits.
+
+    The same function as the reference's head (MiB/SDR ``modules/deeplab.py: DeeplabV3``):
+    its one normalisation over the concatenated branches is per channel, i.e. per branch, and
+    its ``red_conv`` of the branches plus ``pool_red_conv`` of the pooled branch is one 1x1
+    convolution of all five, ``project`` here. Its inplace-ABN activates with a leaky ReLU
+    (slope 0.01) where this uses ReLU, as torchvision's ResNet does."""
 
     def __init__(self, in_channels: int, channels: int = 256, dilations=(1, 6, 12, 18)) -> None:
         super().__init__()

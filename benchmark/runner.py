@@ -61,10 +61,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_MARKER = 'cssbench-work.json'  # names the run whose checkpoints a work dir holds
 
 
-def load_config(name_or_path: str, epochs: int | None = None, *, compile: bool = False,
-                fp32: bool = False) -> Config:
+def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | None = None,
+                compile: bool = False, fp32: bool = False) -> Config:
     """A config by name or path; ``cfg.speed`` is its speed section completed with the
-    defaults and the run flags (``--compile``, ``--fp32``: see ``speed.py``)."""
+    defaults and the run flags (``--compile``, ``--fp32``: see ``speed.py``).
+
+    ``schedule.epochs`` is resolved for ``dataset`` (a protocol's): ``epochs``, if given, else
+    the schedule's ``epochs_by_dataset`` entry for it (e.g. ADE20K's 60), else ``epochs``. The
+    resolved config holds no ``epochs_by_dataset``: it records what a run trains."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIGS_DIR / f'{name_or_path.replace("-", "_")}.py'
@@ -75,10 +79,13 @@ def load_config(name_or_path: str, epochs: int | None = None, *, compile: bool =
         cfg = Config.fromfile(str(path))
     except Exception as e:  # a config is Python: whatever stops it loading is the file's
         raise UserError(f'{path}: cannot load this config ({type(e).__name__}: {e})') from None
+    by_dataset = cfg.schedule.pop('epochs_by_dataset', None) or {}
     if epochs is not None:
         if epochs < 1:
             raise UserError(f'--epochs must be at least 1, got {epochs}')
         cfg.schedule.epochs = epochs
+    elif dataset in by_dataset:
+        cfg.schedule.epochs = by_dataset[dataset]
     cfg.speed = resolve_speed(cfg.get('speed'), cfg.filename, compile=compile, fp32=fp32)
     return cfg
 
@@ -402,7 +409,7 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     """
     protocol, method, run_name, results_dir = locate_run(protocol_name, method_name, results_root,
                                                          run_name, config, seed)
-    cfg = load_config(config, epochs, compile=compile, fp32=fp32)
+    cfg = load_config(config, epochs, dataset=protocol.dataset, compile=compile, fp32=fp32)
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
     with _exclusive(results_dir):
         record = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,

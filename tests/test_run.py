@@ -186,3 +186,21 @@ def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(
     assert (runs / 'lwf' / 'small32-seed1' / 'work' / 'step0' / 'model.pth').read_bytes() != ft_weights
     fresh = run_protocol('synth-15-5-overlap', 'mib', **dict(kwargs, step0_cache=False))
     assert fresh[0]['step0_cache'] is None and fresh[0]['iou'] == ft[0]['iou']   # deterministic
+
+
+def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
+    from cssbench.runner import load_config
+    assert load_config('deeplabv3-r101', dataset='ade').schedule.epochs == 60   # the papers' ADE20K
+    assert load_config('deeplabv3-r101', dataset='voc').schedule.epochs == 30
+    assert load_config('deeplabv3-r101', 7, dataset='ade').schedule.epochs == 7   # --epochs wins
+    assert 'epochs_by_dataset' not in load_config('deeplabv3-r101', dataset='ade').schedule
+
+    config = tmp_path / 'synth_epochs.py'
+    config.write_text(f"_base_ = ['{config32}']\nschedule = dict(epochs=3, epochs_by_dataset=dict(synth=1))\n")
+    results = tmp_path / 'results'
+    run_protocol('synth-19-1-overlap', 'ft', config=str(config), data_root=str(synth32),
+                 results_root=results, run_name='r', keep_epoch_checkpoints=True, log=lambda *a: None)
+    run_dir = results / 'synth-19-1-overlap' / 'ft' / 'r'
+    assert json.loads((run_dir / 'run.json').read_text())['config']['schedule']['epochs'] == 1
+    for t in (0, 1):
+        assert sorted(p.name for p in (run_dir / 'work' / f'step{t}').glob('epoch_*.pth')) == ['epoch_1.pth']
