@@ -185,7 +185,9 @@ def stored_protocol_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='cssbench', description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog='cssbench', description='Class-incremental semantic segmentation benchmark: run '
+        'methods through protocols, tabulate and plot the results.')
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('list', help='show the shipped protocols and methods')
@@ -201,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('make-synth', help='generate the synthetic dataset in the VOC layout')
     p.add_argument('--out', required=True)
-    p.add_argument('--n-train', type=int, default=2000)
-    p.add_argument('--n-val', type=int, default=300)
+    p.add_argument('--n-train', type=int, default=2000, help='training images (default: 2000)')
+    p.add_argument('--n-val', type=int, default=300, help='validation images (default: 300)')
     p.add_argument('--size', type=int, default=64, help='image side in pixels (512 for GPU work)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=1,
@@ -212,12 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('run', help='train and evaluate a method through every step of a protocol')
     p.add_argument('--protocol', required=True)
     p.add_argument('--method', default='ft',
-                   help='a method, several separated by commas, or all')
+                   help='a method, several separated by commas, or all (default: ft)')
     p.add_argument('--config', default='small', help='small | deeplabv3-r101 | path to a config .py')
     p.add_argument('--data-root')
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's for the protocol's dataset)")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument('--seed', type=int, default=0)
+    seeds.add_argument('--seed', type=int, default=0, help='default: 0')
     seeds.add_argument('--seeds', help='several seeds, e.g. 0,1,2: each one run in turn')
     p.add_argument('--run-name', help='default: <config>-seed<seed> (with --seeds: <name>-seed<seed>)')
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
@@ -257,14 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--protocol')
     p.add_argument('--all', action='store_true',
                    help="write every protocol's tables, in every format, to <results>/tables/")
-    p.add_argument('--format', choices=FORMATS, default='md')
+    p.add_argument('--format', choices=FORMATS, default='md', help='default: md')
     kind = p.add_mutually_exclusive_group()
     kind.add_argument('--per-step', action='store_true', help='old / new / all after every step')
     kind.add_argument('--per-class', action='store_true', help='forgetting of every old class')
     p.add_argument('--run', help='use the runs of these names (comma-separated, globs allowed) '
                                  'instead of the latest run of each seed')
     p.add_argument('--config', help='only runs of this config name')
-    p.add_argument('--results', default=DEFAULT_RESULTS)
+    p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--out', help='write to this file (with --all: this folder)')
     p.set_defaults(func=cmd_table)
 
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--all', action='store_true', help='every protocol with results')
     p.add_argument('--run', help='as for table')
     p.add_argument('--config', help='only runs of this config name')
-    p.add_argument('--results', default=DEFAULT_RESULTS)
+    p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--out', help='folder for the PNGs (default: <results>/tables)')
     p.set_defaults(func=cmd_plot)
     return parser

@@ -16,6 +16,7 @@ import torchvision
 from mmengine.model import BaseDataPreprocessor, BaseModel
 
 from .datasets_info import IGNORE_INDEX
+from .errors import UserError
 from .losses import cross_entropy
 from .registry import MODELS
 
@@ -47,6 +48,29 @@ class SegDataPreprocessor(BaseDataPreprocessor):
         return dict(inputs=inputs, data_samples=None if targets is None else targets.long())
 
 
+def load_imagenet_weights(net: nn.Module, path: Path) -> None:
+    """Every weight of ``net`` but its fc from a torchvision-layout checkpoint at ``path``; a
+    file that does not hold them all is refused (a silently partial load would train from
+    random weights)."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # whatever stops it loading is the file's
+        raise UserError(f'{path}: cannot read this pretrained checkpoint ({type(e).__name__}: {e})') from None
+    if not isinstance(state, dict):
+        raise UserError(f'{path}: not a state dict of tensors')
+    state = {k: v for k, v in state.items() if not k.startswith('fc.')}
+    expected = {k for k in net.state_dict() if not k.startswith('fc.')}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        what = [f'{len(missing)} of its {len(expected)} tensors missing (e.g. {missing[0]})'] if missing else []
+        what += [f'{len(unexpected)} unknown (e.g. {unexpected[0]})'] if unexpected else []
+        raise UserError(f"{path}: not a torchvision {type(net).__name__} checkpoint: {', '.join(what)}")
+    try:
+        net.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # the names match, a shape does not (another depth)
+        raise UserError(f'{path}: does not fit the backbone: {str(e).splitlines()[-1].strip()}') from None
+
+
 @MODELS.register_module()
 class TorchvisionResNet(nn.Module):
     """torchvision's ResNet without its pooling and fc, dilated to ``output_stride`` (8 or 16).
@@ -60,9 +84,7 @@ class TorchvisionResNet(nn.Module):
         net = getattr(torchvision.models, f'resnet{depth}')(
             weights=None, replace_stride_with_dilation=dilate[output_stride])
         if pretrained:
-            state = torch.load(Path(pretrained).expanduser(), map_location='cpu', weights_only=True)
-            state = {k: v for k, v in state.items() if not k.startswith('fc.')}
-            net.load_state_dict(state, strict=False)
+            load_imagenet_weights(net, Path(pretrained).expanduser())
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = net.fc.in_features

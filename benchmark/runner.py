@@ -79,6 +79,7 @@ def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | 
         cfg = Config.fromfile(str(path))
     except Exception as e:  # a config is Python: whatever stops it loading is the file's
         raise UserError(f'{path}: cannot load this config ({type(e).__name__}: {e})') from None
+    check_config_sections(cfg, path)
     by_dataset = cfg.schedule.pop('epochs_by_dataset', None) or {}
     if epochs is not None:
         if epochs < 1:
@@ -88,6 +89,28 @@ def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | 
         cfg.schedule.epochs = by_dataset[dataset]
     cfg.speed = resolve_speed(cfg.get('speed'), cfg.filename, compile=compile, fp32=fp32)
     return cfg
+
+
+# What a run reads from each section of a config (a section may hold more).
+CONFIG_KEYS = dict(model=('type', 'backbone', 'decode_head'),
+                   data=('crop_size', 'batch_size', 'eval_batch_size', 'num_workers'),
+                   schedule=('epochs', 'lr', 'momentum', 'nesterov', 'weight_decay', 'poly_power'))
+
+
+def check_config_sections(cfg: Config, path: Path) -> None:
+    """Refuse a config that lacks a setting a run needs (naming every missing one), or whose
+    pretrained backbone checkpoint is not a file."""
+    missing = [f'{section}.{key}' for section, keys in CONFIG_KEYS.items()
+               for key in keys if not isinstance(cfg.get(section), dict) or key not in cfg[section]]
+    if missing:
+        raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
+                        f"full one: _base_ = ['<path>/small.py'])")
+    lr = cfg.schedule.lr
+    if not (isinstance(lr, (list, tuple)) and len(lr) == 2):
+        raise UserError(f'{path}: schedule.lr must be (step 0 lr, later steps lr), got {lr!r}')
+    pretrained = cfg.model.backbone.get('pretrained')
+    if pretrained and not Path(pretrained).expanduser().is_file():
+        raise UserError(f'{path}: model.backbone.pretrained: {pretrained} is not a file')
 
 
 def git_revision() -> str:
@@ -391,6 +414,12 @@ def _check_work_dir(work: Path, identity: dict) -> None:
         atomic_write_json(marker, identity)
 
 
+def _remove_folders(folders: list[Path]) -> None:
+    """Remove the folders a call created (outermost first: each takes what it holds)."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = 'small',
                  data_root: str | None = None, epochs: int | None = None,
                  results_root: str | Path = 'results', work_dir: str | Path | None = None,
@@ -410,10 +439,19 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     protocol, method, run_name, results_dir = locate_run(protocol_name, method_name, results_root,
                                                          run_name, config, seed)
     cfg = load_config(config, epochs, dataset=protocol.dataset, compile=compile, fp32=fp32)
+    if 'pretrained' in cfg.model.backbone and not cfg.model.backbone.pretrained:
+        log(f'{cfg.filename}: model.backbone.pretrained is not set: the backbone starts from '
+            f'random weights (the papers start from ImageNet weights)')
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
+    new_folders = [p for p in (*reversed(results_dir.parents), results_dir, paths.work) if not p.exists()]
     with _exclusive(results_dir):
-        record = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
-                            data_root, paths, overwrite, resume, keep_complete, progress)
+        try:
+            record = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
+                                data_root, paths, overwrite, resume, keep_complete, progress)
+        except BaseException:
+            if is_main_process() and not (results_dir / 'run.json').exists():
+                _remove_folders(new_folders)   # a run refused before it started leaves nothing
+            raise
         if record is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
             return json.loads((results_dir / 'metrics.json').read_text())['steps']
@@ -459,14 +497,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     """Check what the run folder holds, index the data, write run.json; returns the record
     and the per-step splits (with the samples of each), or None for a complete run to keep."""
     run_file = paths.results / 'run.json'
-    if run_file.exists() and overwrite:
-        # Only what this run wrote: a --work-dir given by the user may hold other things.
-        work_items = [*paths.work.glob('step*'), paths.work / WORK_MARKER] if paths.work.is_dir() else []
-        for child in [*work_items, *paths.results.iterdir()]:
-            if child.name == '.lock' or not child.exists():
-                continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    if run_file.exists():
+    if run_file.exists() and not overwrite:
         previous = json.loads(run_file.read_text())
         if previous.get('config_digest') != _config_digest(cfg):
             raise UserError(f'{paths.results}: a run with another config is stored there; pass '
@@ -476,11 +507,10 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                 return None
             raise UserError(f'{paths.results}: this run is complete; `cssbench table` shows it, '
                             f'--overwrite reruns it')
-    elif resume:
+    elif resume and not run_file.exists():
         raise UserError(f'{paths.results}: no run to resume')
-    _check_work_dir(paths.work, dict(protocol=protocol.to_dict(), method=method.name,
-                                     config_digest=_config_digest(cfg), seed=seed))
 
+    # The data is checked before --overwrite deletes anything: a bad input loses nothing.
     steps_protocol = steps_of(protocol, method)
     root = resolve_data_root(protocol.dataset, data_root, progress=progress)
     index = index_dataset(protocol.dataset, root, progress=progress)
@@ -488,6 +518,15 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     for split in splits:
         split['train_samples'] = select(index.samples['train'], split['train'])
         split['val_samples'] = select(index.samples['val'], split['val'])
+    if run_file.exists() and overwrite:
+        # Only what this run wrote: a --work-dir given by the user may hold other things.
+        work_items = [*paths.work.glob('step*'), paths.work / WORK_MARKER] if paths.work.is_dir() else []
+        for child in [*work_items, *paths.results.iterdir()]:
+            if child.name == '.lock' or not child.exists():
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    _check_work_dir(paths.work, dict(protocol=protocol.to_dict(), method=method.name,
+                                     config_digest=_config_digest(cfg), seed=seed))
     run = dict(protocol=protocol.to_dict(), method=method.name, run=run_name, seed=seed,
                deterministic=deterministic, config_name=config, config=cfg.to_dict(),
                config_digest=_config_digest(cfg), data_root=str(root),

@@ -119,6 +119,30 @@ def test_config_that_does_not_load(capsys, tmp_path):
     assert str(orphan) in err and 'FileNotFoundError' in err and str(tmp_path / 'gone.py') in err
 
 
+def test_config_missing_what_a_run_needs(capsys, tmp_path):
+    partial = tmp_path / 'partial.py'   # no _base_: a model override alone
+    partial.write_text("model = dict(loss_kd=50.0)\ndata = dict(crop_size=32)\n")
+    results = tmp_path / 'results'
+    err = fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(partial),
+                '--results', str(results))
+    assert err.startswith(f'cssbench: error: {partial}: this config does not set model.type, '
+                          'model.backbone, model.decode_head, data.batch_size, ')
+    assert 'schedule.poly_power' in err and 'data.crop_size' not in err
+    one_lr = tmp_path / 'one_lr.py'
+    one_lr.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\nschedule = dict(lr=0.01)\n")
+    err = fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(one_lr),
+                '--results', str(results))
+    assert err == f'cssbench: error: {one_lr}: schedule.lr must be (step 0 lr, later steps lr), got 0.01'
+    no_weights = tmp_path / 'no_weights.py'
+    no_weights.write_text(f"_base_ = ['{CONFIGS / 'deeplabv3_r101.py'}']\n"
+                          f"model = dict(backbone=dict(pretrained='{tmp_path / 'r101.pth'}'))\n")
+    err = fails(capsys, 'run', '--protocol', 'voc-15-1-overlap', '--config', str(no_weights),
+                '--results', str(results))
+    assert err == (f'cssbench: error: {no_weights}: model.backbone.pretrained: '
+                   f'{tmp_path / "r101.pth"} is not a file')
+    assert not results.exists()
+
+
 def test_config_setting_what_a_method_does_not_take(capsys, tmp_path, tiny_run):
     config = tmp_path / 'kd50.py'
     config.write_text(f"_base_ = ['{tiny_run['config']}']\nmodel = dict(loss_kd=50.0)\n")

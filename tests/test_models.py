@@ -33,6 +33,27 @@ def test_deeplabv3_r101_is_output_stride_16_with_the_papers_head():
     assert sum(p.numel() for p in model.backbone.parameters()) == pytest.approx(42.5e6, rel=0.01)
 
 
+def test_pretrained_backbone_loads_every_weight_or_is_refused(tmp_path):
+    import torchvision
+
+    from cssbench.models import TorchvisionResNet
+    imagenet = torchvision.models.resnet50()
+    torch.save(imagenet.state_dict(), tmp_path / 'r50.pth')
+    backbone = TorchvisionResNet(depth=50, pretrained=str(tmp_path / 'r50.pth'))
+    assert torch.equal(backbone.layer4[2].conv3.weight, imagenet.layer4[2].conv3.weight)
+    assert torch.equal(backbone.stem[1].running_var, imagenet.bn1.running_var)
+
+    torch.save({'state_dict': imagenet.state_dict()}, tmp_path / 'wrapped.pth')  # a training checkpoint
+    with pytest.raises(UserError, match=r'wrapped.pth: not a torchvision ResNet checkpoint: '
+                                        r'318 of its 318 tensors missing .* 1 unknown \(e.g. state_dict\)'):
+        TorchvisionResNet(depth=50, pretrained=str(tmp_path / 'wrapped.pth'))
+    with pytest.raises(UserError, match='306 of its 624 tensors missing'):   # another depth
+        TorchvisionResNet(depth=101, pretrained=str(tmp_path / 'r50.pth'))
+    (tmp_path / 'junk.pth').write_text('not a checkpoint')
+    with pytest.raises(UserError, match='junk.pth: cannot read this pretrained checkpoint'):
+        TorchvisionResNet(depth=50, pretrained=str(tmp_path / 'junk.pth'))
+
+
 def test_cssbench_models_live_in_a_child_of_mmsegs_registry():
     assert CSSBENCH_MODELS.parent is MMSEG_MODELS
     assert MMSEG_MODELS._children['cssbench'] is CSSBENCH_MODELS

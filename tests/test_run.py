@@ -204,3 +204,20 @@ def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, 
     assert json.loads((run_dir / 'run.json').read_text())['config']['schedule']['epochs'] == 1
     for t in (0, 1):
         assert sorted(p.name for p in (run_dir / 'work' / f'step{t}').glob('epoch_*.pth')) == ['epoch_1.pth']
+
+
+def test_a_run_refused_at_its_start_loses_nothing_and_leaves_nothing(synth32, config32, tmp_path):
+    results = tmp_path / 'results'
+    kwargs = dict(config=str(config32), epochs=1, results_root=results, run_name='r',
+                  log=lambda *a: None)
+    with pytest.raises(UserError, match='not found'):
+        run_protocol('synth-15-5-overlap', 'ft', data_root=str(tmp_path / 'nowhere'), **kwargs)
+    assert not results.exists()     # no empty run folder for `table` to trip over
+
+    run_protocol('synth-15-5-overlap', 'ft', data_root=str(synth32), **kwargs)
+    run_dir = results / 'synth-15-5-overlap' / 'ft' / 'r'
+    stored = {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file() and p.name != '.lock'}
+    with pytest.raises(UserError, match='not found'):   # --overwrite with a bad input
+        run_protocol('synth-15-5-overlap', 'ft', data_root=str(tmp_path / 'nowhere'),
+                     overwrite=True, **kwargs)
+    assert {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file() and p.name != '.lock'} == stored
