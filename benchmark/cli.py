@@ -184,6 +184,12 @@ def stored_protocol_name(text: str) -> str:
     return text
 
 
+def seed_value(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {text!r}')
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='cssbench', description='Class-incremental semantic segmentation benchmark: run '
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--protocol', required=True)
     p.add_argument('--data-root', help='dataset folder (default for synth-*: the generated one)')
     p.add_argument('--out', help='write the per-step lists to this JSON file')
-    p.add_argument('--seed', type=int, default=0,
+    p.add_argument('--seed', type=seed_value, default=0,
                    help="the run seed, which draws a random class order (class_order: random)")
     p.set_defaults(func=cmd_splits)
 
@@ -206,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--n-train', type=int, default=2000, help='training images (default: 2000)')
     p.add_argument('--n-val', type=int, default=300, help='validation images (default: 300)')
     p.add_argument('--size', type=int, default=64, help='image side in pixels (512 for GPU work)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=seed_value, default=0, help='default: 0')
     p.add_argument('--workers', type=int, default=1,
                    help='processes that draw the images (the same files for any number)')
     p.set_defaults(func=cmd_make_synth)
@@ -219,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-root')
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's for the protocol's dataset)")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument('--seed', type=int, default=0, help='default: 0')
+    seeds.add_argument('--seed', type=seed_value, default=0, help='default: 0')
     seeds.add_argument('--seeds', help='several seeds, e.g. 0,1,2: each one run in turn')
     p.add_argument('--run-name', help='default: <config>-seed<seed> (with --seeds: <name>-seed<seed>)')
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, FileExistsError) as e:
+    except (UserError, OSError) as e:   # OSError: a path given that cannot be written or read
         print(f'cssbench: error: {one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -88,7 +88,7 @@ class StepProgressHook(Hook):
 
 @HOOKS.register_module()
 class EpochSeedHook(Hook):
-    """Re-seeds torch's global generator from (seed, epoch) before each training epoch.
+    """Re-seeds torch's global generator from (seed, epoch) at each training epoch's start.
 
     Dropout and other in-model randomness then depend on the epoch alone, so a run resumed
     from an epoch checkpoint continues exactly as the uninterrupted run would have. Under
@@ -100,10 +100,15 @@ class EpochSeedHook(Hook):
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def before_train_epoch(self, runner) -> None:
-        keys = [self.seed, runner.epoch] + ([rank()] if world_size() > 1 else [])
-        state = np.random.SeedSequence(keys).generate_state(1)[0]
-        torch.manual_seed(int(state))
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        # At an epoch's first iteration, not before the epoch: the loader's iterator is made in
+        # between, and making it draws from this generator only the first time in a process
+        # (persistent workers), i.e. in the first epoch after a resume but not in the same
+        # epoch of an uninterrupted run.
+        if batch_idx == 0:
+            keys = [self.seed, runner.epoch] + ([rank()] if world_size() > 1 else [])
+            state = np.random.SeedSequence(keys).generate_state(1)[0]
+            torch.manual_seed(int(state))
 
 
 @DATA_SAMPLERS.register_module()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -145,6 +146,10 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
                            'class_order', 'class_order_seed'}
     if unknown:
         raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
+    if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]*', str(data['name'])):
+        # the name is a folder of the results store
+        raise ProtocolError(f'{src}: field name: {data["name"]!r} is not a plain name (letters, '
+                            f'digits, and . _ + - after the first)')
     dataset = data['dataset']
     if dataset not in DATASET_INFO:
         raise ProtocolError(f'{src}: field dataset: unknown dataset {dataset!r} '
@@ -204,9 +209,11 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
 def load_protocol_file(path: str | Path) -> Protocol:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding='utf-8')
     except OSError as e:
         raise ProtocolError(f'{path}: cannot read protocol file ({e.strerror})') from None
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f'{path}: not a UTF-8 text file ({e.reason} at byte {e.start})') from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

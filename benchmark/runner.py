@@ -44,7 +44,7 @@ from .datasets_info import DATASET_INFO
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .errors import UserError
-from .io import atomic_copy, atomic_write_json, atomic_write_text, cache_dir
+from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_dir
 from .methods import METHODS, Method, get_method
 from .metrics import summarize_step
 from .protocols import Protocol, load_protocol
@@ -231,9 +231,8 @@ def attach_previous_step(model, teacher, previous: dict, source: Path) -> None:
 
 
 def save_weights(model, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
 
 
 @decided_by_main
@@ -300,12 +299,13 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
     sched, data = cfg.schedule, cfg.data
     speed, processes = effective_speed(cfg), world_size()
     epochs = sched.epochs
-    iters_per_epoch = max(1, len(train_set) // data.batch_size)
+    batch = per_process_batch(data.batch_size, processes)
+    # whole batches of each process's shard (drop_last; shards are padded to equal sizes)
+    iters_per_epoch = max(1, math.ceil(len(train_set) / processes) // batch)
     # The losses reach the message hub averaged over this many iterations (one host sync
     # each); the logger and the console line print at multiples of it.
     log_interval = max(1, iters_per_epoch // 4)
-    loader = dict(loader_settings(data, per_process_batch(data.batch_size, processes)),
-                  collate_fn=dict(type='default_collate'))
+    loader = dict(loader_settings(data, batch), collate_fn=dict(type='default_collate'))
     return Runner(
         model=distribute(model),
         work_dir=str(work_dir),
@@ -320,8 +320,10 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
         train_cfg=dict(by_epoch=True, max_epochs=epochs, val_begin=epochs + 1),
         val_cfg=val_loop_config(speed),
         optim_wrapper=optim_wrapper_config(speed, sgd_config(sched, lr)),
-        param_scheduler=[dict(type='PolyLR', power=sched.poly_power, eta_min=0.0, by_epoch=True,
-                              begin=0, end=epochs, convert_to_iter_based=True)],
+        # The reference's poly decay (MiB utils/scheduler.py), per iteration k of N:
+        # lr (1 - k/N)^power. mmengine's PolyLR reaches 0 at end - 1, hence N + 1.
+        param_scheduler=[dict(type='PolyLR', power=sched.poly_power, eta_min=0.0, by_epoch=False,
+                              begin=0, end=epochs * iters_per_epoch + 1)],
         default_hooks=dict(
             runtime_info=dict(type='cssbench.AveragedRuntimeInfoHook', interval=log_interval),
             # Two kept: mmengine deletes the older one before it writes the newer.
@@ -401,17 +403,62 @@ def _exclusive(run_dir: Path):
         yield
 
 
-def _check_work_dir(work: Path, identity: dict) -> None:
-    """Refuse a work dir that holds checkpoints of another protocol, method or config."""
-    marker = work / WORK_MARKER
-    if marker.exists():
+def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
+    """Refuse a work dir whose marker names another run (a ``--work-dir`` given twice), or
+    this run with another protocol, method, config or seed (an earlier start) unless
+    ``overwrite``, which clears it next. The default work dir, inside the run folder, is the
+    run's own."""
+    marker = paths.work / WORK_MARKER
+    if not marker.exists():
+        return
+    try:
         stored = json.loads(marker.read_text())
-        if stored != identity:
-            diff = ', '.join(k for k in identity if stored.get(k) != identity[k])
-            raise UserError(f'{work}: holds checkpoints of another run ({diff} differ); '
-                            f'choose another --work-dir')
-    else:
-        atomic_write_json(marker, identity)
+    except (OSError, ValueError):
+        stored = {}
+    owned = (paths.work.resolve().parent == paths.results.resolve()   # a moved run folder too
+             or stored.get('run', identity['run']) == identity['run'])    # older markers name none
+    if owned and all(stored.get(k) == identity[k] for k in identity if k != 'run'):
+        return
+    if not owned:
+        raise UserError(f'{paths.work}: holds the checkpoints of another run ({stored["run"]}); '
+                        f'choose another --work-dir')
+    if not overwrite:
+        diff = ', '.join(k for k in identity if k != 'run' and stored.get(k) != identity[k])
+        raise UserError(f'{paths.work}: holds checkpoints of this run with another {diff}; '
+                        f'--overwrite clears them, or choose another --work-dir')
+
+
+def _protocol_definition(protocol: dict) -> dict:
+    """What two runs of one protocol share: a drawn class order differs by seed, its step
+    sizes do not."""
+    d = dict(dict(train_ignore='background', class_order='fixed'), **protocol)
+    d.pop('class_order_seed', None)
+    if d['class_order'] == 'drawn':
+        d['steps'] = [len(s) for s in d['steps']]
+    return d
+
+
+def _check_protocol_name(protocol_folder: Path, protocol: Protocol) -> None:
+    """The store keeps runs by protocol name: refuse a protocol (a file of one's own) that
+    takes the name of another whose runs are stored, rather than mix the two in its tables."""
+    mine = _protocol_definition(protocol.to_dict())
+    for run_file in sorted(protocol_folder.glob('*/*/run.json')):
+        try:
+            stored = json.loads(run_file.read_text())['protocol']
+        except (OSError, ValueError, KeyError, TypeError):
+            continue   # the store names unreadable runs where it reads them
+        if _protocol_definition(stored) != mine:
+            raise UserError(f'{protocol.source or protocol.name}: another protocol named '
+                            f'{protocol.name!r} has runs stored ({run_file.parent}); give this '
+                            f'one another name')
+
+
+def read_json(path: Path) -> dict:
+    """A results file this run wrote; one damaged since is refused, naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f'{path}: cannot read it ({e}); restore it, or --overwrite the run') from None
 
 
 def _remove_folders(folders: list[Path]) -> None:
@@ -454,8 +501,7 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
             raise
         if record is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
-            return json.loads((results_dir / 'metrics.json').read_text())['steps']
-        started = time.time()
+            return read_json(results_dir / 'metrics.json')['steps']
         step0_key = (_step0_cache_key(protocol, method, cfg, seed, deterministic,
                                       record['run']['dataset_fingerprint'])
                       if step0_cache and method.step0_kind else None)
@@ -466,7 +512,9 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         if not is_main_process():
             return step_results  # rank 0 writes the run's files
         write_run_tables(results_dir, step_results)
-        record['run'].update(status='complete', wall_time_s=round(time.time() - started, 1),
+        # the steps' own times: those of a continued run's earlier sessions included
+        record['run'].update(status='complete',
+                             wall_time_s=round(sum(r['wall_time_s'] for r in step_results), 1),
                              finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
         atomic_write_json(results_dir / 'run.json', record['run'])
     open_store(results_root)  # brings the results index up to date
@@ -497,12 +545,17 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     """Check what the run folder holds, index the data, write run.json; returns the record
     and the per-step splits (with the samples of each), or None for a complete run to keep."""
     run_file = paths.results / 'run.json'
-    if run_file.exists() and not overwrite:
-        previous = json.loads(run_file.read_text())
+    previous = read_json(run_file) if run_file.exists() and not overwrite else None
+    if previous is not None:
         if previous.get('config_digest') != _config_digest(cfg):
             raise UserError(f'{paths.results}: a run with another config is stored there; pass '
                             f'--overwrite to replace it or --run-name to keep both')
+        if previous.get('deterministic', False) != deterministic:
+            flag = 'with' if previous.get('deterministic') else 'without'
+            raise UserError(f'{paths.results}: this run was started {flag} --deterministic; '
+                            f'continue it the same way, or --overwrite it')
         if previous.get('status') == 'complete':
+            read_json(paths.results / 'metrics.json')   # what `table` would show
             if keep_complete:
                 return None
             raise UserError(f'{paths.results}: this run is complete; `cssbench table` shows it, '
@@ -510,29 +563,40 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     elif resume and not run_file.exists():
         raise UserError(f'{paths.results}: no run to resume')
 
+    _check_protocol_name(paths.results.parent.parent, protocol)
     # The data is checked before --overwrite deletes anything: a bad input loses nothing.
     steps_protocol = steps_of(protocol, method)
     root = resolve_data_root(protocol.dataset, data_root, progress=progress)
     index = index_dataset(protocol.dataset, root, progress=progress)
     splits = protocol_splits(steps_protocol, index)
-    for split in splits:
+    for t, split in enumerate(splits):
         split['train_samples'] = select(index.samples['train'], split['train'])
         split['val_samples'] = select(index.samples['val'], split['val'])
-    if run_file.exists() and overwrite:
+        if len(split['train_samples']) < cfg.data.batch_size:   # whole batches only: no update
+            raise UserError(f'{root}: step {t} of {protocol.name} has {len(split["train_samples"])} '
+                            f'training images, fewer than a batch ({cfg.data.batch_size}): it would '
+                            f'train nothing; use a config with a smaller data.batch_size')
+    identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
+                    method=method.name, config_digest=_config_digest(cfg), seed=seed)
+    _check_work_dir(paths, identity, overwrite)
+    if overwrite:
         # Only what this run wrote: a --work-dir given by the user may hold other things.
         work_items = [*paths.work.glob('step*'), paths.work / WORK_MARKER] if paths.work.is_dir() else []
         for child in [*work_items, *paths.results.iterdir()]:
             if child.name == '.lock' or not child.exists():
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    _check_work_dir(paths.work, dict(protocol=protocol.to_dict(), method=method.name,
-                                     config_digest=_config_digest(cfg), seed=seed))
+    if not (paths.work / WORK_MARKER).exists():
+        atomic_write_json(paths.work / WORK_MARKER, identity)
     run = dict(protocol=protocol.to_dict(), method=method.name, run=run_name, seed=seed,
                deterministic=deterministic, config_name=config, config=cfg.to_dict(),
                config_digest=_config_digest(cfg), data_root=str(root),
                dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
                environment=environment(), speed=speed_record(cfg), status='running',
                started=time.strftime('%Y-%m-%dT%H:%M:%S'))
+    if previous is not None:   # continued: it started then; this session's code and machine above
+        run.update(started=previous.get('started', run['started']),
+                   continued=[*previous.get('continued', []), run['started']])
     atomic_write_json(run_file, run)
     return dict(run=run, splits=splits)
 
@@ -597,8 +661,6 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     last = steps_protocol.num_steps - 1
     log(f'{tag} step {t}/{last}: classes {split["classes"][0]}..{split["classes"][-1]}, '
         f'{len(split["train"])} train images, {len(split["val"])} val images')
-    if not split['train']:
-        raise UserError(f'protocol {protocol.name}: step {t} keeps no training image of this dataset')
     info = DATASET_INFO[protocol.dataset]
     step_start = time.time()
     cached = _reuse_cached_step0(step0_key, paths) if step0_key else None
@@ -633,10 +695,14 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
 
 @decided_by_main
 def _stored_step_result(paths: RunPaths, t: int) -> dict | None:
-    """Step t's metrics if the step finished before (its weights and metrics exist)."""
-    if paths.step_metrics(t).exists() and paths.step_weights(t).exists():
-        return json.loads(paths.step_metrics(t).read_text())
-    return None
+    """Step t's metrics if the step finished before (its weights and metrics exist). A step's
+    weights are written before its metrics: metrics alone mean another work dir."""
+    if not paths.step_metrics(t).exists():
+        return None
+    if not paths.step_weights(t).exists():
+        raise UserError(f'{paths.step_metrics(t)}: step {t} is done, but its weights are not in '
+                        f'{paths.work}: give the --work-dir it was trained in (or --overwrite)')
+    return read_json(paths.step_metrics(t))
 
 
 def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,

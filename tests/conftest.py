@@ -109,7 +109,7 @@ def method_model(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overl
 
     from cssbench.methods import get_method
     from cssbench.protocols import load_protocol
-    from cssbench.runner import build_model, load_config, load_previous_weights
+    from cssbench.runner import attach_previous_step, build_model, load_config
     torch.manual_seed(0)
     cfg = cfg or load_config('small')
     method, proto = get_method(name), load_protocol(protocol)
@@ -122,7 +122,6 @@ def method_model(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overl
         if prepare_old is not None:
             prepare_old(old)
     model = build_model(cfg, method.model_type, proto, 1)
-    load_previous_weights(model, old.state_dict(), Path('step0'))
-    model.set_teacher(old)
-    model.init_new_classifier()
+    attach_previous_step(model, build_model(cfg, method.model_type, proto, 0), old.state_dict(),
+                         Path('step0'))   # as the runner hands a step over
     return model

@@ -1,6 +1,8 @@
 """Bad input: one line on stderr that names the file and what is wrong, exit status 2."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -177,7 +179,40 @@ def test_work_dir_of_another_protocol_is_refused(capsys, tmp_path, tiny_run):
     assert main(['run', '--protocol', 'synth-19-1-overlap', *common]) == 0
     capsys.readouterr()
     err = fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', *common)
-    assert str(tmp_path / 'work') in err and 'protocol' in err
+    first = tmp_path / 'results' / 'synth-19-1-overlap' / 'ft' / 'tiny-seed0'
+    assert err == (f'cssbench: error: {tmp_path / "work"}: holds the checkpoints of another run '
+                   f'({first}); choose another --work-dir')
+    weights = (tmp_path / 'work' / 'step1' / 'model.pth').read_bytes()
+    assert fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', *common, '--overwrite') == err
+    assert (tmp_path / 'work' / 'step1' / 'model.pth').read_bytes() == weights   # nothing deleted
+
+
+def test_work_dir_of_an_earlier_start_with_another_config_needs_overwrite(capsys, tmp_path, tiny_run):
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    common = ['run', '--protocol', 'synth-19-1-overlap', '--data-root', str(data), '--epochs', '1',
+              '--results', str(tmp_path / 'results'), '--run-name', 'r']
+    assert main([*common, '--config', tiny_run['config']]) == 0
+    run_dir = tmp_path / 'results' / 'synth-19-1-overlap' / 'ft' / 'r'
+    (run_dir / 'run.json').unlink()           # as a start that stopped before writing it
+    capsys.readouterr()
+    other = tmp_path / 'other_lr.py'
+    other.write_text(f"_base_ = ['{tiny_run['config']}']\nschedule = dict(lr=(0.04, 0.004))\n")
+    err = fails(capsys, *common, '--config', str(other))
+    assert err == (f'cssbench: error: {run_dir / "work"}: holds checkpoints of this run with another '
+                   'config_digest; --overwrite clears them, or choose another --work-dir')
+    assert main([*common, '--config', str(other), '--overwrite']) == 0
+    assert json.loads((run_dir / 'run.json').read_text())['config']['schedule']['lr'] == [0.04, 0.004]
+
+
+def test_a_step_with_fewer_images_than_a_batch_is_refused_before_training(capsys, tmp_path):
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    results = tmp_path / 'results'
+    err = fails(capsys, 'run', '--protocol', 'synth-19-1-overlap', '--data-root', str(data),
+                '--results', str(results))    # the small config: batch 8
+    assert err.startswith(f'cssbench: error: {data}: step 1 of synth-19-1-overlap has ')
+    assert err.endswith('training images, fewer than a batch (8): it would train nothing; use a '
+                        'config with a smaller data.batch_size')
+    assert not results.exists()
 
 
 def test_finished_run_is_not_overwritten_without_flag(capsys, tmp_path, tiny_run):

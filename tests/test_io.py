@@ -52,6 +52,32 @@ def test_failure_during_write_leaves_previous_content(tmp_path: Path,
     assert os.listdir(tmp_path) == ['x.txt']   # the temp file was removed
 
 
+def test_weights_and_copies_are_whole_or_not_written(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cssbench.runner import save_weights
+    path = tmp_path / 'model.pth'
+    save_weights(torch.nn.Linear(2, 2), path)
+    before = path.read_bytes()
+
+    def save_half_then_fail(obj, f):   # killed, or the disk full, halfway through
+        Path(f).write_bytes(before[:len(before) // 2])
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', save_half_then_fail)
+    with pytest.raises(OSError):
+        save_weights(torch.nn.Linear(2, 2), path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ['model.pth']
+
+    with pytest.raises(FileNotFoundError):
+        cio.atomic_copy(tmp_path / 'absent.pth', path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ['model.pth']
+    (tmp_path / 'other.pth').write_bytes(b'other')
+    cio.atomic_copy(tmp_path / 'other.pth', path)
+    assert path.read_bytes() == b'other' and sorted(os.listdir(tmp_path)) == ['model.pth', 'other.pth']
+
+
 def test_cache_dir_uses_env(isolated_cache: Path) -> None:
     d = cache_dir('splits', 'deeper')
     assert d == isolated_cache / 'splits' / 'deeper'

@@ -216,6 +216,9 @@ def test_mib_style_init_of_the_new_classifier():
 
 def test_step1_loss_is_pseudo_labelled_ce_plus_scheduled_pod():
     model = method_model('plop', 1).eval()   # eval: no dropout, so the forwards below agree
+    with torch.no_grad():   # the student drifts from the teacher, as training makes it
+        for p in model.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     thr = model.compute_thresholds([batch(1), batch(2)])
     assert thr.shape == (21,) and (thr[~thr.isnan()] >= 0.001).all()
     data = model.data_preprocessor(batch(3), False)
@@ -230,6 +233,8 @@ def test_step1_loss_is_pseudo_labelled_ce_plus_scheduled_pod():
         maps_old = old['maps'] + [old['small_logits']]
         assert len(maps_new) == 6 and maps_new[4].shape[1] == 64   # 4 stages + head + logits
         pod = pod_distillation(maps_new, maps_old, [0.01] * 5 + [0.0005]) * math.sqrt(21 / 5)
+        # the backbone's and head's maps weigh in, not only the logits'
+        assert pod_distillation(maps_new[:5] + [maps_old[5]], maps_old, [0.01] * 6) > 0.2 * pod / math.sqrt(21 / 5)
     torch.testing.assert_close(losses['loss_ce'].detach(), ce)
     torch.testing.assert_close(losses['loss_pod'].detach(), pod)
     assert losses['loss_pod'].item() > 0

@@ -207,6 +207,8 @@ def test_parse_valid_mixed_items() -> None:
     (dict(steps=[]), 'steps', 'non-empty'),
     (dict(mode='sequential'), 'mode', 'sequential'),
     (dict(train_ignore='zero'), 'train_ignore', 'zero'),
+    (dict(name='../../elsewhere'), 'name', 'not a plain name'),   # it names a results folder
+    (dict(name='my protocol'), 'name', 'not a plain name'),
 ])
 def test_parse_errors_name_source_and_field(over, field, detail) -> None:
     with pytest.raises(ProtocolError) as e:
@@ -249,6 +251,13 @@ def test_malformed_yaml_names_file(tmp_path: Path) -> None:
     assert 'malformed YAML' in str(e.value)
     with pytest.raises(ProtocolError, match='broken.yaml'):
         load_protocol(str(path))
+
+
+def test_protocol_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / 'latin1.yaml'
+    path.write_bytes('name: caf\xe9\n'.encode('latin-1'))
+    with pytest.raises(ProtocolError, match=f'{path}: not a UTF-8 text file'):
+        load_protocol_file(path)
 
 
 def test_missing_protocol_file(tmp_path: Path) -> None:

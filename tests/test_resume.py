@@ -73,6 +73,14 @@ def test_killed_run_resumes_to_the_same_metrics(setup, tmp_path):
     assert resumed.returncode == 0, out
     assert 'step 0: done before' in out
     assert final_metrics(results) == final_metrics(tmp_path / 'uninterrupted')
+    # Bit for bit: equal metrics could hide weights a resume changed a little (a dropout mask
+    # drawn otherwise in the resumed epoch moves the weights by 1e-6, rarely an argmax).
+    import torch
+    for t in (0, 1):
+        ours, theirs = (torch.load(r / PROTOCOL / 'ft' / 'r' / 'work' / f'step{t}' / 'model.pth',
+                                   weights_only=True) for r in (results, tmp_path / 'uninterrupted'))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), f'step {t} weights differ'
     # Only the step weights stay once a step is done; the epoch checkpoints are gone.
     assert sorted(p.name for p in (work / 'step1').glob('*.pth')) == ['model.pth']
 
@@ -113,6 +121,11 @@ def test_repair_last_checkpoint_skips_a_truncated_checkpoint(tmp_path):
     (tmp_path / 'epoch_1.pth').unlink()
     assert not repair_last_checkpoint(tmp_path)
     assert not (tmp_path / 'last_checkpoint').exists()
+
+    for epoch in (2, 9, 10):   # the newest by number, not by name (epoch_9 > epoch_10 as text)
+        torch.save({'a': torch.zeros(3)}, tmp_path / f'epoch_{epoch}.pth')
+    assert repair_last_checkpoint(tmp_path)
+    assert (tmp_path / 'last_checkpoint').read_text() == str(tmp_path / 'epoch_10.pth')
 
 
 def test_two_processes_share_one_results_store(setup, tmp_path):

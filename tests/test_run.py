@@ -50,6 +50,15 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
     assert len(csv_lines) == 3
     for t in (0, 1):
         assert (run_dir / 'work' / f'step{t}' / 'model.pth').is_file()
+    # The learning rate: lr[0] at step 0, lr[1] later, decayed as the reference's poly schedule,
+    # lr (1 - k/N)^0.9 at iteration k of N (per mmengine's log of the iterations it logged).
+    for t, lr in ((0, 0.05), (1, 0.005)):
+        [scalars] = (run_dir / 'work' / f'step{t}').glob('*/vis_data/scalars.json')
+        logged = [r for line in scalars.read_text().splitlines() if 'lr' in (r := json.loads(line))]
+        n = steps[t]['num_train'] // 16       # config32: batch 16, whole batches, 1 epoch
+        assert [r['iter'] for r in logged][-1] == n
+        for r in logged:
+            assert r['lr'] == pytest.approx(lr * (1 - (r['iter'] - 1) / n) ** 0.9, rel=1e-6), (t, r)
     index = json.loads((results / 'index.json').read_text())   # brought up to date by the run
     assert index['runs']['synth-15-5-overlap/ft/r']['run']['steps'] == stored
 
@@ -59,6 +68,11 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
     assert main(['table', '--protocol', 'synth-15-5-overlap', '--results', str(results)]) == 0
     out = capsys.readouterr().out
     assert 'ft' in out and '0-15' in out and '16-20' in out
+
+    metrics = run_dir / 'metrics.json'   # damaged since: named, not called complete
+    metrics.write_text(metrics.read_text()[:40])
+    with pytest.raises(UserError, match=f'{metrics}: cannot read it .*--overwrite the run'):
+        run_protocol('synth-15-5-overlap', 'ft', **kwargs)
 
 
 def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32, tmp_path, capsys):
@@ -94,8 +108,9 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
     run_dir = results / 'synth-15-5-overlap' / 'ft' / 'r'
     # Simulate a run that died after step 0: step 1's outputs gone, run not complete.
     (run_dir / 'steps' / 'step1.json').unlink()
-    record = json.loads((run_dir / 'run.json').read_text())
-    (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
+    first_record = json.loads((run_dir / 'run.json').read_text())
+    (run_dir / 'run.json').write_text(json.dumps(dict(first_record, status='running',
+                                                      started='2026-01-02T03:04:05')))
     weights0 = (run_dir / 'work' / 'step0' / 'model.pth').stat().st_mtime_ns
 
     messages = []
@@ -103,7 +118,26 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
     assert any('step 0: done before' in m for m in messages)
     assert (run_dir / 'work' / 'step0' / 'model.pth').stat().st_mtime_ns == weights0
     assert second[0] == first[0]
-    assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
+    record = json.loads((run_dir / 'run.json').read_text())
+    assert record['status'] == 'complete'
+    # when it started (kept), and when it went on
+    assert record['started'] == '2026-01-02T03:04:05' and len(record['continued']) == 1
+    assert record['wall_time_s'] == round(sum(s['wall_time_s'] for s in second), 1)
+
+    # A finished step's metrics without its weights: another work dir, or weights deleted. Not
+    # trained again (its metrics would be overwritten): refused, naming what is missing.
+    (run_dir / 'steps' / 'step1.json').unlink()
+    (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
+    (run_dir / 'work' / 'step0' / 'model.pth').unlink()
+    step0 = (run_dir / 'steps' / 'step0.json').read_bytes()
+    with pytest.raises(UserError, match=r'step0.json: step 0 is done, but its weights are not in '):
+        run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+    assert (run_dir / 'steps' / 'step0.json').read_bytes() == step0
+    # A run continued otherwise than it started is refused too: another config, or determinism.
+    with pytest.raises(UserError, match='a run with another config is stored there'):
+        run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, epochs=2))
+    with pytest.raises(UserError, match='this run was started without --deterministic'):
+        run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, deterministic=True))
 
 
 def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
@@ -125,6 +159,11 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
     assert ft_record.stat().st_mtime_ns == written
     joint = json.loads((results / 'synth-15-5-overlap' / 'joint' / 'small32-seed0' / 'run.json').read_text())
     assert joint['status'] == 'complete'
+    # joint's one step is reported in the protocol's last-step columns, its new classes scored
+    [step] = json.loads((results / 'synth-15-5-overlap' / 'joint' / 'small32-seed0' / 'metrics.json')
+                        .read_text())['steps']
+    assert [step['columns'][k]['label'] for k in ('old', 'new', 'all')] == ['0-15', '16-20', 'all']
+    assert all(step['columns'][k]['mIoU'] is not None for k in ('old', 'new', 'all'))
 
     # One run: a finished one is refused, as before; several never started: nothing to resume.
     assert main([*run, '--method', 'ft']) == 2
@@ -186,6 +225,10 @@ def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(
     assert (runs / 'lwf' / 'small32-seed1' / 'work' / 'step0' / 'model.pth').read_bytes() != ft_weights
     fresh = run_protocol('synth-15-5-overlap', 'mib', **dict(kwargs, step0_cache=False))
     assert fresh[0]['step0_cache'] is None and fresh[0]['iou'] == ft[0]['iou']   # deterministic
+    # another config (2 epochs) is another step 0
+    longer = run_protocol('synth-15-5-overlap', 'lwf', **dict(kwargs, epochs=2, run_name='e2'))
+    assert longer[0]['step0_cache'] is None
+    assert (runs / 'lwf' / 'e2' / 'work' / 'step0' / 'model.pth').read_bytes() != ft_weights
 
 
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
@@ -221,3 +264,21 @@ def test_a_run_refused_at_its_start_loses_nothing_and_leaves_nothing(synth32, co
         run_protocol('synth-15-5-overlap', 'ft', data_root=str(tmp_path / 'nowhere'),
                      overwrite=True, **kwargs)
     assert {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file() and p.name != '.lock'} == stored
+
+
+def test_a_protocol_file_taking_a_stored_protocols_name_is_refused(synth32, config32, tmp_path):
+    results = tmp_path / 'results'
+    kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1, results_root=results,
+                  log=lambda *a: None)
+    run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+    impostor = tmp_path / 'impostor.yaml'   # the same name, other steps
+    impostor.write_text('name: synth-15-5-overlap\ndataset: synth\nmode: overlap\n'
+                        'steps: ["0-10", "11-20"]\n')
+    with pytest.raises(UserError, match=f"{impostor}: another protocol named 'synth-15-5-overlap' "
+                                        f"has runs stored .*; give this one another name"):
+        run_protocol(str(impostor), 'lwf', **kwargs)
+    assert sorted(p.name for p in (results / 'synth-15-5-overlap').iterdir()) == ['ft']
+    twin = tmp_path / 'twin.yaml'   # the same protocol written out again is the same protocol
+    twin.write_text('name: synth-15-5-overlap\ndataset: synth\nmode: overlap\n'
+                    'steps: ["0-15", "16-20"]\ndescription: a copy\n')
+    assert len(run_protocol(str(twin), 'lwf', **kwargs)) == 2

@@ -89,13 +89,14 @@ def test_mean_std_is_the_sample_std() -> None:
 
 
 def test_forgetting_on_a_hand_made_example() -> None:
-    steps = [dict(iou={'0': 0.9, '1': 0.8}),
-             dict(iou={'0': None, '1': 0.9, '2': 0.7}),
-             dict(iou={'0': None, '1': 0.5, '2': 0.75, '3': 0.6})]
+    steps = [dict(iou={'0': 0.9, '1': 0.8, '4': 0.95}),
+             dict(iou={'0': None, '1': 0.9, '2': 0.7, '4': 0.7}),
+             dict(iou={'0': None, '1': 0.5, '2': 0.75, '3': 0.6, '4': 0.5})]
     f = forgetting_per_class(steps)
-    # class 1: best earlier 0.9 - 0.5; class 2: 0.7 - 0.75 (improved); class 0 not scored at
-    # the end, class 3 learned at the last step: neither has a forgetting.
-    assert f == {1: pytest.approx(0.4), 2: pytest.approx(-0.05)}
+    # class 1: best earlier 0.9 - 0.5; class 2: 0.7 - 0.75 (improved); class 4: its best is
+    # the first, 0.95 - 0.5, not the latest; class 0 not scored at the end, class 3 learned
+    # at the last step: neither has a forgetting.
+    assert f == {1: pytest.approx(0.4), 2: pytest.approx(-0.05), 4: pytest.approx(0.45)}
     assert forgetting_per_class(steps[:1]) == {}
 
 
