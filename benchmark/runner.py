@@ -230,6 +230,14 @@ def attach_previous_step(model, teacher, previous: dict, source: Path) -> None:
     model.init_new_classifier()
 
 
+def load_step_weights(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # written whole (atomic_path): damaged since
+        raise UserError(f'{path}: cannot read these weights ({type(e).__name__}: {e}); '
+                        f'--overwrite the run') from None
+
+
 def save_weights(model, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
@@ -713,7 +721,7 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     set_random_seed(step_seed, deterministic=deterministic)  # the model's initialisation
     model = build_model(cfg, method.model_type, protocol, t)
     if t > 0:
-        previous = torch.load(paths.step_weights(t - 1), map_location='cpu', weights_only=True)
+        previous = load_step_weights(paths.step_weights(t - 1))
         attach_previous_step(model, build_model(cfg, method.model_type, protocol, t - 1),
                              previous, paths.step_weights(t - 1))
     prepare_model(model, effective_speed(cfg), training_device())

@@ -133,6 +133,9 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
     with pytest.raises(UserError, match=r'step0.json: step 0 is done, but its weights are not in '):
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
     assert (run_dir / 'steps' / 'step0.json').read_bytes() == step0
+    (run_dir / 'work' / 'step0' / 'model.pth').write_bytes(b'damaged')
+    with pytest.raises(UserError, match=r'step0/model.pth: cannot read these weights \('):
+        run_protocol('synth-15-5-overlap', 'ft', **kwargs)
     # A run continued otherwise than it started is refused too: another config, or determinism.
     with pytest.raises(UserError, match='a run with another config is stored there'):
         run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, epochs=2))

@@ -161,6 +161,12 @@ def test_changed_mask_invalidates_index_cache(voc_root: Path) -> None:
     assert first.label_sets['train']['t7'] == (0,)
     assert second.label_sets['train']['t7'] == (0, 2, 3)
     assert second.fingerprint != first.fingerprint
+    # rewritten to the same size: its modification time tells
+    size = mask_file.stat().st_size
+    write_mask_png(mask_file, mask_with({0, 2, 4}))
+    assert mask_file.stat().st_size == size
+    os.utime(mask_file, (later + 2, later + 2))
+    assert index_dataset('voc', voc_root, progress=False).label_sets['train']['t7'] == (0, 2, 4)
 
 
 def test_mask_and_image_of_different_sizes_fail_at_indexing(voc_root: Path) -> None:

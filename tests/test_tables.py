@@ -224,6 +224,13 @@ def test_index_is_rebuilt_when_missing_or_stale(store_19_1: Path) -> None:
     metrics['steps'][-1]['columns']['old']['mIoU'] = 0.123
     (run_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
     assert leaderboard(open_store(store_19_1), VOC19).frame.at['lwf', 'old'] == pytest.approx(12.3)
+    # rewritten to the same size: its modification time tells
+    metrics['steps'][-1]['columns']['old']['mIoU'] = 0.456
+    before = (run_dir / 'metrics.json').stat()
+    (run_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
+    assert (run_dir / 'metrics.json').stat().st_size == before.st_size
+    os.utime(run_dir / 'metrics.json', ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert leaderboard(open_store(store_19_1), VOC19).frame.at['lwf', 'old'] == pytest.approx(45.6)
 
     # A run folder removed: gone from the index too; index deleted: rebuilt the same.
     import shutil
