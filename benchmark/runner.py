@@ -469,10 +469,15 @@ def read_json(path: Path) -> dict:
         raise UserError(f'{path}: cannot read it ({e}); restore it, or --overwrite the run') from None
 
 
-def _remove_folders(folders: list[Path]) -> None:
-    """Remove the folders a call created (outermost first: each takes what it holds)."""
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def _remove_new_folders(folders: list[Path]) -> None:
+    """Remove the folders a call created, innermost first, each only if it holds nothing but
+    what the call left there (the run's lock, the work dir's marker): another process's new
+    run in the same new results folder stays."""
+    for folder in reversed(folders):
+        for own in (folder / '.lock', folder / WORK_MARKER):
+            own.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = 'small',
@@ -505,7 +510,7 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
                                 data_root, paths, overwrite, resume, keep_complete, progress)
         except BaseException:
             if is_main_process() and not (results_dir / 'run.json').exists():
-                _remove_folders(new_folders)   # a run refused before it started leaves nothing
+                _remove_new_folders(new_folders)   # a run refused before it started leaves nothing
             raise
         if record is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
