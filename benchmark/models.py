@@ -48,17 +48,23 @@ class SegDataPreprocessor(BaseDataPreprocessor):
         return dict(inputs=inputs, data_samples=None if targets is None else targets.long())
 
 
+def read_state_dict(path: Path, what: str, advice: str = '') -> dict:
+    """The tensors saved at ``path``; a file that does not load is refused, naming it."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # whatever stops it loading is the file's
+        raise UserError(f'{path}: cannot read {what} ({type(e).__name__}: {e}){advice}') from None
+    if not isinstance(state, dict):
+        raise UserError(f'{path}: not a state dict of tensors')
+    return state
+
+
 def load_imagenet_weights(net: nn.Module, path: Path) -> None:
     """Every weight of ``net`` but its fc from a torchvision-layout checkpoint at ``path``; a
     file that does not hold them all is refused (a silently partial load would train from
     random weights)."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # whatever stops it loading is the file's
-        raise UserError(f'{path}: cannot read this pretrained checkpoint ({type(e).__name__}: {e})') from None
-    if not isinstance(state, dict):
-        raise UserError(f'{path}: not a state dict of tensors')
-    state = {k: v for k, v in state.items() if not k.startswith('fc.')}
+    state = {k: v for k, v in read_state_dict(path, 'this pretrained checkpoint').items()
+             if not k.startswith('fc.')}
     expected = {k for k in net.state_dict() if not k.startswith('fc.')}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -47,12 +47,13 @@ from .errors import UserError
 from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_dir
 from .methods import METHODS, Method, get_method
 from .metrics import summarize_step
+from .models import read_state_dict
 from .protocols import Protocol, load_protocol
 from .registry import MODELS
 from .speed import (effective_speed, optim_wrapper_config, prepare_model, resolve_speed,
                     training_device, val_loop_config)
 from .splits import index_dataset, protocol_splits, resolve_data_root, select
-from .store import open_store
+from .store import CorruptRun, open_store, read_json_object
 from .tables import format_step_table, steps_to_csv
 from .transforms import EvalTransform, TrainTransform
 
@@ -230,14 +231,6 @@ def attach_previous_step(model, teacher, previous: dict, source: Path) -> None:
     model.init_new_classifier()
 
 
-def load_step_weights(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # written whole (atomic_path): damaged since
-        raise UserError(f'{path}: cannot read these weights ({type(e).__name__}: {e}); '
-                        f'--overwrite the run') from None
-
-
 def save_weights(model, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
@@ -309,7 +302,7 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
     epochs = sched.epochs
     batch = per_process_batch(data.batch_size, processes)
     # whole batches of each process's shard (drop_last; shards are padded to equal sizes)
-    iters_per_epoch = max(1, math.ceil(len(train_set) / processes) // batch)
+    iters_per_epoch = math.ceil(len(train_set) / processes) // batch   # >= 1: _start_run checks
     # The losses reach the message hub averaged over this many iterations (one host sync
     # each); the logger and the console line print at multiples of it.
     log_interval = max(1, iters_per_epoch // 4)
@@ -420,8 +413,8 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
     if not marker.exists():
         return
     try:
-        stored = json.loads(marker.read_text())
-    except (OSError, ValueError):
+        stored = read_json_object(marker)
+    except CorruptRun:
         stored = {}
     owned = (paths.work.resolve().parent == paths.results.resolve()   # a moved run folder too
              or stored.get('run', identity['run']) == identity['run'])    # older markers name none
@@ -452,10 +445,10 @@ def _check_protocol_name(protocol_folder: Path, protocol: Protocol) -> None:
     mine = _protocol_definition(protocol.to_dict())
     for run_file in sorted(protocol_folder.glob('*/*/run.json')):
         try:
-            stored = json.loads(run_file.read_text())['protocol']
-        except (OSError, ValueError, KeyError, TypeError):
+            stored = read_json_object(run_file)['protocol']
+        except (CorruptRun, KeyError):
             continue   # the store names unreadable runs where it reads them
-        if _protocol_definition(stored) != mine:
+        if not isinstance(stored, dict) or _protocol_definition(stored) != mine:
             raise UserError(f'{protocol.source or protocol.name}: another protocol named '
                             f'{protocol.name!r} has runs stored ({run_file.parent}); give this '
                             f'one another name')
@@ -464,8 +457,8 @@ def _check_protocol_name(protocol_folder: Path, protocol: Protocol) -> None:
 def read_json(path: Path) -> dict:
     """A results file this run wrote; one damaged since is refused, naming it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return read_json_object(path)
+    except CorruptRun as e:
         raise UserError(f'{path}: cannot read it ({e}); restore it, or --overwrite the run') from None
 
 
@@ -726,7 +719,9 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     set_random_seed(step_seed, deterministic=deterministic)  # the model's initialisation
     model = build_model(cfg, method.model_type, protocol, t)
     if t > 0:
-        previous = load_step_weights(paths.step_weights(t - 1))
+        # written whole (atomic_path): unreadable means damaged since
+        previous = read_state_dict(paths.step_weights(t - 1), 'these weights',
+                                   advice='; --overwrite the run')
         attach_previous_step(model, build_model(cfg, method.model_type, protocol, t - 1),
                              previous, paths.step_weights(t - 1))
     prepare_model(model, effective_speed(cfg), training_device())

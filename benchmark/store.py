@@ -79,7 +79,8 @@ def _stamp(run_dir: Path) -> list:
     return stamp
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A results file's JSON object; raises CorruptRun saying why it cannot be read."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -113,7 +114,7 @@ def _check_steps(steps, num_steps: int) -> list[dict]:
 
 def read_run(root: Path, run_dir: Path) -> StoredRun:
     """The complete run stored in ``run_dir``; raises CorruptRun saying why it is not one."""
-    record = _read_json(run_dir / 'run.json')
+    record = read_json_object(run_dir / 'run.json')
     status = record.get('status')
     if status != 'complete':
         done = len(list((run_dir / 'steps').glob('step*.json')))
@@ -123,7 +124,7 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
     _require(protocol, 'name', str, "run.json's protocol")
     # joint trains every class in one step, reported in the protocol's columns
     num_steps = 1 if record.get('method') == 'joint' else len(protocol_steps)
-    steps = _check_steps(_read_json(run_dir / 'metrics.json').get('steps'), num_steps)
+    steps = _check_steps(read_json_object(run_dir / 'metrics.json').get('steps'), num_steps)
     env = record.get('environment') if isinstance(record.get('environment'), dict) else {}
     return StoredRun(
         path=run_dir.relative_to(root).as_posix(), protocol=protocol,

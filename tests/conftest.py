@@ -125,3 +125,12 @@ def method_model(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overl
     attach_previous_step(model, build_model(cfg, method.model_type, proto, 0), old.state_dict(),
                          Path('step0'))   # as the runner hands a step over
     return model
+
+
+def drift_student(model) -> None:
+    """Move the student's backbone away from its teacher's, as training does: at step 1 they
+    start equal, so a distillation of their features would be 0 whatever it computed."""
+    import torch
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))

@@ -12,7 +12,7 @@ from cssbench.losses import (cross_entropy, feature_distillation, knowledge_dist
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, run_protocol
-from conftest import method_model
+from conftest import drift_student, method_model
 
 METHODS = ('lwf', 'ilt', 'mib')
 KEYS = dict(lwf={'loss_ce', 'loss_kd'}, ilt={'loss_ce', 'loss_kd', 'loss_de'}, mib={'loss_ce', 'loss_kd'})
@@ -78,9 +78,7 @@ def test_a_batch_of_only_ignored_pixels_gives_a_finite_loss(name):
 @pytest.mark.parametrize('name', METHODS)
 def test_the_terms_are_the_weighted_shared_losses_on_the_logits_and_backbone_output(name):
     model = method_model(name, 1).eval()  # eval: no dropout, so two forwards agree
-    with torch.no_grad():   # the student drifts from the teacher, as training makes it
-        for p in model.backbone.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    drift_student(model)
     data = model.data_preprocessor(batch(1), False)
     inputs, targets = data['inputs'], data['data_samples']
     losses = model(**data, mode='loss')

@@ -14,7 +14,7 @@ from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, local_
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, run_protocol
-from conftest import method_model
+from conftest import drift_student, method_model
 
 
 
@@ -216,9 +216,7 @@ def test_mib_style_init_of_the_new_classifier():
 
 def test_step1_loss_is_pseudo_labelled_ce_plus_scheduled_pod():
     model = method_model('plop', 1).eval()   # eval: no dropout, so the forwards below agree
-    with torch.no_grad():   # the student drifts from the teacher, as training makes it
-        for p in model.backbone.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    drift_student(model)
     thr = model.compute_thresholds([batch(1), batch(2)])
     assert thr.shape == (21,) and (thr[~thr.isnan()] >= 0.001).all()
     data = model.data_preprocessor(batch(3), False)
