@@ -62,19 +62,22 @@ def read_state_dict(path: Path, what: str, advice: str = '') -> dict:
 def load_imagenet_weights(net: nn.Module, path: Path) -> None:
     """Every weight of ``net`` but its fc from a torchvision-layout checkpoint at ``path``; a
     file that does not hold them all is refused (a silently partial load would train from
-    random weights)."""
+    random weights). What is missing is load_state_dict's own report, which does not ask for
+    BN's ``num_batches_tracked`` (checkpoints older than that counter lack it)."""
     state = {k: v for k, v in read_state_dict(path, 'this pretrained checkpoint').items()
              if not k.startswith('fc.')}
-    expected = {k for k in net.state_dict() if not k.startswith('fc.')}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        what = [f'{len(missing)} of its {len(expected)} tensors missing (e.g. {missing[0]})'] if missing else []
-        what += [f'{len(unexpected)} unknown (e.g. {unexpected[0]})'] if unexpected else []
-        raise UserError(f"{path}: not a torchvision {type(net).__name__} checkpoint: {', '.join(what)}")
     try:
-        net.load_state_dict(state, strict=False)
+        loaded = net.load_state_dict(state, strict=False)
     except RuntimeError as e:   # the names match, a shape does not (another depth)
         raise UserError(f'{path}: does not fit the backbone: {str(e).splitlines()[-1].strip()}') from None
+    missing = [k for k in loaded.missing_keys if not k.startswith('fc.')]
+    unexpected = loaded.unexpected_keys
+    if missing or unexpected:
+        needed = sum(not k.startswith('fc.') and not k.endswith('.num_batches_tracked')
+                     for k in net.state_dict())
+        what = [f'{len(missing)} of its {needed} tensors missing (e.g. {missing[0]})'] if missing else []
+        what += [f'{len(unexpected)} unknown (e.g. {unexpected[0]})'] if unexpected else []
+        raise UserError(f"{path}: not a torchvision {type(net).__name__} checkpoint: {', '.join(what)}")
 
 
 @MODELS.register_module()
