@@ -27,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .datasets_info import IGNORE_INDEX, DatasetInfo
+from .datasets_info import DATASET_INFO, IGNORE_INDEX, DatasetInfo
 from .errors import DatasetError
 from .registry import DATASETS
 
@@ -170,15 +170,15 @@ def train_lut(protocol, step: int) -> np.ndarray:
     return lut
 
 
-def eval_lut(protocol, step: int, background_scored: bool = True) -> np.ndarray:
+def eval_lut(protocol, step: int) -> np.ndarray:
     """Evaluation targets at ``step``: classes seen so far stay, unseen ones are ignored.
 
     This is the reference's test-time masking (masking value 255 for every class not yet
-    seen). Where the dataset does not score background (ADE20K), 0 is ignored too.
+    seen). Where the protocol's dataset does not score background (ADE20K), 0 is ignored too.
     """
     lut = _to_channels(np.full(256, IGNORE_INDEX, dtype=np.uint8), protocol,
                        protocol.classes_seen(step))
-    if not background_scored:
+    if not DATASET_INFO[protocol.dataset].background_scored:
         lut[0] = IGNORE_INDEX
     return lut
 

@@ -11,7 +11,8 @@ A step is a list of class ids and "a-b" ranges (inclusive), or a single such ite
 holds the background class 0, as in the reference code's ``tasks.py``; the steps together
 cover every class id of the dataset exactly once.
 
-``class_order: random`` (PLOP's random class orderings) keeps the steps' sizes but draws which
+``class_order: random`` (random class orders, as PLOP studies them; drawn here, not PLOP's
+fixed lists) keeps the steps' sizes but draws which
 classes each step holds: a permutation of the non-background classes, seeded by
 ``class_order_seed`` if the file sets one, else by the run's seed (so ``--seeds 0,1,2`` runs
 three orders, which the tables aggregate).

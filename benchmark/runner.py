@@ -729,7 +729,7 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     crop = cfg.data.crop_size
     train_set = IncrementalSegDataset(split['train_samples'], train_lut(protocol, t),
                                       TrainTransform(crop), info.classes, seed=step_seed)
-    val_set = IncrementalSegDataset(split['val_samples'], eval_lut(protocol, t, info.background_scored),
+    val_set = IncrementalSegDataset(split['val_samples'], eval_lut(protocol, t),
                                     EvalTransform(crop), info.classes)
     class_ids = list(protocol.classes_seen(t))
     # collect_device 'gpu': under DDP the processes' results are gathered with

@@ -2,7 +2,10 @@
 
 Training follows fcdl94/MiB run.py: RandomResizedCrop(crop, scale=(0.5, 2.0), ratio=(3/4, 4/3))
 with the image bilinear and the mask nearest, then a horizontal flip with p=0.5. Evaluation is
-the reference's legacy preset, Resize(shorter side = crop) then CenterCrop(crop).
+the reference's legacy preset, Resize(shorter side = crop) then CenterCrop(crop): only the
+central square is scored. The reference resizes PIL images; on tensors, antialiased bilinear
+gives PIL's bilinear and ``NEAREST_EXACT`` PIL's nearest (the source pixel whose centre is
+nearest; torchvision's ``NEAREST`` floors, shifting the mask by up to half a pixel).
 
 Random draws come from an explicit ``torch.Generator`` that the dataset seeds per sample and
 epoch, so augmentation is the same in any loader worker and after a resume.
@@ -54,7 +57,7 @@ class TrainTransform:
         top, left, h, w = random_resized_crop_box(*image.shape[-2:], self.scale, self.ratio, generator)
         size = [self.crop_size, self.crop_size]
         image = F.resized_crop(image, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True)
-        mask = F.resized_crop(mask[None], top, left, h, w, size, InterpolationMode.NEAREST)[0]
+        mask = F.resized_crop(mask[None], top, left, h, w, size, InterpolationMode.NEAREST_EXACT)[0]
         if torch.rand((), generator=generator) < self.flip_prob:
             image, mask = image.flip(-1), mask.flip(-1)
         return image, mask
@@ -68,6 +71,6 @@ class EvalTransform:
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if min(image.shape[-2:]) != self.crop_size:
             image = F.resize(image, [self.crop_size], InterpolationMode.BILINEAR, antialias=True)
-            mask = F.resize(mask[None], [self.crop_size], InterpolationMode.NEAREST)[0]
+            mask = F.resize(mask[None], [self.crop_size], InterpolationMode.NEAREST_EXACT)[0]
         size = [self.crop_size, self.crop_size]
         return F.center_crop(image, size), F.center_crop(mask[None], size)[0]

@@ -62,12 +62,11 @@ def test_eval_lut_step2(p15_1) -> None:
     assert lut[21:255].tolist() == [255] * 234
 
 
-def test_eval_lut_background_not_scored(p15_1) -> None:
-    lut = eval_lut(p15_1, 2, background_scored=False)
+def test_eval_lut_ignores_background_on_ade() -> None:
+    lut = eval_lut(load_protocol('ade-100-10'), 1)
     assert lut[0] == 255
-    assert lut[1:18].tolist() == list(range(1, 18))
-    assert lut[18:21].tolist() == [255, 255, 255]
-    assert lut[255] == 255
+    assert lut[1:111].tolist() == list(range(1, 111))
+    assert lut[111:].tolist() == [255] * 145
 
 
 def test_luts_map_to_output_channels_for_unordered_protocol() -> None:

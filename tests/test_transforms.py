@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cssbench.datasets import IncrementalSegDataset, Sample, sample_generator
 from cssbench.transforms import EvalTransform, TrainTransform, random_resized_crop_box
@@ -42,6 +43,58 @@ def test_eval_transform_resizes_the_shorter_side_then_centre_crops():
     out_image, out_mask = EvalTransform(20)(image, mask)
     assert out_image.shape == (3, 20, 20)
     assert out_mask[:, :10].eq(0).all() and out_mask[:, 10:].eq(1).all()
+
+
+def _labelled_stripes(height: int, width: int) -> np.ndarray:
+    """Bands 7 px wide and 11 px high: a label boundary every few pixels."""
+    columns = (np.arange(width)[None, :] // 7) % 21
+    rows = (np.arange(height)[:, None] // 11) % 2
+    return (columns * (1 - rows) + rows * 20).astype(np.uint8)
+
+
+def _as_tensors(mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    image = (mask.astype(np.int32) * 12 % 256).astype(np.uint8)
+    return torch.from_numpy(np.stack([image, 255 - image, image // 2])), torch.from_numpy(mask)
+
+
+def _pil(array: np.ndarray, size_wh: tuple[int, int], box: tuple[int, int, int, int],
+         resample) -> np.ndarray:
+    """The reference's PIL path: crop (top, left, h, w), then resize."""
+    top, left, h, w = box
+    channels_last = array.transpose(1, 2, 0) if array.ndim == 3 else array
+    cropped = Image.fromarray(channels_last).crop((left, top, left + w, top + h))
+    out = np.asarray(cropped.resize(size_wh, resample))
+    return out.transpose(2, 0, 1) if array.ndim == 3 else out
+
+
+def test_eval_transform_matches_the_references_pil_resize_and_centre_crop():
+    # A VOC-sized image, the papers' crop: PIL resizes the shorter side to 512 (bilinear /
+    # nearest), then the central 512 x 512 is kept. Nearest must pick the pixel whose centre
+    # is nearest (PIL's rule), or the labels shift by up to half a pixel against the image.
+    mask = _labelled_stripes(375, 500)
+    image, mask_tensor = _as_tensors(mask)
+    out_image, out_mask = EvalTransform(512)(image, mask_tensor)
+    resized_width = int(512 * 500 / 375)
+    left = round((resized_width - 512) / 2)
+    whole = (0, 0, 375, 500)
+    expected_mask = _pil(mask, (resized_width, 512), whole, Image.NEAREST)[:, left:left + 512]
+    expected_image = _pil(image.numpy(), (resized_width, 512), whole, Image.BILINEAR)
+    assert np.array_equal(out_mask.numpy(), expected_mask)
+    difference = np.abs(out_image.numpy().astype(int) - expected_image[:, :, left:left + 512])
+    assert difference.max() <= 1
+
+
+def test_train_transform_matches_the_references_pil_resized_crop():
+    mask = _labelled_stripes(375, 500)
+    image, mask_tensor = _as_tensors(mask)
+    for seed in range(3):
+        box = random_resized_crop_box(375, 500, (0.5, 2.0), (3 / 4, 4 / 3),
+                                      torch.Generator().manual_seed(seed))
+        out_image, out_mask = TrainTransform(96, flip_prob=0.0)(
+            image, mask_tensor, torch.Generator().manual_seed(seed))
+        assert np.array_equal(out_mask.numpy(), _pil(mask, (96, 96), box, Image.NEAREST))
+        difference = out_image.numpy().astype(int) - _pil(image.numpy(), (96, 96), box, Image.BILINEAR)
+        assert np.abs(difference).max() <= 1
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
