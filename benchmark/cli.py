@@ -128,7 +128,10 @@ def _require_protocol_or_all(args, command: str) -> None:
 
 def _tables_folder(args) -> Path:
     """Where ``--all`` tables and the plots go: ``--out``, else ``<results>/tables``."""
-    return Path(args.out or Path(args.results) / 'tables')
+    folder = Path(args.out or Path(args.results) / 'tables')
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f'{folder}: a file, where a folder for the tables and plots is needed')
+    return folder
 
 
 def cmd_table(args) -> None:
@@ -147,6 +150,9 @@ def cmd_table(args) -> None:
                         args.run, args.config)
     if args.out:
         from .io import atomic_write_text
+        if Path(args.out).is_dir():
+            raise UserError(f'--out {args.out}: a folder; give the table a file name '
+                            f'(--all writes every table into a folder)')
         atomic_write_text(args.out, text)
         print(f'wrote {args.out}')
     else:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from mmengine.evaluator import BaseMetric
 
-from .datasets_info import IGNORE_INDEX
+from .datasets_info import DATASET_INFO, IGNORE_INDEX
 from .registry import METRICS
 
 
@@ -91,15 +91,16 @@ class IncrementalIoUMetric(BaseMetric):
         return metrics
 
 
-def summarize_step(protocol, step: int, iou_by_class: dict[int, float],
-                   background_scored: bool = True) -> dict:
+def summarize_step(protocol, step: int, iou_by_class: dict[int, float]) -> dict:
     """The paper's columns after ``step``: base classes (step 0's), classes added since, all.
 
     Named by class ranges, e.g. ``0-15`` / ``16-20`` / ``all`` on VOC 15-1 at the last step
-    (background counts among the base classes, as in the MiB/SDR tables; ADE20K does not
+    (background counts among the base classes, as in the SDR and PLOP tables; ADE20K does not
     score it, so its base column is ``1-100``). Means skip classes absent from the ground
     truth; a column with no scored class has mIoU None (the results are JSON).
     """
+    background_scored = DATASET_INFO[protocol.dataset].background_scored
+
     def column(classes):
         classes = [c for c in classes if background_scored or c != 0]
         value = mean_iou([iou_by_class.get(c, math.nan) for c in classes])

@@ -25,7 +25,7 @@ from .tables import column_labels, mean_std, percent  # noqa: E402
 
 
 def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
-    """Three panels (all, old, new), one line per row (method)."""
+    """Three panels (all, old, new), one line per row (method, and its setup where rows differ)."""
     labels = column_labels(rows)
     num_steps = max(len(row.runs[0].protocol['steps']) for row in rows)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True, layout='constrained')
@@ -33,13 +33,13 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
         for row in rows:
             if row.method == 'joint':
                 mean, _ = mean_std([percent(r.steps[0]['columns'][column]['mIoU']) for r in row.runs])
-                ax.axhline(mean, color='black', linestyle='--', linewidth=1, label=row.method)
+                ax.axhline(mean, color='black', linestyle='--', linewidth=1, label=row.label)
                 continue
             stats = [mean_std([percent(r.steps[t]['columns'][column]['mIoU']) for r in row.runs])
                      for t in range(len(row.runs[0].steps))]
             mean, std = np.array(stats).T
             steps = np.arange(len(mean))
-            (line,) = ax.plot(steps, mean, marker='o', markersize=3, label=row.method)
+            (line,) = ax.plot(steps, mean, marker='o', markersize=3, label=row.label)
             if len(row.runs) > 1:
                 ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15,
                                 linewidth=0)

@@ -3,8 +3,11 @@
 A row of that file gives a method's old / new / all mIoU in one setting (dataset, e.g.
 ``15-1``, variant ``overlapped``/``disjoint``/``unspecified``) and, where the paper says
 so, which classes its old column averages (``old_range``, e.g. ``1-15`` or ``0-15``). A
-protocol matches a row when its dataset and setting are the row's and its mode is the row's
-variant, or the row leaves the variant unstated (flagged as not exact).
+protocol matches a row when its dataset and setting are the row's, its mode is the row's
+variant or the row leaves the variant unstated (flagged as not exact), and its classes come in
+the papers' order (0..15, then 16, 17, ...): a protocol of another class order, drawn or
+written, matches no row. Where the dataset never scores background (ADE20K), a paper's
+``0-100`` covers the same scored classes as our ``1-100``.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .datasets_info import DATASET_INFO
 from .protocols import parse_class_item
 
 PAPER_TABLES = Path(__file__).resolve().parent / 'data' / 'paper_tables.csv'
@@ -29,6 +33,7 @@ class PublishedCell:
     value: float                    # mIoU in percent
     source: str
     exact_variant: bool             # False: the source does not state overlapped/disjoint
+    caveat: str                     # the file's notes on the row ('' if none)
 
 
 def setting_of(steps: list[list[int]]) -> str:
@@ -57,21 +62,44 @@ def paper_table() -> pd.DataFrame:
     return pd.read_csv(PAPER_TABLES, dtype={'setting': str, 'old_range': str})
 
 
+def in_papers_order(protocol: dict) -> bool:
+    """The classes come step by step in id order, as in the papers' settings."""
+    classes = [c for step in protocol['steps'] for c in step]
+    return classes == list(range(len(classes)))
+
+
+def _setting_rows(protocol: dict) -> pd.DataFrame:
+    """The file's rows for ``protocol``'s setting (any method); none for another class order."""
+    table = paper_table()
+    if not in_papers_order(protocol):
+        return table.iloc[:0]
+    variant = VARIANT_OF_MODE[protocol['mode']]
+    return table[(table['dataset'] == protocol['dataset'])
+                 & (table['setting'] == setting_of(protocol['steps']))
+                 & table['variant'].isin([variant, 'unspecified'])]
+
+
+def published_methods(protocol: dict) -> list[str]:
+    """The methods with published numbers in ``protocol``'s setting."""
+    return sorted(set(_setting_rows(protocol)['method'].map(method_key)))
+
+
 def published_cells(protocol: dict, method: str) -> list[PublishedCell]:
     """The published values for ``method`` in ``protocol``'s setting, exact variants first."""
-    table = paper_table()
+    rows = _setting_rows(protocol)
+    rows = rows[rows['method'].map(method_key).eq(method)]
     variant = VARIANT_OF_MODE[protocol['mode']]
-    setting = setting_of(protocol['steps'])
-    rows = table[(table['dataset'] == protocol['dataset']) & (table['setting'] == setting)
-                 & table['method'].map(method_key).eq(method)
-                 & table['variant'].isin([variant, 'unspecified'])]
+    scored = DATASET_INFO[protocol['dataset']].background_scored
     cells = []
     for _, row in rows.iterrows():
         source = f"{row['source_paper']}, {row['source_location']}"
+        caveat = row['notes'] if isinstance(row['notes'], str) else ''
         for column in ('old', 'new', 'all'):
             value = row[f'mIoU_{column}']
             if pd.notna(value):
                 classes = parse_range(row['old_range']) if column == 'old' else None
+                if classes is not None and not scored:
+                    classes = tuple(c for c in classes if c != 0)
                 cells.append(PublishedCell(column, classes, float(value), source,
-                                           row['variant'] == variant))
+                                           row['variant'] == variant, caveat))
     return sorted(cells, key=lambda c: not c.exact_variant)

@@ -684,7 +684,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     result = dict(step=t, classes=split['classes'], num_train=len(split['train']),
                   num_val=len(split['val']),
                   iou={str(c): (None if math.isnan(v) else v) for c, v in iou.items()},
-                  columns=summarize_step(protocol, summary_step, iou, info.background_scored),
+                  columns=summarize_step(protocol, summary_step, iou),
                   wall_time_s=round(time.time() - step_start, 1),
                   step0_cache=step0_key if cached is not None else None)
     if is_main_process():

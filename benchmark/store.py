@@ -8,8 +8,8 @@ modification time of those two files. Reading the store checks the stamps agains
 and re-reads only what changed (a missing or stale index is rebuilt from the run folders); a
 run folder that is corrupt or unfinished is reported and skipped, never fatal.
 
-Runs are never merged: a table takes one run per (method, config, seed), the latest finished
-unless the user names runs, and says which it took.
+Runs are never merged: a table takes one run per (method, config, dataset, seed), the latest
+finished unless the user names runs, and says which it took.
 """
 from __future__ import annotations
 
@@ -197,29 +197,40 @@ def _matches(run: StoredRun, patterns: list[str] | None) -> bool:
 class RowRuns:
     """The runs one table row aggregates: one per seed, and the ones it left out."""
     method: str
-    config: str             # the config's name, with its digest where two share a name
+    setup: str              # the config's name (with its digest where two share a name) and,
+                            # where runs trained on several datasets, the data's fingerprint
     runs: list[StoredRun]
     passed_over: list[StoredRun]
+    label: str              # the row's name: the method, with its setup where rows differ in it
 
 
 def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
                 config: str | None = None) -> list[RowRuns]:
-    """One row per (method, config): for each seed, the latest finished complete run (among
-    those whose name matches one of ``runs``' glob patterns, if given)."""
+    """One row per (method, config, dataset): for each seed, the latest finished complete run
+    (among those whose name matches one of ``runs``' glob patterns, if given). Runs of other
+    data (another dataset fingerprint: other images or labels) are never averaged together."""
     candidates = [r for r in store.runs if r.protocol_name == protocol and _matches(r, runs)
                   and (config is None or r.config_name == config)]
-    names_by_config: dict[str, set[str]] = {}
+    digests_by_name: dict[str, set[str]] = {}
     for r in candidates:
-        names_by_config.setdefault(r.config_name, set()).add(r.config_digest)
-    groups: dict[tuple[str, str, str], list[StoredRun]] = {}
+        digests_by_name.setdefault(r.config_name, set()).add(r.config_digest)
+    several_datasets = len({r.dataset_fingerprint for r in candidates}) > 1
+
+    def setup(r: StoredRun) -> str:
+        name = r.config_name if len(digests_by_name[r.config_name]) == 1 \
+            else f'{r.config_name}@{r.config_digest[:6]}'
+        return f'{name}, data {r.dataset_fingerprint[:6]}' if several_datasets else name
+
+    groups: dict[tuple[str, str], list[StoredRun]] = {}
     for r in candidates:
-        groups.setdefault((r.method, r.config_name, r.config_digest), []).append(r)
+        groups.setdefault((r.method, setup(r)), []).append(r)
+    several_setups = len({s for _, s in groups}) > 1
     rows = []
-    for (method, config_name, digest), group in sorted(groups.items()):
+    for (method, setup_label), group in sorted(groups.items()):
         latest: dict[int, StoredRun] = {}
         for r in sorted(group, key=lambda r: (r.finished, r.path)):
             latest[r.seed] = r
         chosen = [latest[s] for s in sorted(latest)]
-        label = config_name if len(names_by_config[config_name]) == 1 else f'{config_name}@{digest[:6]}'
-        rows.append(RowRuns(method, label, chosen, [r for r in group if r not in chosen]))
+        rows.append(RowRuns(method, setup_label, chosen, [r for r in group if r not in chosen],
+                            f'{method} ({setup_label})' if several_setups else method))
     return rows

@@ -27,7 +27,8 @@ from .datasets_info import DATASET_INFO
 from .errors import UserError
 from .io import atomic_write_text
 from .metrics import mean_iou, range_label
-from .published import published_cells
+from .protocols import available_protocols
+from .published import in_papers_order, published_cells, published_methods
 from .store import RowRuns, Store, StoredRun, select_runs
 
 COLUMNS = ('old', 'new', 'all')
@@ -120,6 +121,7 @@ class Column:
     key: str                    # mean in frame[key], std in frame[key + '_std'] if present
     best: str | None = None     # 'max' or 'min': bold the best incremental method's mean
     signed: bool = False        # a difference: printed with its sign
+    variant_stated: str | None = None   # frame column: False marks the value '*'
 
 
 @dataclass
@@ -130,10 +132,6 @@ class Table:
     index_names: list[str]
     unranked: set = field(default_factory=set)   # row labels never bold (joint)
     notes: list[str] = field(default_factory=list)
-
-
-def _row_label(row: RowRuns, several_configs: bool) -> str:
-    return f'{row.method} ({row.config})' if several_configs else row.method
 
 
 def column_labels(rows: list[RowRuns]) -> dict[str, str]:
@@ -149,18 +147,21 @@ def column_labels(rows: list[RowRuns]) -> dict[str, str]:
 
 def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
     rows = select_runs(store, protocol, runs, config)
-    if not rows:
-        chosen = ' matching --run/--config' if runs or config else ''
-        raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; '
-                        f'`cssbench run --protocol {protocol}` makes one')
-    return rows
+    if rows:
+        return rows
+    chosen = ' matching --run/--config' if runs or config else ''
+    if protocol in available_protocols():
+        advice = f'`cssbench run --protocol {protocol}` makes one'
+    else:
+        advice = f'stored protocols: {", ".join(store.protocols()) or "none"}'
+    raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; {advice}')
 
 
 def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[str]:
     notes = []
     for row in rows:
         used = ', '.join(f'{r.run} (seed {r.seed}, {r.finished}, {r.git_revision[:8]})' for r in row.runs)
-        notes.append(f'{_row_label(row, True)}: {used}')
+        notes.append(f'{row.method} ({row.setup}): {used}')
         if row.passed_over:
             notes.append(f'  {len(row.passed_over)} other complete run(s) of the same seeds not '
                          f'used (older): {", ".join(r.run for r in row.passed_over)}; '
@@ -176,39 +177,55 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
     """Per method: old / new / all after the last step, avg, forgetting, gap to joint, and the
     published numbers of the same method and setting."""
     rows = _rows_or_error(store, protocol, runs, config)
-    several = len({r.config for r in rows}) > 1
     labels = column_labels(rows)
     records = []
     for row in rows:
         summaries = [run_summary(r) for r in row.runs]
-        record = {'row': _row_label(row, several), 'method': row.method, 'config': row.config,
+        record = {'row': row.label, 'method': row.method, 'setup': row.setup,
                   'seeds': len(row.runs)}
         for key in (*COLUMNS, 'avg', 'forgetting'):
             mean, std = mean_std([100 * s[key] for s in summaries])
             record[key], record[f'{key}_std'] = mean, std
         records.append(record)
     frame = pd.DataFrame(records).set_index('row')
-    frame['gap_joint'] = [_joint_all(frame, r['config']) - r['all'] for _, r in frame.iterrows()]
+    frame['gap_joint'] = [_joint_all(frame, r['setup']) - r['all'] for _, r in frame.iterrows()]
 
     columns = [Column('seeds', 'seeds'),
                Column(labels['old'], 'old', 'max'), Column(labels['new'], 'new', 'max'),
                Column('all', 'all', 'max'), Column('avg', 'avg', 'max'),
                Column('forgetting', 'forgetting', 'min'), Column('gap to joint', 'gap_joint', 'min')]
-    reference = rows[0].runs[0].protocol
+    notes = _add_published(frame, columns, rows, labels)
+    notes += _provenance_notes(store, protocol, rows)
+    return Table(title=f'{protocol}: mIoU (%) after the last step, mean ± std over seeds',
+                 frame=frame, columns=columns, index_names=['method'],
+                 unranked={r.label for r in rows if r.method == 'joint'}, notes=notes)
+
+
+UNSTATED_VARIANT = '* the source does not state whether the setting is overlapped or disjoint'
+
+
+def _add_published(frame: pd.DataFrame, columns: list[Column], rows: list[RowRuns],
+                   labels: dict[str, str]) -> list[str]:
+    """Put each row's published numbers (and our difference to them) in ``paper_*`` /
+    ``diff_*`` columns, the first that averages our column's classes; returns the notes:
+    each number's source, the numbers published over other classes (beside ours over those
+    classes), or why nothing is shown."""
+    protocol = rows[0].runs[0].protocol
     notes = []
     for name in COLUMNS:
         frame[f'paper_{name}'] = math.nan
+        frame[f'paper_{name}_variant_stated'] = None
         frame[f'diff_{name}'] = math.nan
     shown = set()
     for row in rows:
-        label = _row_label(row, several)
-        for cell in published_cells(reference, row.method):   # exact variant first
+        for cell in published_cells(protocol, row.method):   # exact variant first
             ours_classes = _column_classes(row.runs[0], cell.column)
-            tag = f'{cell.value:.1f}{"" if cell.exact_variant else "*"} ({cell.source})'
-            slot = f'paper_{cell.column}'
-            if cell.classes in (None, ours_classes) and math.isnan(frame.at[label, slot]):
-                frame.at[label, slot] = cell.value
-                frame.at[label, f'diff_{cell.column}'] = frame.at[label, cell.column] - cell.value
+            tag = f'{cell.value:.1f}{"" if cell.exact_variant else "*"} ({cell.source}' + \
+                  (f'; {cell.caveat})' if cell.caveat else ')')
+            if cell.classes in (None, ours_classes) and math.isnan(frame.at[row.label, f'paper_{cell.column}']):
+                frame.at[row.label, f'paper_{cell.column}'] = cell.value
+                frame.at[row.label, f'paper_{cell.column}_variant_stated'] = cell.exact_variant
+                frame.at[row.label, f'diff_{cell.column}'] = frame.at[row.label, cell.column] - cell.value
                 shown.add(cell.column)
                 notes.append(f'published {row.method} {labels[cell.column]}: {tag}')
                 continue
@@ -220,21 +237,25 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
                          f'{_pm(mean, std)} ({mean - cell.value:+.1f})')
     for name in COLUMNS:
         if name in shown:
-            columns += [Column(f'paper {labels[name]}', f'paper_{name}'),
+            columns += [Column(f'paper {labels[name]}', f'paper_{name}',
+                               variant_stated=f'paper_{name}_variant_stated'),
                         Column(f'diff {labels[name]}', f'diff_{name}', signed=True)]
-    if not shown and not notes:
-        notes.append(f'no published numbers for this setting in data/paper_tables.csv '
-                     f'(dataset {reference["dataset"]!r})')
-    elif any('*' in n for n in notes):
-        notes.append('* the source does not state whether the setting is overlapped or disjoint')
-    notes += _provenance_notes(store, protocol, rows)
-    return Table(title=f'{protocol}: mIoU (%) after the last step, mean ± std over seeds',
-                 frame=frame, columns=columns, index_names=['method'],
-                 unranked={_row_label(r, several) for r in rows if r.method == 'joint'}, notes=notes)
+    if notes:
+        return notes + ([UNSTATED_VARIANT] if any('*' in n for n in notes) else [])
+    if not in_papers_order(protocol):
+        return ["no published numbers shown: the papers' settings learn the classes in id "
+                "order, and this protocol's order is another"]
+    others = published_methods(protocol)
+    if others:
+        return [f'published numbers for this setting are for {", ".join(others)} only '
+                f'(data/paper_tables.csv)']
+    return [f'no published numbers for this setting in data/paper_tables.csv '
+            f'(dataset {protocol["dataset"]!r})']
 
 
-def _joint_all(frame: pd.DataFrame, config: str) -> float:
-    joint = frame[(frame['method'] == 'joint') & (frame['config'] == config)]
+def _joint_all(frame: pd.DataFrame, setup: str) -> float:
+    """joint's all-class mIoU with the same config, on the same data."""
+    joint = frame[(frame['method'] == 'joint') & (frame['setup'] == setup)]
     return float(joint['all'].iloc[0]) if len(joint) else math.nan
 
 
@@ -251,14 +272,13 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
     """Per method and step: old / new / all after that step (joint: its single step, shown
     as the last)."""
     rows = _rows_or_error(store, protocol, runs, config)
-    several = len({r.config for r in rows}) > 1
     labels = column_labels(rows)
     records = []
     for row in rows:
         num_steps = len(row.runs[0].steps)
         last = len(row.runs[0].protocol['steps']) - 1
         for t in range(num_steps):
-            record = {'row': _row_label(row, several), 'step': last if row.method == 'joint' else t,
+            record = {'row': row.label, 'step': last if row.method == 'joint' else t,
                       'seeds': len(row.runs)}
             for name in COLUMNS:
                 mean, std = mean_std([percent(r.steps[t]['columns'][name]['mIoU']) for r in row.runs])
@@ -278,8 +298,7 @@ def per_class_forgetting(store: Store, protocol: str, runs: list[str] | None = N
     rows = [r for r in _rows_or_error(store, protocol, runs, config) if r.method != 'joint']
     if not rows:
         raise UserError(f'protocol {protocol!r}: only joint runs stored; forgetting needs steps')
-    several = len({r.config for r in rows}) > 1
-    per_row = {_row_label(row, several): [forgetting_per_class(r.steps) for r in row.runs]
+    per_row = {row.label: [forgetting_per_class(r.steps) for r in row.runs]
                for row in rows}
     classes = sorted({c for runs_ in per_row.values() for f in runs_ for c in f})
     names = DATASET_INFO[rows[0].runs[0].protocol['dataset']].classes
@@ -307,13 +326,16 @@ def _pm(mean: float, std: float, signed: bool = False, latex: bool = False) -> s
 
 
 def _cells(table: Table, latex: bool) -> list[list[str]]:
-    """The displayed text of every row, best values bold."""
+    """The displayed text of every row, best values bold, row names escaped for the format."""
     frame = table.frame
+    escape = _latex_escape if latex else _markdown_escape
     ranked = ~frame.index.get_level_values(0).isin(table.unranked)
-    out = [[str(v) for v in (key if isinstance(key, tuple) else (key,))] for key in frame.index]
+    out = [[escape(str(v)) for v in (key if isinstance(key, tuple) else (key,))] for key in frame.index]
     for column in table.columns:
         means = frame[column.key].astype(float)
         stds = frame[f'{column.key}_std'] if f'{column.key}_std' in frame else [math.nan] * len(frame)
+        unstated = (frame[column.variant_stated].eq(False).tolist() if column.variant_stated
+                    else [False] * len(frame))
         best = math.nan
         if column.best and ranked.sum() > 1:   # a lone method is not 'best'
             best = (means[ranked].max() if column.best == 'max' else means[ranked].min())
@@ -322,27 +344,40 @@ def _cells(table: Table, latex: bool) -> list[list[str]]:
                 text = '-' if math.isnan(mean) else str(int(mean))
             else:
                 text = _pm(mean, std, column.signed, latex)
+            if unstated[i]:
+                text += '*' if latex else '\\*'
             if ranked[i] and not math.isnan(best) and round(mean, 1) == round(best, 1):
                 text = f'\\textbf{{{text}}}' if latex else f'**{text}**'
             out[i].append(text)
     return out
 
 
+def _markdown_escape(text: str) -> str:
+    """Text a markdown table cell or list item shows as written (``_`` inside a word, as in
+    file and run names, is not emphasis: left as it is, for the terminal's reader)."""
+    for char in '\\|*`':
+        text = text.replace(char, '\\' + char)
+    return text
+
+
 def to_markdown(table: Table) -> str:
-    header = table.index_names + [c.header for c in table.columns]
+    header = table.index_names + [_markdown_escape(c.header) for c in table.columns]
     lines = [f'### {table.title}', '', '| ' + ' | '.join(header) + ' |',
              '|' + '|'.join(['---'] * len(table.index_names) + ['---:'] * len(table.columns)) + '|']
     lines += ['| ' + ' | '.join(row) + ' |' for row in _cells(table, latex=False)]
     if table.notes:
-        lines += [''] + [f'- {n}' if not n.startswith('  ') else f'  - {n.strip()}' for n in table.notes]
+        lines += [''] + [f'- {_markdown_escape(n)}' if not n.startswith('  ')
+                         else f'  - {_markdown_escape(n.strip())}' for n in table.notes]
     return '\n'.join(lines) + '\n'
 
 
+LATEX_SPECIAL = {'\\': '\\textbackslash{}', '&': '\\&', '%': '\\%', '_': '\\_', '#': '\\#',
+                 '$': '\\$', '{': '\\{', '}': '\\}', '~': '\\textasciitilde{}',
+                 '^': '\\textasciicircum{}', '±': '$\\pm$'}
+
+
 def _latex_escape(text: str) -> str:
-    for char, escaped in (('\\', '\\textbackslash{}'), ('&', '\\&'), ('%', '\\%'), ('_', '\\_'),
-                          ('#', '\\#'), ('±', '$\\pm$')):
-        text = text.replace(char, escaped)
-    return text
+    return ''.join(LATEX_SPECIAL.get(char, char) for char in text)
 
 
 def to_latex(table: Table) -> str:
@@ -353,16 +388,15 @@ def to_latex(table: Table) -> str:
     lines += [f'% {_latex_escape(n)}' for n in table.notes]
     lines += [f'\\begin{{tabular}}{{{spec}}}', '\\toprule',
               ' & '.join(_latex_escape(h) for h in header) + ' \\\\', '\\midrule']
-    for row in _cells(table, latex=True):
-        keys = [_latex_escape(c) for c in row[:len(table.index_names)]]
-        lines.append(' & '.join(keys + row[len(table.index_names):]) + ' \\\\')
+    lines += [' & '.join(row) + ' \\\\' for row in _cells(table, latex=True)]
     lines += ['\\bottomrule', '\\end{tabular}']
     return '\n'.join(lines) + '\n'
 
 
 def to_csv(table: Table) -> str:
     frame = table.frame.copy()
-    frame.index.names = table.index_names
+    # the leaderboard's frame has a 'method' column beside its row names
+    frame.index.names = ['row' if name in frame.columns else name for name in table.index_names]
     return frame.to_csv(float_format='%.2f')
 
 

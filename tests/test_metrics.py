@@ -91,13 +91,15 @@ def test_summarize_step_last_step() -> None:
     assert s['all']['mIoU'] == pytest.approx(9.9 / 21)      # (8.4 + 1.5) / 21
 
 
-def test_summarize_step_background_not_scored() -> None:
-    s = summarize_step(load_protocol('voc-15-1-overlap'), 5, IOU_15_1, background_scored=False)
-    assert s['old']['label'] == '1-15'
+def test_summarize_step_leaves_out_ade_background() -> None:
+    # ADE20K does not score class 0: a stray IoU for it is not averaged in
+    iou = {0: 0.9, **{c: 0.5 for c in range(1, 101)}, **{c: 0.2 for c in range(101, 151)}}
+    s = summarize_step(load_protocol('ade-100-50'), 1, iou)
+    assert s['old']['label'] == '1-100'
     assert s['old']['mIoU'] == pytest.approx(0.5)
-    assert s['new']['label'] == '16-20'
-    assert s['new']['mIoU'] == pytest.approx(0.3)
-    assert s['all']['mIoU'] == pytest.approx(9.0 / 20)      # (7.5 + 1.5) / 20
+    assert s['new']['label'] == '101-150'
+    assert s['new']['mIoU'] == pytest.approx(0.2)
+    assert s['all']['mIoU'] == pytest.approx(60 / 150)      # (100 * 0.5 + 50 * 0.2) / 150
 
 
 def test_summarize_step_intermediate_and_missing_class() -> None:

@@ -4,12 +4,14 @@ Every expected number below is worked out by hand from the IoUs the test writes.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -17,7 +19,7 @@ from cssbench.cli import main
 from cssbench.errors import UserError
 from cssbench.metrics import summarize_step
 from cssbench.plots import class_iou_figure, miou_by_step_figure
-from cssbench.protocols import load_protocol
+from cssbench.protocols import Protocol, load_protocol
 from cssbench.store import INDEX_FILE, open_store, select_runs
 from cssbench.tables import (forgetting_per_class, leaderboard, mean_std, per_class_forgetting,
                              per_step, render)
@@ -25,11 +27,12 @@ from cssbench.tables import (forgetting_per_class, leaderboard, mean_std, per_cl
 VOC19 = 'voc-19-1-overlap'
 
 
-def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: str = VOC19,
+def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: str | Protocol = VOC19,
               method: str = 'ft', run: str = 'small-seed0', seed: int = 0,
-              finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small') -> Path:
+              finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small',
+              dataset_fingerprint: str = 'fp') -> Path:
     """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``."""
-    p = load_protocol(protocol)
+    p = load_protocol(protocol) if isinstance(protocol, str) else protocol
     steps = []
     for t, iou in enumerate(step_ious):
         summary_step = p.num_steps - 1 if method == 'joint' else t
@@ -43,7 +46,7 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
         protocol=p.to_dict(), method=method, run=run, seed=seed, config_name='small',
         config_digest=config_digest, status='complete', started='2026-01-01T00:00:00',
         finished=finished, wall_time_s=12.5, git_revision='0123456789abcdef',
-        environment=dict(cssbench='0.1.0'), dataset_fingerprint='fp')))
+        environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint)))
     (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
     return run_dir
 
@@ -180,8 +183,25 @@ def test_runs_of_different_configs_are_separate_rows(tmp_path: Path) -> None:
     root = tmp_path / 'results'
     write_two_ft_runs(root, dict(run='x', config_digest='d1'), dict(run='y', config_digest='d2'))
     rows = select_runs(open_store(root), VOC19)
-    assert [(r.method, r.config, [x.run for x in r.runs]) for r in rows] == [
-        ('ft', 'small@d1', ['x']), ('ft', 'small@d2', ['y'])]
+    assert [(r.label, [x.run for x in r.runs]) for r in rows] == [
+        ('ft (small@d1)', ['x']), ('ft (small@d2)', ['y'])]
+    fig = miou_by_step_figure(VOC19, rows)
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ['ft (small@d1)', 'ft (small@d2)']
+
+
+def test_seeds_trained_on_other_data_are_not_averaged(tmp_path: Path) -> None:
+    # seed 1 ran on another dataset (another fingerprint): a row of its own, and joint's gap
+    # is taken on the same data only
+    root = tmp_path / 'results'
+    write_two_ft_runs(root, dict(), dict(run='small-seed1', seed=1, dataset_fingerprint='0123456789ab'))
+    write_run(root, [uniform(range(21), 0.9)], method='joint')
+    table = leaderboard(open_store(root), VOC19)
+    assert list(table.frame.index) == ['ft (small, data 012345)', 'ft (small, data fp)',
+                                       'joint (small, data fp)']
+    assert table.frame['seeds'].tolist() == [1, 1, 1]
+    assert table.frame.at['ft (small, data 012345)', 'old'] == pytest.approx(20.0)
+    assert table.frame.at['ft (small, data fp)', 'gap_joint'] == pytest.approx(90 - 1230 / 21)
+    assert math.isnan(table.frame.at['ft (small, data 012345)', 'gap_joint'])
 
 
 def test_corrupt_and_partial_run_folders_are_reported_and_skipped(store_19_1: Path) -> None:
@@ -266,13 +286,72 @@ def test_published_numbers_beside_our_rows(tmp_path: Path) -> None:
     assert f.at['sdr', 'paper_old'] == 47.3 and f.at['sdr', 'diff_old'] == pytest.approx(old - 47.3)
     assert f.at['sdr', 'paper_all'] == 48.7 and f.at['sdr', 'diff_all'] == pytest.approx(all_ - 48.7)
     assert math.isnan(f.at['sdr', 'paper_new'])
+    # neither number says overlapped or disjoint: both are starred in the cells, and the CSV
+    # says so in a column of its own
     md = render(table, 'md')
     assert '| paper 0-15 | diff 0-15 | paper all | diff all |' in md
-    assert f'| 47.3 | {old - 47.3:+.1f} | 48.7 | {all_ - 48.7:+.1f} |' in md
+    assert f'| 47.3\\* | {old - 47.3:+.1f} | 48.7\\* | {all_ - 48.7:+.1f} |' in md
+    assert f'47.3* & {old - 47.3:+.1f} & 48.7* & {all_ - 48.7:+.1f}' in render(table, 'latex')
+    csv = pd.read_csv(io.StringIO(render(table, 'csv')))
+    assert list(csv.columns[:3]) == ['row', 'method', 'setup']
+    assert csv.loc[0, 'paper_all'] == 48.7 and not csv.loc[0, 'paper_all_variant_stated']
     # the overlapped 1-15 number is for other classes: ours over 1-15 is given beside it
     assert any('over classes 1-15: 44.7 (SDR (CVPR 2021)' in n and 'ours over the same classes 50.0 (+5.3)' in n
                for n in table.notes)
-    assert any(n.startswith('* the source does not state') for n in table.notes)
+    # the file's caveat on a number goes with it
+    assert any(n.startswith('published sdr all: 48.7* (') and 'verify against the paper' in n for n in table.notes)
+    assert '\n- \\* the source does not state' in md
+
+
+def _steps_at(protocol: Protocol, value: float, background: float | None = None) -> list[dict]:
+    ious = []
+    for t in range(protocol.num_steps):
+        ious.append(uniform(protocol.classes_seen(t), value))
+        ious[-1][0] = value if background is None else background
+    return ious
+
+
+def test_published_numbers_match_only_the_papers_class_order(tmp_path: Path) -> None:
+    # a drawn class order has the 15-1 step sizes, but other classes in each step
+    root = tmp_path / 'results'
+    drawn = load_protocol('voc-15-1-overlap-random').with_class_order(0)
+    write_run(root, _steps_at(drawn, 0.5), protocol=drawn, method='sdr')
+    table = leaderboard(open_store(root), drawn.name)
+    assert math.isnan(table.frame.at['sdr', 'paper_all'])
+    assert not any('published' in n and 'over classes' in n for n in table.notes)
+    assert any(n.startswith("no published numbers shown: the papers' settings learn the classes "
+                            "in id order") for n in table.notes)
+
+
+def test_ade_papers_0_100_is_our_1_100(tmp_path: Path) -> None:
+    # ADE20K never scores class 0: SDR's "0-100" averages the classes our "1-100" does
+    root = tmp_path / 'results'
+    write_run(root, _steps_at(load_protocol('ade-100-50'), 0.4, background=0.9),
+              protocol='ade-100-50', method='sdr')
+    table = leaderboard(open_store(root), 'ade-100-50')
+    assert table.frame.at['sdr', 'paper_old'] == 40.52
+    assert table.frame.at['sdr', 'diff_old'] == pytest.approx(40.0 - 40.52)
+    assert '| paper 1-100 | diff 1-100 |' in render(table, 'md')
+
+
+def test_a_method_without_published_numbers_is_told_which_methods_have_them(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_run(root, _steps_at(load_protocol('voc-15-1-disjoint'), 0.5), protocol='voc-15-1-disjoint')
+    notes = leaderboard(open_store(root), 'voc-15-1-disjoint').notes
+    assert 'published numbers for this setting are for sdr only (data/paper_tables.csv)' in notes
+
+
+def test_row_names_are_escaped_in_markdown_and_latex(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_two_ft_runs(root, dict(run='x', config_digest='d1'), dict(run='y', config_digest='d2'))
+    for path in (root / VOC19 / 'ft').glob('*/run.json'):
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps(dict(record, config_name='cfgs/r50|bs_8^{~}$.py')))
+    table = leaderboard(open_store(root), VOC19)
+    row = next(line for line in render(table, 'md').splitlines() if line.startswith('| ft'))
+    assert row.startswith('| ft (cfgs/r50\\|bs_8^{~}$.py@d1) | 1 | ')
+    latex = render(table, 'latex')
+    assert 'ft (cfgs/r50|bs\\_8\\textasciicircum{}\\{\\textasciitilde{}\\}\\$.py@d1) & 1 & ' in latex
 
 
 def test_no_published_numbers_for_the_synthetic_dataset(tmp_path: Path) -> None:
@@ -326,6 +405,22 @@ def test_cli_table_all_and_plot_write_valid_files(store_19_1: Path, capsys) -> N
 
 def test_cli_table_errors(tmp_path: Path, capsys) -> None:
     assert main(['table', '--protocol', VOC19, '--results', str(tmp_path / 'none')]) == 2
-    assert 'no complete run' in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(f"no complete run stored for protocol '{VOC19}'; "
+                                            f"`cssbench run --protocol {VOC19}` makes one\n")
     assert main(['table', '--results', str(tmp_path)]) == 2
     assert 'give --protocol' in capsys.readouterr().err
+
+
+def test_cli_table_errors_name_what_is_wrong(store_19_1: Path, tmp_path: Path, capsys) -> None:
+    results = str(store_19_1)
+    assert main(['table', '--protocol', 'voc-19-1-overlpa', '--results', results]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"protocol 'voc-19-1-overlpa'; stored protocols: {VOC19}\n")
+    assert main(['table', '--protocol', VOC19, '--results', results, '--out', str(tmp_path)]) == 2
+    assert f'--out {tmp_path}: a folder; give the table a file name' in capsys.readouterr().err
+    a_file = tmp_path / 'table.md'
+    a_file.write_text('kept')
+    for command in ('table', 'plot'):
+        assert main([command, '--all', '--results', results, '--out', str(a_file)]) == 2
+        assert f'{a_file}: a file, where a folder' in capsys.readouterr().err
+    assert a_file.read_text() == 'kept' and sorted(os.listdir(tmp_path)) == ['results', 'table.md']
