@@ -34,9 +34,10 @@ Step 0 is plain cross-entropy, averaged over all pixels, exactly as fine-tuning:
 model, hence no POD and no pseudo-labels (``pod_loss`` is a constant 0 then).
 
 PLOP's paper setting keeps the 255 ("void") pixels ignored when training (the reference's
-VOC dataset maps 255 to 255): run it on a protocol with ``train_ignore: ignore``. With the
-harness default (255 -> background) those pixels become background and may be
-pseudo-labelled.
+VOC dataset maps 255 to 255), and scores classes not yet learned as background: run it on a
+protocol with ``train_ignore: ignore`` and ``eval_unseen: background``, such as the shipped
+``voc-15-1-overlap-plop``. With the harness default (255 -> background) those pixels become
+background and may be pseudo-labelled.
 
 Known differences from the reference, kept explicit:
 

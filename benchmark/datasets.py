@@ -174,12 +174,15 @@ def eval_lut(protocol, step: int) -> np.ndarray:
     """Evaluation targets at ``step``: classes seen so far stay, unseen ones are ignored.
 
     This is the reference's test-time masking (masking value 255 for every class not yet
-    seen). Where the protocol's dataset does not score background (ADE20K), 0 is ignored too.
+    seen); with the protocol's ``eval_unseen: background`` they are background instead
+    (PLOP's). 255 stays ignored. Where the protocol's dataset does not score background
+    (ADE20K), background is ignored, and so are the unseen classes it would hold.
     """
-    lut = _to_channels(np.full(256, IGNORE_INDEX, dtype=np.uint8), protocol,
-                       protocol.classes_seen(step))
+    unseen = 0 if protocol.eval_unseen == 'background' else IGNORE_INDEX
+    lut = _to_channels(np.full(256, unseen, dtype=np.uint8), protocol, protocol.classes_seen(step))
+    lut[IGNORE_INDEX] = IGNORE_INDEX
     if not DATASET_INFO[protocol.dataset].background_scored:
-        lut[0] = IGNORE_INDEX
+        lut[lut == 0] = IGNORE_INDEX
     return lut
 
 

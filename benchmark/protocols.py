@@ -36,6 +36,7 @@ PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / 'protocols'
 MODES = ('overlap', 'disjoint')
 CLASS_ORDERS = ('fixed', 'random')  # in a file; a run's protocol with a drawn order says 'drawn'
 TRAIN_IGNORE_CHOICES = ('ignore', 'background')
+EVAL_UNSEEN_CHOICES = ('ignore', 'background')
 
 
 class ProtocolError(UserError):
@@ -53,6 +54,10 @@ class Protocol:
     # masking_value`, 0 in training) trains it as background: that is the default. PLOP
     # keeps it ignored: 'ignore'. Evaluation always ignores it.
     train_ignore: str = 'background'
+    # What a class not yet learned is in evaluation targets: ignored (255), as in the
+    # reference (SDR/MiB dataset/voc.py, masking value 255 at test), or background (0), as
+    # in PLOP's dataset/voc.py (masking value 0 in both). The last step sees every class.
+    eval_unseen: str = 'ignore'
     # The file's ``class_order``: fixed | random; 'drawn' once a random order is resolved.
     ordering: str = 'fixed'
     ordering_seed: int | None = None
@@ -108,6 +113,8 @@ class Protocol:
                  steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)
         if self.ordering != 'fixed':  # fixed-order dicts (and fingerprints) stay as they were
             d.update(class_order=self.ordering, class_order_seed=self.ordering_seed)
+        if self.eval_unseen != 'ignore':  # likewise
+            d.update(eval_unseen=self.eval_unseen)
         return d
 
     @cached_property
@@ -143,8 +150,8 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     for key in ('name', 'dataset', 'mode', 'steps'):
         if key not in data:
             raise ProtocolError(f'{src}: field {key!r} is missing')
-    unknown = set(data) - {'name', 'dataset', 'mode', 'steps', 'train_ignore', 'description',
-                           'class_order', 'class_order_seed'}
+    unknown = set(data) - {'name', 'dataset', 'mode', 'steps', 'train_ignore', 'eval_unseen',
+                           'description', 'class_order', 'class_order_seed'}
     if unknown:
         raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
     if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]*', str(data['name'])):
@@ -162,6 +169,10 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     if train_ignore not in TRAIN_IGNORE_CHOICES:
         raise ProtocolError(f'{src}: field train_ignore: {train_ignore!r} is not one of '
                             f'{TRAIN_IGNORE_CHOICES}')
+    eval_unseen = data.get('eval_unseen', 'ignore')
+    if eval_unseen not in EVAL_UNSEEN_CHOICES:
+        raise ProtocolError(f'{src}: field eval_unseen: {eval_unseen!r} is not one of '
+                            f'{EVAL_UNSEEN_CHOICES}')
     class_order = data.get('class_order', 'fixed')
     if class_order not in CLASS_ORDERS:
         raise ProtocolError(f'{src}: field class_order: {class_order!r} is not one of {CLASS_ORDERS}')
@@ -202,7 +213,8 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
         raise ProtocolError(f'{src}: field steps: {noun} {shown} of dataset {dataset!r} in no '
                             f'step (the steps must cover 0..{num_classes - 1})')
     return Protocol(name=str(data['name']), dataset=dataset, mode=mode, steps=tuple(steps),
-                    train_ignore=train_ignore, ordering=class_order, ordering_seed=order_seed,
+                    train_ignore=train_ignore, eval_unseen=eval_unseen, ordering=class_order,
+                    ordering_seed=order_seed,
                     description=str(data.get('description', '')),
                     source=Path(source) if source != '<protocol>' else None)
 

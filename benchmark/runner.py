@@ -432,7 +432,7 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
 def _protocol_definition(protocol: dict) -> dict:
     """What two runs of one protocol share: a drawn class order differs by seed, its step
     sizes do not."""
-    d = dict(dict(train_ignore='background', class_order='fixed'), **protocol)
+    d = dict(dict(train_ignore='background', eval_unseen='ignore', class_order='fixed'), **protocol)
     d.pop('class_order_seed', None)
     if d['class_order'] == 'drawn':
         d['steps'] = [len(s) for s in d['steps']]

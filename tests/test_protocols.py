@@ -14,7 +14,7 @@ SHIPPED = sorted(p.stem for p in Path(PROTOCOLS_DIR).glob('*.yaml'))
 
 
 def test_shipped_protocol_list() -> None:
-    assert len(SHIPPED) == 26
+    assert len(SHIPPED) == 28
     assert available_protocols() == SHIPPED
     assert 'voc-15-1-overlap' in SHIPPED and 'ade-100-50' in SHIPPED
 
@@ -26,7 +26,8 @@ def test_every_shipped_protocol_loads(name: str) -> None:
     assert p.name == name
     assert p.dataset == name.split('-')[0]
     assert p.mode == ('disjoint' if name.endswith('disjoint') else 'overlap')
-    assert p.train_ignore == 'background'
+    plop = name.endswith('-plop')   # PLOP's label conventions; the others are the reference's
+    assert (p.train_ignore, p.eval_unseen) == (('ignore', 'background') if plop else ('background', 'ignore'))
     assert p.steps[0][0] == 0
 
 
@@ -96,7 +97,7 @@ def test_voc_and_synth_sets_match() -> None:
     synth = {n[len('synth-'):] for n in SHIPPED if n.startswith('synth-')}
     assert voc == synth == {'10-1-disjoint', '10-1-overlap', '10-10-disjoint', '10-10-overlap',
                             '15-1-disjoint', '15-1-overlap', '15-5-disjoint', '15-5-overlap',
-                            '19-1-disjoint', '19-1-overlap', '15-1-overlap-random'}
+                            '19-1-disjoint', '19-1-overlap', '15-1-overlap-random', '15-1-overlap-plop'}
 
 
 # --- helpers on a known protocol ----------------------------------------------------------
@@ -184,11 +185,22 @@ def _base(**over) -> dict:
 
 
 def test_parse_valid_mixed_items() -> None:
-    p = parse_protocol(_base(train_ignore='ignore', description='d'), 'src.yaml')
+    p = parse_protocol(_base(train_ignore='ignore', eval_unseen='background', description='d'), 'src.yaml')
     assert p.steps == (tuple(range(16)), (16,), (17, 18), (19, 20))
-    assert p.train_ignore == 'ignore'
+    assert p.train_ignore == 'ignore' and p.eval_unseen == 'background'
     assert p.description == 'd'
     assert p.source == Path('src.yaml')
+
+
+def test_eval_unseen_is_recorded_only_where_it_is_not_the_default() -> None:
+    # protocols (and the split and step-0 caches keyed by their fingerprints) written before
+    # the field existed stay as they were
+    reference, plop = load_protocol('voc-15-1-overlap'), load_protocol('voc-15-1-overlap-plop')
+    assert 'eval_unseen' not in reference.to_dict()
+    assert plop.to_dict()['eval_unseen'] == 'background'
+    assert parse_protocol(dict(plop.to_dict(), name='x')).eval_unseen == 'background'
+    assert replace(plop, name=reference.name, train_ignore='background', eval_unseen='ignore',
+                   description=reference.description, source=None).to_dict() == reference.to_dict()
 
 
 @pytest.mark.parametrize('over, field, detail', [
@@ -207,6 +219,7 @@ def test_parse_valid_mixed_items() -> None:
     (dict(steps=[]), 'steps', 'non-empty'),
     (dict(mode='sequential'), 'mode', 'sequential'),
     (dict(train_ignore='zero'), 'train_ignore', 'zero'),
+    (dict(eval_unseen=255), 'eval_unseen', '255'),
     (dict(name='../../elsewhere'), 'name', 'not a plain name'),   # it names a results folder
     (dict(name='my protocol'), 'name', 'not a plain name'),
 ])

@@ -62,6 +62,19 @@ def test_eval_lut_step2(p15_1) -> None:
     assert lut[21:255].tolist() == [255] * 234
 
 
+def test_eval_lut_unseen_as_background(p15_1) -> None:
+    # PLOP's evaluation: classes not yet learned are background; 255 stays ignored
+    lut = eval_lut(dataclasses.replace(p15_1, eval_unseen='background'), 2)
+    assert lut[:18].tolist() == list(range(18))
+    assert lut[18:21].tolist() == [0, 0, 0]
+    assert lut[255] == 255
+    assert (eval_lut(dataclasses.replace(p15_1, eval_unseen='background'), 5)[:21]
+            == eval_lut(p15_1, 5)[:21]).all()   # the last step has no unseen class
+    # ADE20K ignores background in evaluation, and so the unseen classes it would hold
+    ade = dataclasses.replace(load_protocol('ade-100-10'), eval_unseen='background')
+    assert eval_lut(ade, 1)[[0, 111, 150, 255]].tolist() == [255, 255, 255, 255]
+
+
 def test_eval_lut_ignores_background_on_ade() -> None:
     lut = eval_lut(load_protocol('ade-100-10'), 1)
     assert lut[0] == 255
