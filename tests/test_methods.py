@@ -131,3 +131,28 @@ def test_each_method_runs_a_two_step_protocol(name, synth32, config32, tmp_path)
     assert [s['step'] for s in steps] == [0, 1]
     assert set(steps[1]['iou']) == {str(c) for c in range(21)}
     assert all(0.0 <= v <= 1.0 for v in steps[1]['iou'].values() if v is not None)
+
+
+@pytest.mark.parametrize('name', ['mib', 'lwf'])
+def test_kd_alpha_from_the_config_reaches_the_distillation(name):
+    """A non-default ``kd_alpha`` (reference ``--alpha``) scales the teacher's logits inside
+    the method's distillation term: loss_kd = loss_kd_weight * KD(new, old, alpha=2), which
+    differs from the alpha=1 value."""
+    cfg = load_config('small')
+    cfg.model.update(kd_alpha=2.0)
+    model = method_model(name, 1, cfg).eval()
+    assert model.kd_alpha == 2.0
+    drift_student(model)
+    g = torch.Generator().manual_seed(3)
+    targets = torch.randint(0, 21, (2, 16, 16), generator=g)
+    inputs = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
+    data = model.data_preprocessor(dict(inputs=inputs, data_samples=targets), False)
+    losses = model(**data, mode='loss')
+    with torch.no_grad():
+        new = model.encode_decode(data['inputs'])['logits']
+        old = model.teacher.encode_decode(data['inputs'])['logits']
+    kd, weight = ((unbiased_knowledge_distillation, 10.0) if name == 'mib'
+                  else (knowledge_distillation, 100.0))
+    expected = weight * kd(new, old, 2.0)
+    torch.testing.assert_close(losses['loss_kd'].detach(), expected)
+    assert not torch.isclose(expected, weight * kd(new, old, 1.0))

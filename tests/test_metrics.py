@@ -149,3 +149,14 @@ def test_incremental_iou_metric_keys_by_class_id_and_nan() -> None:
     assert out['IoU.20'] == pytest.approx(0.5)
     assert math.isnan(out['IoU.16'])
     assert out['mIoU'] == pytest.approx(0.5)
+
+
+def test_confusion_matrix_drops_an_ignore_index_inside_the_class_range() -> None:
+    """``ignore_index`` is honoured by itself, not only through the ``gt < num_classes`` range
+    check: with ignore_index = 1 and 3 classes, ground-truth 1 pixels drop out."""
+    gt = torch.tensor([0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 1, 2, 1])
+    cm = confusion_matrix(pred, gt, 3, ignore_index=1)
+    # kept pixels: (0->0), (2->2), (2->1)
+    assert cm.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+    assert int(cm.sum()) == 3

@@ -339,7 +339,9 @@ def test_step1_terms_are_the_weighted_losses_on_the_backbone_output(name):
                     loss_sep=1e-3 * repulsion_loss(feats, down),
                     loss_fs=1e-3 * sparsification_loss(feats, down))
     for k, v in expected.items():
-        torch.testing.assert_close(losses[k].detach(), v, msg=k)
+        # relative only: the 1e-3-weighted terms are below assert_close's default atol (1e-5),
+        # which hid losses computed with the prototypes before this batch's update (4 % off)
+        torch.testing.assert_close(losses[k].detach(), v, rtol=1e-5, atol=0, msg=k)
         assert v.item() > 0, k
 
 

@@ -337,3 +337,16 @@ def test_splits_command_prints_the_classes_of_the_drawn_order(synth32, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [row[-1] for row in rows] == [range_label(step) for step in drawn.steps]
     assert rows[0][-1] != '0-15' and rows[1][-1] == str(drawn.steps[1][0])
+
+
+def test_disjoint_keeps_an_image_holding_every_allowed_value() -> None:
+    """The disjoint rule is L(img) ⊆ C ∪ O ∪ {0, 255}: a subset, not a proper subset. An
+    image whose label set *is* that whole set (here {0, 3, 17, 255} with C = {17}, O = {0, 3})
+    is kept, as one holding a part of it is."""
+    allowed = {0, 3, 17, 255}
+    assert keep_for_step(allowed, {17}, {0, 3}, 'disjoint') is True
+    assert keep_for_step({0, 17}, {17}, {0, 3}, 'disjoint') is True
+    # step 0 of a disjoint protocol: C = {0, 1, 2} (background in the step), O empty
+    assert keep_for_step({0, 1, 2, 255}, {0, 1, 2}, set(), 'disjoint') is True
+    # one value beyond the allowed set drops it
+    assert keep_for_step(allowed | {18}, {17}, {0, 3}, 'disjoint') is False

@@ -164,3 +164,45 @@ def test_default_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.delenv("CSSBENCH_CACHE")
     assert default_synth_root() == Path.home() / ".cache" / "cssbench" / f"synth-v{SYNTH_VERSION}"
     assert SYNTH_DEFAULTS == {"n_train": 2000, "n_val": 300, "size": 64, "seed": 0}
+
+
+def test_textures_shift_along_each_row_so_each_block_of_five_mixes_them():
+    """Class c (1..20): shape = SHAPES[(c-1) % 5], texture = TEXTURES[((c-1)//5 + (c-1)%5) % 4]
+    (hand-computed for the new classes 16..20 of 15-5 and for 1..5)."""
+    got = [synth.class_shape_and_texture(c) for c in range(16, 21)]
+    assert got == [('disc', 'checker'), ('square', 'solid'), ('triangle', 'hstripes'),
+                   ('ring', 'dstripes'), ('cross', 'checker')]
+    assert [synth.class_shape_and_texture(c)[1] for c in range(1, 6)] == [
+        'solid', 'hstripes', 'dstripes', 'checker', 'solid']
+    for first in (1, 6, 11, 16):   # every block of five holds at least three textures
+        assert len({synth.class_shape_and_texture(c)[1] for c in range(first, first + 5)}) >= 3
+
+
+def test_inner_outline_does_not_count_the_image_frame():
+    region = np.zeros((5, 5), dtype=bool)
+    region[0:3, 0:3] = True     # a 3x3 square in the top-left corner, touching the frame
+    outline = synth._inner_outline(region)
+    expected = np.zeros((5, 5), dtype=bool)
+    expected[0:3, 2] = True      # its right column
+    expected[2, 0:3] = True      # its bottom row; the top row and left column touch the frame
+    assert outline.tolist() == expected.tolist()
+    assert synth._inner_outline(np.ones((4, 4), dtype=bool)).sum() == 0   # the whole image
+
+
+def test_train_and_val_samples_with_the_same_index_differ():
+    """The split is part of each sample's random stream: val image i is not train image i."""
+    for index in range(3):
+        train_img, train_mask = synth.render_sample(0, 'train', index, 32)
+        val_img, val_mask = synth.render_sample(0, 'val', index, 32)
+        assert not np.array_equal(train_img, val_img)
+    # and the same (seed, split, index) gives the same sample
+    a, b = synth.render_sample(0, 'val', 1, 32), synth.render_sample(0, 'val', 1, 32)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_out_of_scene_objects_are_drawn_from_every_object_class(monkeypatch: pytest.MonkeyPatch):
+    """With every object drawn out of scene (P_OUT_OF_SCENE = 1), the classes are uniform over
+    1..20: over 400 images (about 950 objects) each of the 20 classes turns up, 0 never."""
+    monkeypatch.setattr(synth, 'P_OUT_OF_SCENE', 1.0)
+    drawn = [c for i in range(400) for c in synth._sample_classes(np.random.default_rng([9, i]))]
+    assert set(drawn) == set(range(1, 21))
