@@ -216,17 +216,17 @@ def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
         digests_by_name.setdefault(r.config_name, set()).add(r.config_digest)
     several_datasets = len({r.dataset_fingerprint for r in candidates}) > 1
 
-    def setup(r: StoredRun) -> str:
-        name = r.config_name if len(digests_by_name[r.config_name]) == 1 \
-            else f'{r.config_name}@{r.config_digest[:6]}'
-        return f'{name}, data {r.dataset_fingerprint[:6]}' if several_datasets else name
+    def setup(config_name: str, digest: str, data: str) -> str:
+        name = config_name if len(digests_by_name[config_name]) == 1 else f'{config_name}@{digest[:6]}'
+        return f'{name}, data {data[:6]}' if several_datasets else name
 
-    groups: dict[tuple[str, str], list[StoredRun]] = {}
+    groups: dict[tuple[str, str, str, str], list[StoredRun]] = {}
     for r in candidates:
-        groups.setdefault((r.method, setup(r)), []).append(r)
-    several_setups = len({s for _, s in groups}) > 1
+        groups.setdefault((r.method, r.config_name, r.config_digest, r.dataset_fingerprint), []).append(r)
+    several_setups = len({key[1:] for key in groups}) > 1
     rows = []
-    for (method, setup_label), group in sorted(groups.items()):
+    for (method, *setup_key), group in sorted(groups.items()):
+        setup_label = setup(*setup_key)
         latest: dict[int, StoredRun] = {}
         for r in sorted(group, key=lambda r: (r.finished, r.path)):
             latest[r.seed] = r
