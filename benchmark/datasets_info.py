@@ -30,6 +30,10 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def scored(self, classes) -> tuple[int, ...]:
+        """``classes`` as evaluation scores them: without background where it is not scored."""
+        return tuple(c for c in classes if self.background_scored or c != 0)
+
 
 DATASET_INFO: dict[str, DatasetInfo] = {
     'voc': DatasetInfo('voc', VOC_CLASSES, layout='voc'),

@@ -91,6 +91,14 @@ class IncrementalIoUMetric(BaseMetric):
         return metrics
 
 
+def column_classes(steps, dataset: str, step: int) -> dict[str, tuple[int, ...]]:
+    """The classes each of the paper's columns averages after ``step``: step 0's (old), those
+    added since (new), every one learned (all); background only where ``dataset`` scores it."""
+    scored = DATASET_INFO[dataset].scored
+    return dict(old=scored(steps[0]), new=scored(c for s in steps[1:step + 1] for c in s),
+                all=scored(c for s in steps[:step + 1] for c in s))
+
+
 def summarize_step(protocol, step: int, iou_by_class: dict[int, float]) -> dict:
     """The paper's columns after ``step``: base classes (step 0's), classes added since, all.
 
@@ -99,15 +107,11 @@ def summarize_step(protocol, step: int, iou_by_class: dict[int, float]) -> dict:
     score it, so its base column is ``1-100``). Means skip classes absent from the ground
     truth; a column with no scored class has mIoU None (the results are JSON).
     """
-    background_scored = DATASET_INFO[protocol.dataset].background_scored
-
     def column(classes):
-        classes = [c for c in classes if background_scored or c != 0]
         value = mean_iou([iou_by_class.get(c, math.nan) for c in classes])
         return dict(label=range_label(classes), mIoU=None if math.isnan(value) else value)
 
-    columns = {'old': column(protocol.steps[0]),
-               'new': column([c for s in protocol.steps[1:step + 1] for c in s]),
-               'all': column(protocol.classes_seen(step))}
+    columns = {name: column(classes)
+               for name, classes in column_classes(protocol.steps, protocol.dataset, step).items()}
     columns['all']['label'] = 'all'
     return columns

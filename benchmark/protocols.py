@@ -37,6 +37,8 @@ MODES = ('overlap', 'disjoint')
 CLASS_ORDERS = ('fixed', 'random')  # in a file; a run's protocol with a drawn order says 'drawn'
 TRAIN_IGNORE_CHOICES = ('ignore', 'background')
 EVAL_UNSEEN_CHOICES = ('ignore', 'background')
+# The optional fields of a protocol file, as one that leaves them out has them.
+FILE_DEFAULTS = dict(train_ignore='background', eval_unseen='ignore', class_order='fixed')
 
 
 class ProtocolError(UserError):
@@ -53,13 +55,13 @@ class Protocol:
     # reference code (fcdl94/MiB and LTTM/SDR dataset/voc.py, `inverted_order[255] =
     # masking_value`, 0 in training) trains it as background: that is the default. PLOP
     # keeps it ignored: 'ignore'. Evaluation always ignores it.
-    train_ignore: str = 'background'
+    train_ignore: str = FILE_DEFAULTS['train_ignore']
     # What a class not yet learned is in evaluation targets: ignored (255), as in the
     # reference (SDR/MiB dataset/voc.py, masking value 255 at test), or background (0), as
     # in PLOP's dataset/voc.py (masking value 0 in both). The last step sees every class.
-    eval_unseen: str = 'ignore'
+    eval_unseen: str = FILE_DEFAULTS['eval_unseen']
     # The file's ``class_order``: fixed | random; 'drawn' once a random order is resolved.
-    ordering: str = 'fixed'
+    ordering: str = FILE_DEFAULTS['class_order']
     ordering_seed: int | None = None
     description: str = ''
     source: Path | None = field(default=None, compare=False)
@@ -113,7 +115,7 @@ class Protocol:
                  steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)
         if self.ordering != 'fixed':  # fixed-order dicts (and fingerprints) stay as they were
             d.update(class_order=self.ordering, class_order_seed=self.ordering_seed)
-        if self.eval_unseen != 'ignore':  # likewise
+        if self.eval_unseen != FILE_DEFAULTS['eval_unseen']:  # likewise
             d.update(eval_unseen=self.eval_unseen)
         return d
 
@@ -165,15 +167,15 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     mode = data['mode']
     if mode not in MODES:
         raise ProtocolError(f'{src}: field mode: {mode!r} is not one of {MODES}')
-    train_ignore = data.get('train_ignore', 'background')
+    train_ignore = data.get('train_ignore', FILE_DEFAULTS['train_ignore'])
     if train_ignore not in TRAIN_IGNORE_CHOICES:
         raise ProtocolError(f'{src}: field train_ignore: {train_ignore!r} is not one of '
                             f'{TRAIN_IGNORE_CHOICES}')
-    eval_unseen = data.get('eval_unseen', 'ignore')
+    eval_unseen = data.get('eval_unseen', FILE_DEFAULTS['eval_unseen'])
     if eval_unseen not in EVAL_UNSEEN_CHOICES:
         raise ProtocolError(f'{src}: field eval_unseen: {eval_unseen!r} is not one of '
                             f'{EVAL_UNSEEN_CHOICES}')
-    class_order = data.get('class_order', 'fixed')
+    class_order = data.get('class_order', FILE_DEFAULTS['class_order'])
     if class_order not in CLASS_ORDERS:
         raise ProtocolError(f'{src}: field class_order: {class_order!r} is not one of {CLASS_ORDERS}')
     order_seed = data.get('class_order_seed')

@@ -89,7 +89,7 @@ def published_cells(protocol: dict, method: str) -> list[PublishedCell]:
     rows = _setting_rows(protocol)
     rows = rows[rows['method'].map(method_key).eq(method)]
     variant = VARIANT_OF_MODE[protocol['mode']]
-    scored = DATASET_INFO[protocol['dataset']].background_scored
+    scored = DATASET_INFO[protocol['dataset']].scored
     cells = []
     for _, row in rows.iterrows():
         source = f"{row['source_paper']}, {row['source_location']}"
@@ -98,8 +98,8 @@ def published_cells(protocol: dict, method: str) -> list[PublishedCell]:
             value = row[f'mIoU_{column}']
             if pd.notna(value):
                 classes = parse_range(row['old_range']) if column == 'old' else None
-                if classes is not None and not scored:
-                    classes = tuple(c for c in classes if c != 0)
+                if classes is not None:
+                    classes = scored(classes)
                 cells.append(PublishedCell(column, classes, float(value), source,
                                            row['variant'] == variant, caveat))
     return sorted(cells, key=lambda c: not c.exact_variant)

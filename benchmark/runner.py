@@ -48,7 +48,7 @@ from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, 
 from .methods import METHODS, Method, get_method
 from .metrics import summarize_step
 from .models import read_state_dict
-from .protocols import Protocol, load_protocol
+from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
 from .speed import (effective_speed, optim_wrapper_config, prepare_model, resolve_speed,
                     training_device, val_loop_config)
@@ -432,7 +432,7 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
 def _protocol_definition(protocol: dict) -> dict:
     """What two runs of one protocol share: a drawn class order differs by seed, its step
     sizes do not."""
-    d = dict(dict(train_ignore='background', eval_unseen='ignore', class_order='fixed'), **protocol)
+    d = dict(FILE_DEFAULTS, **protocol)   # a stored record leaves out what is the default
     d.pop('class_order_seed', None)
     if d['class_order'] == 'drawn':
         d['steps'] = [len(s) for s in d['steps']]
@@ -551,9 +551,10 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     """Check what the run folder holds, index the data, write run.json; returns the record
     and the per-step splits (with the samples of each), or None for a complete run to keep."""
     run_file = paths.results / 'run.json'
+    digest = _config_digest(cfg)
     previous = read_json(run_file) if run_file.exists() and not overwrite else None
     if previous is not None:
-        if previous.get('config_digest') != _config_digest(cfg):
+        if previous.get('config_digest') != digest:
             raise UserError(f'{paths.results}: a run with another config is stored there; pass '
                             f'--overwrite to replace it or --run-name to keep both')
         if previous.get('deterministic', False) != deterministic:
@@ -583,7 +584,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                             f'training images, fewer than a batch ({cfg.data.batch_size}): it would '
                             f'train nothing; use a config with a smaller data.batch_size')
     identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
-                    method=method.name, config_digest=_config_digest(cfg), seed=seed)
+                    method=method.name, config_digest=digest, seed=seed)
     _check_work_dir(paths, identity, overwrite)
     if overwrite:
         # Only what this run wrote: a --work-dir given by the user may hold other things.
@@ -596,7 +597,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
         atomic_write_json(paths.work / WORK_MARKER, identity)
     run = dict(protocol=protocol.to_dict(), method=method.name, run=run_name, seed=seed,
                deterministic=deterministic, config_name=config, config=cfg.to_dict(),
-               config_digest=_config_digest(cfg), data_root=str(root),
+               config_digest=digest, data_root=str(root),
                dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
                environment=environment(), speed=speed_record(cfg), status='running',
                started=time.strftime('%Y-%m-%dT%H:%M:%S'))

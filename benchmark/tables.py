@@ -26,7 +26,7 @@ import pandas as pd
 from .datasets_info import DATASET_INFO
 from .errors import UserError
 from .io import atomic_write_text
-from .metrics import mean_iou, range_label
+from .metrics import column_classes, mean_iou, range_label
 from .protocols import available_protocols
 from .published import in_papers_order, published_cells, published_methods
 from .store import RowRuns, Store, StoredRun, select_runs
@@ -262,9 +262,7 @@ def _joint_all(frame: pd.DataFrame, setup: str) -> float:
 def _column_classes(run: StoredRun, column: str) -> tuple[int, ...]:
     """The class ids a column of ``run``'s last step averages (background where scored)."""
     steps = run.protocol['steps']
-    scored = DATASET_INFO[run.protocol['dataset']].background_scored
-    chosen = dict(old=steps[:1], new=steps[1:], all=steps)[column]
-    return tuple(sorted(c for s in chosen for c in s if scored or c != 0))
+    return tuple(sorted(column_classes(steps, run.protocol['dataset'], len(steps) - 1)[column]))
 
 
 def per_step(store: Store, protocol: str, runs: list[str] | None = None,
