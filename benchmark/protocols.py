@@ -37,8 +37,26 @@ MODES = ('overlap', 'disjoint')
 CLASS_ORDERS = ('fixed', 'random')  # in a file; a run's protocol with a drawn order says 'drawn'
 TRAIN_IGNORE_CHOICES = ('ignore', 'background')
 EVAL_UNSEEN_CHOICES = ('ignore', 'background')
+EVAL_CROP_CHOICES = ('center', 'none')
 # The optional fields of a protocol file, as one that leaves them out has them.
-FILE_DEFAULTS = dict(train_ignore='background', eval_unseen='ignore', class_order='fixed')
+FILE_DEFAULTS = dict(train_ignore='background', eval_unseen='ignore', eval_crop='center',
+                     class_order='fixed')
+
+# What a protocol's optional settings mean where they are not the reference's, for tables.
+CONVENTION_NOTES = {
+    ('train_ignore', 'ignore'): 'training ignores the 255 boundary band (train_ignore: ignore; '
+                                'the reference trains it as background)',
+    ('eval_unseen', 'background'): 'evaluation scores classes not yet learned as background '
+                                   '(eval_unseen: background; the reference ignores them)',
+    ('eval_crop', 'none'): 'evaluation scores whole images at their own resolution (eval_crop: '
+                           'none; the reference scores the central crop)',
+}
+
+
+def convention_notes(protocol: dict) -> list[str]:
+    """The notes of ``CONVENTION_NOTES`` that a protocol's record calls for."""
+    return [note for (key, value), note in CONVENTION_NOTES.items()
+            if protocol.get(key, FILE_DEFAULTS[key]) == value]
 
 
 class ProtocolError(UserError):
@@ -60,6 +78,11 @@ class Protocol:
     # reference (SDR/MiB dataset/voc.py, masking value 255 at test), or background (0), as
     # in PLOP's dataset/voc.py (masking value 0 in both). The last step sees every class.
     eval_unseen: str = FILE_DEFAULTS['eval_unseen']
+    # Which pixels of a val image are scored: 'center', the reference's default (its
+    # ``--crop_val``): the shorter side resized to the config's crop size, then the central
+    # square; or 'none': the whole image at its own resolution (the reference without
+    # ``--crop_val``, and most segmentation codebases).
+    eval_crop: str = FILE_DEFAULTS['eval_crop']
     # The file's ``class_order``: fixed | random; 'drawn' once a random order is resolved.
     ordering: str = FILE_DEFAULTS['class_order']
     ordering_seed: int | None = None
@@ -115,8 +138,9 @@ class Protocol:
                  steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)
         if self.ordering != 'fixed':  # fixed-order dicts (and fingerprints) stay as they were
             d.update(class_order=self.ordering, class_order_seed=self.ordering_seed)
-        if self.eval_unseen != FILE_DEFAULTS['eval_unseen']:  # likewise
-            d.update(eval_unseen=self.eval_unseen)
+        for key in ('eval_unseen', 'eval_crop'):  # likewise
+            if getattr(self, key) != FILE_DEFAULTS[key]:
+                d[key] = getattr(self, key)
         return d
 
     @cached_property
@@ -144,6 +168,15 @@ def parse_class_item(item, where: str) -> list[int]:
     raise ProtocolError(f'{where}: {item!r} is neither a class id nor a range')
 
 
+def _choice(data: dict, key: str, choices: tuple[str, ...], src: str) -> str:
+    """The file's value of field ``key`` (its default if optional and left out), refused
+    unless one of ``choices``."""
+    value = data.get(key, FILE_DEFAULTS.get(key))
+    if value not in choices:
+        raise ProtocolError(f'{src}: field {key}: {value!r} is not one of {choices}')
+    return value
+
+
 def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     """Validate a protocol's mapping and build it; every error names ``source`` and the field."""
     src = str(source)
@@ -152,8 +185,8 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     for key in ('name', 'dataset', 'mode', 'steps'):
         if key not in data:
             raise ProtocolError(f'{src}: field {key!r} is missing')
-    unknown = set(data) - {'name', 'dataset', 'mode', 'steps', 'train_ignore', 'eval_unseen',
-                           'description', 'class_order', 'class_order_seed'}
+    unknown = set(data) - {'name', 'dataset', 'mode', 'steps', *FILE_DEFAULTS, 'description',
+                           'class_order_seed'}
     if unknown:
         raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
     if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]*', str(data['name'])):
@@ -164,20 +197,11 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     if dataset not in DATASET_INFO:
         raise ProtocolError(f'{src}: field dataset: unknown dataset {dataset!r} '
                             f'(known: {", ".join(DATASET_INFO)})')
-    mode = data['mode']
-    if mode not in MODES:
-        raise ProtocolError(f'{src}: field mode: {mode!r} is not one of {MODES}')
-    train_ignore = data.get('train_ignore', FILE_DEFAULTS['train_ignore'])
-    if train_ignore not in TRAIN_IGNORE_CHOICES:
-        raise ProtocolError(f'{src}: field train_ignore: {train_ignore!r} is not one of '
-                            f'{TRAIN_IGNORE_CHOICES}')
-    eval_unseen = data.get('eval_unseen', FILE_DEFAULTS['eval_unseen'])
-    if eval_unseen not in EVAL_UNSEEN_CHOICES:
-        raise ProtocolError(f'{src}: field eval_unseen: {eval_unseen!r} is not one of '
-                            f'{EVAL_UNSEEN_CHOICES}')
-    class_order = data.get('class_order', FILE_DEFAULTS['class_order'])
-    if class_order not in CLASS_ORDERS:
-        raise ProtocolError(f'{src}: field class_order: {class_order!r} is not one of {CLASS_ORDERS}')
+    mode = _choice(data, 'mode', MODES, src)
+    train_ignore = _choice(data, 'train_ignore', TRAIN_IGNORE_CHOICES, src)
+    eval_unseen = _choice(data, 'eval_unseen', EVAL_UNSEEN_CHOICES, src)
+    eval_crop = _choice(data, 'eval_crop', EVAL_CROP_CHOICES, src)
+    class_order = _choice(data, 'class_order', CLASS_ORDERS, src)
     order_seed = data.get('class_order_seed')
     if order_seed is not None and (isinstance(order_seed, bool) or not isinstance(order_seed, int)
                                    or order_seed < 0):
@@ -215,8 +239,8 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
         raise ProtocolError(f'{src}: field steps: {noun} {shown} of dataset {dataset!r} in no '
                             f'step (the steps must cover 0..{num_classes - 1})')
     return Protocol(name=str(data['name']), dataset=dataset, mode=mode, steps=tuple(steps),
-                    train_ignore=train_ignore, eval_unseen=eval_unseen, ordering=class_order,
-                    ordering_seed=order_seed,
+                    train_ignore=train_ignore, eval_unseen=eval_unseen, eval_crop=eval_crop,
+                    ordering=class_order, ordering_seed=order_seed,
                     description=str(data.get('description', '')),
                     source=Path(source) if source != '<protocol>' else None)
 

@@ -4,9 +4,10 @@ A row of that file gives a method's old / new / all mIoU in one setting (dataset
 ``15-1``, variant ``overlapped``/``disjoint``/``unspecified``) and, where the paper says
 so, which classes its old column averages (``old_range``, e.g. ``1-15`` or ``0-15``). A
 protocol matches a row when its dataset and setting are the row's, its mode is the row's
-variant or the row leaves the variant unstated (flagged as not exact), and its classes come in
-the papers' order (0..15, then 16, 17, ...): a protocol of another class order, drawn or
-written, matches no row. Where the dataset never scores background (ADE20K), a paper's
+variant or the row leaves the variant unstated (flagged as not exact), its classes come in
+the papers' order (0..15, then 16, 17, ...) and it scores the images as the papers do (the
+central crop): a protocol of another class order, drawn or written, or of whole-image
+evaluation matches no row. Where the dataset never scores background (ADE20K), a paper's
 ``0-100`` covers the same scored classes as our ``1-100``.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .datasets_info import DATASET_INFO
-from .protocols import parse_class_item
+from .protocols import FILE_DEFAULTS, parse_class_item
 
 PAPER_TABLES = Path(__file__).resolve().parent / 'data' / 'paper_tables.csv'
 VARIANT_OF_MODE = {'overlap': 'overlapped', 'disjoint': 'disjoint'}
@@ -68,10 +69,20 @@ def in_papers_order(protocol: dict) -> bool:
     return classes == list(range(len(classes)))
 
 
-def _setting_rows(protocol: dict) -> pd.DataFrame:
-    """The file's rows for ``protocol``'s setting (any method); none for another class order."""
-    table = paper_table()
+def incomparable(protocol: dict) -> str | None:
+    """Why no published number can stand beside ``protocol``'s (a stored record), or None."""
     if not in_papers_order(protocol):
+        return "the papers' settings learn the classes in id order, and this protocol's order is another"
+    if protocol.get('eval_crop', FILE_DEFAULTS['eval_crop']) != 'center':
+        return ("the papers score each image's central crop (the reference's --crop_val), and "
+                "this protocol scores whole images (eval_crop: none)")
+    return None
+
+
+def _setting_rows(protocol: dict) -> pd.DataFrame:
+    """The file's rows for ``protocol``'s setting (any method); none where ``incomparable``."""
+    table = paper_table()
+    if incomparable(protocol):
         return table.iloc[:0]
     variant = VARIANT_OF_MODE[protocol['mode']]
     return table[(table['dataset'] == protocol['dataset'])

@@ -295,7 +295,7 @@ def distribute(model):
 
 
 def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step_seed: int,
-                         metric_cfg: dict, progress_prefix: str, lr: float,
+                         metric_cfg: dict, progress_prefix: str, lr: float, eval_batch_size: int,
                          deterministic: bool, resume: bool) -> Runner:
     sched, data = cfg.schedule, cfg.data
     speed, processes = effective_speed(cfg), world_size()
@@ -314,7 +314,7 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
         train_dataloader=dict(loader, dataset=train_set, drop_last=True,
                               sampler=dict(type='cssbench.EpochKeyedSampler', shuffle=True)),
         # Not padded to a multiple of the processes: each val image is scored exactly once.
-        val_dataloader=dict(loader, dataset=val_set, batch_size=max(1, data.eval_batch_size // processes),
+        val_dataloader=dict(loader, dataset=val_set, batch_size=max(1, eval_batch_size // processes),
                             sampler=dict(type='DefaultSampler', shuffle=False, round_up=False)),
         val_evaluator=metric_cfg,
         # Evaluated once, after the last epoch, by the caller (never used to select a checkpoint).
@@ -730,8 +730,9 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     crop = cfg.data.crop_size
     train_set = IncrementalSegDataset(split['train_samples'], train_lut(protocol, t),
                                       TrainTransform(crop), info.classes, seed=step_seed)
+    whole_images = protocol.eval_crop == 'none'
     val_set = IncrementalSegDataset(split['val_samples'], eval_lut(protocol, t),
-                                    EvalTransform(crop), info.classes)
+                                    EvalTransform(None if whole_images else crop), info.classes)
     class_ids = list(protocol.classes_seen(t))
     # collect_device 'gpu': under DDP the processes' results are gathered with
     # all_gather_object (gloo included), not through a temporary folder in the cwd.
@@ -742,6 +743,8 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     resuming = repair_last_checkpoint(work)
     runner = make_mmengine_runner(cfg, model, train_set, val_set, work, step_seed, metric_cfg,
                                   progress_prefix=f'{tag} step {t}', lr=cfg.schedule.lr[min(t, 1)],
+                                  # whole images differ in size: one a batch, as the reference
+                                  eval_batch_size=1 if whole_images else cfg.data.eval_batch_size,
                                   deterministic=deterministic, resume=resuming)
     runner.logger.addFilter(_DropDeprecationNotes())
     model.before_step_training(runner.train_loop.dataloader)

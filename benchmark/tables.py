@@ -17,6 +17,7 @@ the published numbers are not ranked; nor is a method alone).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from .datasets_info import DATASET_INFO
 from .errors import UserError
 from .io import atomic_write_text
 from .metrics import column_classes, mean_iou, range_label
-from .protocols import available_protocols
-from .published import in_papers_order, published_cells, published_methods
+from .protocols import available_protocols, convention_notes
+from .published import incomparable, published_cells, published_methods
 from .store import RowRuns, Store, StoredRun, select_runs
 
 COLUMNS = ('old', 'new', 'all')
@@ -157,6 +158,14 @@ def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
     raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; {advice}')
 
 
+def _notes(store: Store, protocol: str, rows: list[RowRuns],
+           published: Sequence[str] = ()) -> list[str]:
+    """A table's notes: the protocol's settings that are not the reference's, the
+    ``published`` numbers' notes, the runs each row averages, the stored runs not read."""
+    return [*convention_notes(rows[0].runs[0].protocol), *published,
+            *_provenance_notes(store, protocol, rows)]
+
+
 def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[str]:
     notes = []
     for row in rows:
@@ -194,8 +203,7 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
                Column(labels['old'], 'old', 'max'), Column(labels['new'], 'new', 'max'),
                Column('all', 'all', 'max'), Column('avg', 'avg', 'max'),
                Column('forgetting', 'forgetting', 'min'), Column('gap to joint', 'gap_joint', 'min')]
-    notes = _add_published(frame, columns, rows, labels)
-    notes += _provenance_notes(store, protocol, rows)
+    notes = _notes(store, protocol, rows, published=_add_published(frame, columns, rows, labels))
     return Table(title=f'{protocol}: mIoU (%) after the last step, mean ± std over seeds',
                  frame=frame, columns=columns, index_names=['method'],
                  unranked={r.label for r in rows if r.method == 'joint'}, notes=notes)
@@ -242,9 +250,9 @@ def _add_published(frame: pd.DataFrame, columns: list[Column], rows: list[RowRun
                         Column(f'diff {labels[name]}', f'diff_{name}', signed=True)]
     if notes:
         return notes + ([UNSTATED_VARIANT] if any('*' in n for n in notes) else [])
-    if not in_papers_order(protocol):
-        return ["no published numbers shown: the papers' settings learn the classes in id "
-                "order, and this protocol's order is another"]
+    reason = incomparable(protocol)
+    if reason:
+        return [f'no published numbers shown: {reason}']
     others = published_methods(protocol)
     if others:
         return [f'published numbers for this setting are for {", ".join(others)} only '
@@ -287,7 +295,7 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
                Column('all', 'all')]
     return Table(title=f'{protocol}: mIoU (%) after each step, mean ± std over seeds', frame=frame,
                  columns=columns, index_names=['method', 'step'],
-                 notes=_provenance_notes(store, protocol, rows))
+                 notes=_notes(store, protocol, rows))
 
 
 def per_class_forgetting(store: Store, protocol: str, runs: list[str] | None = None,
@@ -309,7 +317,7 @@ def per_class_forgetting(store: Store, protocol: str, runs: list[str] | None = N
         columns.append(Column(label, label))
     return Table(title=f'{protocol}: forgetting per old class (IoU %, best earlier step minus '
                        f'last), mean ± std over seeds', frame=frame, columns=columns,
-                 index_names=['class'], notes=_provenance_notes(store, protocol, rows))
+                 index_names=['class'], notes=_notes(store, protocol, rows))
 
 
 # Rendering.

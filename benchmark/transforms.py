@@ -2,10 +2,12 @@
 
 Training follows fcdl94/MiB run.py: RandomResizedCrop(crop, scale=(0.5, 2.0), ratio=(3/4, 4/3))
 with the image bilinear and the mask nearest, then a horizontal flip with p=0.5. Evaluation is
-the reference's legacy preset, Resize(shorter side = crop) then CenterCrop(crop): only the
-central square is scored. The reference resizes PIL images; on tensors, antialiased bilinear
-gives PIL's bilinear and ``NEAREST_EXACT`` PIL's nearest (the source pixel whose centre is
-nearest; torchvision's ``NEAREST`` floors, shifting the mask by up to half a pixel).
+by default the reference's legacy preset, Resize(shorter side = crop) then CenterCrop(crop):
+only the central square is scored; a protocol's ``eval_crop: none`` scores the whole image at
+its own resolution (no crop size: the pair as it is). The reference resizes PIL images; on
+tensors, antialiased bilinear gives PIL's bilinear and ``NEAREST_EXACT`` PIL's nearest (the
+source pixel whose centre is nearest; torchvision's ``NEAREST`` floors, shifting the mask by
+up to half a pixel).
 
 Random draws come from an explicit ``torch.Generator`` that the dataset seeds per sample and
 epoch, so augmentation is the same in any loader worker and after a resume.
@@ -64,11 +66,13 @@ class TrainTransform:
 
 
 class EvalTransform:
-    def __init__(self, crop_size: int) -> None:
+    def __init__(self, crop_size: int | None) -> None:
         self.crop_size = crop_size
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.crop_size is None:
+            return image, mask
         if min(image.shape[-2:]) != self.crop_size:
             image = F.resize(image, [self.crop_size], InterpolationMode.BILINEAR, antialias=True)
             mask = F.resize(mask[None], [self.crop_size], InterpolationMode.NEAREST_EXACT)[0]

@@ -185,9 +185,10 @@ def _base(**over) -> dict:
 
 
 def test_parse_valid_mixed_items() -> None:
-    p = parse_protocol(_base(train_ignore='ignore', eval_unseen='background', description='d'), 'src.yaml')
+    p = parse_protocol(_base(train_ignore='ignore', eval_unseen='background', eval_crop='none',
+                             description='d'), 'src.yaml')
     assert p.steps == (tuple(range(16)), (16,), (17, 18), (19, 20))
-    assert p.train_ignore == 'ignore' and p.eval_unseen == 'background'
+    assert (p.train_ignore, p.eval_unseen, p.eval_crop) == ('ignore', 'background', 'none')
     assert p.description == 'd'
     assert p.source == Path('src.yaml')
 
@@ -201,6 +202,16 @@ def test_eval_unseen_is_recorded_only_where_it_is_not_the_default() -> None:
     assert parse_protocol(dict(plop.to_dict(), name='x')).eval_unseen == 'background'
     assert replace(plop, name=reference.name, train_ignore='background', eval_unseen='ignore',
                    description=reference.description, source=None).to_dict() == reference.to_dict()
+
+
+def test_eval_crop_is_recorded_only_where_it_is_not_the_default() -> None:
+    reference = load_protocol('voc-15-1-overlap')
+    assert reference.eval_crop == 'center' and 'eval_crop' not in reference.to_dict()
+    whole = parse_protocol(dict(reference.to_dict(), eval_crop='none'))
+    assert whole.to_dict() == dict(reference.to_dict(), eval_crop='none')
+    # scored otherwise, so its step-0 IoU and its split cache are keyed apart
+    assert whole.fingerprint != reference.fingerprint
+    assert parse_protocol(whole.to_dict()).eval_crop == 'none'
 
 
 @pytest.mark.parametrize('over, field, detail', [
@@ -220,6 +231,8 @@ def test_eval_unseen_is_recorded_only_where_it_is_not_the_default() -> None:
     (dict(mode='sequential'), 'mode', 'sequential'),
     (dict(train_ignore='zero'), 'train_ignore', 'zero'),
     (dict(eval_unseen=255), 'eval_unseen', '255'),
+    (dict(eval_crop='full'), 'eval_crop', "'full' is not one of ('center', 'none')"),
+    (dict(eval_crop=None), 'eval_crop', 'None'),   # YAML's null is not the word none
     (dict(name='../../elsewhere'), 'name', 'not a plain name'),   # it names a results folder
     (dict(name='my protocol'), 'name', 'not a plain name'),
 ])

@@ -5,14 +5,24 @@ These run the real mmengine training loop on CPU, on small synthetic datasets at
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
 
 from cssbench.cli import main
+from cssbench.datasets import IncrementalSegDataset, eval_lut
 from cssbench.errors import UserError
+from cssbench.methods import get_method
+from cssbench.metrics import confusion_matrix, iou_per_class
 from cssbench.protocols import load_protocol
-from cssbench.runner import run_protocol
+from cssbench.runner import build_model, load_config, run_protocol
+from cssbench.splits import index_dataset, protocol_splits, select
+from cssbench.transforms import EvalTransform
 from cssbench.synth import make_synth
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
@@ -73,6 +83,62 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
     metrics.write_text(metrics.read_text()[:40])
     with pytest.raises(UserError, match=f'{metrics}: cannot read it .*--overwrite the run'):
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+
+
+
+def _join_val_images_in_pairs(voc: Path) -> None:
+    """Each val image and mask becomes itself beside the next one (32x64) or above it (64x32):
+    sizes that differ, and half of each image outside the central square."""
+    ids = (voc / 'ImageSets' / 'Segmentation' / 'val.txt').read_text().split()
+    files = [(voc / 'JPEGImages' / f'{i}.jpg', voc / 'SegmentationClassAug' / f'{i}.png') for i in ids]
+    originals = [(np.asarray(Image.open(jpg)), Image.open(png)) for jpg, png in files]
+    for n, (jpg, png) in enumerate(files):
+        (image, mask), (next_image, next_mask) = originals[n], originals[(n + 1) % len(files)]
+        axis = 1 - n % 2
+        Image.fromarray(np.concatenate([image, next_image], axis)).save(jpg, quality=95)
+        joined = Image.fromarray(np.concatenate([np.asarray(mask), np.asarray(next_mask)], axis), 'P')
+        joined.putpalette(mask.getpalette())
+        joined.save(png)
+
+
+def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32, config32,
+                                                                          tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(synth32, data)
+    _join_val_images_in_pairs(data)   # synth32 is the VOC2012 folder
+    protocol_file = tmp_path / 'whole.yaml'
+    protocol_file.write_text('name: whole\ndataset: synth\nmode: overlap\nsteps: ["0-15", "16-20"]\n'
+                             'eval_crop: none\n')
+    results = tmp_path / 'results'
+    # config32 evaluates 64 images a batch: images of two sizes would not stack
+    steps = run_protocol(str(protocol_file), 'ft', config=str(config32), data_root=str(data),
+                         epochs=1, results_root=results, run_name='r', log=lambda *a: None)
+    run_dir = results / 'whole' / 'ft' / 'r'
+    assert json.loads((run_dir / 'run.json').read_text())['protocol']['eval_crop'] == 'none'
+
+    # The stored IoU is the step-1 model's over the whole images, not over their central squares.
+    protocol = load_protocol(str(protocol_file))
+    model = build_model(load_config(str(config32)), get_method('ft').model_type, protocol, 1)
+    model.load_state_dict(torch.load(run_dir / 'work' / 'step1' / 'model.pth'))
+    model.eval()
+    index = index_dataset('synth', data, progress=False)
+    val = select(index.samples['val'], protocol_splits(protocol, index)[1]['val'])
+    assert {tuple(s['data_samples'].shape) for s in IncrementalSegDataset(val, eval_lut(protocol, 1))} \
+        == {(32, 64), (64, 32)}
+
+    def iou_scoring(transform) -> np.ndarray:
+        dataset = IncrementalSegDataset(val, eval_lut(protocol, 1), transform)
+        cm = sum(confusion_matrix(out['pred'], out['gt'], 21)
+                 for item in dataset for out in model.val_step(default_collate([item])))
+        return iou_per_class(cm.numpy())
+
+    stored = np.array([np.nan if v is None else v for v in steps[1]['iou'].values()])
+    assert list(steps[1]['iou']) == [str(c) for c in range(21)]
+    np.testing.assert_allclose(stored, iou_scoring(EvalTransform(None)), rtol=1e-9)
+    assert not np.allclose(stored, iou_scoring(EvalTransform(32)), equal_nan=True)
+
+    assert main(['table', '--protocol', 'whole', '--results', str(results)]) == 0
+    assert 'evaluation scores whole images at their own resolution' in capsys.readouterr().out
 
 
 def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32, tmp_path, capsys):

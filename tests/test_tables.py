@@ -4,6 +4,7 @@ Every expected number below is worked out by hand from the IoUs the test writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -321,6 +322,39 @@ def test_published_numbers_match_only_the_papers_class_order(tmp_path: Path) -> 
     assert not any('published' in n and 'over classes' in n for n in table.notes)
     assert any(n.startswith("no published numbers shown: the papers' settings learn the classes "
                             "in id order") for n in table.notes)
+
+
+
+def test_published_numbers_match_only_the_papers_central_crop(tmp_path: Path) -> None:
+    # VOC 15-1 in the papers' order, scored on whole images: the papers' numbers are of crops
+    root = tmp_path / 'results'
+    whole = dataclasses.replace(load_protocol('voc-15-1-overlap'), name='voc-15-1-whole',
+                                eval_crop='none')
+    write_run(root, _steps_at(whole, 0.5), protocol=whole, method='sdr')
+    table = leaderboard(open_store(root), whole.name)
+    assert math.isnan(table.frame.at['sdr', 'paper_all'])
+    assert not any('published' in n and 'over classes' in n for n in table.notes)
+    assert table.notes[:2] == [
+        'evaluation scores whole images at their own resolution (eval_crop: none; the reference '
+        'scores the central crop)',
+        "no published numbers shown: the papers score each image's central crop (the reference's "
+        '--crop_val), and this protocol scores whole images (eval_crop: none)']
+
+
+def test_tables_name_the_protocols_conventions_that_are_not_the_references(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    plop = load_protocol('voc-15-1-overlap-plop')
+    write_run(root, _steps_at(plop, 0.5), protocol=plop)
+    write_run(root, _steps_at(load_protocol('voc-15-1-overlap'), 0.5), protocol='voc-15-1-overlap')
+    expected = ['training ignores the 255 boundary band (train_ignore: ignore; the reference '
+                'trains it as background)',
+                'evaluation scores classes not yet learned as background (eval_unseen: '
+                'background; the reference ignores them)']
+    store = open_store(root)
+    for table in (per_step(store, plop.name), per_class_forgetting(store, plop.name)):
+        assert table.notes[:2] == expected
+    assert not any(n.startswith(('training ', 'evaluation ')) for n in
+                   leaderboard(store, 'voc-15-1-overlap').notes)
 
 
 def test_ade_papers_0_100_is_our_1_100(tmp_path: Path) -> None:
