@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -306,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()   # here, where a reader that left is handled, rather than at exit
+    except BrokenPipeError:   # the reader left (`cssbench table ... | head`): stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            # what stdout still holds would fail again, as an error, at the interpreter's exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141   # 128 + SIGPIPE, as a command that the signal stopped
     except (UserError, OSError) as e:   # OSError: a path given that cannot be written or read
         print(f'cssbench: error: {one_line(e)}', file=sys.stderr)
         return 2

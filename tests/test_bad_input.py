@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from pathlib import Path
 
@@ -40,6 +43,20 @@ def tiny_run(tmp_path_factory) -> dict:
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
                       "data = dict(crop_size=32, batch_size=4, num_workers=1)\n")
     return dict(base=base, config=str(config))
+
+
+
+def test_a_reader_that_left_ends_the_command_quietly():
+    """``cssbench list | head -1``: the rest of the output has nowhere to go; no traceback,
+    no error line, the exit status of a command stopped by SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # the reader has left before the first write
+    try:
+        proc = subprocess.run([sys.executable, '-m', 'cssbench', 'list'], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, '')
 
 
 def test_missing_dataset_root(capsys, tmp_path):
