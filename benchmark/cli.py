@@ -22,7 +22,9 @@ def cmd_list(args) -> None:
     for name in available_protocols():
         p = load_protocol(name)
         sizes = '-'.join(str(len(set(s) - {0})) for s in p.steps[:3]) + ('-...' if p.num_steps > 3 else '')
-        print(f'  {name:<{width}} {p.dataset:<6} {p.mode:<9} {p.num_steps:>2} steps  ({sizes})')
+        settings = ', '.join(f'{k}: {v}' for k, v in p.optional_settings.items())
+        print(f'  {name:<{width}} {p.dataset:<6} {p.mode:<9} {p.num_steps:>2} steps  ({sizes})'
+              + (f'  {settings}' if settings else ''))
     print('methods:')
     for name, m in sorted(METHODS.items()):
         print(f'  {name:<{width}} {m.description}')

@@ -133,6 +133,14 @@ class Protocol:
         steps[0] = (0, *steps[0])
         return replace(self, steps=tuple(steps), ordering='drawn', ordering_seed=seed)
 
+    @property
+    def optional_settings(self) -> dict[str, str]:
+        """The file's optional fields (``FILE_DEFAULTS``' keys) whose values are not the
+        defaults, i.e. the reference's."""
+        values = dict(train_ignore=self.train_ignore, eval_unseen=self.eval_unseen,
+                      eval_crop=self.eval_crop, class_order=self.ordering)
+        return {k: v for k, v in values.items() if v != FILE_DEFAULTS[k]}
+
     def to_dict(self) -> dict:
         d = dict(name=self.name, dataset=self.dataset, mode=self.mode,
                  steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)

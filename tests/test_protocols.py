@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cssbench.cli import main
 from cssbench.protocols import (PROTOCOLS_DIR, Protocol, ProtocolError, available_protocols,
                                 load_protocol, load_protocol_file, parse_protocol)
 
@@ -319,3 +320,14 @@ def test_custom_yaml_with_errors_names_file(tmp_path: Path) -> None:
     with pytest.raises(ProtocolError) as e:
         load_protocol(str(path))
     assert str(path) in str(e.value) and 'steps[1]' in str(e.value) and '21' in str(e.value)
+
+
+def test_list_shows_where_a_shipped_protocol_departs_from_the_reference(capsys) -> None:
+    assert main(['list']) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+             if line.startswith('  ')}
+    assert lines['voc-15-1-overlap'].endswith('6 steps  (15-1-1-...)')
+    assert lines['voc-15-1-overlap-plop'].endswith('(15-1-1-...)  train_ignore: ignore, '
+                                                   'eval_unseen: background')
+    assert lines['synth-15-1-overlap-random'].endswith('  class_order: random')
+    assert lines['ade-100-50'].endswith('2 steps  (100-50)')
