@@ -295,7 +295,7 @@ def distribute(model):
 
 
 def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step_seed: int,
-                         metric_cfg: dict, progress_prefix: str, lr: float, eval_batch_size: int,
+                         metric_cfg: dict, progress_prefix: str, lr: float, whole_images: bool,
                          deterministic: bool, resume: bool) -> Runner:
     sched, data = cfg.schedule, cfg.data
     speed, processes = effective_speed(cfg), world_size()
@@ -307,6 +307,8 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
     # each); the logger and the console line print at multiples of it.
     log_interval = max(1, iters_per_epoch // 4)
     loader = dict(loader_settings(data, batch), collate_fn=dict(type='default_collate'))
+    # Whole images differ in size: one a batch, as in the reference.
+    eval_batch = 1 if whole_images else max(1, data.eval_batch_size // processes)
     return Runner(
         model=distribute(model),
         work_dir=str(work_dir),
@@ -314,12 +316,12 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
         train_dataloader=dict(loader, dataset=train_set, drop_last=True,
                               sampler=dict(type='cssbench.EpochKeyedSampler', shuffle=True)),
         # Not padded to a multiple of the processes: each val image is scored exactly once.
-        val_dataloader=dict(loader, dataset=val_set, batch_size=max(1, eval_batch_size // processes),
+        val_dataloader=dict(loader, dataset=val_set, batch_size=eval_batch,
                             sampler=dict(type='DefaultSampler', shuffle=False, round_up=False)),
         val_evaluator=metric_cfg,
         # Evaluated once, after the last epoch, by the caller (never used to select a checkpoint).
         train_cfg=dict(by_epoch=True, max_epochs=epochs, val_begin=epochs + 1),
-        val_cfg=val_loop_config(speed),
+        val_cfg=val_loop_config(speed, varying_sizes=whole_images),
         optim_wrapper=optim_wrapper_config(speed, sgd_config(sched, lr)),
         # The reference's poly decay (MiB utils/scheduler.py), per iteration k of N:
         # lr (1 - k/N)^power. mmengine's PolyLR reaches 0 at end - 1, hence N + 1.
@@ -743,8 +745,7 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     resuming = repair_last_checkpoint(work)
     runner = make_mmengine_runner(cfg, model, train_set, val_set, work, step_seed, metric_cfg,
                                   progress_prefix=f'{tag} step {t}', lr=cfg.schedule.lr[min(t, 1)],
-                                  # whole images differ in size: one a batch, as the reference
-                                  eval_batch_size=1 if whole_images else cfg.data.eval_batch_size,
+                                  whole_images=whole_images,
                                   deterministic=deterministic, resume=resuming)
     runner.logger.addFilter(_DropDeprecationNotes())
     model.before_step_training(runner.train_loop.dataloader)

@@ -108,12 +108,24 @@ class AutocastOptimWrapper(OptimWrapper):
 
 
 @LOOPS.register_module()
-class AutocastValLoop(ValLoop):
-    """mmengine's ValLoop with each batch's forward under autocast of ``dtype``."""
+class FastValLoop(ValLoop):
+    """mmengine's ValLoop with each batch's forward under autocast of ``dtype`` (None: none)
+    and, where ``cudnn_benchmark`` is given, cudnn's benchmark mode set to it while it runs."""
 
-    def __init__(self, runner, dataloader, evaluator, dtype: str = 'bfloat16') -> None:
+    def __init__(self, runner, dataloader, evaluator, dtype: str | None = None,
+                 cudnn_benchmark: bool | None = None) -> None:
         super().__init__(runner, dataloader, evaluator)
         self.amp = dtype
+        self.cudnn_benchmark = cudnn_benchmark
+
+    def run(self) -> dict:
+        previous = torch.backends.cudnn.benchmark
+        if self.cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        try:
+            return super().run()
+        finally:
+            torch.backends.cudnn.benchmark = previous
 
     def run_iter(self, idx, data_batch) -> None:
         with autocast(self.amp):
@@ -126,5 +138,8 @@ def optim_wrapper_config(speed: Speed, optimizer: dict) -> dict:
     return dict(type='cssbench.AutocastOptimWrapper', dtype=speed.amp, optimizer=optimizer)
 
 
-def val_loop_config(speed: Speed) -> dict:
-    return dict(type='cssbench.AutocastValLoop', dtype=speed.amp) if speed.amp else dict()
+def val_loop_config(speed: Speed, varying_sizes: bool = False) -> dict:
+    """Evaluation under ``speed``'s autocast; for images of ``varying_sizes``, without cudnn's
+    benchmark mode, which would search its algorithms again for every new size."""
+    return dict(type='cssbench.FastValLoop', dtype=speed.amp,
+                cudnn_benchmark=False if varying_sizes else None)

@@ -8,16 +8,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 from mmengine.config import ConfigDict
+from mmengine.evaluator import Evaluator
 from mmengine.logging import MessageHub
 from mmengine.optim import build_optim_wrapper
+from torch.utils.data import DataLoader, default_collate
 
 from cssbench.cli import main
 from cssbench.errors import UserError
 from cssbench.hooks import AveragedRuntimeInfoHook
 from cssbench.methods import get_method
+from cssbench.metrics import IncrementalIoUMetric
 from cssbench.protocols import load_protocol
 from cssbench.runner import _config_digest, build_model, load_config, sgd_config, speed_record
-from cssbench.speed import REFERENCE_SPEED, Speed, optim_wrapper_config, prepare_model, resolve_speed
+from cssbench.registry import LOOPS
+from cssbench.speed import (REFERENCE_SPEED, Speed, optim_wrapper_config, prepare_model, resolve_speed,
+                            val_loop_config)
 
 SMALL_DIGEST = '4b660a8be0305c19'  # the digest stored runs of the small config carry
 
@@ -142,3 +147,47 @@ def test_a_later_steps_new_model_runs_the_graphs_compiled_for_the_step_before(mo
     torch._dynamo.reset()
     assert graphs[0] >= 4  # the student's backbone and head, and the teacher's
     assert graphs[2] == graphs[1] == graphs[0]
+
+
+class _RecordingSegmentor:
+    """Predicts each batch's ground truth, and records cudnn's benchmark mode at each batch."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.modes, self.fail = [], fail
+
+    def eval(self) -> None:
+        pass
+
+    def val_step(self, batch):
+        self.modes.append(torch.backends.cudnn.benchmark)
+        if self.fail:
+            raise RuntimeError('out of memory')
+        return [dict(pred=batch['data_samples'], gt=batch['data_samples'])]
+
+
+def _evaluate(model, varying_sizes: bool) -> dict:
+    """Evaluate ``model`` with the run's evaluation loop on three images of two sizes."""
+    images = [dict(inputs=torch.zeros(3, h, w, dtype=torch.uint8),
+                   data_samples=torch.arange(h * w).reshape(h, w).remainder(2).to(torch.uint8))
+              for h, w in ((4, 6), (6, 4), (4, 6))]
+    loader = DataLoader(images, batch_size=1, collate_fn=default_collate)
+    runner = SimpleNamespace(model=model, visualizer=SimpleNamespace(), call_hook=lambda *a, **k: None)
+    settings = val_loop_config(Speed(amp=None), varying_sizes=varying_sizes)
+    loop = LOOPS.build(dict(settings, runner=runner, dataloader=loader,
+                            evaluator=Evaluator(IncrementalIoUMetric(class_ids=[0, 1]))))
+    return loop.run()
+
+
+@pytest.mark.parametrize('varying_sizes', [False, True])
+def test_images_of_varying_sizes_are_evaluated_without_cudnn_benchmark(varying_sizes, monkeypatch):
+    # cudnn's benchmark mode would search its algorithms again at every new image size
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', True)   # as the fast path trains
+    model = _RecordingSegmentor()
+    assert _evaluate(model, varying_sizes)['mIoU'] == 1.0
+    assert model.modes == [not varying_sizes] * 3
+    assert torch.backends.cudnn.benchmark is True   # training's mode is back
+
+    failing = _RecordingSegmentor(fail=True)
+    with pytest.raises(RuntimeError, match='out of memory'):
+        _evaluate(failing, varying_sizes)
+    assert failing.modes == [not varying_sizes] and torch.backends.cudnn.benchmark is True
