@@ -62,6 +62,21 @@ def make_voc_tree(root: Path, train: dict[str, np.ndarray], val: dict[str, np.nd
     return root
 
 
+def join_val_images_in_pairs(voc: Path) -> None:
+    """Each val image and mask becomes itself beside the next one (32x64) or above it (64x32):
+    sizes that differ, and half of each image outside the central square."""
+    ids = (voc / 'ImageSets' / 'Segmentation' / 'val.txt').read_text().split()
+    files = [(voc / 'JPEGImages' / f'{i}.jpg', voc / 'SegmentationClassAug' / f'{i}.png') for i in ids]
+    originals = [(np.asarray(Image.open(jpg)), Image.open(png)) for jpg, png in files]
+    for n, (jpg, png) in enumerate(files):
+        (image, mask), (next_image, next_mask) = originals[n], originals[(n + 1) % len(files)]
+        axis = 1 - n % 2
+        Image.fromarray(np.concatenate([image, next_image], axis)).save(jpg, quality=95)
+        joined = Image.fromarray(np.concatenate([np.asarray(mask), np.asarray(next_mask)], axis), 'P')
+        joined.putpalette(mask.getpalette())
+        joined.save(png)
+
+
 @pytest.fixture
 def voc_tree() -> Callable[..., Path]:
     """The ``make_voc_tree`` helper as a fixture."""

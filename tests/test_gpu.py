@@ -1,11 +1,12 @@
 """The fast path on a GPU: bf16 losses track fp32's, channels_last computes what the contiguous
 layout does, a compiled step matches the eager one, no method's training iteration waits for
-the GPU, a fast-path run completes, and (with two GPUs) a torchrun run with NCCL and SyncBN.
-Skipped without CUDA."""
+the GPU, a fast-path run completes (with whole-image evaluation too), and (with two GPUs) a
+torchrun run with NCCL and SyncBN. Skipped without CUDA."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from cssbench.bench import Case, build_step
 from cssbench.methods import method_names
 from cssbench.runner import load_config, run_protocol, speed_record
 from cssbench.speed import REFERENCE_SPEED, SPEED_DEFAULTS, Speed
-from conftest import random_batch
+from conftest import join_val_images_in_pairs, random_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -101,6 +102,22 @@ def test_a_fast_path_run_completes_and_records_its_settings(synth32, config32, t
     assert run['config']['speed']['amp'] == 'bfloat16'
     record = speed_record(load_config(str(config32)))
     assert (record['device'], record['amp'], record['channels_last']) == ('cuda', 'bfloat16', True)
+
+
+
+def test_a_fast_path_run_scores_whole_images_of_two_sizes(synth32, config32, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(synth32, data)
+    join_val_images_in_pairs(data)
+    protocol = tmp_path / 'whole.yaml'
+    protocol.write_text('name: whole\ndataset: synth\nmode: overlap\nsteps: ["0-15", "16-20"]\n'
+                        'eval_crop: none\n')
+    steps = run_protocol(str(protocol), 'sdr', config=str(config32), data_root=str(data),
+                         epochs=1, results_root=tmp_path / 'results', run_name='whole',
+                         log=lambda *a: None)
+    assert [s['step'] for s in steps] == [0, 1]
+    assert all(0.0 <= v <= 1.0 for v in steps[1]['iou'].values() if v is not None)
+    assert torch.backends.cudnn.benchmark   # training's mode, set again after evaluating
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')

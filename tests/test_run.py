@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import default_collate
 
 from cssbench.cli import main
@@ -22,8 +21,9 @@ from cssbench.metrics import confusion_matrix, iou_per_class
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, run_protocol
 from cssbench.splits import index_dataset, protocol_splits, select
-from cssbench.transforms import EvalTransform
 from cssbench.synth import make_synth
+from cssbench.transforms import EvalTransform
+from conftest import join_val_images_in_pairs
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
@@ -86,26 +86,11 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
 
 
 
-def _join_val_images_in_pairs(voc: Path) -> None:
-    """Each val image and mask becomes itself beside the next one (32x64) or above it (64x32):
-    sizes that differ, and half of each image outside the central square."""
-    ids = (voc / 'ImageSets' / 'Segmentation' / 'val.txt').read_text().split()
-    files = [(voc / 'JPEGImages' / f'{i}.jpg', voc / 'SegmentationClassAug' / f'{i}.png') for i in ids]
-    originals = [(np.asarray(Image.open(jpg)), Image.open(png)) for jpg, png in files]
-    for n, (jpg, png) in enumerate(files):
-        (image, mask), (next_image, next_mask) = originals[n], originals[(n + 1) % len(files)]
-        axis = 1 - n % 2
-        Image.fromarray(np.concatenate([image, next_image], axis)).save(jpg, quality=95)
-        joined = Image.fromarray(np.concatenate([np.asarray(mask), np.asarray(next_mask)], axis), 'P')
-        joined.putpalette(mask.getpalette())
-        joined.save(png)
-
-
 def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32, config32,
                                                                           tmp_path, capsys):
     data = tmp_path / 'data'
     shutil.copytree(synth32, data)
-    _join_val_images_in_pairs(data)   # synth32 is the VOC2012 folder
+    join_val_images_in_pairs(data)   # synth32 is the VOC2012 folder
     protocol_file = tmp_path / 'whole.yaml'
     protocol_file.write_text('name: whole\ndataset: synth\nmode: overlap\nsteps: ["0-15", "16-20"]\n'
                              'eval_crop: none\n')
