@@ -21,7 +21,7 @@ from pathlib import Path
 from .io import atomic_write_json
 
 INDEX_FILE = 'index.json'
-INDEX_VERSION = 1
+INDEX_VERSION = 2   # 2: runs carry their training regime
 RUN_FILES = ('run.json', 'metrics.json')
 
 
@@ -41,6 +41,7 @@ class StoredRun:
     git_revision: str
     cssbench_version: str
     dataset_fingerprint: str
+    regime: str             # how it trained, in words (``training_regime``)
     steps: list[dict]       # metrics.json's per-step records
 
     @property
@@ -112,6 +113,20 @@ def _check_steps(steps, num_steps: int) -> list[dict]:
     return steps
 
 
+def training_regime(speed) -> str:
+    """run.json's ``speed`` record in words, the settings that can move the numbers: device
+    and autocast dtype, then the processes, the batch of each and whether BN statistics were
+    synchronised (torchrun); 'unknown' for a run whose record has none."""
+    if not isinstance(speed, dict) or not {'device', 'amp'} <= set(speed):
+        return 'unknown'
+    regime = f"{speed['device']} {speed['amp']}"
+    processes = speed.get('world_size', 1)
+    if processes > 1:
+        regime += (f", {processes} processes of batch {speed.get('batch_per_process')}"
+                   + (', SyncBN' if speed.get('sync_bn') else ', BN per process'))
+    return regime
+
+
 def read_run(root: Path, run_dir: Path) -> StoredRun:
     """The complete run stored in ``run_dir``; raises CorruptRun saying why it is not one."""
     record = read_json_object(run_dir / 'run.json')
@@ -135,7 +150,8 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),
-        dataset_fingerprint=str(record.get('dataset_fingerprint', '')), steps=steps)
+        dataset_fingerprint=str(record.get('dataset_fingerprint', '')),
+        regime=training_regime(record.get('speed')), steps=steps)
 
 
 def run_folders(root: Path) -> list[Path]:

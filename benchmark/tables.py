@@ -169,8 +169,13 @@ def _notes(store: Store, protocol: str, rows: list[RowRuns],
 def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[str]:
     notes = []
     for row in rows:
-        used = ', '.join(f'{r.run} (seed {r.seed}, {r.finished}, {r.git_revision[:8]})' for r in row.runs)
+        used = ', '.join(f'{r.run} (seed {r.seed}, {r.finished}, {r.git_revision[:8]}, {r.regime})'
+                         for r in row.runs)
         notes.append(f'{row.method} ({row.setup}): {used}')
+        regimes = sorted({r.regime for r in row.runs})
+        if len(regimes) > 1:
+            notes.append(f'  {row.label} averages runs trained in {len(regimes)} regimes '
+                         f'({"; ".join(regimes)}): they can differ by more than their seeds')
         if row.passed_over:
             notes.append(f'  {len(row.passed_over)} other complete run(s) of the same seeds not '
                          f'used (older): {", ".join(r.run for r in row.passed_over)}; '

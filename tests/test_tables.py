@@ -31,7 +31,7 @@ VOC19 = 'voc-19-1-overlap'
 def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: str | Protocol = VOC19,
               method: str = 'ft', run: str = 'small-seed0', seed: int = 0,
               finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small',
-              dataset_fingerprint: str = 'fp') -> Path:
+              dataset_fingerprint: str = 'fp', speed: dict | None = None) -> Path:
     """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
     steps = []
@@ -47,7 +47,8 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
         protocol=p.to_dict(), method=method, run=run, seed=seed, config_name='small',
         config_digest=config_digest, status='complete', started='2026-01-01T00:00:00',
         finished=finished, wall_time_s=12.5, git_revision='0123456789abcdef',
-        environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint)))
+        environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint,
+        **({'speed': speed} if speed else {}))))
     (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
     return run_dir
 
@@ -310,6 +311,25 @@ def _steps_at(protocol: Protocol, value: float, background: float | None = None)
         ious.append(uniform(protocol.classes_seen(t), value))
         ious[-1][0] = value if background is None else background
     return ious
+
+
+
+def test_the_notes_name_each_runs_regime_and_warn_where_a_row_mixes_regimes(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    one_gpu = dict(device='cuda', amp='bfloat16', channels_last=True, world_size=1,
+                   batch_per_process=24, sync_bn=False)
+    four_gpus = dict(one_gpu, world_size=4, batch_per_process=6, sync_bn=True)
+    write_two_ft_runs(root, dict(speed=one_gpu), dict(run='small-seed1', seed=1, speed=four_gpus))
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.7), 20: 0.2}], method='lwf')
+    notes = leaderboard(open_store(root), VOC19).notes
+    assert ('ft (small): small-seed0 (seed 0, 2026-01-01T00:00:00, 01234567, cuda bfloat16), '
+            'small-seed1 (seed 1, 2026-01-01T00:00:00, 01234567, cuda bfloat16, 4 processes of '
+            'batch 6, SyncBN)') in notes
+    assert ('  ft averages runs trained in 2 regimes (cuda bfloat16; cuda bfloat16, 4 processes '
+            'of batch 6, SyncBN): they can differ by more than their seeds') in notes
+    # a run whose record predates the regime's; one regime in a row: no warning
+    assert 'lwf (small): small-seed0 (seed 0, 2026-01-01T00:00:00, 01234567, unknown)' in notes
+    assert not any(n.startswith('  lwf averages') for n in notes)
 
 
 def test_published_numbers_match_only_the_papers_class_order(tmp_path: Path) -> None:
