@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -15,14 +15,14 @@ FORMATS = ('md', 'csv', 'latex')
 
 def cmd_list(args) -> None:
     from .methods import METHODS, get_method
-    from .protocols import available_protocols, load_protocol
+    from .protocols import available_protocols, load_protocol, settings_of
     get_method('ft')  # registers the shipped methods
     width = max(map(len, [*available_protocols(), *METHODS]))
     print('protocols:')
     for name in available_protocols():
         p = load_protocol(name)
         sizes = '-'.join(str(len(set(s) - {0})) for s in p.steps[:3]) + ('-...' if p.num_steps > 3 else '')
-        settings = ', '.join(f'{k}: {v}' for k, v in p.optional_settings.items())
+        settings = ', '.join(f'{k}: {v}' for k, v in settings_of(p.to_dict()).items())
         print(f'  {name:<{width}} {p.dataset:<6} {p.mode:<9} {p.num_steps:>2} steps  ({sizes})'
               + (f'  {settings}' if settings else ''))
     print('methods:')
@@ -306,17 +306,32 @@ def one_line(error: Exception) -> str:
     return message
 
 
+def stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):   # no file descriptor (e.g. captured), or closed
+        return False
+
+
+def send_stdout_nowhere() -> None:
+    """What stdout still holds would fail again, as an error, at the interpreter's exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
         sys.stdout.flush()   # here, where a reader that left is handled, rather than at exit
-    except BrokenPipeError:   # the reader left (`cssbench table ... | head`): stop quietly
-        with contextlib.suppress(OSError, ValueError):
-            # what stdout still holds would fail again, as an error, at the interpreter's exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141   # 128 + SIGPIPE, as a command that the signal stopped
     except (UserError, OSError) as e:   # OSError: a path given that cannot be written or read
+        if isinstance(e, BrokenPipeError) and stdout_reader_left():   # `cssbench list | head`
+            send_stdout_nowhere()
+            return 141   # 128 + SIGPIPE, as a command that the signal stopped
         print(f'cssbench: error: {one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,26 +37,32 @@ MODES = ('overlap', 'disjoint')
 CLASS_ORDERS = ('fixed', 'random')  # in a file; a run's protocol with a drawn order says 'drawn'
 TRAIN_IGNORE_CHOICES = ('ignore', 'background')
 EVAL_UNSEEN_CHOICES = ('ignore', 'background')
-EVAL_CROP_CHOICES = ('center', 'none')
-# The optional fields of a protocol file, as one that leaves them out has them.
+EVAL_CROP_CHOICES = ('center', 'whole')
+# The optional fields of a protocol file, as one that leaves them out has them: the reference's.
 FILE_DEFAULTS = dict(train_ignore='background', eval_unseen='ignore', eval_crop='center',
                      class_order='fixed')
-
-# What a protocol's optional settings mean where they are not the reference's, for tables.
-CONVENTION_NOTES = {
+# What their other values mean, as the tables' notes say it.
+SETTING_NOTES = {
     ('train_ignore', 'ignore'): 'training ignores the 255 boundary band (train_ignore: ignore; '
                                 'the reference trains it as background)',
     ('eval_unseen', 'background'): 'evaluation scores classes not yet learned as background '
                                    '(eval_unseen: background; the reference ignores them)',
-    ('eval_crop', 'none'): 'evaluation scores whole images at their own resolution (eval_crop: '
-                           'none; the reference scores the central crop)',
+    ('eval_crop', 'whole'): 'evaluation scores whole images at their own resolution (eval_crop: '
+                            'whole; the reference scores the central crop)',
+    ('class_order', 'drawn'): 'the classes come in an order drawn for each run (class_order: '
+                              'random; the reference learns them in id order)',
 }
 
 
-def convention_notes(protocol: dict) -> list[str]:
-    """The notes of ``CONVENTION_NOTES`` that a protocol's record calls for."""
-    return [note for (key, value), note in CONVENTION_NOTES.items()
-            if protocol.get(key, FILE_DEFAULTS[key]) == value]
+def settings_of(record: dict) -> dict[str, str]:
+    """The optional settings of a protocol's record (``Protocol.to_dict``, as run.json keeps
+    it) that are not the defaults."""
+    return {k: record[k] for k, default in FILE_DEFAULTS.items() if record.get(k, default) != default}
+
+
+def setting_notes(record: dict) -> list[str]:
+    """What each of a protocol record's settings that are not the reference's means."""
+    return [SETTING_NOTES[k, v] for k, v in settings_of(record).items() if (k, v) in SETTING_NOTES]
 
 
 class ProtocolError(UserError):
@@ -78,10 +84,10 @@ class Protocol:
     # reference (SDR/MiB dataset/voc.py, masking value 255 at test), or background (0), as
     # in PLOP's dataset/voc.py (masking value 0 in both). The last step sees every class.
     eval_unseen: str = FILE_DEFAULTS['eval_unseen']
-    # Which pixels of a val image are scored: 'center', the reference's default (its
-    # ``--crop_val``): the shorter side resized to the config's crop size, then the central
-    # square; or 'none': the whole image at its own resolution (the reference without
-    # ``--crop_val``, and most segmentation codebases).
+    # Which pixels of a val image are scored: 'center', the reference's default (``crop_val``
+    # true): the shorter side resized to the config's crop size, then the central square; or
+    # 'whole': the whole image at its own resolution (the reference run with its store_false
+    # flag ``--crop_val``, and most segmentation codebases).
     eval_crop: str = FILE_DEFAULTS['eval_crop']
     # The file's ``class_order``: fixed | random; 'drawn' once a random order is resolved.
     ordering: str = FILE_DEFAULTS['class_order']
@@ -133,14 +139,6 @@ class Protocol:
         steps[0] = (0, *steps[0])
         return replace(self, steps=tuple(steps), ordering='drawn', ordering_seed=seed)
 
-    @property
-    def optional_settings(self) -> dict[str, str]:
-        """The file's optional fields (``FILE_DEFAULTS``' keys) whose values are not the
-        defaults, i.e. the reference's."""
-        values = dict(train_ignore=self.train_ignore, eval_unseen=self.eval_unseen,
-                      eval_crop=self.eval_crop, class_order=self.ordering)
-        return {k: v for k, v in values.items() if v != FILE_DEFAULTS[k]}
-
     def to_dict(self) -> dict:
         d = dict(name=self.name, dataset=self.dataset, mode=self.mode,
                  steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)
@@ -153,7 +151,8 @@ class Protocol:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Hash of everything that decides the splits (not the name or description)."""
+        """Hash of everything that decides what the steps train on and how they are scored
+        (not the name or description)."""
         key = dict(self.to_dict())
         key.pop('name')
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -180,6 +179,8 @@ def _choice(data: dict, key: str, choices: tuple[str, ...], src: str) -> str:
     """The file's value of field ``key`` (its default if optional and left out), refused
     unless one of ``choices``."""
     value = data.get(key, FILE_DEFAULTS.get(key))
+    if value is None:
+        raise ProtocolError(f'{src}: field {key}: no value (one of {choices})')
     if value not in choices:
         raise ProtocolError(f'{src}: field {key}: {value!r} is not one of {choices}')
     return value

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .datasets_info import DATASET_INFO
-from .protocols import FILE_DEFAULTS, parse_class_item
+from .protocols import parse_class_item, settings_of
 
 PAPER_TABLES = Path(__file__).resolve().parent / 'data' / 'paper_tables.csv'
 VARIANT_OF_MODE = {'overlap': 'overlapped', 'disjoint': 'disjoint'}
@@ -73,9 +73,8 @@ def incomparable(protocol: dict) -> str | None:
     """Why no published number can stand beside ``protocol``'s (a stored record), or None."""
     if not in_papers_order(protocol):
         return "the papers' settings learn the classes in id order, and this protocol's order is another"
-    if protocol.get('eval_crop', FILE_DEFAULTS['eval_crop']) != 'center':
-        return ("the papers score each image's central crop (the reference's --crop_val), and "
-                "this protocol scores whole images (eval_crop: none)")
+    if settings_of(protocol).get('eval_crop') == 'whole':
+        return "the papers score each image's central crop, and this protocol whole images"
     return None
 
 

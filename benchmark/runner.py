@@ -732,7 +732,7 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     crop = cfg.data.crop_size
     train_set = IncrementalSegDataset(split['train_samples'], train_lut(protocol, t),
                                       TrainTransform(crop), info.classes, seed=step_seed)
-    whole_images = protocol.eval_crop == 'none'
+    whole_images = protocol.eval_crop == 'whole'
     val_set = IncrementalSegDataset(split['val_samples'], eval_lut(protocol, t),
                                     EvalTransform(None if whole_images else crop), info.classes)
     class_ids = list(protocol.classes_seen(t))

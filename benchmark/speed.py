@@ -79,8 +79,10 @@ def prepare_model(model, speed: Speed, device: str):
             net.to(memory_format=torch.channels_last)
         net.data_preprocessor.channels_last = speed.channels_last
         if speed.compile:
-            # The backbone and the head: fixed shapes, no data-dependent control flow. The
-            # methods' losses stay eager.
+            # The backbone and the head: no data-dependent control flow, and training's shapes
+            # are fixed. Whole-image evaluation's sizes vary: at the second size dynamo compiles
+            # each once more, shape-generic (on CPU, 18 VOC-like sizes made 4 graphs in all).
+            # The methods' losses stay eager.
             net.backbone.compile()
             net.decode_head.compile()
     return model
@@ -108,7 +110,7 @@ class AutocastOptimWrapper(OptimWrapper):
 
 
 @LOOPS.register_module()
-class FastValLoop(ValLoop):
+class SpeedValLoop(ValLoop):
     """mmengine's ValLoop with each batch's forward under autocast of ``dtype`` (None: none)
     and, where ``cudnn_benchmark`` is given, cudnn's benchmark mode set to it while it runs."""
 
@@ -141,5 +143,5 @@ def optim_wrapper_config(speed: Speed, optimizer: dict) -> dict:
 def val_loop_config(speed: Speed, varying_sizes: bool = False) -> dict:
     """Evaluation under ``speed``'s autocast; for images of ``varying_sizes``, without cudnn's
     benchmark mode, which would search its algorithms again for every new size."""
-    return dict(type='cssbench.FastValLoop', dtype=speed.amp,
+    return dict(type='cssbench.SpeedValLoop', dtype=speed.amp,
                 cudnn_benchmark=False if varying_sizes else None)

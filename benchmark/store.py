@@ -113,14 +113,19 @@ def _check_steps(steps, num_steps: int) -> list[dict]:
     return steps
 
 
+UNKNOWN_REGIME = 'regime unknown'
+
+
 def training_regime(speed) -> str:
     """run.json's ``speed`` record in words, the settings that can move the numbers: device
     and autocast dtype, then the processes, the batch of each and whether BN statistics were
-    synchronised (torchrun); 'unknown' for a run whose record has none."""
-    if not isinstance(speed, dict) or not {'device', 'amp'} <= set(speed):
-        return 'unknown'
-    regime = f"{speed['device']} {speed['amp']}"
-    processes = speed.get('world_size', 1)
+    synchronised (torchrun); ``UNKNOWN_REGIME`` where the record has none, or not these."""
+    if not isinstance(speed, dict):
+        return UNKNOWN_REGIME
+    device, amp, processes = speed.get('device'), speed.get('amp'), speed.get('world_size', 1)
+    if not (isinstance(device, str) and isinstance(amp, str) and type(processes) is int):
+        return UNKNOWN_REGIME
+    regime = f'{device} {amp}'
     if processes > 1:
         regime += (f", {processes} processes of batch {speed.get('batch_per_process')}"
                    + (', SyncBN' if speed.get('sync_bn') else ', BN per process'))

@@ -28,9 +28,9 @@ from .datasets_info import DATASET_INFO
 from .errors import UserError
 from .io import atomic_write_text
 from .metrics import column_classes, mean_iou, range_label
-from .protocols import available_protocols, convention_notes
+from .protocols import available_protocols, setting_notes
 from .published import incomparable, published_cells, published_methods
-from .store import RowRuns, Store, StoredRun, select_runs
+from .store import UNKNOWN_REGIME, RowRuns, Store, StoredRun, select_runs
 
 COLUMNS = ('old', 'new', 'all')
 FORMATS = ('md', 'csv', 'latex')
@@ -162,7 +162,7 @@ def _notes(store: Store, protocol: str, rows: list[RowRuns],
            published: Sequence[str] = ()) -> list[str]:
     """A table's notes: the protocol's settings that are not the reference's, the
     ``published`` numbers' notes, the runs each row averages, the stored runs not read."""
-    return [*convention_notes(rows[0].runs[0].protocol), *published,
+    return [*setting_notes(rows[0].runs[0].protocol), *published,
             *_provenance_notes(store, protocol, rows)]
 
 
@@ -172,7 +172,7 @@ def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[
         used = ', '.join(f'{r.run} (seed {r.seed}, {r.finished}, {r.git_revision[:8]}, {r.regime})'
                          for r in row.runs)
         notes.append(f'{row.method} ({row.setup}): {used}')
-        regimes = sorted({r.regime for r in row.runs})
+        regimes = sorted({r.regime for r in row.runs} - {UNKNOWN_REGIME})
         if len(regimes) > 1:
             notes.append(f'  {row.label} averages runs trained in {len(regimes)} regimes '
                          f'({"; ".join(regimes)}): they can differ by more than their seeds')

@@ -3,7 +3,7 @@
 Training follows fcdl94/MiB run.py: RandomResizedCrop(crop, scale=(0.5, 2.0), ratio=(3/4, 4/3))
 with the image bilinear and the mask nearest, then a horizontal flip with p=0.5. Evaluation is
 by default the reference's legacy preset, Resize(shorter side = crop) then CenterCrop(crop):
-only the central square is scored; a protocol's ``eval_crop: none`` scores the whole image at
+only the central square is scored; a protocol's ``eval_crop: whole`` scores the whole image at
 its own resolution (no crop size: the pair as it is). The reference resizes PIL images; on
 tensors, antialiased bilinear gives PIL's bilinear and ``NEAREST_EXACT`` PIL's nearest (the
 source pixel whose centre is nearest; torchvision's ``NEAREST`` floors, shifting the mask by

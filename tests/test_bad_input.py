@@ -45,7 +45,6 @@ def tiny_run(tmp_path_factory) -> dict:
     return dict(base=base, config=str(config))
 
 
-
 def test_a_reader_that_left_ends_the_command_quietly():
     """``cssbench list | head -1``: the rest of the output has nowhere to go; no traceback,
     no error line, the exit status of a command stopped by SIGPIPE."""
@@ -57,6 +56,15 @@ def test_a_reader_that_left_ends_the_command_quietly():
     finally:
         os.close(write_end)
     assert (proc.returncode, proc.stderr) == (141, '')
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_an_error(capsys, monkeypatch):
+    # e.g. a loader worker's pipe: not the reader of the output leaving
+    def broken(args):
+        raise BrokenPipeError(32, 'Broken pipe')
+    monkeypatch.setattr('cssbench.cli.cmd_list', broken)
+    assert main(['list']) == 2
+    assert capsys.readouterr().err == 'cssbench: error: [Errno 32] Broken pipe\n'
 
 
 def test_missing_dataset_root(capsys, tmp_path):

@@ -104,14 +104,13 @@ def test_a_fast_path_run_completes_and_records_its_settings(synth32, config32, t
     assert (record['device'], record['amp'], record['channels_last']) == ('cuda', 'bfloat16', True)
 
 
-
 def test_a_fast_path_run_scores_whole_images_of_two_sizes(synth32, config32, tmp_path):
     data = tmp_path / 'data'
     shutil.copytree(synth32, data)
     join_val_images_in_pairs(data)
     protocol = tmp_path / 'whole.yaml'
     protocol.write_text('name: whole\ndataset: synth\nmode: overlap\nsteps: ["0-15", "16-20"]\n'
-                        'eval_crop: none\n')
+                        'eval_crop: whole\n')
     steps = run_protocol(str(protocol), 'sdr', config=str(config32), data_root=str(data),
                          epochs=1, results_root=tmp_path / 'results', run_name='whole',
                          log=lambda *a: None)

@@ -1,6 +1,7 @@
 """Tests of protocol loading and validation (benchmark/protocols.py)."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -186,10 +187,10 @@ def _base(**over) -> dict:
 
 
 def test_parse_valid_mixed_items() -> None:
-    p = parse_protocol(_base(train_ignore='ignore', eval_unseen='background', eval_crop='none',
+    p = parse_protocol(_base(train_ignore='ignore', eval_unseen='background', eval_crop='whole',
                              description='d'), 'src.yaml')
     assert p.steps == (tuple(range(16)), (16,), (17, 18), (19, 20))
-    assert (p.train_ignore, p.eval_unseen, p.eval_crop) == ('ignore', 'background', 'none')
+    assert (p.train_ignore, p.eval_unseen, p.eval_crop) == ('ignore', 'background', 'whole')
     assert p.description == 'd'
     assert p.source == Path('src.yaml')
 
@@ -208,11 +209,11 @@ def test_eval_unseen_is_recorded_only_where_it_is_not_the_default() -> None:
 def test_eval_crop_is_recorded_only_where_it_is_not_the_default() -> None:
     reference = load_protocol('voc-15-1-overlap')
     assert reference.eval_crop == 'center' and 'eval_crop' not in reference.to_dict()
-    whole = parse_protocol(dict(reference.to_dict(), eval_crop='none'))
-    assert whole.to_dict() == dict(reference.to_dict(), eval_crop='none')
+    whole = parse_protocol(dict(reference.to_dict(), eval_crop='whole'))
+    assert whole.to_dict() == dict(reference.to_dict(), eval_crop='whole')
     # scored otherwise, so its step-0 IoU and its split cache are keyed apart
     assert whole.fingerprint != reference.fingerprint
-    assert parse_protocol(whole.to_dict()).eval_crop == 'none'
+    assert parse_protocol(whole.to_dict()).eval_crop == 'whole'
 
 
 @pytest.mark.parametrize('over, field, detail', [
@@ -232,8 +233,7 @@ def test_eval_crop_is_recorded_only_where_it_is_not_the_default() -> None:
     (dict(mode='sequential'), 'mode', 'sequential'),
     (dict(train_ignore='zero'), 'train_ignore', 'zero'),
     (dict(eval_unseen=255), 'eval_unseen', '255'),
-    (dict(eval_crop='full'), 'eval_crop', "'full' is not one of ('center', 'none')"),
-    (dict(eval_crop=None), 'eval_crop', 'None'),   # YAML's null is not the word none
+    (dict(eval_crop='full'), 'eval_crop', "'full' is not one of ('center', 'whole')"),
     (dict(name='../../elsewhere'), 'name', 'not a plain name'),   # it names a results folder
     (dict(name='my protocol'), 'name', 'not a plain name'),
 ])
@@ -244,6 +244,16 @@ def test_parse_errors_name_source_and_field(over, field, detail) -> None:
     assert 'my/proto.yaml' in msg
     assert field in msg
     assert detail in msg
+
+
+@pytest.mark.parametrize('value', ['', '~', 'null'])
+def test_an_optional_field_left_without_a_value_is_refused(tmp_path, value) -> None:
+    path = tmp_path / 'p.yaml'
+    path.write_text(f'name: p\ndataset: voc\nmode: overlap\nsteps: ["0-15", "16-20"]\n'
+                    f'eval_crop: {value}\n')
+    with pytest.raises(ProtocolError, match=re.escape(
+            f"{path}: field eval_crop: no value (one of ('center', 'whole'))")):
+        load_protocol_file(path)
 
 
 @pytest.mark.parametrize('missing', ['name', 'dataset', 'mode', 'steps'])

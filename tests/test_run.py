@@ -20,6 +20,7 @@ from cssbench.methods import get_method
 from cssbench.metrics import confusion_matrix, iou_per_class
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, run_protocol
+from cssbench.speed import autocast, effective_speed, prepare_model, training_device
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.synth import make_synth
 from cssbench.transforms import EvalTransform
@@ -71,7 +72,8 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
             assert r['lr'] == pytest.approx(lr * (1 - (r['iter'] - 1) / n) ** 0.9, rel=1e-6), (t, r)
     index = json.loads((results / 'index.json').read_text())   # brought up to date by the run
     assert index['runs']['synth-15-5-overlap/ft/r']['run']['steps'] == stored
-    assert index['runs']['synth-15-5-overlap/ft/r']['run']['regime'] == 'cpu float32'
+    regime = 'cpu float32' if training_device() == 'cpu' else 'cuda bfloat16'
+    assert index['runs']['synth-15-5-overlap/ft/r']['run']['regime'] == regime
 
     with pytest.raises(UserError, match='complete'):
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
@@ -86,7 +88,6 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
 
 
-
 def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32, config32,
                                                                           tmp_path, capsys):
     data = tmp_path / 'data'
@@ -94,19 +95,21 @@ def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32
     join_val_images_in_pairs(data)   # synth32 is the VOC2012 folder
     protocol_file = tmp_path / 'whole.yaml'
     protocol_file.write_text('name: whole\ndataset: synth\nmode: overlap\nsteps: ["0-15", "16-20"]\n'
-                             'eval_crop: none\n')
+                             'eval_crop: whole\n')
     results = tmp_path / 'results'
     # config32 evaluates 64 images a batch: images of two sizes would not stack
     steps = run_protocol(str(protocol_file), 'ft', config=str(config32), data_root=str(data),
                          epochs=1, results_root=results, run_name='r', log=lambda *a: None)
     run_dir = results / 'whole' / 'ft' / 'r'
-    assert json.loads((run_dir / 'run.json').read_text())['protocol']['eval_crop'] == 'none'
+    assert json.loads((run_dir / 'run.json').read_text())['protocol']['eval_crop'] == 'whole'
 
-    # The stored IoU is the step-1 model's over the whole images, not over their central squares.
-    protocol = load_protocol(str(protocol_file))
-    model = build_model(load_config(str(config32)), get_method('ft').model_type, protocol, 1)
+    # The stored IoU is the step-1 model's over the whole images, not over their central
+    # squares (evaluated here as the run evaluates: on its device, in its regime).
+    protocol, cfg = load_protocol(str(protocol_file)), load_config(str(config32))
+    model = build_model(cfg, get_method('ft').model_type, protocol, 1)
     model.load_state_dict(torch.load(run_dir / 'work' / 'step1' / 'model.pth'))
-    model.eval()
+    speed = effective_speed(cfg)
+    prepare_model(model, speed, training_device()).eval()
     index = index_dataset('synth', data, progress=False)
     val = select(index.samples['val'], protocol_splits(protocol, index)[1]['val'])
     assert {tuple(s['data_samples'].shape) for s in IncrementalSegDataset(val, eval_lut(protocol, 1))} \
@@ -114,9 +117,10 @@ def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32
 
     def iou_scoring(transform) -> np.ndarray:
         dataset = IncrementalSegDataset(val, eval_lut(protocol, 1), transform)
-        cm = sum(confusion_matrix(out['pred'], out['gt'], 21)
-                 for item in dataset for out in model.val_step(default_collate([item])))
-        return iou_per_class(cm.numpy())
+        with autocast(speed.amp):
+            cm = sum(confusion_matrix(out['pred'], out['gt'], 21)
+                     for item in dataset for out in model.val_step(default_collate([item])))
+        return iou_per_class(cm.cpu().numpy())
 
     stored = np.array([np.nan if v is None else v for v in steps[1]['iou'].values()])
     assert list(steps[1]['iou']) == [str(c) for c in range(21)]

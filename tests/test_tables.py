@@ -313,7 +313,6 @@ def _steps_at(protocol: Protocol, value: float, background: float | None = None)
     return ious
 
 
-
 def test_the_notes_name_each_runs_regime_and_warn_where_a_row_mixes_regimes(tmp_path: Path) -> None:
     root = tmp_path / 'results'
     one_gpu = dict(device='cuda', amp='bfloat16', channels_last=True, world_size=1,
@@ -328,8 +327,22 @@ def test_the_notes_name_each_runs_regime_and_warn_where_a_row_mixes_regimes(tmp_
     assert ('  ft averages runs trained in 2 regimes (cuda bfloat16; cuda bfloat16, 4 processes '
             'of batch 6, SyncBN): they can differ by more than their seeds') in notes
     # a run whose record predates the regime's; one regime in a row: no warning
-    assert 'lwf (small): small-seed0 (seed 0, 2026-01-01T00:00:00, 01234567, unknown)' in notes
+    assert 'lwf (small): small-seed0 (seed 0, 2026-01-01T00:00:00, 01234567, regime unknown)' in notes
     assert not any(n.startswith('  lwf averages') for n in notes)
+
+
+@pytest.mark.parametrize('speed', [None, dict(device='cuda', amp='bfloat16', world_size=None),
+                                   dict(device='cuda', amp=None, world_size=1),
+                                   dict(device='cuda', amp='bfloat16', world_size='2'), [1, 2]])
+def test_a_run_of_unknown_or_odd_regime_is_tabled_and_mixes_with_no_warning(tmp_path, speed) -> None:
+    # one seed with a readable regime, one with none or an odd one (a record edited by hand)
+    root = tmp_path / 'results'
+    cpu = dict(device='cpu', amp='float32', world_size=1)
+    write_two_ft_runs(root, dict(speed=cpu), dict(run='small-seed1', seed=1, speed=speed))
+    notes = leaderboard(open_store(root), VOC19).notes
+    assert ('ft (small): small-seed0 (seed 0, 2026-01-01T00:00:00, 01234567, cpu float32), '
+            'small-seed1 (seed 1, 2026-01-01T00:00:00, 01234567, regime unknown)') in notes
+    assert not any('averages runs trained in' in n for n in notes)
 
 
 def test_published_numbers_match_only_the_papers_class_order(tmp_path: Path) -> None:
@@ -340,25 +353,26 @@ def test_published_numbers_match_only_the_papers_class_order(tmp_path: Path) -> 
     table = leaderboard(open_store(root), drawn.name)
     assert math.isnan(table.frame.at['sdr', 'paper_all'])
     assert not any('published' in n and 'over classes' in n for n in table.notes)
-    assert any(n.startswith("no published numbers shown: the papers' settings learn the classes "
-                            "in id order") for n in table.notes)
-
+    assert table.notes[0] == ('the classes come in an order drawn for each run (class_order: '
+                              'random; the reference learns them in id order)')
+    assert table.notes[1].startswith("no published numbers shown: the papers' settings learn the "
+                                     "classes in id order")
 
 
 def test_published_numbers_match_only_the_papers_central_crop(tmp_path: Path) -> None:
     # VOC 15-1 in the papers' order, scored on whole images: the papers' numbers are of crops
     root = tmp_path / 'results'
     whole = dataclasses.replace(load_protocol('voc-15-1-overlap'), name='voc-15-1-whole',
-                                eval_crop='none')
+                                eval_crop='whole')
     write_run(root, _steps_at(whole, 0.5), protocol=whole, method='sdr')
     table = leaderboard(open_store(root), whole.name)
     assert math.isnan(table.frame.at['sdr', 'paper_all'])
     assert not any('published' in n and 'over classes' in n for n in table.notes)
     assert table.notes[:2] == [
-        'evaluation scores whole images at their own resolution (eval_crop: none; the reference '
+        'evaluation scores whole images at their own resolution (eval_crop: whole; the reference '
         'scores the central crop)',
-        "no published numbers shown: the papers score each image's central crop (the reference's "
-        '--crop_val), and this protocol scores whole images (eval_crop: none)']
+        "no published numbers shown: the papers score each image's central crop, and this "
+        'protocol whole images']
 
 
 def test_tables_name_the_protocols_conventions_that_are_not_the_references(tmp_path: Path) -> None:
