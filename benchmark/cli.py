@@ -307,12 +307,13 @@ def one_line(error: Exception) -> str:
 
 
 def stdout_reader_left() -> bool:
-    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    """Whether stdout is a pipe (or socket) whose reading end is closed: poll reports an
+    error or a hang-up on it."""
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (OSError, ValueError):   # no file descriptor (e.g. captured), or closed
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # no stdout, or no file descriptor under it
         return False
 
 
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-        sys.stdout.flush()   # here, where a reader that left is handled, rather than at exit
+        if sys.stdout is not None:   # None: started with no stdout at all
+            sys.stdout.flush()   # here, where a reader that left is handled, rather than at exit
     except (UserError, OSError) as e:   # OSError: a path given that cannot be written or read
         if isinstance(e, BrokenPipeError) and stdout_reader_left():   # `cssbench list | head`
             send_stdout_nowhere()

@@ -49,8 +49,8 @@ SETTING_NOTES = {
                                    '(eval_unseen: background; the reference ignores them)',
     ('eval_crop', 'whole'): 'evaluation scores whole images at their own resolution (eval_crop: '
                             'whole; the reference scores the central crop)',
-    ('class_order', 'drawn'): 'the classes come in an order drawn for each run (class_order: '
-                              'random; the reference learns them in id order)',
+    ('class_order', 'drawn'): 'the classes come in a drawn order (class_order: random; the '
+                              'reference learns them in id order)',
 }
 
 

@@ -41,7 +41,7 @@ class StoredRun:
     git_revision: str
     cssbench_version: str
     dataset_fingerprint: str
-    regime: str             # how it trained, in words (``training_regime``)
+    regime: str             # how it trained, in words (``run_regime``)
     steps: list[dict]       # metrics.json's per-step records
 
     @property
@@ -125,11 +125,21 @@ def training_regime(speed) -> str:
     device, amp, processes = speed.get('device'), speed.get('amp'), speed.get('world_size', 1)
     if not (isinstance(device, str) and isinstance(amp, str) and type(processes) is int):
         return UNKNOWN_REGIME
-    regime = f'{device} {amp}'
-    if processes > 1:
-        regime += (f", {processes} processes of batch {speed.get('batch_per_process')}"
-                   + (', SyncBN' if speed.get('sync_bn') else ', BN per process'))
-    return regime
+    if processes == 1:
+        return f'{device} {amp}'
+    batch, sync_bn = speed.get('batch_per_process'), speed.get('sync_bn')
+    if type(batch) is not int or not isinstance(sync_bn, bool):
+        return UNKNOWN_REGIME
+    return (f'{device} {amp}, {processes} processes of batch {batch}, '
+            + ('SyncBN' if sync_bn else 'BN per process'))
+
+
+def run_regime(record: dict) -> str:
+    """How a run trained, over the sessions that trained it (run.json's ``speed_history``;
+    ``speed`` alone in runs recorded before it): each distinct regime, in order."""
+    history = record.get('speed_history')
+    sessions = history if isinstance(history, list) and history else [record.get('speed')]
+    return ', then '.join(dict.fromkeys(training_regime(speed) for speed in sessions))
 
 
 def read_run(root: Path, run_dir: Path) -> StoredRun:
@@ -156,7 +166,7 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),
         dataset_fingerprint=str(record.get('dataset_fingerprint', '')),
-        regime=training_regime(record.get('speed')), steps=steps)
+        regime=run_regime(record), steps=steps)
 
 
 def run_folders(root: Path) -> list[Path]:

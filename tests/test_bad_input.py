@@ -58,6 +58,14 @@ def test_a_reader_that_left_ends_the_command_quietly():
     assert (proc.returncode, proc.stderr) == (141, '')
 
 
+
+def test_a_command_started_without_stdout_runs():
+    # `cssbench list >&-`: Python has no sys.stdout at all
+    proc = subprocess.run([sys.executable, '-m', 'cssbench', 'list'], preexec_fn=lambda: os.close(1),
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (0, '')
+
+
 def test_a_broken_pipe_that_is_not_stdouts_is_an_error(capsys, monkeypatch):
     # e.g. a loader worker's pipe: not the reader of the output leaving
     def broken(args):

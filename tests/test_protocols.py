@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from cssbench.cli import main
-from cssbench.protocols import (PROTOCOLS_DIR, Protocol, ProtocolError, available_protocols,
-                                load_protocol, load_protocol_file, parse_protocol)
+from cssbench.protocols import (CLASS_ORDERS, EVAL_CROP_CHOICES, EVAL_UNSEEN_CHOICES, FILE_DEFAULTS,
+                                PROTOCOLS_DIR, TRAIN_IGNORE_CHOICES, Protocol, ProtocolError,
+                                available_protocols, load_protocol, load_protocol_file,
+                                parse_protocol, setting_notes)
 
 SHIPPED = sorted(p.stem for p in Path(PROTOCOLS_DIR).glob('*.yaml'))
 
@@ -341,3 +343,16 @@ def test_list_shows_where_a_shipped_protocol_departs_from_the_reference(capsys) 
                                                    'eval_unseen: background')
     assert lines['synth-15-1-overlap-random'].endswith('  class_order: random')
     assert lines['ade-100-50'].endswith('2 steps  (100-50)')
+
+
+@pytest.mark.parametrize('field, choices', [('train_ignore', TRAIN_IGNORE_CHOICES),
+                                            ('eval_unseen', EVAL_UNSEEN_CHOICES),
+                                            ('eval_crop', EVAL_CROP_CHOICES),
+                                            ('class_order', CLASS_ORDERS)])
+def test_every_setting_that_is_not_the_references_is_noted_in_the_tables(field, choices) -> None:
+    assert {'train_ignore', 'eval_unseen', 'eval_crop', 'class_order'} == set(FILE_DEFAULTS)
+    for value in set(choices) - {FILE_DEFAULTS[field]}:
+        # as a run records it: its class order, if random, drawn
+        record = parse_protocol(_base(**{field: value})).with_class_order(0).to_dict()
+        [note] = setting_notes(record)
+        assert f'({field}: {value};' in note

@@ -22,6 +22,7 @@ from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, load_config, run_protocol
 from cssbench.speed import autocast, effective_speed, prepare_model, training_device
 from cssbench.splits import index_dataset, protocol_splits, select
+from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
 from cssbench.transforms import EvalTransform
 from conftest import join_val_images_in_pairs
@@ -89,7 +90,8 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
 
 
 def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32, config32,
-                                                                          tmp_path, capsys):
+                                                                          tmp_path, capsys,
+                                                                          monkeypatch):
     data = tmp_path / 'data'
     shutil.copytree(synth32, data)
     join_val_images_in_pairs(data)   # synth32 is the VOC2012 folder
@@ -110,6 +112,7 @@ def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32
     model.load_state_dict(torch.load(run_dir / 'work' / 'step1' / 'model.pth'))
     speed = effective_speed(cfg)
     prepare_model(model, speed, training_device()).eval()
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
     index = index_dataset('synth', data, progress=False)
     val = select(index.samples['val'], protocol_splits(protocol, index)[1]['val'])
     assert {tuple(s['data_samples'].shape) for s in IncrementalSegDataset(val, eval_lut(protocol, 1))} \
@@ -162,11 +165,15 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
                   run_name='r', log=lambda *a: None)
     first = run_protocol('synth-15-5-overlap', 'ft', **kwargs)
     run_dir = results / 'synth-15-5-overlap' / 'ft' / 'r'
-    # Simulate a run that died after step 0: step 1's outputs gone, run not complete.
+    # Simulate a run that died after step 0, started on four GPUs: step 1's outputs gone,
+    # run not complete.
     (run_dir / 'steps' / 'step1.json').unlink()
     first_record = json.loads((run_dir / 'run.json').read_text())
+    four_gpus = dict(first_record['speed'], device='cuda', amp='bfloat16', world_size=4,
+                     batch_per_process=4, sync_bn=True)
     (run_dir / 'run.json').write_text(json.dumps(dict(first_record, status='running',
-                                                      started='2026-01-02T03:04:05')))
+                                                      started='2026-01-02T03:04:05',
+                                                      speed=four_gpus, speed_history=[four_gpus])))
     weights0 = (run_dir / 'work' / 'step0' / 'model.pth').stat().st_mtime_ns
 
     messages = []
@@ -178,6 +185,10 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
     assert record['status'] == 'complete'
     # when it started (kept), and when it went on
     assert record['started'] == '2026-01-02T03:04:05' and len(record['continued']) == 1
+    # how each session trained: the tables name both
+    assert record['speed_history'] == [four_gpus, first_record['speed']]
+    assert open_store(results).runs[0].regime == \
+        f'cuda bfloat16, 4 processes of batch 4, SyncBN, then {training_regime(first_record["speed"])}'
     assert record['wall_time_s'] == round(sum(s['wall_time_s'] for s in second), 1)
 
     # A finished step's metrics without its weights: another work dir, or weights deleted. Not

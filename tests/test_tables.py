@@ -333,7 +333,10 @@ def test_the_notes_name_each_runs_regime_and_warn_where_a_row_mixes_regimes(tmp_
 
 @pytest.mark.parametrize('speed', [None, dict(device='cuda', amp='bfloat16', world_size=None),
                                    dict(device='cuda', amp=None, world_size=1),
-                                   dict(device='cuda', amp='bfloat16', world_size='2'), [1, 2]])
+                                   dict(device='cuda', amp='bfloat16', world_size='2'), [1, 2],
+                                   dict(device='cuda', amp='bfloat16', world_size=2, sync_bn=True),
+                                   dict(device='cuda', amp='bfloat16', world_size=2,
+                                        batch_per_process=12, sync_bn='no')])
 def test_a_run_of_unknown_or_odd_regime_is_tabled_and_mixes_with_no_warning(tmp_path, speed) -> None:
     # one seed with a readable regime, one with none or an odd one (a record edited by hand)
     root = tmp_path / 'results'
@@ -353,8 +356,8 @@ def test_published_numbers_match_only_the_papers_class_order(tmp_path: Path) -> 
     table = leaderboard(open_store(root), drawn.name)
     assert math.isnan(table.frame.at['sdr', 'paper_all'])
     assert not any('published' in n and 'over classes' in n for n in table.notes)
-    assert table.notes[0] == ('the classes come in an order drawn for each run (class_order: '
-                              'random; the reference learns them in id order)')
+    assert table.notes[0] == ('the classes come in a drawn order (class_order: random; the '
+                              'reference learns them in id order)')
     assert table.notes[1].startswith("no published numbers shown: the papers' settings learn the "
                                      "classes in id order")
 
