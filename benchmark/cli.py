@@ -66,7 +66,6 @@ def cmd_run(args) -> None:
     protocol = load_protocol(args.protocol)  # every input checked before the first step trains
     cfg = load_config(args.config, args.epochs, dataset=protocol.dataset, compile=args.compile,
                       fp32=args.fp32)
-    protocol = protocol.name
     methods = method_names(args.method)
     for method in methods:
         check_model_settings(cfg, get_method(method).model_type)
@@ -92,9 +91,9 @@ def cmd_run(args) -> None:
                                keep_epoch_checkpoints=args.keep_epoch_checkpoints,
                                step0_cache=not args.no_step0_cache,
                                compile=args.compile, fp32=args.fp32)
-        print(format_step_table(protocol, method, results))
+        print(format_step_table(protocol.name, method, results))
     if several and is_main_process():  # rank 0 reads the store
-        print(render_table(args.results, protocol, 'md'))
+        print(render_table(args.results, protocol.name, 'md'))
 
 
 def cmd_bench(args) -> None:

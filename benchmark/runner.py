@@ -603,12 +603,12 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
                environment=environment(), speed=speed_record(cfg), status='running',
                started=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    run['speed_history'] = [run['speed']]   # every session's, in order (store.run_regime)
+    earlier_speeds = []
     if previous is not None:   # continued: it started then; this session's code and machine above
-        earlier = previous.get('speed_history') or [previous.get('speed')]
         run.update(started=previous.get('started', run['started']),
-                   continued=[*previous.get('continued', []), run['started']],
-                   speed_history=[*earlier, run['speed']])
+                   continued=[*previous.get('continued', []), run['started']])
+        earlier_speeds = previous.get('speed_history') or [previous.get('speed')]
+    run['speed_history'] = [*earlier_speeds, run['speed']]   # every session's (store.run_regime)
     atomic_write_json(run_file, run)
     return dict(run=run, splits=splits)
 
