@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--deterministic', action='store_true',
                    help="torch's deterministic algorithms (slower on GPU)")
     p.add_argument('--no-step0-cache', action='store_true',
-                   help='train step 0 even if a cached step-0 model of the same protocol, data, '
-                        'config and seed exists (methods whose step 0 is fine-tuning share it)')
+                   help='train step 0 even if a cached model of the same step 0, data, config '
+                        'and seed exists (shared by methods whose step 0 is fine-tuning, and by '
+                        'protocols that begin alike, e.g. 15-1 and 15-5)')
     p.add_argument('--keep-epoch-checkpoints', action='store_true',
                    help="keep each step's last epoch checkpoints (default: only its weights)")
     p.add_argument('--compile', action='store_true',

@@ -119,6 +119,21 @@ class Protocol:
         """Number of classes each step's classifier has, for a model at ``step``."""
         return [len(s) for s in self.steps[:step + 1]]
 
+    def first_step_training(self) -> dict:
+        """What step 0 trains on: its classes in their order, the dataset, the filtering mode
+        and the training targets' ignore rule. Step 0's images and targets depend on nothing
+        else (to it, the later steps' classes are all background, or, disjoint, all excluded,
+        whichever step brings them), so protocols that agree on this, e.g. voc-15-1-overlap
+        and voc-15-5-overlap, or a protocol and its ``eval_crop: whole`` variant, train the
+        same step-0 model."""
+        return dict(dataset=self.dataset, mode=self.mode, classes=list(self.steps[0]),
+                    train_ignore=self.train_ignore)
+
+    @property
+    def evaluation(self) -> dict[str, str]:
+        """The settings that decide how a step's predictions are scored, and nothing else."""
+        return dict(eval_unseen=self.eval_unseen, eval_crop=self.eval_crop)
+
     def joint(self) -> 'Protocol':
         """The offline upper bound: every class of this protocol in a single step."""
         return replace(self, steps=(tuple(sorted(self.classes_seen(self.num_steps - 1))),),

@@ -627,33 +627,48 @@ def speed_record(cfg: Config) -> dict:
 
 def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
                      deterministic: bool, dataset_fingerprint: str) -> str:
-    """Everything a step 0 depends on; methods of the same ``step0_kind`` share it."""
+    """Everything a step-0 model depends on. Methods of the same ``step0_kind`` share it, and
+    so do protocols whose step 0 trains alike (``Protocol.first_step_training``): their later
+    steps and how they score are not part of it."""
     steps = steps_of(protocol, method)
-    key = dict(kind=method.step0_kind, steps=steps.fingerprint, steps0=list(steps.steps[0]),
-               config=_config_digest(cfg),
-               seed=seed, deterministic=deterministic, data=dataset_fingerprint,
-               cssbench=__version__)
+    key = dict(kind=method.step0_kind, step0=steps.first_step_training(),
+               config=_config_digest(cfg), seed=seed, deterministic=deterministic,
+               data=dataset_fingerprint, cssbench=__version__)
     amp = effective_speed(cfg).amp
-    if amp:  # a step 0 trained under bf16 autocast is not the fp32 one (whose key is unchanged)
+    if amp:  # a step 0 trained under bf16 autocast is not the fp32 one
         key['amp'] = amp
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
+# A cached step 0 is a folder of the cache named by its key: model.pth, model.json (who
+# trained it, in how long), and an iou-<evaluation>.json for each evaluation it was scored by.
+def _step0_iou_file(cached: Path, protocol: Protocol) -> Path:
+    return cached / f'iou-{"-".join(protocol.evaluation.values())}.json'   # iou-ignore-center.json
+
+
 @decided_by_main
-def _reuse_cached_step0(key: str, paths: RunPaths) -> dict | None:
-    """Copy a cached step-0 model into the run; returns its IoU record, or None if absent."""
+def _reuse_cached_step0(key: str, protocol: Protocol, paths: RunPaths) -> dict | None:
+    """Copy a cached step-0 model into the run; returns its record with its IoUs under
+    ``protocol``'s evaluation (``iou`` None if it was never scored so), or None if absent."""
     cached = cache_dir('step0', key)
-    if not ((cached / 'model.pth').exists() and (cached / 'iou.json').exists()):
+    if not ((cached / 'model.pth').exists() and (cached / 'model.json').exists()):
         return None
     atomic_copy(cached / 'model.pth', paths.step_weights(0))
-    return json.loads((cached / 'iou.json').read_text())
+    record = json.loads((cached / 'model.json').read_text())
+    scores = _step0_iou_file(cached, protocol)
+    record['iou'] = json.loads(scores.read_text())['iou'] if scores.exists() else None
+    return record
 
 
-def _store_step0(key: str, paths: RunPaths, iou: dict[int, float], wall_time_s: float) -> None:
+def _store_step0(key: str, paths: RunPaths, wall_time_s: float) -> None:
     cached = cache_dir('step0', key)
     atomic_copy(paths.step_weights(0), cached / 'model.pth')
-    atomic_write_json(cached / 'iou.json', dict(iou={str(c): v for c, v in iou.items()},
-                                                trained_in_s=wall_time_s, run=str(paths.results)))
+    atomic_write_json(cached / 'model.json', dict(trained_in_s=wall_time_s, run=str(paths.results)))
+
+
+def _store_step0_iou(key: str, protocol: Protocol, paths: RunPaths, iou: dict[int, float]) -> None:
+    atomic_write_json(_step0_iou_file(cache_dir('step0', key), protocol),
+                      dict(iou={str(c): v for c, v in iou.items()}, run=str(paths.results)))
 
 
 def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
@@ -662,7 +677,8 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     """Step t's metrics: stored ones if the step finished before, else train and evaluate.
 
     With ``step0_key``, step 0 comes from the step-0 cache when an identical step 0 (same
-    protocol, data, config, seed; a fine-tuning step 0) was trained before by any method.
+    first step, data, config, seed; a fine-tuning step 0) was trained before by any method,
+    in any protocol; it is evaluated again only if it was never scored as this protocol scores.
     """
     tag = f'[{protocol.name}/{method.name}]'
     stored = _stored_step_result(paths, t)
@@ -675,16 +691,26 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
         f'{len(split["train"])} train images, {len(split["val"])} val images')
     info = DATASET_INFO[protocol.dataset]
     step_start = time.time()
-    cached = _reuse_cached_step0(step0_key, paths) if step0_key else None
-    if cached is not None:
-        log(f'{tag} step 0: reusing the cached step-0 model {step0_key} (same protocol, data, '
-            f'config and seed; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]})')
-        iou = {int(c): (math.nan if v is None else v) for c, v in cached['iou'].items()}
-    else:
+    cached = _reuse_cached_step0(step0_key, steps_protocol, paths) if step0_key else None
+    if cached is None:
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
                                       deterministic, info, tag)
         if step0_key and is_main_process():
-            _store_step0(step0_key, paths, iou, round(time.time() - step_start, 1))
+            _store_step0(step0_key, paths, round(time.time() - step_start, 1))
+            _store_step0_iou(step0_key, steps_protocol, paths, iou)
+    else:
+        log(f'{tag} step 0: reusing the cached step-0 model {step0_key} (same first step, data, '
+            f'config and seed; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]})')
+        if cached['iou'] is None:
+            settings = ', '.join(f'{k}: {v}' for k, v in steps_protocol.evaluation.items())
+            log(f'{tag} step 0: evaluating it: it was not yet scored as this protocol scores '
+                f'({settings})')
+            iou = evaluate_saved_step(cfg, method, steps_protocol, t, split, paths, seed,
+                                      deterministic, info, tag)
+            if is_main_process():
+                _store_step0_iou(step0_key, steps_protocol, paths, iou)
+        else:
+            iou = {int(c): (math.nan if v is None else v) for c, v in cached['iou'].items()}
     # Joint training's single step is reported in the protocol's columns (old/new/all).
     summary_step = protocol.num_steps - 1 if method.joint else t
     result = dict(step=t, classes=split['classes'], num_train=len(split['train']),
@@ -731,36 +757,68 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
         attach_previous_step(model, build_model(cfg, method.model_type, protocol, t - 1),
                              previous, paths.step_weights(t - 1))
     prepare_model(model, effective_speed(cfg), training_device())
+    work = paths.step_work(t)
+    work.mkdir(parents=True, exist_ok=True)
+    resuming = repair_last_checkpoint(work)
+    runner = _step_runner(cfg, model, protocol, t, split, paths, step_seed, deterministic, info,
+                          tag, resume=resuming)
+    model.before_step_training(runner.train_loop.dataloader)
+    with _trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
+        runner.train()
+    model.after_step_training(runner.train_dataloader)
+    broadcast_buffers_from_main(model)
+    iou = _score_step(runner, protocol, t)
+    if is_main_process():
+        save_weights(model, paths.step_weights(t))
+    _release_mmengine_globals(runner)
+    return iou
 
+
+def evaluate_saved_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
+                        paths: RunPaths, seed: int, deterministic: bool, info,
+                        tag: str) -> dict[int, float]:
+    """Score step ``t``'s saved weights as ``protocol`` scores, training nothing (a cached
+    step 0 trained under a protocol that scores otherwise); returns as
+    ``train_and_evaluate_step``."""
+    step_seed = derive_seed(seed, t)
+    set_random_seed(step_seed, deterministic=deterministic)
+    model = build_model(cfg, method.model_type, protocol, t)
+    model.load_state_dict(read_state_dict(paths.step_weights(t), 'these weights',
+                                          advice='; --overwrite the run'))
+    prepare_model(model, effective_speed(cfg), training_device())
+    paths.step_work(t).mkdir(parents=True, exist_ok=True)
+    runner = _step_runner(cfg, model, protocol, t, split, paths, step_seed, deterministic, info,
+                          tag, resume=False)
+    iou = _score_step(runner, protocol, t)
+    _release_mmengine_globals(runner)
+    return iou
+
+
+def _step_runner(cfg: Config, model, protocol: Protocol, t: int, split: dict, paths: RunPaths,
+                 step_seed: int, deterministic: bool, info, tag: str, resume: bool) -> Runner:
+    """The mmengine Runner of step ``t``: its datasets, metric, schedule and hooks."""
     crop = cfg.data.crop_size
     train_set = IncrementalSegDataset(split['train_samples'], train_lut(protocol, t),
                                       TrainTransform(crop), info.classes, seed=step_seed)
     whole_images = protocol.eval_crop == 'whole'
     val_set = IncrementalSegDataset(split['val_samples'], eval_lut(protocol, t),
                                     EvalTransform(None if whole_images else crop), info.classes)
-    class_ids = list(protocol.classes_seen(t))
     # collect_device 'gpu': under DDP the processes' results are gathered with
     # all_gather_object (gloo included), not through a temporary folder in the cwd.
-    metric_cfg = dict(type='cssbench.IncrementalIoUMetric', class_ids=class_ids, prefix='val',
-                      collect_device='gpu')
-    work = paths.step_work(t)
-    work.mkdir(parents=True, exist_ok=True)
-    resuming = repair_last_checkpoint(work)
-    runner = make_mmengine_runner(cfg, model, train_set, val_set, work, step_seed, metric_cfg,
-                                  progress_prefix=f'{tag} step {t}', lr=cfg.schedule.lr[min(t, 1)],
-                                  whole_images=whole_images,
-                                  deterministic=deterministic, resume=resuming)
+    metric_cfg = dict(type='cssbench.IncrementalIoUMetric', class_ids=list(protocol.classes_seen(t)),
+                      prefix='val', collect_device='gpu')
+    runner = make_mmengine_runner(cfg, model, train_set, val_set, paths.step_work(t), step_seed,
+                                  metric_cfg, progress_prefix=f'{tag} step {t}',
+                                  lr=cfg.schedule.lr[min(t, 1)], whole_images=whole_images,
+                                  deterministic=deterministic, resume=resume)
     runner.logger.addFilter(_DropDeprecationNotes())
-    model.before_step_training(runner.train_loop.dataloader)
-    with _trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
-        runner.train()
-    model.after_step_training(runner.train_dataloader)
-    broadcast_buffers_from_main(model)
+    return runner
+
+
+def _score_step(runner: Runner, protocol: Protocol, t: int) -> dict[int, float]:
+    """The IoU per class seen at step ``t`` of the runner's model (NaN: not in the GT)."""
     metrics = runner.val_loop.run()
-    if is_main_process():
-        save_weights(model, paths.step_weights(t))
-    _release_mmengine_globals(runner)
-    return {c: metrics[f'val/IoU.{c}'] for c in class_ids}
+    return {c: metrics[f'val/IoU.{c}'] for c in protocol.classes_seen(t)}
 
 
 def _release_mmengine_globals(runner: Runner) -> None:

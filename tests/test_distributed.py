@@ -36,9 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def evaluate_alone(weights: Path, config: Path, data: Path, step: int) -> dict[str, float]:
+def evaluate_alone(weights: Path, config: Path, data: Path, step: int,
+                   protocol_name: str = PROTOCOL) -> dict[str, float]:
     """IoU per class of the saved model over the step's whole val set, in this one process."""
-    protocol, cfg = load_protocol(PROTOCOL), load_config(str(config))
+    protocol, cfg = load_protocol(protocol_name), load_config(str(config))
     model = build_model(cfg, get_method('sdr').model_type, protocol, step)
     model.load_state_dict(torch.load(weights, weights_only=True))
     index = index_dataset('synth', data, progress=False)
@@ -59,13 +60,17 @@ def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
                       "data = dict(crop_size=32, batch_size=8, eval_batch_size=8, num_workers=0)\n")
     results = tmp_path / 'results'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
-           f'--master_port={free_port()}', '-m', 'cssbench', 'run', '--protocol', PROTOCOL,
-           '--method', 'sdr', '--config', str(config), '--data-root', str(synth32), '--epochs', '1',
-           '--results', str(results), '--run-name', 'ddp']
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    def torchrun(protocol: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
+               f'--master_port={free_port()}', '-m', 'cssbench', 'run', '--protocol', protocol,
+               '--method', 'sdr', '--config', str(config), '--data-root', str(synth32),
+               '--epochs', '1', '--results', str(results), '--run-name', 'ddp']
+        env = dict(os.environ, OMP_NUM_THREADS='1')
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    proc = torchrun(PROTOCOL)
 
     run_dir = results / PROTOCOL / 'sdr' / 'ddp'
     steps = json.loads((run_dir / 'metrics.json').read_text())['steps']
@@ -82,6 +87,19 @@ def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth
     assert stored.keys() == alone.keys()
     for c in stored:
         assert stored[c] == pytest.approx(alone[c], abs=1e-6, nan_ok=True), c
+
+    # A protocol that scores otherwise takes that step 0 from the step-0 cache, and the two
+    # processes evaluate it, untrained, as one process does.
+    other = tmp_path / 'unseen-as-background.yaml'
+    other.write_text(f'name: unseen-as-background\ndataset: synth\nmode: overlap\n'
+                     f'steps: {load_protocol(PROTOCOL).to_dict()["steps"]}\neval_unseen: background\n')
+    proc = torchrun(str(other))
+    assert 'step 0: evaluating it' in proc.stdout
+    step0 = json.loads((results / 'unseen-as-background' / 'sdr' / 'ddp' / 'steps' / 'step0.json').read_text())
+    alone = evaluate_alone(run_dir / 'work' / 'step0' / 'model.pth', config, synth32, 0, str(other))
+    assert step0['iou'] != steps[0]['iou'] and step0['iou'].keys() == alone.keys()
+    for c, v in step0['iou'].items():
+        assert (float('nan') if v is None else v) == pytest.approx(alone[c], abs=1e-6, nan_ok=True), c
 
 
 def _prototype_update_on_half_batch(rank: int, port: int, features, labels, out) -> None:

@@ -301,6 +301,51 @@ def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(
     assert (runs / 'lwf' / 'e2' / 'work' / 'step0' / 'model.pth').read_bytes() != ft_weights
 
 
+def test_protocols_sharing_their_first_step_share_its_model_and_score_it_their_own_way(
+        synth32, config32, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(synth32, data)
+    join_val_images_in_pairs(data)   # central crops and whole images score differently
+    files = {}
+    for name, extra in (('three-steps', 'steps: ["0-15", [16, 17], "18-20"]\n'),
+                        ('whole', 'steps: ["0-15", "16-20"]\neval_crop: whole\n')):
+        files[name] = tmp_path / f'{name}.yaml'
+        files[name].write_text(f'name: {name}\ndataset: synth\nmode: overlap\n{extra}')
+    kwargs = dict(config=str(config32), data_root=str(data), epochs=1,
+                  results_root=tmp_path / 'results', run_name='r')
+    weights = lambda protocol, run='r': (tmp_path / 'results' / protocol / 'ft' / run / 'work'
+                                         / 'step0' / 'model.pth').read_bytes()
+    five = run_protocol('synth-15-5-overlap', 'ft', **kwargs, log=lambda *a: None)
+    assert five[0]['step0_cache'] is None
+
+    # Other later steps: step 0's model and its scores come from the cache.
+    messages = []
+    three = run_protocol(str(files['three-steps']), 'ft', **kwargs, log=messages.append)
+    assert any('reusing the cached step-0 model' in m for m in messages)
+    assert not any('evaluating it' in m for m in messages)
+    assert three[0]['step0_cache'] and three[0]['iou'] == five[0]['iou']
+    assert weights('three-steps') == weights('synth-15-5-overlap')
+
+    # Scored otherwise (whole images): the same model, evaluated anew, as training it afresh
+    # under this protocol would have scored it; the scores are then cached beside the others.
+    messages = []
+    whole = run_protocol(str(files['whole']), 'ft', **kwargs, log=messages.append)
+    assert any('evaluating it: it was not yet scored as this protocol scores (eval_unseen: ignore, eval_crop: whole)' in m
+               for m in messages)
+    assert whole[0]['step0_cache'] and weights('whole') == weights('synth-15-5-overlap')
+    assert whole[0]['iou'] != five[0]['iou']
+    fresh = run_protocol(str(files['whole']), 'ft', **dict(kwargs, run_name='fresh'),
+                         step0_cache=False, log=lambda *a: None)
+    assert fresh[0]['step0_cache'] is None and fresh[0]['iou'] == whole[0]['iou']
+    retrained = torch.load(tmp_path / 'results' / 'whole' / 'ft' / 'fresh' / 'work' / 'step0' / 'model.pth')
+    cached = torch.load(tmp_path / 'results' / 'whole' / 'ft' / 'r' / 'work' / 'step0' / 'model.pth')
+    assert retrained.keys() == cached.keys() and all(torch.equal(retrained[k], cached[k]) for k in cached)
+    messages = []
+    again = run_protocol(str(files['whole']), 'ft', **dict(kwargs, run_name='again'),
+                         log=messages.append)
+    assert not any('evaluating it' in m for m in messages) and again[0]['iou'] == whole[0]['iou']
+
+
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
     from cssbench.runner import load_config
     assert load_config('deeplabv3-r101', dataset='ade').schedule.epochs == 60   # the papers' ADE20K

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
+from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cssbench.splits as splits
 from cssbench.cli import main
+from cssbench.datasets import eval_lut, train_lut
 from cssbench.errors import DatasetError
 from cssbench.metrics import range_label
-from cssbench.protocols import load_protocol
+from cssbench.protocols import available_protocols, load_protocol
 from cssbench.splits import compute_splits, index_dataset, keep_for_step, protocol_splits
 from conftest import make_voc_tree, mask_with
 
@@ -350,3 +354,36 @@ def test_disjoint_keeps_an_image_holding_every_allowed_value() -> None:
     assert keep_for_step({0, 1, 2, 255}, {0, 1, 2}, set(), 'disjoint') is True
     # one value beyond the allowed set drops it
     assert keep_for_step(allowed | {18}, {17}, {0, 3}, 'disjoint') is False
+
+
+def test_protocols_agreeing_on_their_first_step_train_and_score_step_0_alike() -> None:
+    # The step-0 cache shares one model among protocols with equal first_step_training():
+    # their step-0 images, training targets and (same evaluation) val images and scores agree,
+    # checked on random label sets over every pair of shipped protocols of a dataset.
+    rng = np.random.default_rng(0)
+    protocols = [load_protocol(n).with_class_order(seed) for n in available_protocols()
+                 for seed in (0, 1)]
+    shared = 0
+    for dataset in ('voc', 'ade'):
+        classes = 21 if dataset == 'voc' else 151
+        label_sets = {split: {f'{split}{i}': tuple(sorted({0, *rng.choice(classes, rng.integers(1, 4))}))
+                              for i in range(400)} for split in ('train', 'val')}
+        ofs = [p for p in protocols if p.dataset == dataset]
+        for a, b in combinations(ofs, 2):
+            if a.first_step_training() != b.first_step_training():
+                continue
+            shared += a.steps != b.steps
+            assert compute_splits(a, label_sets)[0] == compute_splits(b, label_sets)[0]
+            assert np.array_equal(train_lut(a, 0), train_lut(b, 0))
+            if a.evaluation == b.evaluation:
+                assert np.array_equal(eval_lut(a, 0), eval_lut(b, 0))
+    assert shared >= 4   # 15-1 / 15-5 and 10-1 / 10-10, overlapped and disjoint (and ADE's)
+    first = lambda name, **kw: replace(load_protocol(name), **kw).first_step_training()
+    assert first('voc-15-1-overlap') == first('voc-15-5-overlap') == first(
+        'voc-15-1-overlap', eval_crop='whole', eval_unseen='background')
+    assert first('voc-15-1-overlap') != first('voc-15-1-disjoint')       # the mode
+    assert first('voc-15-1-overlap') != first('voc-15-1-overlap-plop')   # train_ignore
+    assert first('voc-15-1-overlap') != first('voc-10-1-overlap')        # step 0's classes
+    assert first('voc-15-1-overlap') != first('synth-15-1-overlap')      # the dataset
+    drawn = load_protocol('voc-15-1-overlap-random')
+    assert drawn.with_class_order(0).first_step_training() != drawn.with_class_order(1).first_step_training()
