@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated cache folder and a tiny Pascal VOC tree writer."""
+"""Shared fixtures: the CPU for every test but the GPU ones, an isolated cache folder, and a
+tiny Pascal VOC tree writer."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,19 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu_outside_test_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test but test_gpu.py's runs on the CPU, also on a machine with a GPU (and so do
+    the processes it starts): they check results bit for bit (a resumed run ends as an
+    uninterrupted one, a cached step 0 scores as a fresh one), which cuDNN's nondeterministic
+    kernels would not give. test_gpu.py tests the GPU."""
+    if request.node.path.name != 'test_gpu.py':
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
 
 
 @pytest.fixture(autouse=True)

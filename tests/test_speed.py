@@ -51,10 +51,9 @@ def test_bad_speed_settings_are_refused(section, flags, message):
 def test_on_cpu_a_run_stays_fp32_contiguous_and_its_config_digest_is_unchanged():
     cfg = load_config('small', compile=True)
     assert cfg.speed['amp'] == 'bfloat16'  # requested (the record shows what applies)
-    if not torch.cuda.is_available():
-        assert speed_record(cfg) == dict(device='cpu', amp='float32', channels_last=False,
-                                         cudnn_benchmark=False, compile=True, world_size=1,
-                                         batch_per_process=8, sync_bn=False)
+    assert speed_record(cfg) == dict(device='cpu', amp='float32', channels_last=False,
+                                     cudnn_benchmark=False, compile=True, world_size=1,
+                                     batch_per_process=8, sync_bn=False)
     assert Speed(amp='bfloat16', channels_last=True).on('cpu') == Speed(
         amp=None, channels_last=False, cudnn_benchmark=False)
     assert {_config_digest(load_config('small', **flags))
