@@ -26,6 +26,7 @@ import subprocess
 import time
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -640,35 +641,67 @@ def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-# A cached step 0 is a folder of the cache named by its key: model.pth, model.json (who
-# trained it, in how long), and an iou-<evaluation>.json for each evaluation it was scored by.
-def _step0_iou_file(cached: Path, protocol: Protocol) -> Path:
-    return cached / f'iou-{"-".join(protocol.evaluation.values())}.json'   # iou-ignore-center.json
+# A cached step 0 is a folder of the cache named by its key: model.pth, model.json (its
+# digest, who trained it, in how long), and an iou-<evaluation>.json for each evaluation it was
+# scored by, holding the digest of the weights it scored: IoUs are only ever paired with those.
+def _step0_entry(key: str) -> Path:
+    return cache_dir('step0') / key
+
+
+def _step0_iou_file(entry: Path, protocol: Protocol) -> Path:
+    return entry / f'iou-{"-".join(protocol.evaluation.values())}.json'   # iou-ignore-center.json
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def _read_record(path: Path, digest: str) -> dict | None:
+    """A cache record (JSON) about the weights of ``digest``; None if absent, unreadable, or
+    about other weights."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get('model') == digest else None
 
 
 @decided_by_main
 def _reuse_cached_step0(key: str, protocol: Protocol, paths: RunPaths) -> dict | None:
-    """Copy a cached step-0 model into the run; returns its record with its IoUs under
-    ``protocol``'s evaluation (``iou`` None if it was never scored so), or None if absent."""
-    cached = cache_dir('step0', key)
-    if not ((cached / 'model.pth').exists() and (cached / 'model.json').exists()):
+    """Copy a cached step-0 model into the run; returns its record (``trained_in_s``, ``run``:
+    None if unknown) with its IoUs under ``protocol``'s evaluation (``iou``: None if those
+    weights were never scored so), or None if no whole model is cached."""
+    entry = _step0_entry(key)
+    if not zipfile.is_zipfile(entry / 'model.pth'):   # absent, or cut short: train it
         return None
-    atomic_copy(cached / 'model.pth', paths.step_weights(0))
-    record = json.loads((cached / 'model.json').read_text())
-    scores = _step0_iou_file(cached, protocol)
-    record['iou'] = json.loads(scores.read_text())['iou'] if scores.exists() else None
-    return record
+    atomic_copy(entry / 'model.pth', paths.step_weights(0))
+    digest = _file_digest(paths.step_weights(0))  # the weights copied, whatever came since
+    record = _read_record(entry / 'model.json', digest) or dict(trained_in_s=None, run=None)
+    scores = _read_record(_step0_iou_file(entry, protocol), digest)
+    return dict(record, iou=scores.get('iou') if scores else None)
 
 
 def _store_step0(key: str, paths: RunPaths, wall_time_s: float) -> None:
-    cached = cache_dir('step0', key)
-    atomic_copy(paths.step_weights(0), cached / 'model.pth')
-    atomic_write_json(cached / 'model.json', dict(trained_in_s=wall_time_s, run=str(paths.results)))
+    """Cache the run's step-0 weights, unless a whole model is cached already: the first one
+    stays, with the IoUs stored for it."""
+    entry = _step0_entry(key)
+    if zipfile.is_zipfile(entry / 'model.pth'):
+        return
+    atomic_copy(paths.step_weights(0), entry / 'model.pth')
+    atomic_write_json(entry / 'model.json', dict(model=_file_digest(paths.step_weights(0)),
+                                                 trained_in_s=wall_time_s, run=str(paths.results)))
 
 
 def _store_step0_iou(key: str, protocol: Protocol, paths: RunPaths, iou: dict[int, float]) -> None:
-    atomic_write_json(_step0_iou_file(cache_dir('step0', key), protocol),
-                      dict(iou={str(c): v for c, v in iou.items()}, run=str(paths.results)))
+    """Cache the IoUs the run's step-0 weights scored under ``protocol``'s evaluation, if
+    those are the cached weights."""
+    entry, digest = _step0_entry(key), _file_digest(paths.step_weights(0))
+    if not (entry / 'model.pth').exists() or _file_digest(entry / 'model.pth') != digest:
+        return
+    atomic_write_json(_step0_iou_file(entry, protocol),
+                      dict(model=digest, iou={str(c): v for c, v in iou.items()},
+                           run=str(paths.results)))
 
 
 def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
@@ -699,8 +732,10 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
             _store_step0(step0_key, paths, round(time.time() - step_start, 1))
             _store_step0_iou(step0_key, steps_protocol, paths, iou)
     else:
+        trained = (f'; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]}'
+                   if cached['run'] else '')
         log(f'{tag} step 0: reusing the cached step-0 model {step0_key} (same first step, data, '
-            f'config and seed; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]})')
+            f'config and seed{trained})')
         if cached['iou'] is None:
             settings = ', '.join(f'{k}: {v}' for k, v in steps_protocol.evaluation.items())
             log(f'{tag} step 0: evaluating it: it was not yet scored as this protocol scores '
@@ -760,17 +795,16 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     work = paths.step_work(t)
     work.mkdir(parents=True, exist_ok=True)
     resuming = repair_last_checkpoint(work)
-    runner = _step_runner(cfg, model, protocol, t, split, paths, step_seed, deterministic, info,
-                          tag, resume=resuming)
-    model.before_step_training(runner.train_loop.dataloader)
-    with _trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
-        runner.train()
-    model.after_step_training(runner.train_dataloader)
-    broadcast_buffers_from_main(model)
-    iou = _score_step(runner, protocol, t)
+    with _step_runner(cfg, model, protocol, t, split, paths, step_seed, deterministic, info, tag,
+                      resume=resuming) as runner:
+        model.before_step_training(runner.train_loop.dataloader)
+        with _trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
+            runner.train()
+        model.after_step_training(runner.train_dataloader)
+        broadcast_buffers_from_main(model)
+        iou = _score_step(runner, protocol, t)
     if is_main_process():
         save_weights(model, paths.step_weights(t))
-    _release_mmengine_globals(runner)
     return iou
 
 
@@ -787,16 +821,16 @@ def evaluate_saved_step(cfg: Config, method: Method, protocol: Protocol, t: int,
                                           advice='; --overwrite the run'))
     prepare_model(model, effective_speed(cfg), training_device())
     paths.step_work(t).mkdir(parents=True, exist_ok=True)
-    runner = _step_runner(cfg, model, protocol, t, split, paths, step_seed, deterministic, info,
-                          tag, resume=False)
-    iou = _score_step(runner, protocol, t)
-    _release_mmengine_globals(runner)
-    return iou
+    with _step_runner(cfg, model, protocol, t, split, paths, step_seed, deterministic, info, tag,
+                      resume=False) as runner:
+        return _score_step(runner, protocol, t)
 
 
+@contextlib.contextmanager
 def _step_runner(cfg: Config, model, protocol: Protocol, t: int, split: dict, paths: RunPaths,
-                 step_seed: int, deterministic: bool, info, tag: str, resume: bool) -> Runner:
-    """The mmengine Runner of step ``t``: its datasets, metric, schedule and hooks."""
+                 step_seed: int, deterministic: bool, info, tag: str, resume: bool) -> Iterator[Runner]:
+    """The mmengine Runner of step ``t`` (its datasets, metric, schedule and hooks), for the
+    block; its globals and loader workers are released after it, also after an error."""
     crop = cfg.data.crop_size
     train_set = IncrementalSegDataset(split['train_samples'], train_lut(protocol, t),
                                       TrainTransform(crop), info.classes, seed=step_seed)
@@ -812,7 +846,10 @@ def _step_runner(cfg: Config, model, protocol: Protocol, t: int, split: dict, pa
                                   lr=cfg.schedule.lr[min(t, 1)], whole_images=whole_images,
                                   deterministic=deterministic, resume=resume)
     runner.logger.addFilter(_DropDeprecationNotes())
-    return runner
+    try:
+        yield runner
+    finally:
+        _release_mmengine_globals(runner)
 
 
 def _score_step(runner: Runner, protocol: Protocol, t: int) -> dict[int, float]:
@@ -825,10 +862,10 @@ def _release_mmengine_globals(runner: Runner) -> None:
     """Each Runner registers a logger (with an open log file), a visualizer and a default
     scope under its experiment name, and its loaders keep worker processes; release them all, so that steps
     leak no files or processes and names never clash."""
-    for loader in (runner.train_dataloader, runner.val_dataloader):
+    for loop in (runner._train_loop, runner._val_loop):   # those built: a loop, not its config
         # Persistent loader workers would otherwise be joined whenever the garbage collector
         # gets to the loader, stalling whatever runs then (seconds per worker).
-        iterator = getattr(loader, '_iterator', None)
+        iterator = getattr(getattr(loop, 'dataloader', None), '_iterator', None)
         if iterator is not None and hasattr(iterator, '_shutdown_workers'):
             iterator._shutdown_workers()
     logger = runner.logger

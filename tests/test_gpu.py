@@ -1,7 +1,8 @@
 """The fast path on a GPU: bf16 losses track fp32's, channels_last computes what the contiguous
 layout does, a compiled step matches the eager one, no method's training iteration waits for
-the GPU, a fast-path run completes (with whole-image evaluation too), and (with two GPUs) a
-torchrun run with NCCL and SyncBN. Skipped without CUDA."""
+the GPU, a fast-path run completes (with whole-image evaluation too, and a cached step 0
+evaluated alone), and (with two GPUs) a torchrun run with NCCL and SyncBN. Skipped without
+CUDA."""
 from __future__ import annotations
 
 import json
@@ -104,19 +105,31 @@ def test_a_fast_path_run_completes_and_records_its_settings(synth32, config32, t
     assert (record['device'], record['amp'], record['channels_last']) == ('cuda', 'bfloat16', True)
 
 
-def test_a_fast_path_run_scores_whole_images_of_two_sizes(synth32, config32, tmp_path):
+def test_a_fast_path_run_scores_whole_images_of_two_sizes(synth32, config32, tmp_path,
+                                                         isolated_cache):
     data = tmp_path / 'data'
     shutil.copytree(synth32, data)
     join_val_images_in_pairs(data)
     protocol = tmp_path / 'whole.yaml'
     protocol.write_text('name: whole\ndataset: synth\nmode: overlap\nsteps: ["0-15", "16-20"]\n'
                         'eval_crop: whole\n')
-    steps = run_protocol(str(protocol), 'sdr', config=str(config32), data_root=str(data),
-                         epochs=1, results_root=tmp_path / 'results', run_name='whole',
-                         log=lambda *a: None)
+    kwargs = dict(config=str(config32), data_root=str(data), epochs=1,
+                  results_root=tmp_path / 'results')
+    steps = run_protocol(str(protocol), 'sdr', **kwargs, run_name='whole', log=lambda *a: None)
     assert [s['step'] for s in steps] == [0, 1]
     assert all(0.0 <= v <= 1.0 for v in steps[1]['iou'].values() if v is not None)
     assert torch.backends.cudnn.benchmark   # training's mode, set again after evaluating
+
+    # The cached step 0, evaluated without training, scores as the run that trained it did.
+    scores = list((isolated_cache / 'step0').glob('*/iou-*.json'))
+    assert len(scores) == 1
+    scores[0].unlink()
+    messages = []
+    again = run_protocol(str(protocol), 'sdr', **kwargs, run_name='again', log=messages.append)
+    assert any('step 0: evaluating it' in m for m in messages)
+    assert again[0]['iou'].keys() == steps[0]['iou'].keys()
+    for c, v in steps[0]['iou'].items():
+        assert again[0]['iou'][c] == (None if v is None else pytest.approx(v, abs=1e-3)), c
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')

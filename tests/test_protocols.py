@@ -198,8 +198,8 @@ def test_parse_valid_mixed_items() -> None:
 
 
 def test_eval_unseen_is_recorded_only_where_it_is_not_the_default() -> None:
-    # protocols (and the split and step-0 caches keyed by their fingerprints) written before
-    # the field existed stay as they were
+    # protocols (and the split caches keyed by their fingerprints) written before the field
+    # existed stay as they were
     reference, plop = load_protocol('voc-15-1-overlap'), load_protocol('voc-15-1-overlap-plop')
     assert 'eval_unseen' not in reference.to_dict()
     assert plop.to_dict()['eval_unseen'] == 'background'

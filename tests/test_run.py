@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ from cssbench.errors import UserError
 from cssbench.methods import get_method
 from cssbench.metrics import confusion_matrix, iou_per_class
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model, load_config, run_protocol
-from cssbench.speed import autocast, effective_speed, prepare_model, training_device
+from cssbench.runner import (RunPaths, _reuse_cached_step0, _store_step0, _store_step0_iou,
+                             build_model, load_config, run_protocol)
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
@@ -89,8 +90,7 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
 
 
 def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32, config32,
-                                                                          tmp_path, capsys,
-                                                                          monkeypatch):
+                                                                          tmp_path, capsys):
     data = tmp_path / 'data'
     shutil.copytree(synth32, data)
     join_val_images_in_pairs(data)   # synth32 is the VOC2012 folder
@@ -105,13 +105,11 @@ def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32
     assert json.loads((run_dir / 'run.json').read_text())['protocol']['eval_crop'] == 'whole'
 
     # The stored IoU is the step-1 model's over the whole images, not over their central
-    # squares (evaluated here as the run evaluates: on its device, in its regime).
+    # squares (evaluated here as the run evaluates, on the CPU in fp32).
     protocol, cfg = load_protocol(str(protocol_file)), load_config(str(config32))
     model = build_model(cfg, get_method('ft').model_type, protocol, 1)
     model.load_state_dict(torch.load(run_dir / 'work' / 'step1' / 'model.pth'))
-    speed = effective_speed(cfg)
-    prepare_model(model, speed, training_device()).eval()
-    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    model.eval()
     index = index_dataset('synth', data, progress=False)
     val = select(index.samples['val'], protocol_splits(protocol, index)[1]['val'])
     assert {tuple(s['data_samples'].shape) for s in IncrementalSegDataset(val, eval_lut(protocol, 1))} \
@@ -119,9 +117,8 @@ def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32
 
     def iou_scoring(transform) -> np.ndarray:
         dataset = IncrementalSegDataset(val, eval_lut(protocol, 1), transform)
-        with autocast(speed.amp):
-            cm = sum(confusion_matrix(out['pred'], out['gt'], 21)
-                     for item in dataset for out in model.val_step(default_collate([item])))
+        cm = sum(confusion_matrix(out['pred'], out['gt'], 21)
+                 for item in dataset for out in model.val_step(default_collate([item])))
         return iou_per_class(cm.cpu().numpy())
 
     stored = np.array([np.nan if v is None else v for v in steps[1]['iou'].values()])
@@ -343,6 +340,36 @@ def test_protocols_sharing_their_first_step_share_its_model_and_score_it_their_o
     again = run_protocol(str(files['whole']), 'ft', **dict(kwargs, run_name='again'),
                          log=messages.append)
     assert not any('evaluating it' in m for m in messages) and again[0]['iou'] == whole[0]['iou']
+
+
+def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, isolated_cache):
+    protocol = load_protocol('voc-15-1-overlap')
+    whole = replace(protocol, eval_crop='whole')
+    a, b, c = (RunPaths(tmp_path / name, tmp_path / name / 'work') for name in 'abc')
+    for value, paths in ((1.0, a), (2.0, b)):
+        paths.step_weights(0).parent.mkdir(parents=True)
+        torch.save({'w': torch.tensor([value])}, paths.step_weights(0))
+    weight_of = lambda paths: float(torch.load(paths.step_weights(0))['w'])
+    # a and b trained the same step 0 at once, not bit for bit (as on a GPU): a's, stored
+    # first, stays, with a's IoUs; b's IoUs, of other weights, are not stored.
+    for paths, iou in ((a, {0: 0.5}), (b, {0: 0.25})):
+        _store_step0('k', paths, 1.0)
+        _store_step0_iou('k', protocol, paths, iou)
+    reused = _reuse_cached_step0('k', protocol, c)
+    assert (reused['iou'], reused['run'], weight_of(c)) == ({'0': 0.5}, str(a.results), 1.0)
+    assert _reuse_cached_step0('k', whole, c)['iou'] is None   # never scored so
+    _store_step0_iou('k', whole, c, {0: 0.75})                # c holds a copy of a's weights
+    assert _reuse_cached_step0('k', whole, c)['iou'] == {'0': 0.75}
+
+    entry = isolated_cache / 'step0' / 'k'
+    (entry / 'iou-ignore-center.json').write_text('{"model": ')   # damaged: scored again
+    assert _reuse_cached_step0('k', protocol, c)['iou'] is None
+    model = (entry / 'model.pth').read_bytes()
+    (entry / 'model.pth').write_bytes(model[:len(model) // 2])    # cut short: trained again
+    assert _reuse_cached_step0('k', protocol, c) is None
+    _store_step0('k', b, 2.0)
+    reused = _reuse_cached_step0('k', whole, c)
+    assert (reused['iou'], reused['run'], weight_of(c)) == (None, str(b.results), 2.0)
 
 
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
