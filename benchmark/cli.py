@@ -6,8 +6,12 @@ import os
 import select
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .protocols import Protocol
 
 DEFAULT_RESULTS = 'results'
 FORMATS = ('md', 'csv', 'latex')
@@ -59,31 +63,40 @@ def cmd_make_synth(args) -> None:
 def cmd_run(args) -> None:
     from .distributed import is_main_process, start_from_env
     from .methods import get_method, method_names
-    from .protocols import load_protocol
     from .runner import check_model_settings, load_config, run_is_stored, run_protocol
+    from .splits import resolve_data_root
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
-    protocol = load_protocol(args.protocol)  # every input checked before the first step trains
-    cfg = load_config(args.config, args.epochs, dataset=protocol.dataset, compile=args.compile,
-                      fp32=args.fp32)
+    # Every input is checked before the first step trains.
+    protocols = load_protocols(args.protocol)
+    datasets = sorted({p.dataset for p in protocols.values()})
+    if args.data_root and len(datasets) > 1:
+        raise UserError(f'--data-root is the folder of one dataset, and these protocols are on '
+                        f'{" and ".join(datasets)}: run them apart')
     methods = method_names(args.method)
-    for method in methods:
-        check_model_settings(cfg, get_method(method).model_type)
+    for dataset in datasets:
+        cfg = load_config(args.config, args.epochs, dataset=dataset, compile=args.compile,
+                          fp32=args.fp32)
+        for method in methods:
+            check_model_settings(cfg, get_method(method).model_type)
+    for dataset in set(datasets) - {'synth'}:   # synth's default folder is generated
+        resolve_data_root(dataset, args.data_root)   # no folder given: refused now
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
-    runs = [(seed, method, args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
-            for seed in seeds for method in methods]
+    runs = [(given, seed, method,   # given: the protocol's name or path, as --protocol has it
+             args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
+            for given in protocols for seed in seeds for method in methods]
     several = len(runs) > 1
     # A command of several runs continues as a whole: the runs it finished are kept, and
     # --resume asks only that it was started.
     if several and args.work_dir:
         raise UserError('--work-dir holds the checkpoints of one run: leave it out with several '
-                        'methods or seeds (each run then works inside its results folder)')
+                        'protocols, methods or seeds (each run then works inside its results folder)')
     if several and args.resume and not any(
-            run_is_stored(args.protocol, method, args.results, run_name, args.config, seed)
-            for seed, method, run_name in runs):
+            run_is_stored(given, method, args.results, run_name, args.config, seed)
+            for given, seed, method, run_name in runs):
         raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
-    for seed, method, run_name in runs:
-        results = run_protocol(args.protocol, method, config=args.config, data_root=args.data_root,
+    for given, seed, method, run_name in runs:
+        results = run_protocol(given, method, config=args.config, data_root=args.data_root,
                                epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
                                run_name=run_name, seed=seed, overwrite=args.overwrite,
                                resume=args.resume and not several, keep_complete=several,
@@ -91,9 +104,25 @@ def cmd_run(args) -> None:
                                keep_epoch_checkpoints=args.keep_epoch_checkpoints,
                                step0_cache=not args.no_step0_cache,
                                compile=args.compile, fp32=args.fp32)
-        print(format_step_table(protocol.name, method, results))
+        print(format_step_table(protocols[given].name, method, results))
     if several and is_main_process():  # rank 0 reads the store
-        print(render_table(args.results, protocol.name, 'md'))
+        for protocol in protocols.values():
+            print(render_table(args.results, protocol.name, 'md'))
+
+
+def load_protocols(text: str) -> dict[str, Protocol]:
+    """``--protocol``'s protocols, by the name or path given: one, or several separated by
+    commas; each loaded (and so checked), none named twice."""
+    from .protocols import load_protocol
+    given = [p.strip() for p in text.split(',') if p.strip()]
+    if not given:
+        raise UserError(f'--protocol: expected a protocol, or several separated by commas, got {text!r}')
+    protocols = {name: load_protocol(name) for name in given}
+    names = [p.name for p in protocols.values()]
+    twice = sorted({n for n in names if names.count(n) > 1} | {g for g in given if given.count(g) > 1})
+    if twice:
+        raise UserError(f'--protocol: {", ".join(twice)} given twice')
+    return protocols
 
 
 def cmd_bench(args) -> None:
@@ -227,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_synth)
 
     p = sub.add_parser('run', help='train and evaluate a method through every step of a protocol')
-    p.add_argument('--protocol', required=True)
+    p.add_argument('--protocol', required=True,
+                   help='a protocol (a name `list` shows, or a .yaml file), or several separated '
+                        'by commas, each run in turn')
     p.add_argument('--method', default='ft',
                    help='a method, several separated by commas, or all (default: ft)')
     p.add_argument('--config', default='small', help='small | deeplabv3-r101 | path to a config .py')

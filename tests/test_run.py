@@ -241,6 +241,36 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
     assert not (tmp_path / 'w').exists()
 
 
+def test_a_command_runs_several_protocols_which_share_their_step0(synth32, config32, tmp_path,
+                                                                  capsys, monkeypatch):
+    three = tmp_path / 'three.yaml'
+    three.write_text('name: three\ndataset: synth\nmode: overlap\nsteps: ["0-15", [16, 17], "18-20"]\n')
+    results = tmp_path / 'results'
+    run = ['run', '--config', str(config32), '--data-root', str(synth32), '--epochs', '1',
+           '--results', str(results)]
+    assert main([*run, '--protocol', f'synth-15-5-overlap, {three}']) == 0
+    out = capsys.readouterr().out
+    steps = {name: json.loads((results / name / 'ft' / 'small32-seed0' / 'metrics.json').read_text())['steps']
+             for name in ('synth-15-5-overlap', 'three')}
+    assert [len(s) for s in steps.values()] == [2, 3]
+    assert steps['synth-15-5-overlap'][0]['step0_cache'] is None and steps['three'][0]['step0_cache']
+    assert steps['three'][0]['iou'] == steps['synth-15-5-overlap'][0]['iou']
+    assert out.index('### synth-15-5-overlap: mIoU') < out.index('### three: mIoU')  # each leaderboard
+
+    # Refused before anything trains: a protocol unknown, given twice, or on another dataset
+    # than --data-root's; none without a folder for its dataset.
+    monkeypatch.delenv('CSSBENCH_VOC_ROOT', raising=False)
+    for protocols, message in (('synth-15-5-overlap,nope', "unknown protocol 'nope'"),
+                               (f'{three},synth-15-5-overlap,{three}', f'--protocol: {three} given twice'),
+                               ('synth-15-5-overlap,voc-15-5-overlap', 'these protocols are on synth and voc')):
+        assert main([*run, '--results', str(tmp_path / 'none'), '--protocol', protocols]) == 2
+        assert message in capsys.readouterr().err
+    assert main(['run', '--protocol', 'synth-15-5-overlap,voc-15-5-overlap', '--results',
+                 str(tmp_path / 'none')]) == 2
+    assert 'pass --data-root or set CSSBENCH_VOC_ROOT' in capsys.readouterr().err
+    assert not (tmp_path / 'none').exists()
+
+
 def test_fine_tuning_forgets_joint_does_not_and_mib_and_sdr_forget_less(synth64, tmp_path):
     """The phenomenon the suite measures: after a new step, fine-tuning loses the old classes."""
     config = tmp_path / 'small_bs4.py'  # more updates per epoch: learns in fewer epochs
