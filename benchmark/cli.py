@@ -63,8 +63,8 @@ def cmd_make_synth(args) -> None:
 def cmd_run(args) -> None:
     from .distributed import is_main_process, start_from_env
     from .methods import get_method, method_names
-    from .runner import check_model_settings, load_config, run_is_stored, run_protocol
-    from .splits import resolve_data_root
+    from .runner import (check_model_settings, check_run_inputs, load_config, run_is_stored,
+                         run_protocol)
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     # Every input is checked before the first step trains.
@@ -79,8 +79,6 @@ def cmd_run(args) -> None:
                           fp32=args.fp32)
         for method in methods:
             check_model_settings(cfg, get_method(method).model_type)
-    for dataset in set(datasets) - {'synth'}:   # synth's default folder is generated
-        resolve_data_root(dataset, args.data_root)   # no folder given: refused now
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     runs = [(given, seed, method,   # given: the protocol's name or path, as --protocol has it
              args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
@@ -95,6 +93,14 @@ def cmd_run(args) -> None:
             run_is_stored(given, method, args.results, run_name, args.config, seed)
             for given, seed, method, run_name in runs):
         raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
+    if several:   # each run's data and protocol name, before the first trains
+        checked = set()
+        for given, seed, method, run_name in runs:
+            if (given, seed, get_method(method).joint) not in checked:  # what the checks read
+                checked.add((given, seed, get_method(method).joint))
+                check_run_inputs(given, method, config=args.config, data_root=args.data_root,
+                                 epochs=args.epochs, results_root=args.results,
+                                 run_name=run_name, seed=seed)
     for given, seed, method, run_name in runs:
         results = run_protocol(given, method, config=args.config, data_root=args.data_root,
                                epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
@@ -114,7 +120,10 @@ def load_protocols(text: str) -> dict[str, Protocol]:
     """``--protocol``'s protocols, by the name or path given: one, or several separated by
     commas; each loaded (and so checked), none named twice."""
     from .protocols import load_protocol
-    given = [p.strip() for p in text.split(',') if p.strip()]
+    if Path(text).is_file():   # a path with a comma in it
+        given = [text]
+    else:
+        given = [p.strip() for p in text.split(',') if p.strip()]
     if not given:
         raise UserError(f'--protocol: expected a protocol, or several separated by commas, got {text!r}')
     protocols = {name: load_protocol(name) for name in given}

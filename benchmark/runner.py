@@ -53,7 +53,7 @@ from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
 from .speed import (effective_speed, optim_wrapper_config, prepare_model, resolve_speed,
                     training_device, val_loop_config)
-from .splits import index_dataset, protocol_splits, resolve_data_root, select
+from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
 from .store import CorruptRun, open_store, read_json_object
 from .tables import format_step_table, steps_to_csv
 from .transforms import EvalTransform, TrainTransform
@@ -573,19 +573,8 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     elif resume and not run_file.exists():
         raise UserError(f'{paths.results}: no run to resume')
 
-    _check_protocol_name(paths.results.parent.parent, protocol)
-    # The data is checked before --overwrite deletes anything: a bad input loses nothing.
-    steps_protocol = steps_of(protocol, method)
-    root = resolve_data_root(protocol.dataset, data_root, progress=progress)
-    index = index_dataset(protocol.dataset, root, progress=progress)
-    splits = protocol_splits(steps_protocol, index)
-    for t, split in enumerate(splits):
-        split['train_samples'] = select(index.samples['train'], split['train'])
-        split['val_samples'] = select(index.samples['val'], split['val'])
-        if len(split['train_samples']) < cfg.data.batch_size:   # whole batches only: no update
-            raise UserError(f'{root}: step {t} of {protocol.name} has {len(split["train_samples"])} '
-                            f'training images, fewer than a batch ({cfg.data.batch_size}): it would '
-                            f'train nothing; use a config with a smaller data.batch_size')
+    # The inputs are checked before --overwrite deletes anything: a bad input loses nothing.
+    root, index, splits = _checked_inputs(protocol, method, cfg, data_root, paths.results, progress)
     identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
                     method=method.name, config_digest=digest, seed=seed)
     _check_work_dir(paths, identity, overwrite)
@@ -612,6 +601,37 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     run['speed_history'] = [*earlier_speeds, run['speed']]   # every session's (store.run_regime)
     atomic_write_json(run_file, run)
     return dict(run=run, splits=splits)
+
+
+def _checked_inputs(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,
+                    results_dir: Path, progress: bool) -> tuple[Path, DatasetIndex, list[dict]]:
+    """Refuse a run whose protocol takes a name stored for another, whose data does not index,
+    or with a step of fewer training images than a batch; returns the data folder, its index
+    and the per-step splits, with the samples of each."""
+    _check_protocol_name(results_dir.parent.parent, protocol)
+    root = resolve_data_root(protocol.dataset, data_root, progress=progress)
+    index = index_dataset(protocol.dataset, root, progress=progress)
+    splits = protocol_splits(steps_of(protocol, method), index)
+    for t, split in enumerate(splits):
+        split['train_samples'] = select(index.samples['train'], split['train'])
+        split['val_samples'] = select(index.samples['val'], split['val'])
+        if len(split['train_samples']) < cfg.data.batch_size:   # whole batches only: no update
+            raise UserError(f'{root}: step {t} of {protocol.name} has {len(split["train_samples"])} '
+                            f'training images, fewer than a batch ({cfg.data.batch_size}): it would '
+                            f'train nothing; use a config with a smaller data.batch_size')
+    return root, index, splits
+
+
+@decided_by_main
+def check_run_inputs(protocol_name: str, method_name: str, *, config: str, data_root: str | None,
+                     epochs: int | None, results_root: str | Path, run_name: str | None,
+                     seed: int, progress: bool = True) -> None:
+    """What ``run_protocol`` checks of its inputs before it writes anything, alone: a command
+    of several runs checks every run's before the first trains."""
+    protocol, method, _, results_dir = locate_run(protocol_name, method_name, results_root,
+                                                  run_name, config, seed)
+    cfg = load_config(config, epochs, dataset=protocol.dataset)
+    _checked_inputs(protocol, method, cfg, data_root, results_dir, progress)
 
 
 def speed_record(cfg: Config) -> dict:
@@ -667,41 +687,61 @@ def _read_record(path: Path, digest: str) -> dict | None:
     return record if isinstance(record, dict) and record.get('model') == digest else None
 
 
+def _loads(weights: Path) -> bool:
+    """Whether ``weights`` load: a cached model cut short or damaged does not."""
+    try:
+        return isinstance(torch.load(weights, map_location='cpu', weights_only=True), dict)
+    except Exception:  # whatever stops it loading is the file's
+        return False
+
+
 @decided_by_main
 def _reuse_cached_step0(key: str, protocol: Protocol, paths: RunPaths) -> dict | None:
     """Copy a cached step-0 model into the run; returns its record (``trained_in_s``, ``run``:
     None if unknown) with its IoUs under ``protocol``'s evaluation (``iou``: None if those
-    weights were never scored so), or None if no whole model is cached."""
+    weights were never scored so), or None if no model that loads is cached."""
     entry = _step0_entry(key)
-    if not zipfile.is_zipfile(entry / 'model.pth'):   # absent, or cut short: train it
+    try:
+        if not _loads(entry / 'model.pth'):   # absent or damaged: train it
+            return None
+        atomic_copy(entry / 'model.pth', paths.step_weights(0))
+        digest = _file_digest(paths.step_weights(0))  # the weights copied, whatever came since
+    except OSError:   # the entry went away meanwhile
         return None
-    atomic_copy(entry / 'model.pth', paths.step_weights(0))
-    digest = _file_digest(paths.step_weights(0))  # the weights copied, whatever came since
     record = _read_record(entry / 'model.json', digest) or dict(trained_in_s=None, run=None)
     scores = _read_record(_step0_iou_file(entry, protocol), digest)
     return dict(record, iou=scores.get('iou') if scores else None)
 
 
-def _store_step0(key: str, paths: RunPaths, wall_time_s: float) -> None:
-    """Cache the run's step-0 weights, unless a whole model is cached already: the first one
-    stays, with the IoUs stored for it."""
+def _store_step0(key: str, paths: RunPaths, wall_time_s: float, log) -> None:
+    """Cache the run's step-0 weights, unless a model that loads is cached already: that one
+    stays, with the IoUs stored for it. A cache that cannot be written stops no run."""
     entry = _step0_entry(key)
-    if zipfile.is_zipfile(entry / 'model.pth'):
-        return
-    atomic_copy(paths.step_weights(0), entry / 'model.pth')
-    atomic_write_json(entry / 'model.json', dict(model=_file_digest(paths.step_weights(0)),
-                                                 trained_in_s=wall_time_s, run=str(paths.results)))
+    try:
+        if _loads(entry / 'model.pth'):
+            return
+        atomic_copy(paths.step_weights(0), entry / 'model.pth')
+        atomic_write_json(entry / 'model.json', dict(model=_file_digest(paths.step_weights(0)),
+                                                     trained_in_s=wall_time_s,
+                                                     run=str(paths.results)))
+    except OSError as e:
+        log(f'step-0 cache: {entry}: not stored ({e}); the run goes on')
 
 
-def _store_step0_iou(key: str, protocol: Protocol, paths: RunPaths, iou: dict[int, float]) -> None:
+def _store_step0_iou(key: str, protocol: Protocol, paths: RunPaths, iou: dict[int, float],
+                     log) -> None:
     """Cache the IoUs the run's step-0 weights scored under ``protocol``'s evaluation, if
     those are the cached weights."""
-    entry, digest = _step0_entry(key), _file_digest(paths.step_weights(0))
-    if not (entry / 'model.pth').exists() or _file_digest(entry / 'model.pth') != digest:
-        return
-    atomic_write_json(_step0_iou_file(entry, protocol),
-                      dict(model=digest, iou={str(c): v for c, v in iou.items()},
-                           run=str(paths.results)))
+    entry = _step0_entry(key)
+    try:
+        digest = _file_digest(paths.step_weights(0))
+        if not (entry / 'model.pth').exists() or _file_digest(entry / 'model.pth') != digest:
+            return
+        atomic_write_json(_step0_iou_file(entry, protocol),
+                          dict(model=digest, iou={str(c): v for c, v in iou.items()},
+                               run=str(paths.results)))
+    except OSError as e:
+        log(f'step-0 cache: {entry}: IoUs not stored ({e}); the run goes on')
 
 
 def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
@@ -729,8 +769,8 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
                                       deterministic, info, tag)
         if step0_key and is_main_process():
-            _store_step0(step0_key, paths, round(time.time() - step_start, 1))
-            _store_step0_iou(step0_key, steps_protocol, paths, iou)
+            _store_step0(step0_key, paths, round(time.time() - step_start, 1), log)
+            _store_step0_iou(step0_key, steps_protocol, paths, iou, log)
     else:
         trained = (f'; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]}'
                    if cached['run'] else '')
@@ -743,7 +783,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
             iou = evaluate_saved_step(cfg, method, steps_protocol, t, split, paths, seed,
                                       deterministic, info, tag)
             if is_main_process():
-                _store_step0_iou(step0_key, steps_protocol, paths, iou)
+                _store_step0_iou(step0_key, steps_protocol, paths, iou, log)
         else:
             iou = {int(c): (math.nan if v is None else v) for c, v in cached['iou'].items()}
     # Joint training's single step is reported in the protocol's columns (old/new/all).

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+import cssbench.runner as runner
 from cssbench.cli import main
 from cssbench.datasets import IncrementalSegDataset, eval_lut
 from cssbench.errors import UserError
@@ -257,18 +258,34 @@ def test_a_command_runs_several_protocols_which_share_their_step0(synth32, confi
     assert steps['three'][0]['iou'] == steps['synth-15-5-overlap'][0]['iou']
     assert out.index('### synth-15-5-overlap: mIoU') < out.index('### three: mIoU')  # each leaderboard
 
-    # Refused before anything trains: a protocol unknown, given twice, or on another dataset
-    # than --data-root's; none without a folder for its dataset.
+    # Refused before anything trains: a protocol unknown, given twice (by two files of one
+    # name too), on another dataset than --data-root's, with a step of fewer training images
+    # than a batch (config32's 16: synth-15-1-overlap's later steps), or taking the name of
+    # another stored in the results; none without a folder for its dataset.
     monkeypatch.delenv('CSSBENCH_VOC_ROOT', raising=False)
-    for protocols, message in (('synth-15-5-overlap,nope', "unknown protocol 'nope'"),
-                               (f'{three},synth-15-5-overlap,{three}', f'--protocol: {three} given twice'),
-                               ('synth-15-5-overlap,voc-15-5-overlap', 'these protocols are on synth and voc')):
-        assert main([*run, '--results', str(tmp_path / 'none'), '--protocol', protocols]) == 2
+    other_three = tmp_path / 'other' / 'three.yaml'
+    other_three.parent.mkdir()
+    other_three.write_text('name: three\ndataset: synth\nmode: overlap\nsteps: ["0-15", 16, "17-20"]\n')
+    none = tmp_path / 'none'
+    for protocols, results_root, message in (
+            ('synth-15-5-overlap,nope', none, "unknown protocol 'nope'"),
+            (f'{three},synth-15-5-overlap,{three}', none, f'--protocol: {three} given twice'),
+            (f'{three},{other_three}', none, '--protocol: three given twice'),
+            ('synth-15-5-overlap,voc-15-5-overlap', none, 'these protocols are on synth and voc'),
+            ('synth-15-5-overlap,synth-15-1-overlap', none, 'fewer than a batch (16)'),
+            (f'synth-10-10-overlap,{other_three}', results, "another protocol named 'three' has runs stored")):
+        assert main([*run, '--results', str(results_root), '--protocol', protocols]) == 2
         assert message in capsys.readouterr().err
-    assert main(['run', '--protocol', 'synth-15-5-overlap,voc-15-5-overlap', '--results',
-                 str(tmp_path / 'none')]) == 2
+    assert main(['run', '--protocol', 'synth-15-5-overlap,voc-15-5-overlap', '--results', str(none)]) == 2
     assert 'pass --data-root or set CSSBENCH_VOC_ROOT' in capsys.readouterr().err
-    assert not (tmp_path / 'none').exists()
+    assert not none.exists() and not (results / 'synth-10-10-overlap').exists()
+
+    # One protocol file whose path holds a comma is one protocol.
+    comma = tmp_path / 'a,b' / 'five.yaml'
+    comma.parent.mkdir()
+    comma.write_text('name: five\ndataset: synth\nmode: overlap\nsteps: ["0-15", "16-20"]\n')
+    assert main([*run, '--protocol', str(comma)]) == 0
+    assert (results / 'five' / 'ft' / 'small32-seed0' / 'metrics.json').exists()
 
 
 def test_fine_tuning_forgets_joint_does_not_and_mib_and_sdr_forget_less(synth64, tmp_path):
@@ -372,7 +389,8 @@ def test_protocols_sharing_their_first_step_share_its_model_and_score_it_their_o
     assert not any('evaluating it' in m for m in messages) and again[0]['iou'] == whole[0]['iou']
 
 
-def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, isolated_cache):
+def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, isolated_cache,
+                                                                      monkeypatch):
     protocol = load_protocol('voc-15-1-overlap')
     whole = replace(protocol, eval_crop='whole')
     a, b, c = (RunPaths(tmp_path / name, tmp_path / name / 'work') for name in 'abc')
@@ -380,15 +398,16 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
         paths.step_weights(0).parent.mkdir(parents=True)
         torch.save({'w': torch.tensor([value])}, paths.step_weights(0))
     weight_of = lambda paths: float(torch.load(paths.step_weights(0))['w'])
+    messages = []
     # a and b trained the same step 0 at once, not bit for bit (as on a GPU): a's, stored
     # first, stays, with a's IoUs; b's IoUs, of other weights, are not stored.
     for paths, iou in ((a, {0: 0.5}), (b, {0: 0.25})):
-        _store_step0('k', paths, 1.0)
-        _store_step0_iou('k', protocol, paths, iou)
+        _store_step0('k', paths, 1.0, messages.append)
+        _store_step0_iou('k', protocol, paths, iou, messages.append)
     reused = _reuse_cached_step0('k', protocol, c)
     assert (reused['iou'], reused['run'], weight_of(c)) == ({'0': 0.5}, str(a.results), 1.0)
     assert _reuse_cached_step0('k', whole, c)['iou'] is None   # never scored so
-    _store_step0_iou('k', whole, c, {0: 0.75})                # c holds a copy of a's weights
+    _store_step0_iou('k', whole, c, {0: 0.75}, messages.append)   # c holds a copy of a's weights
     assert _reuse_cached_step0('k', whole, c)['iou'] == {'0': 0.75}
 
     entry = isolated_cache / 'step0' / 'k'
@@ -397,9 +416,23 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
     model = (entry / 'model.pth').read_bytes()
     (entry / 'model.pth').write_bytes(model[:len(model) // 2])    # cut short: trained again
     assert _reuse_cached_step0('k', protocol, c) is None
-    _store_step0('k', b, 2.0)
+    _store_step0('k', b, 2.0, messages.append)
     reused = _reuse_cached_step0('k', whole, c)
     assert (reused['iou'], reused['run'], weight_of(c)) == (None, str(b.results), 2.0)
+    torch.save(['not', 'weights'], entry / 'model.pth')           # a whole zip, but no weights
+    assert _reuse_cached_step0('k', protocol, c) is None
+    _store_step0('k', a, 1.0, messages.append)
+    assert _reuse_cached_step0('k', protocol, c)['run'] == str(a.results) and weight_of(c) == 1.0
+    assert messages == []
+
+    # A cache that cannot be written stops no run: it says so.
+    def full_disk(*args):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(runner, 'atomic_copy', full_disk)
+    shutil.rmtree(entry)
+    _store_step0('k', b, 2.0, messages.append)
+    assert messages == [f'step-0 cache: {entry}: not stored ([Errno 28] No space left on device); '
+                        f'the run goes on']
 
 
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
