@@ -93,14 +93,15 @@ def cmd_run(args) -> None:
             run_is_stored(given, method, args.results, run_name, args.config, seed)
             for given, seed, method, run_name in runs):
         raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
-    if several:   # each run's data and protocol name, before the first trains
-        checked = set()
+    if several:   # every run's inputs, before the first trains
+        data_checked = set()   # the data checks read the protocol, its drawn order, joint or not
         for given, seed, method, run_name in runs:
-            if (given, seed, get_method(method).joint) not in checked:  # what the checks read
-                checked.add((given, seed, get_method(method).joint))
-                check_run_inputs(given, method, config=args.config, data_root=args.data_root,
-                                 epochs=args.epochs, results_root=args.results,
-                                 run_name=run_name, seed=seed)
+            data = (given, seed, get_method(method).joint)
+            if check_run_inputs(given, method, config=args.config, data_root=args.data_root,
+                                epochs=args.epochs, results_root=args.results, run_name=run_name,
+                                seed=seed, deterministic=args.deterministic,
+                                overwrite=args.overwrite, check_data=data not in data_checked):
+                data_checked.add(data)
     for given, seed, method, run_name in runs:
         results = run_protocol(given, method, config=args.config, data_root=args.data_root,
                                epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,

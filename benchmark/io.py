@@ -10,10 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """``$CSSBENCH_CACHE``, default ``~/.cache/cssbench`` (not created here)."""
+    return Path(os.environ.get('CSSBENCH_CACHE', Path.home() / '.cache' / 'cssbench')).expanduser()
+
+
 def cache_dir(*parts: str) -> Path:
-    """``$CSSBENCH_CACHE`` (default ``~/.cache/cssbench``) joined with ``parts``, created."""
-    base = Path(os.environ.get('CSSBENCH_CACHE', Path.home() / '.cache' / 'cssbench')).expanduser()
-    path = base.joinpath(*parts)
+    """The cache folder joined with ``parts``, created."""
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

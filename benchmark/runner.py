@@ -45,7 +45,7 @@ from .datasets_info import DATASET_INFO
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .errors import UserError
-from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_dir
+from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_root
 from .methods import METHODS, Method, get_method
 from .metrics import summarize_step
 from .models import read_state_dict
@@ -553,31 +553,16 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                overwrite: bool, resume: bool, keep_complete: bool, progress: bool) -> dict | None:
     """Check what the run folder holds, index the data, write run.json; returns the record
     and the per-step splits (with the samples of each), or None for a complete run to keep."""
-    run_file = paths.results / 'run.json'
-    digest = _config_digest(cfg)
-    previous = read_json(run_file) if run_file.exists() and not overwrite else None
-    if previous is not None:
-        if previous.get('config_digest') != digest:
-            raise UserError(f'{paths.results}: a run with another config is stored there; pass '
-                            f'--overwrite to replace it or --run-name to keep both')
-        if previous.get('deterministic', False) != deterministic:
-            flag = 'with' if previous.get('deterministic') else 'without'
-            raise UserError(f'{paths.results}: this run was started {flag} --deterministic; '
-                            f'continue it the same way, or --overwrite it')
-        if previous.get('status') == 'complete':
-            read_json(paths.results / 'metrics.json')   # what `table` would show
-            if keep_complete:
-                return None
-            raise UserError(f'{paths.results}: this run is complete; `cssbench table` shows it, '
-                            f'--overwrite reruns it')
-    elif resume and not run_file.exists():
-        raise UserError(f'{paths.results}: no run to resume')
-
     # The inputs are checked before --overwrite deletes anything: a bad input loses nothing.
-    root, index, splits = _checked_inputs(protocol, method, cfg, data_root, paths.results, progress)
-    identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
-                    method=method.name, config_digest=digest, seed=seed)
+    _check_protocol_name(paths.results.parent.parent, protocol)
+    digest = _config_digest(cfg)
+    previous = _check_stored_run(paths, digest, deterministic, overwrite, resume, keep_complete)
+    if previous is not None and previous.get('status') == 'complete':
+        return None
+    root, index, splits = _checked_data(protocol, method, cfg, data_root, progress)
+    identity = _run_identity(paths, protocol, method, digest, seed)
     _check_work_dir(paths, identity, overwrite)
+    speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
     if overwrite:
         # Only what this run wrote: a --work-dir given by the user may hold other things.
         work_items = [*paths.work.glob('step*'), paths.work / WORK_MARKER] if paths.work.is_dir() else []
@@ -591,7 +576,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                deterministic=deterministic, config_name=config, config=cfg.to_dict(),
                config_digest=digest, data_root=str(root),
                dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
-               environment=environment(), speed=speed_record(cfg), status='running',
+               environment=environment(), speed=speed, status='running',
                started=time.strftime('%Y-%m-%dT%H:%M:%S'))
     earlier_speeds = []
     if previous is not None:   # continued: it started then; this session's code and machine above
@@ -599,16 +584,46 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                    continued=[*previous.get('continued', []), run['started']])
         earlier_speeds = previous.get('speed_history') or [previous.get('speed')]
     run['speed_history'] = [*earlier_speeds, run['speed']]   # every session's (store.run_regime)
-    atomic_write_json(run_file, run)
+    atomic_write_json(paths.results / 'run.json', run)
     return dict(run=run, splits=splits)
 
 
-def _checked_inputs(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,
-                    results_dir: Path, progress: bool) -> tuple[Path, DatasetIndex, list[dict]]:
-    """Refuse a run whose protocol takes a name stored for another, whose data does not index,
-    or with a step of fewer training images than a batch; returns the data folder, its index
-    and the per-step splits, with the samples of each."""
-    _check_protocol_name(results_dir.parent.parent, protocol)
+def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwrite: bool,
+                      resume: bool, keep_complete: bool) -> dict | None:
+    """Refuse a run folder that holds a run this one does not continue (another config,
+    ``--deterministic`` the other way, a complete run unless kept), or none with ``resume``;
+    returns the stored record (None if none, or with ``overwrite``)."""
+    run_file = paths.results / 'run.json'
+    previous = read_json(run_file) if run_file.exists() and not overwrite else None
+    if previous is not None:
+        if previous.get('config_digest') != digest:
+            raise UserError(f'{paths.results}: a run with another config is stored there; pass '
+                            f'--overwrite to replace it or --run-name to keep both')
+        if previous.get('deterministic', False) != deterministic:
+            flag = 'with' if previous.get('deterministic') else 'without'
+            raise UserError(f'{paths.results}: this run was started {flag} --deterministic; '
+                            f'continue it the same way, or --overwrite it')
+        if previous.get('status') == 'complete':
+            read_json(paths.results / 'metrics.json')   # what `table` would show
+            if not keep_complete:
+                raise UserError(f'{paths.results}: this run is complete; `cssbench table` shows '
+                                f'it, --overwrite reruns it')
+    elif resume and not run_file.exists():
+        raise UserError(f'{paths.results}: no run to resume')
+    return previous
+
+
+def _run_identity(paths: RunPaths, protocol: Protocol, method: Method, digest: str, seed: int) -> dict:
+    """What a work dir's marker names: the run whose checkpoints it holds."""
+    return dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(), method=method.name,
+                config_digest=digest, seed=seed)
+
+
+def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,
+                  progress: bool) -> tuple[Path, DatasetIndex, list[dict]]:
+    """Refuse a run whose data does not index, or with a step of fewer training images than a
+    batch; returns the data folder, its index and the per-step splits, with the samples of
+    each."""
     root = resolve_data_root(protocol.dataset, data_root, progress=progress)
     index = index_dataset(protocol.dataset, root, progress=progress)
     splits = protocol_splits(steps_of(protocol, method), index)
@@ -625,13 +640,27 @@ def _checked_inputs(protocol: Protocol, method: Method, cfg: Config, data_root: 
 @decided_by_main
 def check_run_inputs(protocol_name: str, method_name: str, *, config: str, data_root: str | None,
                      epochs: int | None, results_root: str | Path, run_name: str | None,
-                     seed: int, progress: bool = True) -> None:
-    """What ``run_protocol`` checks of its inputs before it writes anything, alone: a command
-    of several runs checks every run's before the first trains."""
+                     seed: int, deterministic: bool, overwrite: bool, check_data: bool = True,
+                     progress: bool = True) -> bool:
+    """What ``run_protocol`` checks of its inputs before it writes anything, alone, for a run
+    of a command of several (which keeps a complete run): such a command checks every run's
+    before the first trains. ``check_data=False`` leaves out the data, checked already for
+    the same protocol and seed. Returns whether the data was checked: a complete run, kept,
+    needs none."""
     protocol, method, _, results_dir = locate_run(protocol_name, method_name, results_root,
                                                   run_name, config, seed)
     cfg = load_config(config, epochs, dataset=protocol.dataset)
-    _checked_inputs(protocol, method, cfg, data_root, results_dir, progress)
+    paths, digest = RunPaths(results_dir, results_dir / 'work'), _config_digest(cfg)
+    _check_protocol_name(results_dir.parent.parent, protocol)
+    previous = _check_stored_run(paths, digest, deterministic, overwrite, resume=False,
+                                 keep_complete=True)
+    if previous is not None and previous.get('status') == 'complete':
+        return False
+    if check_data:
+        _checked_data(protocol, method, cfg, data_root, progress)
+    _check_work_dir(paths, _run_identity(paths, protocol, method, digest, seed), overwrite)
+    speed_record(cfg)   # a batch that the processes cannot share equally
+    return check_data
 
 
 def speed_record(cfg: Config) -> dict:
@@ -665,7 +694,7 @@ def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
 # digest, who trained it, in how long), and an iou-<evaluation>.json for each evaluation it was
 # scored by, holding the digest of the weights it scored: IoUs are only ever paired with those.
 def _step0_entry(key: str) -> Path:
-    return cache_dir('step0') / key
+    return cache_root() / 'step0' / key   # created by its first write
 
 
 def _step0_iou_file(entry: Path, protocol: Protocol) -> Path:
@@ -688,11 +717,16 @@ def _read_record(path: Path, digest: str) -> dict | None:
 
 
 def _loads(weights: Path) -> bool:
-    """Whether ``weights`` load: a cached model cut short or damaged does not."""
-    try:
-        return isinstance(torch.load(weights, map_location='cpu', weights_only=True), dict)
-    except Exception:  # whatever stops it loading is the file's
+    """Whether ``weights`` exist and load: a cached model cut short or damaged does not."""
+    if not weights.is_file():
         return False
+    try:
+        state = torch.load(weights, map_location='cpu', weights_only=True)
+    except (OSError, MemoryError):
+        raise   # the machine's trouble, not the file's
+    except Exception:  # whatever else stops it loading is the file's
+        return False
+    return isinstance(state, dict) and len(state) > 0
 
 
 @decided_by_main

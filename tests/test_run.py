@@ -280,6 +280,14 @@ def test_a_command_runs_several_protocols_which_share_their_step0(synth32, confi
     assert 'pass --data-root or set CSSBENCH_VOC_ROOT' in capsys.readouterr().err
     assert not none.exists() and not (results / 'synth-10-10-overlap').exists()
 
+    # A later run's stored one, of another config (2 epochs, not 1), is refused before an
+    # earlier run trains; and a command whose runs are complete keeps them without their data.
+    assert main([*run, '--protocol', 'synth-15-5-overlap', '--seeds', '1,0', '--epochs', '2']) == 2
+    assert 'small32-seed0: a run with another config is stored there' in capsys.readouterr().err
+    assert not (results / 'synth-15-5-overlap' / 'ft' / 'small32-seed1').exists()
+    assert main([*run, '--protocol', f'synth-15-5-overlap,{three}', '--data-root', str(none)]) == 0
+    assert out.index('### synth-15-5-overlap: mIoU') < out.index('### three: mIoU')
+
     # One protocol file whose path holds a comma is one protocol.
     comma = tmp_path / 'a,b' / 'five.yaml'
     comma.parent.mkdir()
@@ -426,13 +434,19 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
     assert messages == []
 
     # A cache that cannot be written stops no run: it says so.
+    shutil.rmtree(entry.parent)
+    entry.parent.write_text('a file where the cache keeps its step-0 folders')
+    assert _reuse_cached_step0('k', protocol, c) is None
+    _store_step0('k', b, 2.0, messages.append)
+    assert len(messages) == 1 and messages[0].startswith(f'step-0 cache: {entry}: not stored (')
+    entry.parent.unlink()
+
     def full_disk(*args):
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(runner, 'atomic_copy', full_disk)
-    shutil.rmtree(entry)
     _store_step0('k', b, 2.0, messages.append)
-    assert messages == [f'step-0 cache: {entry}: not stored ([Errno 28] No space left on device); '
-                        f'the run goes on']
+    assert messages[1:] == [f'step-0 cache: {entry}: not stored ([Errno 28] No space left on '
+                            f'device); the run goes on']
 
 
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
