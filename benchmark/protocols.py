@@ -159,9 +159,9 @@ class Protocol:
                  steps=[list(s) for s in self.steps], train_ignore=self.train_ignore)
         if self.ordering != 'fixed':  # fixed-order dicts (and fingerprints) stay as they were
             d.update(class_order=self.ordering, class_order_seed=self.ordering_seed)
-        for key in ('eval_unseen', 'eval_crop'):  # likewise
-            if getattr(self, key) != FILE_DEFAULTS[key]:
-                d[key] = getattr(self, key)
+        for key, value in self.evaluation.items():  # likewise
+            if value != FILE_DEFAULTS[key]:
+                d[key] = value
         return d
 
     @cached_property

@@ -553,16 +553,12 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                overwrite: bool, resume: bool, keep_complete: bool, progress: bool) -> dict | None:
     """Check what the run folder holds, index the data, write run.json; returns the record
     and the per-step splits (with the samples of each), or None for a complete run to keep."""
-    # The inputs are checked before --overwrite deletes anything: a bad input loses nothing.
-    _check_protocol_name(paths.results.parent.parent, protocol)
-    digest = _config_digest(cfg)
-    previous = _check_stored_run(paths, digest, deterministic, overwrite, resume, keep_complete)
-    if previous is not None and previous.get('status') == 'complete':
+    checked = _check_run(protocol, method, cfg, paths, seed, deterministic, data_root, overwrite,
+                         resume, keep_complete, check_data=True, progress=progress)
+    if checked is None:
         return None
-    root, index, splits = _checked_data(protocol, method, cfg, data_root, progress)
-    identity = _run_identity(paths, protocol, method, digest, seed)
-    _check_work_dir(paths, identity, overwrite)
-    speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
+    previous, identity = checked.previous, checked.identity
+    root, index, splits = checked.data
     if overwrite:
         # Only what this run wrote: a --work-dir given by the user may hold other things.
         work_items = [*paths.work.glob('step*'), paths.work / WORK_MARKER] if paths.work.is_dir() else []
@@ -574,9 +570,9 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
         atomic_write_json(paths.work / WORK_MARKER, identity)
     run = dict(protocol=protocol.to_dict(), method=method.name, run=run_name, seed=seed,
                deterministic=deterministic, config_name=config, config=cfg.to_dict(),
-               config_digest=digest, data_root=str(root),
+               config_digest=identity['config_digest'], data_root=str(root),
                dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
-               environment=environment(), speed=speed, status='running',
+               environment=environment(), speed=checked.speed, status='running',
                started=time.strftime('%Y-%m-%dT%H:%M:%S'))
     earlier_speeds = []
     if previous is not None:   # continued: it started then; this session's code and machine above
@@ -586,6 +582,36 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     run['speed_history'] = [*earlier_speeds, run['speed']]   # every session's (store.run_regime)
     atomic_write_json(paths.results / 'run.json', run)
     return dict(run=run, splits=splits)
+
+
+@dataclass
+class _CheckedRun:
+    """What a run's checks found: the stored record it continues (None: none), its identity
+    (what its work dir's marker names), its speed record, and its data folder, index and
+    per-step splits (None where the data was left out)."""
+    previous: dict | None
+    identity: dict
+    speed: dict
+    data: tuple[Path, DatasetIndex, list[dict]] | None
+
+
+def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths, seed: int,
+               deterministic: bool, data_root: str | None, overwrite: bool, resume: bool,
+               keep_complete: bool, check_data: bool, progress: bool) -> _CheckedRun | None:
+    """Every check of a run's inputs, none of which writes: they come before --overwrite
+    deletes anything, so a bad input loses nothing. None for a complete run to keep (its
+    data is not read)."""
+    _check_protocol_name(paths.results.parent.parent, protocol)
+    digest = _config_digest(cfg)
+    previous = _check_stored_run(paths, digest, deterministic, overwrite, resume, keep_complete)
+    if previous is not None and previous.get('status') == 'complete':
+        return None
+    data = _checked_data(protocol, method, cfg, data_root, progress) if check_data else None
+    identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
+                    method=method.name, config_digest=digest, seed=seed)
+    _check_work_dir(paths, identity, overwrite)
+    speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
+    return _CheckedRun(previous, identity, speed, data)
 
 
 def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwrite: bool,
@@ -611,12 +637,6 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
     elif resume and not run_file.exists():
         raise UserError(f'{paths.results}: no run to resume')
     return previous
-
-
-def _run_identity(paths: RunPaths, protocol: Protocol, method: Method, digest: str, seed: int) -> dict:
-    """What a work dir's marker names: the run whose checkpoints it holds."""
-    return dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(), method=method.name,
-                config_digest=digest, seed=seed)
 
 
 def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,
@@ -650,17 +670,10 @@ def check_run_inputs(protocol_name: str, method_name: str, *, config: str, data_
     protocol, method, _, results_dir = locate_run(protocol_name, method_name, results_root,
                                                   run_name, config, seed)
     cfg = load_config(config, epochs, dataset=protocol.dataset)
-    paths, digest = RunPaths(results_dir, results_dir / 'work'), _config_digest(cfg)
-    _check_protocol_name(results_dir.parent.parent, protocol)
-    previous = _check_stored_run(paths, digest, deterministic, overwrite, resume=False,
-                                 keep_complete=True)
-    if previous is not None and previous.get('status') == 'complete':
-        return False
-    if check_data:
-        _checked_data(protocol, method, cfg, data_root, progress)
-    _check_work_dir(paths, _run_identity(paths, protocol, method, digest, seed), overwrite)
-    speed_record(cfg)   # a batch that the processes cannot share equally
-    return check_data
+    checked = _check_run(protocol, method, cfg, RunPaths(results_dir, results_dir / 'work'), seed,
+                         deterministic, data_root, overwrite, resume=False, keep_complete=True,
+                         check_data=check_data, progress=progress)
+    return checked is not None and check_data
 
 
 def speed_record(cfg: Config) -> dict:
