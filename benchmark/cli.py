@@ -79,7 +79,7 @@ def cmd_run(args) -> None:
                           fp32=args.fp32)
         for method in methods:
             check_model_settings(cfg, get_method(method).model_type)
-    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    seeds = args.seeds or [args.seed]
     runs = [(given, seed, method,   # given: the protocol's name or path, as --protocol has it
              args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
             for given in protocols for seed in seeds for method in methods]
@@ -139,16 +139,6 @@ def cmd_bench(args) -> None:
     from .bench import run_bench
     run_bench(config=args.config, size=args.size, data_root=args.data_root, batch=args.batch,
               iters=args.iters, warmup=args.warmup, workers=args.workers, compile=args.compile)
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(',') if s.strip()]
-    except ValueError:
-        raise UserError(f'--seeds: expected comma-separated integers, got {text!r}') from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise UserError(f'--seeds: expected distinct non-negative integers, got {text!r}')
-    return seeds
 
 
 def _patterns(text: str | None) -> list[str] | None:
@@ -233,9 +223,21 @@ def stored_protocol_name(text: str) -> str:
 
 
 def seed_value(text: str) -> int:
-    if not text.strip().isdigit():
+    if not text.strip().isdecimal():
         raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {text!r}')
     return int(text)
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: distinct seeds, each as ``--seed`` takes it, separated by commas."""
+    try:
+        seeds = [seed_value(s) for s in text.split(',') if s.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f'expected comma-separated non-negative integers, got {text!r}') from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f'expected distinct non-negative integers, got {text!r}')
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's for the protocol's dataset)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument('--seed', type=seed_value, default=0, help='default: 0')
-    seeds.add_argument('--seeds', help='several seeds, e.g. 0,1,2: each one run in turn')
+    seeds.add_argument('--seeds', type=seed_list, help='several seeds, e.g. 0,1,2: each one run in turn')
     p.add_argument('--run-name', help='default: <config>-seed<seed> (with --seeds: <name>-seed<seed>)')
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--work-dir', help='checkpoints and logs (default: <run folder>/work)')

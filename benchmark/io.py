@@ -52,6 +52,26 @@ def atomic_copy(source: str | Path, path: str | Path) -> None:
         shutil.copyfile(source, tmp)
 
 
+def copy_if_absent(source: str | Path, path: str | Path) -> bool:
+    """Copy ``source`` to ``path`` unless ``path`` exists; whether this call wrote it. The copy
+    appears whole, and of calls racing to write ``path``, the first one's stays."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        try:
+            os.link(tmp, path)   # fails if path exists, where a rename would replace it
+        except FileExistsError:
+            return False
+        except OSError:   # a file system without hard links: the last one's stays
+            os.replace(tmp, path)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

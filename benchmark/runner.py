@@ -45,7 +45,8 @@ from .datasets_info import DATASET_INFO
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .errors import UserError
-from .io import atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_root
+from .io import (atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_root,
+                 copy_if_absent)
 from .methods import METHODS, Method, get_method
 from .metrics import summarize_step
 from .models import read_state_dict
@@ -767,10 +768,12 @@ def _store_step0(key: str, paths: RunPaths, wall_time_s: float, log) -> None:
     try:
         if _loads(entry / 'model.pth'):
             return
-        atomic_copy(paths.step_weights(0), entry / 'model.pth')
+        (entry / 'model.pth').unlink(missing_ok=True)   # damaged
+        if not copy_if_absent(paths.step_weights(0), entry / 'model.pth'):
+            return   # another run stored its own meanwhile
         atomic_write_json(entry / 'model.json', dict(model=_file_digest(paths.step_weights(0)),
                                                      trained_in_s=wall_time_s,
-                                                     run=str(paths.results)))
+                                                     run=str(paths.results.resolve())))
     except OSError as e:
         log(f'step-0 cache: {entry}: not stored ({e}); the run goes on')
 
@@ -786,7 +789,7 @@ def _store_step0_iou(key: str, protocol: Protocol, paths: RunPaths, iou: dict[in
             return
         atomic_write_json(_step0_iou_file(entry, protocol),
                           dict(model=digest, iou={str(c): v for c, v in iou.items()},
-                               run=str(paths.results)))
+                               run=str(paths.results.resolve())))
     except OSError as e:
         log(f'step-0 cache: {entry}: IoUs not stored ({e}); the run goes on')
 

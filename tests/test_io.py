@@ -78,6 +78,24 @@ def test_weights_and_copies_are_whole_or_not_written(tmp_path: Path,
     assert path.read_bytes() == b'other' and sorted(os.listdir(tmp_path)) == ['model.pth', 'other.pth']
 
 
+def test_copy_if_absent_keeps_the_first_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ('first', 'second'):
+        (tmp_path / name).write_bytes(name.encode())
+    path = tmp_path / 'cache' / 'model.pth'
+    assert cio.copy_if_absent(tmp_path / 'first', path) is True
+    assert cio.copy_if_absent(tmp_path / 'second', path) is False   # a run that came second
+    assert path.read_bytes() == b'first' and os.listdir(path.parent) == ['model.pth']
+    with pytest.raises(FileNotFoundError):
+        cio.copy_if_absent(tmp_path / 'absent', tmp_path / 'cache' / 'other.pth')
+    assert os.listdir(path.parent) == ['model.pth']
+
+    def no_hard_links(source, target):
+        raise PermissionError(1, 'Operation not permitted')
+    monkeypatch.setattr(os, 'link', no_hard_links)   # such a file system: the last copy stays
+    assert cio.copy_if_absent(tmp_path / 'second', path) is True
+    assert path.read_bytes() == b'second' and os.listdir(path.parent) == ['model.pth']
+
+
 def test_cache_dir_uses_env(isolated_cache: Path) -> None:
     d = cache_dir('splits', 'deeper')
     assert d == isolated_cache / 'splits' / 'deeper'

@@ -152,8 +152,13 @@ def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32,
     out = capsys.readouterr().out
     # two class orders: the old/new columns cover different classes, so they are named so
     assert '| method | seeds | old | new | all |' in out and '| ft | 2 |' in out
-    assert main(['run', '--protocol', str(protocol), '--seeds', '0,x']) == 2
-    assert "--seeds: expected comma-separated integers, got '0,x'" in capsys.readouterr().err
+    for seeds, says in [('0,x', 'comma-separated non-negative integers'),
+                        ('0,-1', 'comma-separated non-negative integers'),
+                        ('1,1', 'distinct non-negative integers'), (',', 'distinct')]:
+        with pytest.raises(SystemExit) as stopped:   # argparse's usage error
+            main(['run', '--protocol', str(protocol), '--seeds', seeds])
+        assert stopped.value.code == 2
+        assert f"argument --seeds: expected {says}" in capsys.readouterr().err
 
 
 def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
@@ -443,7 +448,7 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
 
     def full_disk(*args):
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(runner, 'atomic_copy', full_disk)
+    monkeypatch.setattr(runner, 'copy_if_absent', full_disk)
     _store_step0('k', b, 2.0, messages.append)
     assert messages[1:] == [f'step-0 cache: {entry}: not stored ([Errno 28] No space left on '
                             f'device); the run goes on']
