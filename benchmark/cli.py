@@ -40,6 +40,8 @@ def cmd_splits(args) -> None:
     from .protocols import load_protocol
     from .splits import index_dataset, protocol_splits, resolve_data_root
     protocol = load_protocol(args.protocol).with_class_order(args.seed)
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f'--out {args.out}: a folder; give the lists a file name')
     root = resolve_data_root(protocol.dataset, args.data_root)
     index = index_dataset(protocol.dataset, root)
     steps = protocol_splits(protocol, index)
@@ -174,7 +176,8 @@ def cmd_table(args) -> None:
         out = _tables_folder(args)
         written = write_all_tables(open_store(args.results), out, _patterns(args.run), args.config)
         if not written:
-            raise UserError(f'{args.results}: no complete run stored; nothing to tabulate')
+            chosen = ' matching --run/--config' if args.run or args.config else ''
+            raise UserError(f'{args.results}: no complete run{chosen} stored; nothing to tabulate')
         print(f'wrote {len(written)} files to {out}/')
         return
     kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
@@ -282,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--run-name', help='default: <config>-seed<seed> (with --seeds: <name>-seed<seed>)')
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--work-dir', help='checkpoints and logs (default: <run folder>/work)')
-    p.add_argument('--overwrite', action='store_true', help='replace a stored run of the same name')
-    p.add_argument('--resume', action='store_true',
-                   help='continue a stopped run (the default when one exists); error if none')
+    stored = p.add_mutually_exclusive_group()
+    stored.add_argument('--overwrite', action='store_true',
+                        help='replace a stored run of the same name')
+    stored.add_argument('--resume', action='store_true',
+                        help='continue a stopped run (the default when one exists); error if none')
     p.add_argument('--deterministic', action='store_true',
                    help="torch's deterministic algorithms (slower on GPU)")
     p.add_argument('--no-step0-cache', action='store_true',
@@ -380,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'cssbench: error: {one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print('cssbench: interrupted; rerun the same command to resume', file=sys.stderr)
+        rerun = ('it without --overwrite to resume (with it, the run starts over)'
+                 if getattr(args, 'overwrite', False) else 'the same command to resume')
+        print(f'cssbench: interrupted; rerun {rerun}', file=sys.stderr)
         return 130
     return 0

@@ -1,9 +1,11 @@
-"""Runner pieces: loss logging without host syncs, a compact console progress line, and
-per-epoch seeding for exact resumes."""
+"""Runner pieces: loss logging without host syncs, a compact console progress line,
+per-epoch seeding for exact resumes, and a step's training time kept across sessions."""
 from __future__ import annotations
 
 import datetime
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook, RuntimeInfoHook
 
 from .distributed import is_main_process, rank, world_size
+from .io import atomic_write_json
 from .registry import DATA_SAMPLERS, HOOKS
 
 
@@ -109,6 +112,36 @@ class EpochSeedHook(Hook):
             keys = [self.seed, runner.epoch] + ([rank()] if world_size() > 1 else [])
             state = np.random.SeedSequence(keys).generate_state(1)[0]
             torch.manual_seed(int(state))
+
+
+CLOCK_FILE = 'clock.json'
+
+
+def earlier_training_seconds(work_dir: str | Path) -> float:
+    """How long a step trained in its earlier sessions, as ``StepClockHook`` left it in the
+    step's work dir at their last epoch's end; 0 if it never trained."""
+    try:
+        return float(json.loads((Path(work_dir) / CLOCK_FILE).read_text())['train_seconds'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+@HOOKS.register_module()
+class StepClockHook(Hook):
+    """Keeps a step's training time over every session in its work dir, written at each
+    epoch's end (after the epoch's checkpoint): a resumed step's wall time then counts the
+    sessions before the one that finishes it."""
+
+    priority = 'LOWEST'   # after CheckpointHook's VERY_LOW
+
+    def before_train(self, runner) -> None:
+        self._earlier = earlier_training_seconds(runner.work_dir)
+        self._start = time.time()
+
+    def after_train_epoch(self, runner) -> None:
+        if is_main_process():
+            seconds = round(self._earlier + time.time() - self._start, 1)
+            atomic_write_json(Path(runner.work_dir) / CLOCK_FILE, dict(train_seconds=seconds))
 
 
 @DATA_SAMPLERS.register_module()

@@ -40,9 +40,16 @@ def get_method(name: str) -> Method:
 def method_names(spec: str) -> list[str]:
     """``all`` or a comma-separated list of method names, each checked."""
     get_method('ft')  # registers the shipped methods
-    names = sorted(METHODS) if spec == 'all' else [n.strip() for n in spec.split(',') if n.strip()]
-    for name in names:
-        get_method(name)
+    if spec.strip() == 'all':
+        return sorted(METHODS)
+    names = [n.strip() for n in spec.split(',') if n.strip()]
     if not names:
         raise UserError('no method given')
+    if 'all' in names:
+        raise UserError(f'--method {spec}: all stands alone (it names every method)')
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f'--method: {", ".join(twice)} given twice')
+    for name in names:
+        get_method(name)
     return names

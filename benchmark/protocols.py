@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +30,7 @@ import yaml
 
 from .datasets_info import DATASET_INFO
 from .errors import UserError
+from .store import is_plain_name
 
 PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / 'protocols'
 MODES = ('overlap', 'disjoint')
@@ -197,7 +197,8 @@ def _choice(data: dict, key: str, choices: tuple[str, ...], src: str) -> str:
     if value is None:
         raise ProtocolError(f'{src}: field {key}: no value (one of {choices})')
     if value not in choices:
-        raise ProtocolError(f'{src}: field {key}: {value!r} is not one of {choices}')
+        said = ' (YAML reads an unquoted yes, no, on, off as true or false)' if isinstance(value, bool) else ''
+        raise ProtocolError(f'{src}: field {key}: {value!r} is not one of {choices}{said}')
     return value
 
 
@@ -213,8 +214,7 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
                            'class_order_seed'}
     if unknown:
         raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
-    if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]*', str(data['name'])):
-        # the name is a folder of the results store
+    if not is_plain_name(str(data['name'])):
         raise ProtocolError(f'{src}: field name: {data["name"]!r} is not a plain name (letters, '
                             f'digits, and . _ + - after the first)')
     dataset = data['dataset']
@@ -269,6 +269,21 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
                     source=Path(source) if source != '<protocol>' else None)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (where safe_load
+    keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f'field {key!r} given twice', key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_protocol_file(path: str | Path) -> Protocol:
     path = Path(path)
     try:
@@ -278,7 +293,7 @@ def load_protocol_file(path: str | Path) -> Protocol:
     except UnicodeDecodeError as e:
         raise ProtocolError(f'{path}: not a UTF-8 text file ({e.reason} at byte {e.start})') from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         at = f' at line {mark.line + 1}' if mark is not None else ''
@@ -293,7 +308,12 @@ def available_protocols() -> list[str]:
 def load_protocol(name_or_path: str) -> Protocol:
     """A shipped protocol by name (``voc-15-1-overlap``) or any protocol YAML by path."""
     if name_or_path.endswith(('.yaml', '.yml')):
-        return load_protocol_file(name_or_path)
+        protocol = load_protocol_file(name_or_path)
+        shipped = PROTOCOLS_DIR / f'{protocol.name}.yaml'
+        if shipped.is_file() and load_protocol_file(shipped).fingerprint != protocol.fingerprint:
+            raise ProtocolError(f'{name_or_path}: field name: {protocol.name!r} is a shipped '
+                                f'protocol\'s, which this one is not; give it another name')
+        return protocol
     path = PROTOCOLS_DIR / f'{name_or_path}.yaml'
     if not path.exists():
         raise ProtocolError(f'unknown protocol {name_or_path!r}; `cssbench list` shows the '

@@ -26,7 +26,7 @@ import subprocess
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +39,12 @@ from mmengine.registry import DefaultScope
 from mmengine.runner import Runner, set_random_seed
 
 from . import __version__
-from . import hooks  # noqa: F401  (registers the hooks and the sampler)
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
 from .datasets_info import DATASET_INFO
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .errors import UserError
+from .hooks import CLOCK_FILE, earlier_training_seconds   # (registers the hooks and the sampler)
 from .io import (atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_root,
                  copy_if_absent)
 from .methods import METHODS, Method, get_method
@@ -55,7 +55,7 @@ from .registry import MODELS
 from .speed import (effective_speed, optim_wrapper_config, prepare_model, resolve_speed,
                     training_device, val_loop_config)
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
-from .store import CorruptRun, open_store, read_json_object
+from .store import CorruptRun, is_plain_name, open_store, read_json_object
 from .tables import format_step_table, steps_to_csv
 from .transforms import EvalTransform, TrainTransform
 
@@ -100,9 +100,44 @@ CONFIG_KEYS = dict(model=('type', 'backbone', 'decode_head'),
                    schedule=('epochs', 'lr', 'momentum', 'nesterov', 'weight_decay', 'poly_power'))
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole_number(least: int) -> tuple[str, Callable[[object], bool]]:
+    return (f'a whole number >= {least}',
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least)
+
+
+_NON_NEGATIVE = ('a number >= 0', lambda v: _is_number(v) and v >= 0)
+# What each setting a run reads must be: (said as, test). schedule.lr holds two of them.
+CONFIG_VALUES = {
+    'data.crop_size': _whole_number(1), 'data.batch_size': _whole_number(1),
+    'data.eval_batch_size': _whole_number(1), 'data.num_workers': _whole_number(0),
+    'schedule.epochs': _whole_number(1),
+    'schedule.lr': ('a number > 0', lambda v: _is_number(v) and v > 0),
+    'schedule.momentum': ('a number in [0, 1)', lambda v: _is_number(v) and 0 <= v < 1),
+    'schedule.nesterov': ('True or False', lambda v: isinstance(v, bool)),
+    'schedule.weight_decay': _NON_NEGATIVE, 'schedule.poly_power': _NON_NEGATIVE,
+}
+
+
+def _config_values(cfg: Config) -> Iterator[tuple[str, str, object]]:
+    """Every setting a run reads that ``CONFIG_VALUES`` rules: (its name, its rule's, value)."""
+    for name in CONFIG_VALUES:
+        section, key = name.split('.')
+        if name == 'schedule.lr':
+            yield from ((f'{name}[{i}]', name, v) for i, v in enumerate(cfg.schedule.lr))
+        else:
+            yield name, name, cfg[section][key]
+    for dataset, epochs in (cfg.schedule.get('epochs_by_dataset') or {}).items():
+        yield f'schedule.epochs_by_dataset.{dataset}', 'schedule.epochs', epochs
+
+
 def check_config_sections(cfg: Config, path: Path) -> None:
-    """Refuse a config that lacks a setting a run needs (naming every missing one), or whose
-    pretrained backbone checkpoint is not a file."""
+    """Refuse a config that lacks a setting a run needs (naming every missing one), holds one
+    a run cannot train with (``CONFIG_VALUES``), or whose pretrained backbone checkpoint is
+    not a file."""
     missing = [f'{section}.{key}' for section, keys in CONFIG_KEYS.items()
                for key in keys if not isinstance(cfg.get(section), dict) or key not in cfg[section]]
     if missing:
@@ -111,6 +146,13 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     lr = cfg.schedule.lr
     if not (isinstance(lr, (list, tuple)) and len(lr) == 2):
         raise UserError(f'{path}: schedule.lr must be (step 0 lr, later steps lr), got {lr!r}')
+    if not isinstance(cfg.schedule.get('epochs_by_dataset') or {}, dict):
+        raise UserError(f'{path}: schedule.epochs_by_dataset must map datasets to epochs, got '
+                        f'{cfg.schedule.epochs_by_dataset!r}')
+    for name, rule, value in _config_values(cfg):
+        said_as, holds = CONFIG_VALUES[rule]
+        if not holds(value):
+            raise UserError(f'{path}: {name} must be {said_as}, got {value!r}')
     pretrained = cfg.model.backbone.get('pretrained')
     if pretrained and not Path(pretrained).expanduser().is_file():
         raise UserError(f'{path}: model.backbone.pretrained: {pretrained} is not a file')
@@ -178,6 +220,11 @@ def model_settings(model_cls) -> set[str]:
 def check_model_settings(cfg: Config, model_type: str) -> None:
     """Refuse a config whose ``model`` section sets what this method's segmentor does not
     take (e.g. SDR's ``loss_kd`` given to fine-tuning), before anything is built."""
+    for part in ('backbone', 'decode_head'):
+        part_type = cfg.model[part].get('type') if isinstance(cfg.model[part], dict) else None
+        if not isinstance(part_type, str) or MODELS.get(part_type) is None:
+            raise UserError(f'{cfg.filename}: model.{part}.type: {part_type!r} is not a '
+                            f'registered model (cssbench registers its own as cssbench.<Name>)')
     model_cls = MODELS.get(model_type)
     # ``type`` is the method's own (build_model sets it)
     unknown = sorted(set(cfg.model) - {'type'} - model_settings(model_cls)) if model_cls else []
@@ -343,7 +390,8 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
         # The losses arrive averaged already: the log shows them as they are (no 'loss' in
         # the smoothing pattern); the timings are smoothed over the logging interval.
         log_processor=dict(window_size=log_interval, mean_pattern=r'.*(time|data_time|grad_norm).*'),
-        custom_hooks=[dict(type='cssbench.EpochSeedHook', seed=step_seed)],
+        custom_hooks=[dict(type='cssbench.EpochSeedHook', seed=step_seed),
+                      dict(type='cssbench.StepClockHook')],
         env_cfg=dict(cudnn_benchmark=speed.cudnn_benchmark),
         launcher='pytorch' if processes > 1 else 'none',
         randomness=dict(seed=step_seed, deterministic=deterministic),
@@ -537,7 +585,14 @@ def locate_run(protocol_name: str, method_name: str, results_root: str | Path,
     ``<config>-seed<seed>``) and results folder ``<results>/<protocol>/<method>/<name>``."""
     protocol = load_protocol(protocol_name).with_class_order(seed)
     method = get_method(method_name)
-    run_name = run_name or f'{Path(config).stem.replace("_", "-")}-seed{seed}'
+    if run_name is None:
+        run_name = f'{Path(config).stem.replace("_", "-")}-seed{seed}'
+        if not is_plain_name(run_name):
+            raise UserError(f'the config {config} names runs {run_name!r} by default, not a plain '
+                            f'name (letters, digits, and . _ + - after the first); give --run-name')
+    elif not is_plain_name(run_name):
+        raise UserError(f'run name {run_name!r} is not a plain name (letters, digits, and '
+                        f'. _ + - after the first): it names a folder of the results store')
     return protocol, method, run_name, Path(results_root) / protocol.name / method.name / run_name
 
 
@@ -607,7 +662,11 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     previous = _check_stored_run(paths, digest, deterministic, overwrite, resume, keep_complete)
     if previous is not None and previous.get('status') == 'complete':
         return None
-    data = _checked_data(protocol, method, cfg, data_root, progress) if check_data else None
+    continued = previous is not None
+    data = (_checked_data(protocol, method, cfg, data_root, progress)
+            if check_data or continued else None)
+    if continued:
+        _check_same_data(paths, previous, *data[:2])
     identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
                     method=method.name, config_digest=digest, seed=seed)
     _check_work_dir(paths, identity, overwrite)
@@ -640,6 +699,16 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
     return previous
 
 
+def _check_same_data(paths: RunPaths, previous: dict, root: Path, index: DatasetIndex) -> None:
+    """Refuse to continue a run on data other than it started on: its steps would mix two."""
+    started_on = previous.get('dataset_fingerprint')
+    if started_on is not None and started_on != index.fingerprint:
+        raise UserError(f'{paths.results}: this run was started on other data '
+                        f'({previous.get("data_root")}, fingerprint {started_on}) than {root} '
+                        f'(fingerprint {index.fingerprint}); continue it with its own data '
+                        f'(--data-root), or --overwrite it')
+
+
 def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,
                   progress: bool) -> tuple[Path, DatasetIndex, list[dict]]:
     """Refuse a run whose data does not index, or with a step of fewer training images than a
@@ -666,7 +735,8 @@ def check_run_inputs(protocol_name: str, method_name: str, *, config: str, data_
     """What ``run_protocol`` checks of its inputs before it writes anything, alone, for a run
     of a command of several (which keeps a complete run): such a command checks every run's
     before the first trains. ``check_data=False`` leaves out the data, checked already for
-    the same protocol and seed. Returns whether the data was checked: a complete run, kept,
+    the same protocol and seed, unless the run is continued (it must be on the data it
+    started on). Returns whether the data was checked: a complete run, kept,
     needs none."""
     protocol, method, _, results_dir = locate_run(protocol_name, method_name, results_root,
                                                   run_name, config, seed)
@@ -813,7 +883,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     log(f'{tag} step {t}/{last}: classes {split["classes"][0]}..{split["classes"][-1]}, '
         f'{len(split["train"])} train images, {len(split["val"])} val images')
     info = DATASET_INFO[protocol.dataset]
-    step_start = time.time()
+    step_start = time.time() - earlier_training_seconds(paths.step_work(t))   # earlier sessions'
     cached = _reuse_cached_step0(step0_key, steps_protocol, paths) if step0_key else None
     if cached is None:
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
@@ -850,6 +920,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
             for f in paths.step_work(t).glob('epoch_*.pth'):
                 f.unlink()
             (paths.step_work(t) / 'last_checkpoint').unlink(missing_ok=True)
+        (paths.step_work(t) / CLOCK_FILE).unlink(missing_ok=True)
     barrier()  # the other processes load this step's weights, written by rank 0, next
     if last > 0:  # a run of one step (joint training) ends with this same table
         log(format_step_table(protocol.name, method.name, [result]))

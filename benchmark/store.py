@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,12 @@ from .io import atomic_write_json
 INDEX_FILE = 'index.json'
 INDEX_VERSION = 2   # 2: runs carry their training regime
 RUN_FILES = ('run.json', 'metrics.json')
+
+
+def is_plain_name(text: str) -> bool:
+    """Whether ``text`` can name a folder of the store (a protocol, a run): letters, digits,
+    and . _ + - after the first."""
+    return re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]*', text) is not None
 
 
 @dataclass(frozen=True)

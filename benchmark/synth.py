@@ -390,6 +390,8 @@ def make_synth(
     if n_train < 1 or n_val < 1 or size < 16:
         raise UserError(f"a synthetic dataset needs n_train >= 1, n_val >= 1 and size >= 16 "
                         f"(got {n_train}, {n_val}, {size})")
+    if workers < 1:
+        raise UserError(f'a synthetic dataset is drawn by at least 1 worker, got {workers}')
     out = Path(out).expanduser().absolute()
     params = _params(n_train, n_val, size, seed)
     if out.exists() and not _is_empty_dir(out):

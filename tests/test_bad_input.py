@@ -128,10 +128,93 @@ def test_inconsistent_protocol_yaml(capsys, tmp_path):
     assert str(bad) in err and 'steps[1]' in err and 'class 15' in err
 
 
+def test_protocol_yaml_that_reads_otherwise_than_it_looks(capsys, tmp_path):
+    twice = tmp_path / 'twice.yaml'
+    twice.write_text('name: x19\ndataset: voc\nmode: overlap\nname: x20\nsteps: ["0-15", "16-20"]\n')
+    assert fails(capsys, 'run', '--protocol', str(twice)) == (
+        f"cssbench: error: {twice}: malformed YAML at line 4: field 'name' given twice")
+    boolean = tmp_path / 'boolean.yaml'
+    boolean.write_text('name: x\ndataset: voc\nmode: overlap\ntrain_ignore: yes\n'
+                       'steps: ["0-15", "16-20"]\n')
+    assert fails(capsys, 'run', '--protocol', str(boolean)) == (
+        f"cssbench: error: {boolean}: field train_ignore: True is not one of ('ignore', "
+        f"'background') (YAML reads an unquoted yes, no, on, off as true or false)")
+
+
+def test_a_protocol_file_taking_a_shipped_protocols_name(capsys, tmp_path):
+    shipped = Path(__file__).resolve().parent.parent / 'protocols' / 'voc-15-1-overlap.yaml'
+    copy = tmp_path / 'copy.yaml'
+    copy.write_text(shipped.read_text())   # the same protocol: its name is its own
+    assert main(['splits', '--protocol', str(copy), '--data-root', str(tmp_path / 'none')]) == 2
+    assert 'shipped' not in capsys.readouterr().err
+    other = tmp_path / 'other.yaml'
+    other.write_text(shipped.read_text().replace('disjoint', 'overlap').replace(
+        'mode: overlap', 'mode: disjoint'))
+    assert fails(capsys, 'run', '--protocol', str(other)) == (
+        f"cssbench: error: {other}: field name: 'voc-15-1-overlap' is a shipped protocol's, "
+        f"which this one is not; give it another name")
+
+
+def test_an_output_file_that_is_a_folder_or_a_worker_count_below_one(capsys, tmp_path):
+    assert fails(capsys, 'splits', '--protocol', 'synth-15-5-overlap', '--out', str(tmp_path),
+                 '--data-root', str(tmp_path / 'absent')) == \
+        f'cssbench: error: --out {tmp_path}: a folder; give the lists a file name'
+    assert fails(capsys, 'make-synth', '--workers', '0', '--out', str(tmp_path / 'synth')) == \
+        'cssbench: error: a synthetic dataset is drawn by at least 1 worker, got 0'
+    assert not (tmp_path / 'synth').exists()
+
+
+def test_tables_of_no_run(capsys, tmp_path):
+    results = tmp_path / 'results'
+    results.mkdir()
+    assert fails(capsys, 'table', '--all', '--results', str(results)) == \
+        f'cssbench: error: {results}: no complete run stored; nothing to tabulate'
+    assert fails(capsys, 'table', '--all', '--results', str(results), '--run', 'zzz') == \
+        f'cssbench: error: {results}: no complete run matching --run/--config stored; nothing to tabulate'
+    assert not (results / 'tables').exists()
+
+
 def test_unknown_method_config_and_epochs(capsys, tmp_path):
     assert 'unknown method' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,nope')
     assert 'unknown config' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', 'huge')
     assert 'at least 1' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--epochs', '0')
+    assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,lwf,ft') == \
+        'cssbench: error: --method: ft given twice'
+    assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,all') == \
+        'cssbench: error: --method ft,all: all stands alone (it names every method)'
+
+
+def test_an_interrupted_run_says_how_to_resume_it(capsys, monkeypatch):
+    import cssbench.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, 'cmd_run', interrupted)
+    assert main(['run', '--protocol', 'synth-15-1-overlap']) == 130
+    assert capsys.readouterr().err == 'cssbench: interrupted; rerun the same command to resume\n'
+    assert main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite']) == 130
+    assert capsys.readouterr().err == ('cssbench: interrupted; rerun it without --overwrite to '
+                                       'resume (with it, the run starts over)\n')
+    with pytest.raises(SystemExit) as stopped:   # argparse's usage error
+        main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite', '--resume'])
+    assert stopped.value.code == 2
+    assert 'argument --resume: not allowed with argument --overwrite' in capsys.readouterr().err
+
+
+def test_a_run_name_that_is_not_a_plain_folder_name(capsys, tmp_path):
+    results = tmp_path / 'results'
+    for name in ('../../escape', 'a/b', '.', ' ', '_x'):
+        assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--run-name', name,
+                     '--results', str(results)) == (
+            f"cssbench: error: run name {name!r} is not a plain name (letters, digits, and "
+            f". _ + - after the first): it names a folder of the results store")
+    config = tmp_path / 'my small.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n")
+    assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(config),
+                 '--results', str(results)) == (
+        f"cssbench: error: the config {config} names runs 'my small-seed0' by default, not a "
+        f"plain name (letters, digits, and . _ + - after the first); give --run-name")
+    assert not results.exists() and not (tmp_path.parent / 'escape').exists()
 
 
 def test_config_naming_an_unknown_model_part(capsys, tmp_path, tiny_run):
@@ -176,6 +259,31 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
     assert err == (f'cssbench: error: {no_weights}: model.backbone.pretrained: '
                    f'{tmp_path / "r101.pth"} is not a file')
     assert not results.exists()
+
+
+@pytest.mark.parametrize('setting, says', [
+    ("schedule = dict(epochs='x')", "schedule.epochs must be a whole number >= 1, got 'x'"),
+    ('schedule = dict(epochs=0)', 'schedule.epochs must be a whole number >= 1, got 0'),
+    ('schedule = dict(epochs_by_dataset=dict(synth=0))',
+     'schedule.epochs_by_dataset.synth must be a whole number >= 1, got 0'),
+    ('schedule = dict(lr=(0.01, -1))', 'schedule.lr[1] must be a number > 0, got -1'),
+    ('schedule = dict(momentum=1.5)', 'schedule.momentum must be a number in [0, 1), got 1.5'),
+    ('schedule = dict(nesterov=1)', 'schedule.nesterov must be True or False, got 1'),
+    ('data = dict(batch_size=0)', 'data.batch_size must be a whole number >= 1, got 0'),
+    ('data = dict(num_workers=-1)', 'data.num_workers must be a whole number >= 0, got -1'),
+    ('data = dict(crop_size=32.5)', 'data.crop_size must be a whole number >= 1, got 32.5'),
+    ("model = dict(backbone=dict(type='Nope'))", "model.backbone.type: 'Nope' is not a registered "
+     "model (cssbench registers its own as cssbench.<Name>)"),
+    ("model = dict(decode_head=dict(_delete_=True, channels=8))", "model.decode_head.type: None is "
+     "not a registered model (cssbench registers its own as cssbench.<Name>)"),
+])
+def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
+    config = tmp_path / 'bad.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n{setting}\n")
+    results = tmp_path / 'results'
+    assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(config),
+                 '--results', str(results)) == f'cssbench: error: {config}: {says}'
+    assert not results.exists()   # refused before a run folder is made
 
 
 def test_config_setting_what_a_method_does_not_take(capsys, tmp_path, tiny_run):

@@ -1,5 +1,6 @@
 """The training hooks that make a resumed run repeat an uninterrupted one: the per-epoch
-reseed of torch's generator and the sampler that hands each item its epoch."""
+reseed of torch's generator, the sampler that hands each item its epoch, and the clock that
+keeps a step's training time across sessions."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,7 +9,8 @@ import numpy as np
 import torch
 from mmengine.dataset import DefaultSampler
 
-from cssbench.hooks import EpochKeyedSampler, EpochSeedHook
+import cssbench.hooks as hooks
+from cssbench.hooks import EpochKeyedSampler, EpochSeedHook, StepClockHook, earlier_training_seconds
 
 
 def _draw_after_hook(hook, epoch: int, batch_idx: int) -> torch.Tensor:
@@ -51,3 +53,24 @@ def test_epoch_keyed_sampler_yields_the_epoch_with_default_samplers_order():
         items = list(keyed)
         assert items == [(epoch, i) for i in plain]
         assert sorted(i for _, i in items) == data
+
+
+def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypatch):
+    runner = SimpleNamespace(work_dir=str(tmp_path))
+    now = [1000.0]
+    monkeypatch.setattr(hooks.time, 'time', lambda: now[0])
+    assert earlier_training_seconds(tmp_path) == 0.0   # never trained
+    first = StepClockHook()
+    first.before_train(runner)
+    for _ in range(2):   # two epochs of 30 s, then killed 10 s into the third
+        now[0] += 30
+        first.after_train_epoch(runner)
+    now[0] += 10
+    assert earlier_training_seconds(tmp_path) == 60.0
+    resumed = StepClockHook()
+    resumed.before_train(runner)
+    now[0] += 45
+    resumed.after_train_epoch(runner)
+    assert earlier_training_seconds(tmp_path) == 105.0
+    (tmp_path / 'clock.json').write_text('{"train_seconds": ')   # cut short: counts as none
+    assert earlier_training_seconds(tmp_path) == 0.0

@@ -51,7 +51,8 @@ def test_the_readmes_protocol_file_is_the_shipped_voc_15_1_overlap(tmp_path) -> 
     shipped = load_protocol('voc-15-1-overlap')
     assert load_protocol(str(tmp_path / 'mine.yaml')) == replace(shipped, description='')
     random = (example.replace('class_order: fixed', 'class_order: random')
-              .replace('# class_order_seed', 'class_order_seed'))
+              .replace('# class_order_seed', 'class_order_seed')
+              .replace('name: voc-15-1-overlap', 'name: mine-random'))   # not the shipped one
     (tmp_path / 'random.yaml').write_text(random)
     drawn = load_protocol(str(tmp_path / 'random.yaml'))
     assert drawn.ordering == 'random' and drawn.ordering_seed == 3

@@ -177,9 +177,13 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
                                                       started='2026-01-02T03:04:05',
                                                       speed=four_gpus, speed_history=[four_gpus])))
     weights0 = (run_dir / 'work' / 'step0' / 'model.pth').stat().st_mtime_ns
+    # step 1 had trained 1000 s in the sessions before (StepClockHook's record)
+    (run_dir / 'work' / 'step1' / 'clock.json').write_text('{"train_seconds": 1000.0}')
 
     messages = []
     second = run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, log=messages.append))
+    assert 1000 < second[1]['wall_time_s'] < 1000 + 600
+    assert not (run_dir / 'work' / 'step1' / 'clock.json').exists()   # the step is done
     assert any('step 0: done before' in m for m in messages)
     assert (run_dir / 'work' / 'step0' / 'model.pth').stat().st_mtime_ns == weights0
     assert second[0] == first[0]
@@ -210,6 +214,13 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
         run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, epochs=2))
     with pytest.raises(UserError, match='this run was started without --deterministic'):
         run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, deterministic=True))
+    from cssbench.synth import make_synth   # its steps would mix two datasets
+    other = make_synth(tmp_path / 'other', n_train=120, n_val=30, size=32, seed=4, progress=False)
+    stored = (run_dir / 'run.json').read_bytes()
+    with pytest.raises(UserError, match=rf'this run was started on other data \({synth32}, '
+                                        rf'fingerprint \w+\) than {other} \(fingerprint \w+\)'):
+        run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, data_root=str(other)))
+    assert (run_dir / 'run.json').read_bytes() == stored
 
 
 def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
