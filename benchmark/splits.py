@@ -10,8 +10,9 @@ The evaluation set at step t is the val split filtered like the overlapped rule 
 class seen so far (the reference builds its test set with ``labels=labels_cum``), so it grows
 with the steps and is the whole val list (for VOC, all 1,449 images) at the last step.
 
-Scanning every mask for its label set is done once per dataset folder and cached; the
-per-step lists are cached by a hash of the protocol and the dataset's label sets.
+Scanning every mask for its label set, and every image and mask for the sha256 of its
+bytes, is done once per dataset folder and cached; the per-step lists are cached by a hash of
+the protocol and the dataset's fingerprint (those digests).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +33,17 @@ from .io import atomic_write_json, cache_dir
 from .protocols import Protocol
 
 LabelSets = dict[str, tuple[int, ...]]
+
+
+class SampleScan(NamedTuple):
+    """What a scan learns of one sample: its mask's set of values, and the sha256 of its
+    image's and its mask's bytes."""
+    labels: tuple[int, ...]
+    image_sha256: str
+    mask_sha256: str
+
+
+SplitScan = dict[str, SampleScan]   # by sample id, in list order
 
 
 def keep_for_step(labels: set[int] | tuple[int, ...], current: set[int], old: set[int],
@@ -45,9 +58,14 @@ def keep_for_step(labels: set[int] | tuple[int, ...], current: set[int], old: se
     return labels <= current_fg | set(old) | {0, IGNORE_INDEX}
 
 
-def scan_label_sets(samples: list[Sample], num_classes: int, desc: str = 'scan masks',
-                    progress: bool = True) -> LabelSets:
-    """Each mask's set of values, one mask at a time.
+def file_sha256(path: Path) -> str:
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def scan_split(samples: list[Sample], num_classes: int, desc: str = 'scan',
+               progress: bool = True) -> SplitScan:
+    """Each mask's set of values and each image's and mask's sha256, one sample at a time.
 
     Fails early, naming the file, on a mask value that is neither a class id nor 255 and on
     an image whose size (read from its header) differs from its mask's.
@@ -55,8 +73,8 @@ def scan_label_sets(samples: list[Sample], num_classes: int, desc: str = 'scan m
     valid = np.zeros(256, dtype=bool)
     valid[:num_classes] = True
     valid[IGNORE_INDEX] = True
-    label_sets: LabelSets = {}
-    for sample in tqdm(samples, desc=desc, disable=not progress, unit='mask', leave=False):
+    scans: SplitScan = {}
+    for sample in tqdm(samples, desc=desc, disable=not progress, unit='image', leave=False):
         mask = read_mask(sample.mask)
         present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
         bad = present[~valid[present]]
@@ -67,50 +85,74 @@ def scan_label_sets(samples: list[Sample], num_classes: int, desc: str = 'scan m
         if (height, width) != mask.shape:
             raise DatasetError(f'{sample.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs '
                                f'from image size {width}x{height} ({sample.image})')
-        label_sets[sample.id] = tuple(int(v) for v in present)
-    return label_sets
+        scans[sample.id] = SampleScan(tuple(int(v) for v in present), file_sha256(sample.image),
+                                      file_sha256(sample.mask))
+    return scans
+
+
+def _file_stamp(path: Path) -> str:
+    st = path.stat()
+    return f'{path}|{st.st_size}|{st.st_mtime_ns}'
 
 
 def _listing_key(layout: str, root: Path, split: str, samples: list[Sample]) -> str:
-    """Identifies a split's listing: its files' paths, sizes and modification times."""
+    """Identifies a split's listing: its images' and masks' paths, sizes and modification
+    times (a file changed since the last scan changes it)."""
     h = hashlib.sha256(f'{layout}|{root.resolve()}|{split}'.encode())
     for s in samples:
-        st = s.mask.stat()
-        h.update(f'{s.id}|{s.mask}|{st.st_size}|{st.st_mtime_ns}\n'.encode())
+        h.update(f'{s.id}|{_file_stamp(s.image)}|{_file_stamp(s.mask)}\n'.encode())
     return h.hexdigest()[:16]
+
+
+def _read_scan(path: Path) -> SplitScan:
+    return {i: SampleScan(tuple(record['labels']), record['image_sha256'], record['mask_sha256'])
+            for i, record in json.loads(path.read_text()).items()}
 
 
 @dataclass
 class DatasetIndex:
-    """A dataset folder's samples and label sets per split, and their fingerprint."""
+    """A dataset folder's samples and their scans per split, and its fingerprint."""
     dataset: str
     root: Path
     samples: dict[str, list[Sample]]
-    label_sets: dict[str, LabelSets]
+    scans: dict[str, SplitScan]
+
+    @property
+    def label_sets(self) -> dict[str, LabelSets]:
+        return {split: {i: scan.labels for i, scan in scans.items()}
+                for split, scans in self.scans.items()}
 
     @property
     def fingerprint(self) -> str:
+        """The data's identity: each split's sample ids in list order, each with the sha256 of
+        its image's and its mask's bytes (the label sets follow from the masks). Paths and
+        times are left out: a copy of the folder elsewhere has the same fingerprint."""
         h = hashlib.sha256(self.dataset.encode())
         for split in SPLITS:
-            h.update(json.dumps(list(self.label_sets[split].items())).encode())
+            contents = [[i, scan.image_sha256, scan.mask_sha256]
+                        for i, scan in self.scans[split].items()]
+            h.update(json.dumps(contents).encode())
         return h.hexdigest()[:16]
 
 
 def index_dataset(dataset: str, root: str | Path, progress: bool = True) -> DatasetIndex:
+    """Each split's samples and scans; a split's scan is read from the cache while none of
+    its files changed in size or modification time since it was made."""
     info = DATASET_INFO[dataset]
     root = Path(root).expanduser()
-    samples, label_sets = {}, {}
+    samples, scans = {}, {}
     for split in SPLITS:
         samples[split] = list_samples(info, root, split)
         key = _listing_key(info.layout, root, split, samples[split])
-        cache_file = cache_dir('labelsets') / f'{dataset}-{split}-{key}.json'
+        # 'scans', not the 'labelsets' of the earlier format, which held no file digests
+        cache_file = cache_dir('scans') / f'{dataset}-{split}-{key}.json'
         if cache_file.exists():
-            label_sets[split] = {k: tuple(v) for k, v in json.loads(cache_file.read_text()).items()}
+            scans[split] = _read_scan(cache_file)
         else:
-            label_sets[split] = scan_label_sets(samples[split], info.num_classes,
-                                                desc=f'scan {split} masks', progress=progress)
-            atomic_write_json(cache_file, label_sets[split])
-    return DatasetIndex(dataset, root, samples, label_sets)
+            scans[split] = scan_split(samples[split], info.num_classes,
+                                      desc=f'scan {split} images and masks', progress=progress)
+            atomic_write_json(cache_file, {i: scan._asdict() for i, scan in scans[split].items()})
+    return DatasetIndex(dataset, root, samples, scans)
 
 
 def compute_splits(protocol: Protocol, label_sets: dict[str, LabelSets]) -> list[dict]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
@@ -141,17 +142,82 @@ def test_protocol_splits_rejects_other_dataset(voc_root: Path) -> None:
 def test_index_is_cached(voc_root: Path, isolated_cache: Path,
                          monkeypatch: pytest.MonkeyPatch) -> None:
     first = index_dataset('voc', voc_root, progress=False)
-    assert len(list((isolated_cache / 'labelsets').glob('*.json'))) == 2  # train and val
+    assert len(list((isolated_cache / 'scans').glob('*.json'))) == 2  # train and val
 
     def no_read(path):
-        raise AssertionError(f'mask {path} re-read despite the cache')
+        raise AssertionError(f'{path} re-read despite the cache')
 
-    monkeypatch.setattr(splits, 'read_mask', no_read)
+    for reader in ('read_mask', 'image_size', 'file_sha256'):
+        monkeypatch.setattr(splits, reader, no_read)
     second = index_dataset('voc', voc_root, progress=False)
-    assert second.label_sets == first.label_sets
+    assert second.scans == first.scans
     assert second.fingerprint == first.fingerprint
     # list order survives the JSON round trip
     assert list(second.label_sets['train']) == list(TRAIN_LABELS)
+
+
+def test_a_cache_of_the_earlier_format_is_not_read(voc_root: Path, isolated_cache: Path) -> None:
+    # label sets alone, as the earlier format held them, under any name the scans take now
+    index_dataset('voc', voc_root, progress=False)
+    old_format = isolated_cache / 'labelsets'
+    old_format.mkdir()
+    for scan in list((isolated_cache / 'scans').iterdir()):
+        (old_format / scan.name).write_text(json.dumps({i: [0, 1] for i in json.loads(scan.read_text())}))
+        scan.unlink()
+    index = index_dataset('voc', voc_root, progress=False)
+    assert index.label_sets['train']['t8'] == (1, 20)
+
+
+def _copy_voc_tree(voc_root: Path, to: Path) -> Path:
+    shutil.copytree(voc_root, to)
+    return to
+
+
+def _replace_image(root: Path, sample_id: str, size: tuple[int, int] = (4, 4)) -> Path:
+    """Another image for ``sample_id`` (other pixels), dated after the first."""
+    from conftest import write_jpeg
+    image = root / f'VOCdevkit/VOC2012/JPEGImages/{sample_id}.jpg'
+    before = image.read_bytes()
+    write_jpeg(image, *size, seed=1000)
+    assert image.read_bytes() != before
+    later = image.stat().st_mtime + 2
+    os.utime(image, (later, later))  # a coarse file-system clock still sees a change
+    return image
+
+
+def test_fingerprint_covers_the_images_and_masks_bytes(voc_root: Path, tmp_path: Path) -> None:
+    original = index_dataset('voc', voc_root, progress=False)
+    copy = index_dataset('voc', _copy_voc_tree(voc_root, tmp_path / 'copy'), progress=False)
+    assert copy.fingerprint == original.fingerprint   # another folder, the same bytes
+
+    other_image = _copy_voc_tree(voc_root, tmp_path / 'other-image')
+    _replace_image(other_image, 't3')
+    index = index_dataset('voc', other_image, progress=False)
+    assert index.label_sets == original.label_sets
+    assert index.fingerprint != original.fingerprint
+
+    from conftest import write_mask_png
+    other_mask = _copy_voc_tree(voc_root, tmp_path / 'other-mask')
+    mask_file = other_mask / 'VOCdevkit/VOC2012/SegmentationClassAug/v0.png'
+    flipped = mask_with({0, 1})[:, ::-1]   # the same classes, other pixels
+    assert not np.array_equal(flipped, mask_with({0, 1}))
+    write_mask_png(mask_file, flipped)
+    index = index_dataset('voc', other_mask, progress=False)
+    assert index.label_sets == original.label_sets
+    assert index.fingerprint != original.fingerprint
+
+
+def test_changed_image_is_scanned_again(voc_root: Path) -> None:
+    first = index_dataset('voc', voc_root, progress=False)
+    _replace_image(voc_root, 't3')
+    second = index_dataset('voc', voc_root, progress=False)
+    assert second.scans['train']['t3'].image_sha256 != first.scans['train']['t3'].image_sha256
+    assert second.fingerprint != first.fingerprint
+    # an image of another size than its mask is found by the scan it causes
+    image = _replace_image(voc_root, 't3', size=(4, 6))
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', voc_root, progress=False)
+    assert str(image) in str(e.value) and '6x4' in str(e.value)
 
 
 def test_changed_mask_invalidates_index_cache(voc_root: Path) -> None:
