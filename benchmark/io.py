@@ -4,8 +4,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,19 +22,32 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def _new_file_beside(path: Path) -> Path:
+    """A new, empty file of a hidden temporary name beside ``path`` (its folder created), for
+    a write that then takes ``path``'s place. It is created 0666 less the umask, as ``open``
+    creates files: ``tempfile.mkstemp``'s are 0600 whatever the umask, which would shut other
+    users out of a shared results store or cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f'.{path.name}.{secrets.token_hex(4)}.tmp'
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:   # another writer's name: draw again
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for the block to write; renamed over ``path`` when
     the block ends, removed if it raises: ``path`` holds the old content or the new, whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -56,9 +69,7 @@ def copy_if_absent(source: str | Path, path: str | Path) -> bool:
     """Copy ``source`` to ``path`` unless ``path`` exists; whether this call wrote it. The copy
     appears whole, and of calls racing to write ``path``, the first one's stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
         shutil.copyfile(source, tmp)
         try:
@@ -69,7 +80,7 @@ def copy_if_absent(source: str | Path, path: str | Path) -> bool:
             os.replace(tmp, path)
         return True
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,10 @@ def test_weights_and_copies_are_whole_or_not_written(tmp_path: Path,
     assert path.read_bytes() == b'other' and sorted(os.listdir(tmp_path)) == ['model.pth', 'other.pth']
 
 
+def no_hard_links(source, target):
+    raise PermissionError(1, 'Operation not permitted')
+
+
 def test_copy_if_absent_keeps_the_first_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ('first', 'second'):
         (tmp_path / name).write_bytes(name.encode())
@@ -89,11 +94,33 @@ def test_copy_if_absent_keeps_the_first_copy(tmp_path: Path, monkeypatch: pytest
         cio.copy_if_absent(tmp_path / 'absent', tmp_path / 'cache' / 'other.pth')
     assert os.listdir(path.parent) == ['model.pth']
 
-    def no_hard_links(source, target):
-        raise PermissionError(1, 'Operation not permitted')
     monkeypatch.setattr(os, 'link', no_hard_links)   # such a file system: the last copy stays
     assert cio.copy_if_absent(tmp_path / 'second', path) is True
     assert path.read_bytes() == b'second' and os.listdir(path.parent) == ['model.pth']
+
+
+@pytest.fixture
+def umask(request: pytest.FixtureRequest) -> int:
+    """The process's umask set to the test's parameter while it runs."""
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+@pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         indirect=['umask'], ids=['umask-022', 'umask-077', 'umask-002'])
+def test_written_files_take_their_mode_from_the_umask(tmp_path: Path, umask: int, mode: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / 'source'
+    source.write_bytes(b'weights')
+    os.chmod(source, 0o600)   # a copy's mode is not its source's
+    atomic_write_text(tmp_path / 'run.json', '{}')
+    cio.atomic_copy(source, tmp_path / 'copied.pth')
+    cio.copy_if_absent(source, tmp_path / 'cache' / 'linked.pth')
+    monkeypatch.setattr(os, 'link', no_hard_links)
+    cio.copy_if_absent(source, tmp_path / 'cache' / 'renamed.pth')
+    for name in ('run.json', 'copied.pth', 'cache/linked.pth', 'cache/renamed.pth'):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
 
 
 def test_cache_dir_uses_env(isolated_cache: Path) -> None:
