@@ -6,7 +6,7 @@ Three tables per protocol, each as markdown, CSV or LaTeX:
   incremental mIoU (the mean over steps of the all-classes mIoU), the mean forgetting of the
   old classes and the gap to joint training, beside the published numbers for the same
   method and setting (``data/paper_tables.csv``) and our difference to them;
-* per step: old / new / all after every step;
+* per step: old / new / all after every step, beside the classes each row's old and new average;
 * per class: each old class's forgetting (its best IoU at an earlier step minus its IoU
   after the last step).
 
@@ -123,6 +123,7 @@ class Column:
     best: str | None = None     # 'max' or 'min': bold the best incremental method's mean
     signed: bool = False        # a difference: printed with its sign
     variant_stated: str | None = None   # frame column: False marks the value '*'
+    text: bool = False          # frame[key] holds text, shown as it is (no mean, no std)
 
 
 @dataclass
@@ -135,15 +136,19 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
+def _agreed_classes(runs: list[StoredRun], step: int, column: str, otherwise: str) -> str:
+    """The class range ``column`` averages after ``step``, where every one of ``runs``
+    agrees on it (a fixed class order); else ``otherwise`` (random class orders)."""
+    found = {r.steps[step]['columns'][column]['label'] for r in runs}
+    return found.pop() if len(found) == 1 else otherwise
+
+
 def column_labels(rows: list[RowRuns]) -> dict[str, str]:
-    """Old/new headers: the class ranges when every run agrees on them (a fixed class
-    order), else 'old' / 'new' (random class orders)."""
-    labels = {}
-    for name in ('old', 'new'):
-        found = {r.steps[-1]['columns'][name]['label'] for row in rows for r in row.runs}
-        labels[name] = found.pop() if len(found) == 1 else name
-    labels['all'] = 'all'
-    return labels
+    """Old/new headers of the columns after the last step: their class ranges when every run
+    agrees on them, else 'old' / 'new'."""
+    runs = [r for row in rows for r in row.runs]
+    return dict(old=_agreed_classes(runs, -1, 'old', 'old'),
+                new=_agreed_classes(runs, -1, 'new', 'new'), all='all')
 
 
 def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
@@ -278,12 +283,15 @@ def _column_classes(run: StoredRun, column: str) -> tuple[int, ...]:
     return tuple(sorted(column_classes(steps, run.protocol['dataset'], len(steps) - 1)[column]))
 
 
+CLASSES_DIFFER = 'differ by run'
+
+
 def per_step(store: Store, protocol: str, runs: list[str] | None = None,
              config: str | None = None) -> Table:
     """Per method and step: old / new / all after that step (joint: its single step, shown
-    as the last)."""
+    as the last), and the classes the row's old and new average: new grows with the steps,
+    so no header could name its classes for every row."""
     rows = _rows_or_error(store, protocol, runs, config)
-    labels = column_labels(rows)
     records = []
     for row in rows:
         num_steps = len(row.runs[0].steps)
@@ -291,13 +299,16 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
         for t in range(num_steps):
             record = {'row': row.label, 'step': last if row.method == 'joint' else t,
                       'seeds': len(row.runs)}
+            for name in ('old', 'new'):
+                record[f'{name}_classes'] = _agreed_classes(row.runs, t, name, CLASSES_DIFFER)
             for name in COLUMNS:
                 mean, std = mean_std([percent(r.steps[t]['columns'][name]['mIoU']) for r in row.runs])
                 record[name], record[f'{name}_std'] = mean, std
             records.append(record)
     frame = pd.DataFrame(records).set_index(['row', 'step'])
-    columns = [Column('seeds', 'seeds'), Column(labels['old'], 'old'), Column(labels['new'], 'new'),
-               Column('all', 'all')]
+    columns = [Column('seeds', 'seeds'), Column('old classes', 'old_classes', text=True),
+               Column('new classes', 'new_classes', text=True),
+               *(Column(name, name) for name in COLUMNS)]
     return Table(title=f'{protocol}: mIoU (%) after each step, mean ± std over seeds', frame=frame,
                  columns=columns, index_names=['method', 'step'],
                  notes=_notes(store, protocol, rows))
@@ -343,6 +354,10 @@ def _cells(table: Table, latex: bool) -> list[list[str]]:
     ranked = ~frame.index.get_level_values(0).isin(table.unranked)
     out = [[escape(str(v)) for v in (key if isinstance(key, tuple) else (key,))] for key in frame.index]
     for column in table.columns:
+        if column.text:
+            for cells, value in zip(out, frame[column.key]):
+                cells.append(escape(str(value)))
+            continue
         means = frame[column.key].astype(float)
         stds = frame[f'{column.key}_std'] if f'{column.key}_std' in frame else [math.nan] * len(frame)
         unstated = (frame[column.variant_stated].eq(False).tolist() if column.variant_stated
@@ -374,7 +389,8 @@ def _markdown_escape(text: str) -> str:
 def to_markdown(table: Table) -> str:
     header = table.index_names + [_markdown_escape(c.header) for c in table.columns]
     lines = [f'### {table.title}', '', '| ' + ' | '.join(header) + ' |',
-             '|' + '|'.join(['---'] * len(table.index_names) + ['---:'] * len(table.columns)) + '|']
+             '|' + '|'.join(['---'] * len(table.index_names)
+                            + ['---' if c.text else '---:' for c in table.columns]) + '|']
     lines += ['| ' + ' | '.join(row) + ' |' for row in _cells(table, latex=False)]
     if table.notes:
         lines += [''] + [f'- {_markdown_escape(n)}' if not n.startswith('  ')
@@ -394,7 +410,7 @@ def _latex_escape(text: str) -> str:
 def to_latex(table: Table) -> str:
     """A booktabs tabular, ready to paste (needs ``\\usepackage{booktabs}``)."""
     header = table.index_names + [c.header for c in table.columns]
-    spec = 'l' * len(table.index_names) + 'r' * len(table.columns)
+    spec = 'l' * len(table.index_names) + ''.join('l' if c.text else 'r' for c in table.columns)
     lines = [f'% {_latex_escape(table.title)}']
     lines += [f'% {_latex_escape(n)}' for n in table.notes]
     lines += [f'\\begin{{tabular}}{{{spec}}}', '\\toprule',

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cssbench.cli import main
 from cssbench.errors import UserError
-from cssbench.metrics import summarize_step
+from cssbench.metrics import range_label, summarize_step
 from cssbench.plots import class_iou_figure, miou_by_step_figure
 from cssbench.protocols import Protocol, load_protocol
 from cssbench.store import INDEX_FILE, open_store, select_runs
@@ -158,6 +158,49 @@ def test_per_step_table(store_19_1: Path) -> None:
     assert f.loc[('ft', 1), 'new'] == pytest.approx(40.0)
     assert f.loc[('joint', 1), 'all'] == pytest.approx(90.0)   # joint's one step, shown last
     assert len(f) == 2 + 2 + 1
+
+
+def test_per_step_rows_name_the_classes_their_new_column_averages(tmp_path: Path) -> None:
+    # VOC 15-1: every class seen at 0.5, but new class 16 + k at 0.1 (k + 1), so the new
+    # column after step t is the mean of 0.1 .. 0.1 t: 10 at step 1, 15 at step 2, 30 at step 5
+    root = tmp_path / 'results'
+    p = load_protocol('voc-15-1-overlap')
+    write_run(root, [{**uniform(p.classes_seen(t), 0.5), **{16 + k: 0.1 * (k + 1) for k in range(t)}}
+                     for t in range(6)], protocol=p)
+    write_run(root, [uniform(range(21), 0.9)], protocol=p, method='joint')
+    table = per_step(open_store(root), p.name)
+    ft = table.frame.loc['ft']
+    assert ft['new_classes'].tolist() == ['-', '16', '16-17', '16-18', '16-19', '16-20']
+    assert ft['old_classes'].tolist() == ['0-15'] * 6
+    np.testing.assert_allclose(ft['new'].tolist(), [math.nan, 10, 15, 20, 25, 30])
+    assert table.frame.loc[('joint', 5), 'new_classes'] == '16-20'
+
+    md = render(table, 'md')
+    assert '| method | step | seeds | old classes | new classes | old | new | all |' in md
+    assert '| ft | 1 | 1 | 0-15 | 16 | 50.0 | 10.0 | 47.6 |' in md   # all: (16 * 0.5 + 0.1) / 17
+    assert '| ft | 2 | 1 | 0-15 | 16-17 | 50.0 | 15.0 | 46.1 |' in md   # (16 * 0.5 + 0.3) / 18
+    tex = render(table, 'latex')
+    assert 'method & step & seeds & old classes & new classes & old & new & all \\\\' in tex
+    assert 'ft & 5 & 1 & 0-15 & 16-20 & 50.0 & 30.0 & 45.2 \\\\' in tex   # (8 + 1.5) / 21
+    csv = pd.read_csv(io.StringIO(render(table, 'csv')), dtype={'new_classes': str})
+    assert list(csv.columns[:5]) == ['method', 'step', 'seeds', 'old_classes', 'new_classes']
+    assert csv.loc[2, 'new_classes'] == '16-17' and csv.loc[2, 'new'] == 15.0
+
+
+def test_per_step_rows_of_drawn_class_orders_say_their_classes_differ(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    drawn = [load_protocol('voc-15-1-overlap-random').with_class_order(seed) for seed in (0, 1)]
+    assert drawn[0].steps[1] != drawn[1].steps[1]
+    for seed, p in enumerate(drawn):
+        write_run(root, [uniform(p.classes_seen(t), 0.5) for t in range(6)], protocol=p,
+                  run=f'small-seed{seed}', seed=seed)
+    store = open_store(root)
+    both = per_step(store, drawn[0].name).frame.loc['ft']
+    assert both['old_classes'].tolist() == ['differ by run'] * 6
+    assert both['new_classes'].tolist() == ['-'] + ['differ by run'] * 5
+    one = per_step(store, drawn[0].name, runs=['small-seed1']).frame.loc['ft']
+    assert one.at[1, 'new_classes'] == range_label(drawn[1].steps[1])
+    assert one.at[0, 'old_classes'] == range_label(drawn[1].steps[0])
 
 
 def test_per_class_forgetting_table(store_19_1: Path) -> None:
