@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def cache_root() -> Path:

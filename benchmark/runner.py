@@ -46,7 +46,7 @@ from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main,
 from .errors import UserError
 from .hooks import CLOCK_FILE, earlier_training_seconds   # (registers the hooks and the sampler)
 from .io import (atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_root,
-                 copy_if_absent)
+                 copy_if_absent, file_sha256)
 from .methods import METHODS, Method, get_method
 from .metrics import summarize_step
 from .models import read_state_dict
@@ -785,11 +785,6 @@ def _step0_iou_file(entry: Path, protocol: Protocol) -> Path:
     return entry / f'iou-{"-".join(protocol.evaluation.values())}.json'   # iou-ignore-center.json
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()
-
-
 def _read_record(path: Path, digest: str) -> dict | None:
     """A cache record (JSON) about the weights of ``digest``; None if absent, unreadable, or
     about other weights."""
@@ -823,7 +818,7 @@ def _reuse_cached_step0(key: str, protocol: Protocol, paths: RunPaths) -> dict |
         if not _loads(entry / 'model.pth'):   # absent or damaged: train it
             return None
         atomic_copy(entry / 'model.pth', paths.step_weights(0))
-        digest = _file_digest(paths.step_weights(0))  # the weights copied, whatever came since
+        digest = file_sha256(paths.step_weights(0))  # the weights copied, whatever came since
     except OSError:   # the entry went away meanwhile
         return None
     record = _read_record(entry / 'model.json', digest) or dict(trained_in_s=None, run=None)
@@ -841,7 +836,7 @@ def _store_step0(key: str, paths: RunPaths, wall_time_s: float, log) -> None:
         (entry / 'model.pth').unlink(missing_ok=True)   # damaged
         if not copy_if_absent(paths.step_weights(0), entry / 'model.pth'):
             return   # another run stored its own meanwhile
-        atomic_write_json(entry / 'model.json', dict(model=_file_digest(paths.step_weights(0)),
+        atomic_write_json(entry / 'model.json', dict(model=file_sha256(paths.step_weights(0)),
                                                      trained_in_s=wall_time_s,
                                                      run=str(paths.results.resolve())))
     except OSError as e:
@@ -854,8 +849,8 @@ def _store_step0_iou(key: str, protocol: Protocol, paths: RunPaths, iou: dict[in
     those are the cached weights."""
     entry = _step0_entry(key)
     try:
-        digest = _file_digest(paths.step_weights(0))
-        if not (entry / 'model.pth').exists() or _file_digest(entry / 'model.pth') != digest:
+        digest = file_sha256(paths.step_weights(0))
+        if not (entry / 'model.pth').exists() or file_sha256(entry / 'model.pth') != digest:
             return
         atomic_write_json(_step0_iou_file(entry, protocol),
                           dict(model=digest, iou={str(c): v for c, v in iou.items()},

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .datasets import SPLITS, Sample, image_size, list_samples, read_mask
 from .datasets_info import DATASET_INFO, IGNORE_INDEX
 from .errors import DatasetError
-from .io import atomic_write_json, cache_dir
+from .io import atomic_write_json, cache_dir, file_sha256
 from .protocols import Protocol
 
 LabelSets = dict[str, tuple[int, ...]]
@@ -56,11 +56,6 @@ def keep_for_step(labels: set[int] | tuple[int, ...], current: set[int], old: se
     if mode == 'overlap':
         return True
     return labels <= current_fg | set(old) | {0, IGNORE_INDEX}
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def scan_split(samples: list[Sample], num_classes: int, desc: str = 'scan',
@@ -91,13 +86,15 @@ def scan_split(samples: list[Sample], num_classes: int, desc: str = 'scan',
 
 
 def _file_stamp(path: Path) -> str:
+    """A file's path, size and times. The inode and its change time too: a file replaced by
+    ``cp -p`` or ``rsync -a`` keeps the size and modification time it was given."""
     st = path.stat()
-    return f'{path}|{st.st_size}|{st.st_mtime_ns}'
+    return f'{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}'
 
 
 def _listing_key(layout: str, root: Path, split: str, samples: list[Sample]) -> str:
-    """Identifies a split's listing: its images' and masks' paths, sizes and modification
-    times (a file changed since the last scan changes it)."""
+    """Identifies a split's listing: its images' and masks' ``_file_stamp`` (a file changed
+    since the last scan changes it)."""
     h = hashlib.sha256(f'{layout}|{root.resolve()}|{split}'.encode())
     for s in samples:
         h.update(f'{s.id}|{_file_stamp(s.image)}|{_file_stamp(s.mask)}\n'.encode())

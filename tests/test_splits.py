@@ -237,6 +237,13 @@ def test_changed_mask_invalidates_index_cache(voc_root: Path) -> None:
     assert mask_file.stat().st_size == size
     os.utime(mask_file, (later + 2, later + 2))
     assert index_dataset('voc', voc_root, progress=False).label_sets['train']['t7'] == (0, 2, 4)
+    # replaced by another file of the same size and times (as `cp -p` or `rsync -a` replace)
+    replacement = mask_file.with_name('t7.new.png')
+    write_mask_png(replacement, mask_with({0, 2, 5}))
+    assert replacement.stat().st_size == size
+    os.utime(replacement, (later + 2, later + 2))
+    os.replace(replacement, mask_file)
+    assert index_dataset('voc', voc_root, progress=False).label_sets['train']['t7'] == (0, 2, 5)
 
 
 def test_mask_and_image_of_different_sizes_fail_at_indexing(voc_root: Path) -> None:

@@ -480,7 +480,8 @@ def test_no_published_numbers_for_the_synthetic_dataset(tmp_path: Path) -> None:
 def test_miou_figure_has_a_line_per_method_in_each_panel(store_19_1: Path) -> None:
     rows = select_runs(open_store(store_19_1), VOC19)
     fig = miou_by_step_figure(VOC19, rows)
-    assert [ax.get_title() for ax in fig.axes] == ['all classes', 'old classes (0-19)', 'new classes (20)']
+    assert [ax.get_title() for ax in fig.axes] == ['all classes', 'old classes (0-19)',
+                                                 'new classes (added so far: 20 by the end)']
     for ax in fig.axes:
         assert len(ax.get_lines()) == 3            # ft, lwf, and joint's dashed level
         assert sorted(line.get_label() for line in ax.get_lines()) == ['ft', 'joint', 'lwf']
