@@ -160,6 +160,9 @@ def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
         advice = f'`cssbench run --protocol {protocol}` makes one'
     else:
         advice = f'stored protocols: {", ".join(store.protocols()) or "none"}'
+    skipped = [f'{s.path}: {s.reason}' for s in store.skipped if s.path.split('/')[0] == protocol]
+    if skipped:   # e.g. a run still training, which rerunning its command finishes
+        advice += f' (skipped: {"; ".join(skipped)})'
     raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; {advice}')
 
 

@@ -504,15 +504,17 @@ def test_a_protocol_file_taking_a_stored_protocols_name_is_refused(synth32, conf
     results = tmp_path / 'results'
     kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1, results_root=results,
                   log=lambda *a: None)
-    run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+    mine = tmp_path / 'mine.yaml'
+    mine.write_text('name: mine-15-5\ndataset: synth\nmode: overlap\nsteps: ["0-15", "16-20"]\n')
+    run_protocol(str(mine), 'ft', **kwargs)
     impostor = tmp_path / 'impostor.yaml'   # the same name, other steps
-    impostor.write_text('name: synth-15-5-overlap\ndataset: synth\nmode: overlap\n'
+    impostor.write_text('name: mine-15-5\ndataset: synth\nmode: overlap\n'
                         'steps: ["0-10", "11-20"]\n')
-    with pytest.raises(UserError, match=f"{impostor}: another protocol named 'synth-15-5-overlap' "
+    with pytest.raises(UserError, match=f"{impostor}: another protocol named 'mine-15-5' "
                                         f"has runs stored .*; give this one another name"):
         run_protocol(str(impostor), 'lwf', **kwargs)
-    assert sorted(p.name for p in (results / 'synth-15-5-overlap').iterdir()) == ['ft']
+    assert sorted(p.name for p in (results / 'mine-15-5').iterdir()) == ['ft']
     twin = tmp_path / 'twin.yaml'   # the same protocol written out again is the same protocol
-    twin.write_text('name: synth-15-5-overlap\ndataset: synth\nmode: overlap\n'
+    twin.write_text('name: mine-15-5\ndataset: synth\nmode: overlap\n'
                     'steps: ["0-15", "16-20"]\ndescription: a copy\n')
     assert len(run_protocol(str(twin), 'lwf', **kwargs)) == 2

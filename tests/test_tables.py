@@ -524,6 +524,14 @@ def test_cli_table_errors(tmp_path: Path, capsys) -> None:
                                             f"`cssbench run --protocol {VOC19}` makes one\n")
     assert main(['table', '--results', str(tmp_path)]) == 2
     assert 'give --protocol' in capsys.readouterr().err
+    # only a run still training: named, with why it is not tabulated
+    run_dir = write_run(tmp_path / 'some', [uniform(OLD19, 0.5)])
+    record = json.loads((run_dir / 'run.json').read_text())
+    (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
+    assert main(['table', '--protocol', VOC19, '--results', str(tmp_path / 'some')]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"`cssbench run --protocol {VOC19}` makes one (skipped: {VOC19}/ft/small-seed0: "
+        f"unfinished (status 'running', 0 step(s) done))\n")
 
 
 def test_cli_table_errors_name_what_is_wrong(store_19_1: Path, tmp_path: Path, capsys) -> None:
