@@ -385,8 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f'cssbench: error: {one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        rerun = ('it without --overwrite to resume (with it, the run starts over)'
-                 if getattr(args, 'overwrite', False) else 'the same command to resume')
-        print(f'cssbench: interrupted; rerun {rerun}', file=sys.stderr)
+        if getattr(args, 'overwrite', False):
+            rerun = ('rerun it to start over, or without --overwrite to continue where it stopped '
+                     '(keeping every complete run, also one it had not yet replaced)')
+        else:
+            rerun = 'rerun the same command to resume'
+        print(f'cssbench: interrupted; {rerun}', file=sys.stderr)
         return 130
     return 0

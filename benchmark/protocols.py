@@ -276,8 +276,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge':
+                continue   # `<<: {...}` merges a mapping whose keys this one may override
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                twice = key in seen
+            except TypeError:   # unhashable: SafeLoader's own error below says so
+                break
+            if twice:
                 raise yaml.constructor.ConstructorError(
                     None, None, f'field {key!r} given twice', key_node.start_mark)
             seen.add(key)

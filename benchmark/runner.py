@@ -90,6 +90,8 @@ def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | 
         cfg.schedule.epochs = epochs
     elif dataset in by_dataset:
         cfg.schedule.epochs = by_dataset[dataset]
+    else:
+        _check_config_value(path, 'schedule.epochs', cfg.schedule.epochs, 'schedule.epochs')
     cfg.speed = resolve_speed(cfg.get('speed'), cfg.filename, compile=compile, fp32=fp32)
     return cfg
 
@@ -126,12 +128,20 @@ def _config_values(cfg: Config) -> Iterator[tuple[str, str, object]]:
     """Every setting a run reads that ``CONFIG_VALUES`` rules: (its name, its rule's, value)."""
     for name in CONFIG_VALUES:
         section, key = name.split('.')
+        if name == 'schedule.epochs':
+            continue   # load_config checks the epochs it resolves for the dataset
         if name == 'schedule.lr':
             yield from ((f'{name}[{i}]', name, v) for i, v in enumerate(cfg.schedule.lr))
         else:
             yield name, name, cfg[section][key]
     for dataset, epochs in (cfg.schedule.get('epochs_by_dataset') or {}).items():
         yield f'schedule.epochs_by_dataset.{dataset}', 'schedule.epochs', epochs
+
+
+def _check_config_value(path: Path, name: str, value, rule: str) -> None:
+    said_as, holds = CONFIG_VALUES[rule]
+    if not holds(value):
+        raise UserError(f'{path}: {name} must be {said_as}, got {value!r}')
 
 
 def check_config_sections(cfg: Config, path: Path) -> None:
@@ -150,9 +160,10 @@ def check_config_sections(cfg: Config, path: Path) -> None:
         raise UserError(f'{path}: schedule.epochs_by_dataset must map datasets to epochs, got '
                         f'{cfg.schedule.epochs_by_dataset!r}')
     for name, rule, value in _config_values(cfg):
-        said_as, holds = CONFIG_VALUES[rule]
-        if not holds(value):
-            raise UserError(f'{path}: {name} must be {said_as}, got {value!r}')
+        _check_config_value(path, name, value, rule)
+    if cfg.schedule.nesterov and cfg.schedule.momentum == 0:
+        raise UserError(f'{path}: schedule.nesterov needs a momentum > 0 (SGD refuses Nesterov '
+                        f'without momentum); set nesterov=False for plain SGD')
     pretrained = cfg.model.backbone.get('pretrained')
     if pretrained and not Path(pretrained).expanduser().is_file():
         raise UserError(f'{path}: model.backbone.pretrained: {pretrained} is not a file')
@@ -700,9 +711,11 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
 
 
 def _check_same_data(paths: RunPaths, previous: dict, root: Path, index: DatasetIndex) -> None:
-    """Refuse to continue a run on data other than it started on: its steps would mix two."""
+    """Refuse to continue a run on data other than it started on: its steps would mix two. A
+    run started before the fingerprint counted the files' bytes holds the label sets' alone."""
     started_on = previous.get('dataset_fingerprint')
-    if started_on is not None and started_on != index.fingerprint:
+    if started_on is not None and started_on not in (index.fingerprint,
+                                                     index.label_set_fingerprint):
         raise UserError(f'{paths.results}: this run was started on other data '
                         f'({previous.get("data_root")}, fingerprint {started_on}) than {root} '
                         f'(fingerprint {index.fingerprint}); continue it with its own data '
@@ -831,9 +844,11 @@ def _store_step0(key: str, paths: RunPaths, wall_time_s: float, log) -> None:
     stays, with the IoUs stored for it. A cache that cannot be written stops no run."""
     entry = _step0_entry(key)
     try:
-        if _loads(entry / 'model.pth'):
-            return
-        (entry / 'model.pth').unlink(missing_ok=True)   # damaged
+        model = entry / 'model.pth'
+        if model.exists():
+            if _loads(model):
+                return
+            model.unlink(missing_ok=True)   # damaged
         if not copy_if_absent(paths.step_weights(0), entry / 'model.pth'):
             return   # another run stored its own meanwhile
         atomic_write_json(entry / 'model.json', dict(model=file_sha256(paths.step_weights(0)),

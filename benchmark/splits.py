@@ -131,10 +131,19 @@ class DatasetIndex:
             h.update(json.dumps(contents).encode())
         return h.hexdigest()[:16]
 
+    @property
+    def label_set_fingerprint(self) -> str:
+        """The fingerprint of cssbench before it counted the files' bytes: of the label sets
+        alone, which runs started then hold (a run continued on this data may be one)."""
+        h = hashlib.sha256(self.dataset.encode())
+        for split in SPLITS:
+            h.update(json.dumps(list(self.label_sets[split].items())).encode())
+        return h.hexdigest()[:16]
+
 
 def index_dataset(dataset: str, root: str | Path, progress: bool = True) -> DatasetIndex:
     """Each split's samples and scans; a split's scan is read from the cache while none of
-    its files changed in size or modification time since it was made."""
+    its files changed (``_file_stamp``) since it was made."""
     info = DATASET_INFO[dataset]
     root = Path(root).expanduser()
     samples, scans = {}, {}

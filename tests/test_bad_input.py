@@ -141,6 +141,18 @@ def test_protocol_yaml_that_reads_otherwise_than_it_looks(capsys, tmp_path):
         f"'background') (YAML reads an unquoted yes, no, on, off as true or false)")
 
 
+def test_protocol_yaml_merge_keys_load_and_unhashable_keys_are_refused(capsys, tmp_path):
+    from cssbench.protocols import load_protocol
+    merged = tmp_path / 'merged.yaml'   # << merges a mapping; the keys given beside it win
+    merged.write_text('<<: {name: m2, dataset: voc, mode: disjoint}\nmode: overlap\n'
+                      'steps: ["0-15", "16-20"]\n')
+    assert (load_protocol(str(merged)).name, load_protocol(str(merged)).mode) == ('m2', 'overlap')
+    unhashable = tmp_path / 'unhashable.yaml'
+    unhashable.write_text('? [a, b]\n: 1\n')
+    assert fails(capsys, 'splits', '--protocol', str(unhashable)) == (
+        f'cssbench: error: {unhashable}: malformed YAML at line 1: found unhashable key')
+
+
 def test_a_protocol_file_taking_a_shipped_protocols_name(capsys, tmp_path):
     shipped = Path(__file__).resolve().parent.parent / 'protocols' / 'voc-15-1-overlap.yaml'
     copy = tmp_path / 'copy.yaml'
@@ -193,8 +205,9 @@ def test_an_interrupted_run_says_how_to_resume_it(capsys, monkeypatch):
     assert main(['run', '--protocol', 'synth-15-1-overlap']) == 130
     assert capsys.readouterr().err == 'cssbench: interrupted; rerun the same command to resume\n'
     assert main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite']) == 130
-    assert capsys.readouterr().err == ('cssbench: interrupted; rerun it without --overwrite to '
-                                       'resume (with it, the run starts over)\n')
+    assert capsys.readouterr().err == (
+        'cssbench: interrupted; rerun it to start over, or without --overwrite to continue where '
+        'it stopped (keeping every complete run, also one it had not yet replaced)\n')
     with pytest.raises(SystemExit) as stopped:   # argparse's usage error
         main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite', '--resume'])
     assert stopped.value.code == 2
@@ -214,7 +227,7 @@ def test_a_run_name_that_is_not_a_plain_folder_name(capsys, tmp_path):
                  '--results', str(results)) == (
         f"cssbench: error: the config {config} names runs 'my small-seed0' by default, not a "
         f"plain name (letters, digits, and . _ + - after the first); give --run-name")
-    assert not results.exists() and not (tmp_path.parent / 'escape').exists()
+    assert not results.exists()   # results/<protocol>/<method>/../../escape is inside it
 
 
 def test_config_naming_an_unknown_model_part(capsys, tmp_path, tiny_run):
@@ -272,6 +285,8 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
     ('data = dict(batch_size=0)', 'data.batch_size must be a whole number >= 1, got 0'),
     ('data = dict(num_workers=-1)', 'data.num_workers must be a whole number >= 0, got -1'),
     ('data = dict(crop_size=32.5)', 'data.crop_size must be a whole number >= 1, got 32.5'),
+    ('schedule = dict(momentum=0.0)', 'schedule.nesterov needs a momentum > 0 (SGD refuses '
+     'Nesterov without momentum); set nesterov=False for plain SGD'),
     ("model = dict(backbone=dict(type='Nope'))", "model.backbone.type: 'Nope' is not a registered "
      "model (cssbench registers its own as cssbench.<Name>)"),
     ("model = dict(decode_head=dict(_delete_=True, channels=8))", "model.decode_head.type: None is "
@@ -284,6 +299,18 @@ def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
     assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(config),
                  '--results', str(results)) == f'cssbench: error: {config}: {says}'
     assert not results.exists()   # refused before a run folder is made
+
+
+def test_epochs_are_checked_as_resolved_for_the_dataset(tmp_path):
+    from cssbench.errors import UserError
+    from cssbench.runner import load_config
+    config = tmp_path / 'by_dataset.py'   # schedule.epochs is read for no dataset of these
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "schedule = dict(epochs=None, epochs_by_dataset=dict(synth=2, voc=30))\n")
+    assert load_config(str(config), dataset='synth').schedule.epochs == 2
+    assert load_config(str(config), 3, dataset='ade').schedule.epochs == 3
+    with pytest.raises(UserError, match='schedule.epochs must be a whole number >= 1, got None'):
+        load_config(str(config), dataset='ade')
 
 
 def test_config_setting_what_a_method_does_not_take(capsys, tmp_path, tiny_run):

@@ -177,6 +177,7 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
                                                       started='2026-01-02T03:04:05',
                                                       speed=four_gpus, speed_history=[four_gpus])))
     weights0 = (run_dir / 'work' / 'step0' / 'model.pth').stat().st_mtime_ns
+    weights0_bytes = (run_dir / 'work' / 'step0' / 'model.pth').read_bytes()
     # step 1 had trained 1000 s in the sessions before (StepClockHook's record)
     (run_dir / 'work' / 'step1' / 'clock.json').write_text('{"train_seconds": 1000.0}')
 
@@ -221,6 +222,21 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
                                         rf'fingerprint \w+\) than {other} \(fingerprint \w+\)'):
         run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, data_root=str(other)))
     assert (run_dir / 'run.json').read_bytes() == stored
+    # Started before the fingerprint counted the files' bytes: its data is known by its label
+    # sets alone, and continues; another dataset's label sets do not.
+    from cssbench.splits import index_dataset
+    (run_dir / 'work' / 'step0' / 'model.pth').write_bytes(weights0_bytes)
+    for data, continues in ((other, False), (synth32, True)):
+        legacy = index_dataset('synth', data, progress=False).label_set_fingerprint
+        (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running',
+                                                          dataset_fingerprint=legacy)))
+        if continues:
+            assert len(run_protocol('synth-15-5-overlap', 'ft', **kwargs)) == 2
+            record = json.loads((run_dir / 'run.json').read_text())
+            assert record['dataset_fingerprint'] == index_dataset('synth', synth32).fingerprint
+        else:
+            with pytest.raises(UserError, match=f'fingerprint {legacy}'):
+                run_protocol('synth-15-5-overlap', 'ft', **kwargs)
 
 
 def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
@@ -448,6 +464,21 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
     _store_step0('k', a, 1.0, messages.append)
     assert _reuse_cached_step0('k', protocol, c)['run'] == str(a.results) and weight_of(c) == 1.0
     assert messages == []
+
+    # Two runs storing at once: b's model lands while a copies its own; b's stays, and a
+    # leaves the entry as b left it.
+    shutil.rmtree(entry)
+    copy = runner.copy_if_absent
+
+    def b_stores_meanwhile(source, path):
+        monkeypatch.setattr(runner, 'copy_if_absent', copy)
+        _store_step0('k', b, 2.0, messages.append)
+        return copy(source, path)
+    monkeypatch.setattr(runner, 'copy_if_absent', b_stores_meanwhile)
+    _store_step0('k', a, 1.0, messages.append)
+    reused = _reuse_cached_step0('k', protocol, c)
+    assert (reused['run'], weight_of(c)) == (str(b.results), 2.0) and messages == []
+    assert sorted(p.name for p in entry.iterdir()) == ['model.json', 'model.pth']
 
     # A cache that cannot be written stops no run: it says so.
     shutil.rmtree(entry.parent)
