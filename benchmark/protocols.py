@@ -30,7 +30,7 @@ import yaml
 
 from .datasets_info import DATASET_INFO
 from .errors import UserError
-from .store import is_plain_name
+from .store import PLAIN_NAME, is_plain_name
 
 PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / 'protocols'
 MODES = ('overlap', 'disjoint')
@@ -215,8 +215,7 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     if unknown:
         raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
     if not is_plain_name(str(data['name'])):
-        raise ProtocolError(f'{src}: field name: {data["name"]!r} is not a plain name (letters, '
-                            f'digits, and . _ + - after the first)')
+        raise ProtocolError(f'{src}: field name: {data["name"]!r} is not {PLAIN_NAME}')
     dataset = data['dataset']
     if dataset not in DATASET_INFO:
         raise ProtocolError(f'{src}: field dataset: unknown dataset {dataset!r} '

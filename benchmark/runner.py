@@ -55,7 +55,7 @@ from .registry import MODELS
 from .speed import (effective_speed, optim_wrapper_config, prepare_model, resolve_speed,
                     training_device, val_loop_config)
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
-from .store import CorruptRun, is_plain_name, open_store, read_json_object
+from .store import PLAIN_NAME, CorruptRun, is_plain_name, open_store, read_json_object
 from .tables import format_step_table, steps_to_csv
 from .transforms import EvalTransform, TrainTransform
 
@@ -599,11 +599,11 @@ def locate_run(protocol_name: str, method_name: str, results_root: str | Path,
     if run_name is None:
         run_name = f'{Path(config).stem.replace("_", "-")}-seed{seed}'
         if not is_plain_name(run_name):
-            raise UserError(f'the config {config} names runs {run_name!r} by default, not a plain '
-                            f'name (letters, digits, and . _ + - after the first); give --run-name')
+            raise UserError(f'the config {config} names runs {run_name!r} by default, not '
+                            f'{PLAIN_NAME}; give --run-name')
     elif not is_plain_name(run_name):
-        raise UserError(f'run name {run_name!r} is not a plain name (letters, digits, and '
-                        f'. _ + - after the first): it names a folder of the results store')
+        raise UserError(f'run name {run_name!r} is not {PLAIN_NAME}: it names a folder of the '
+                        f'results store')
     return protocol, method, run_name, Path(results_root) / protocol.name / method.name / run_name
 
 

@@ -26,9 +26,11 @@ INDEX_VERSION = 2   # 2: runs carry their training regime
 RUN_FILES = ('run.json', 'metrics.json')
 
 
+PLAIN_NAME = 'a plain name (letters, digits, and . _ + - after the first)'
+
+
 def is_plain_name(text: str) -> bool:
-    """Whether ``text`` can name a folder of the store (a protocol, a run): letters, digits,
-    and . _ + - after the first."""
+    """Whether ``text`` is ``PLAIN_NAME``, as a folder of the store (a protocol, a run) is."""
     return re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]*', text) is not None
 
 
