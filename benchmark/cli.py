@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from .errors import UserError, refuse_repeats
 
 if TYPE_CHECKING:
     from .protocols import Protocol
@@ -130,10 +130,8 @@ def load_protocols(text: str) -> dict[str, Protocol]:
     if not given:
         raise UserError(f'--protocol: expected a protocol, or several separated by commas, got {text!r}')
     protocols = {name: load_protocol(name) for name in given}
-    names = [p.name for p in protocols.values()]
-    twice = sorted({n for n in names if names.count(n) > 1} | {g for g in given if given.count(g) > 1})
-    if twice:
-        raise UserError(f'--protocol: {", ".join(twice)} given twice')
+    # given twice, or by its name and its file
+    refuse_repeats('--protocol', given, [p.name for p in protocols.values()])
     return protocols
 
 
@@ -170,14 +168,14 @@ def _tables_folder(args) -> Path:
 
 def cmd_table(args) -> None:
     from .store import open_store
-    from .tables import write_all_tables
+    from .tables import chosen_by, write_all_tables
     _require_protocol_or_all(args, 'table')
     if args.all:
         out = _tables_folder(args)
         written = write_all_tables(open_store(args.results), out, _patterns(args.run), args.config)
         if not written:
-            chosen = ' matching --run/--config' if args.run or args.config else ''
-            raise UserError(f'{args.results}: no complete run{chosen} stored; nothing to tabulate')
+            raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} '
+                            f'stored; nothing to tabulate')
         print(f'wrote {len(written)} files to {out}/')
         return
     kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
@@ -197,6 +195,7 @@ def cmd_table(args) -> None:
 def cmd_plot(args) -> None:
     from .plots import write_protocol_plots
     from .store import open_store, select_runs
+    from .tables import chosen_by
     _require_protocol_or_all(args, 'plot')
     store = open_store(args.results)
     protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol)]
@@ -207,12 +206,10 @@ def cmd_plot(args) -> None:
         if rows:
             written += write_protocol_plots(protocol, rows, out)
     if not written:
-        chosen = ' matching --run/--config' if args.run or args.config else ''
-        raise UserError(f'{args.results}: no complete run{chosen} stored for '
-                        f'{", ".join(protocols) or "any protocol"}')
-    for skipped in store.skipped:
-        if skipped.path.split('/')[0] in protocols:
-            print(f'cssbench: skipped {skipped.path}: {skipped.reason}', file=sys.stderr)
+        raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} stored '
+                        f'for {", ".join(protocols) or "any protocol"}')
+    for skipped in (s for protocol in protocols for s in store.skipped_in(protocol)):
+        print(f'cssbench: skipped {skipped.path}: {skipped.reason}', file=sys.stderr)
     for path in written:
         print(f'wrote {path}')
 

@@ -7,3 +7,10 @@ class UserError(Exception):
 
 class DatasetError(UserError):
     """A dataset root, list file, image or mask that cannot be read as the layout promises."""
+
+
+def refuse_repeats(option: str, *lists: list[str]) -> None:
+    """Refuse what was given to ``option`` if one of ``lists`` names something twice."""
+    twice = sorted({n for names in lists for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f'{option}: {", ".join(twice)} given twice')

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, refuse_repeats
 from .registry import MODELS
 
 
@@ -47,9 +47,7 @@ def method_names(spec: str) -> list[str]:
         raise UserError('no method given')
     if 'all' in names:
         raise UserError(f'--method {spec}: all stands alone (it names every method)')
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UserError(f'--method: {", ".join(twice)} given twice')
+    refuse_repeats('--method', names)
     for name in names:
         get_method(name)
     return names

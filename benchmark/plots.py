@@ -44,9 +44,9 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
                 ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15,
                                 linewidth=0)
         title = f'{column} classes'
-        if labels.get(column, column) != column:   # the runs agree on its classes
-            # new grows with the steps: its range is the last step's
-            title += f' ({labels[column]})' if column == 'old' else f' (added so far: {labels[column]} by the end)'
+        if labels[column] != column:   # the runs agree on its classes: named
+            title += (f' ({labels[column]})' if column == 'old'   # new grows with the steps:
+                      else f' (added so far: {labels[column]} by the end)')   # the last's range
         ax.set(title=title, xlabel='step', xticks=range(num_steps), ylim=(0, 100))
     axes[0].set_ylabel('mIoU (%)')
     axes[-1].legend(loc='center left', bbox_to_anchor=(1.0, 0.5), frameon=False)

@@ -96,12 +96,6 @@ def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | 
     return cfg
 
 
-# What a run reads from each section of a config (a section may hold more).
-CONFIG_KEYS = dict(model=('type', 'backbone', 'decode_head'),
-                   data=('crop_size', 'batch_size', 'eval_batch_size', 'num_workers'),
-                   schedule=('epochs', 'lr', 'momentum', 'nesterov', 'weight_decay', 'poly_power'))
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -122,6 +116,16 @@ CONFIG_VALUES = {
     'schedule.nesterov': ('True or False', lambda v: isinstance(v, bool)),
     'schedule.weight_decay': _NON_NEGATIVE, 'schedule.poly_power': _NON_NEGATIVE,
 }
+
+
+# What a run reads from a config (a section may hold more): the model's parts, and the
+# settings whose values CONFIG_VALUES rules.
+CONFIG_SETTINGS = ('model.type', 'model.backbone', 'model.decode_head', *CONFIG_VALUES)
+
+
+def _sets(cfg: Config, name: str) -> bool:
+    section, key = name.split('.')
+    return isinstance(cfg.get(section), dict) and key in cfg[section]
 
 
 def _config_values(cfg: Config) -> Iterator[tuple[str, str, object]]:
@@ -148,8 +152,7 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     """Refuse a config that lacks a setting a run needs (naming every missing one), holds one
     a run cannot train with (``CONFIG_VALUES``), or whose pretrained backbone checkpoint is
     not a file."""
-    missing = [f'{section}.{key}' for section, keys in CONFIG_KEYS.items()
-               for key in keys if not isinstance(cfg.get(section), dict) or key not in cfg[section]]
+    missing = [name for name in CONFIG_SETTINGS if not _sets(cfg, name)]
     if missing:
         raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
                         f"full one: _base_ = ['<path>/small.py'])")
@@ -714,8 +717,7 @@ def _check_same_data(paths: RunPaths, previous: dict, root: Path, index: Dataset
     """Refuse to continue a run on data other than it started on: its steps would mix two. A
     run started before the fingerprint counted the files' bytes holds the label sets' alone."""
     started_on = previous.get('dataset_fingerprint')
-    if started_on is not None and started_on not in (index.fingerprint,
-                                                     index.label_set_fingerprint):
+    if started_on not in (None, index.fingerprint) and started_on != index.label_set_fingerprint:
         raise UserError(f'{paths.results}: this run was started on other data '
                         f'({previous.get("data_root")}, fingerprint {started_on}) than {root} '
                         f'(fingerprint {index.fingerprint}); continue it with its own data '
@@ -849,7 +851,7 @@ def _store_step0(key: str, paths: RunPaths, wall_time_s: float, log) -> None:
             if _loads(model):
                 return
             model.unlink(missing_ok=True)   # damaged
-        if not copy_if_absent(paths.step_weights(0), entry / 'model.pth'):
+        if not copy_if_absent(paths.step_weights(0), model):
             return   # another run stored its own meanwhile
         atomic_write_json(entry / 'model.json', dict(model=file_sha256(paths.step_weights(0)),
                                                      trained_in_s=wall_time_s,

@@ -73,6 +73,10 @@ class Store:
     def protocols(self) -> list[str]:
         return sorted({r.protocol_name for r in self.runs})
 
+    def skipped_in(self, protocol: str) -> list[SkippedRun]:
+        """The run folders of ``protocol`` that could not be read as complete runs."""
+        return [s for s in self.skipped if s.path.split('/')[0] == protocol]
+
 
 class CorruptRun(Exception):
     """A run folder that cannot be read as a run; the message says why."""

@@ -151,16 +151,21 @@ def column_labels(rows: list[RowRuns]) -> dict[str, str]:
                 new=_agreed_classes(runs, -1, 'new', 'new'), all='all')
 
 
+def chosen_by(runs, config) -> str:
+    """How an error names the runs it looked for: those ``--run``/``--config`` chose, if given."""
+    return ' matching --run/--config' if runs or config else ''
+
+
 def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
     rows = select_runs(store, protocol, runs, config)
     if rows:
         return rows
-    chosen = ' matching --run/--config' if runs or config else ''
+    chosen = chosen_by(runs, config)
     if protocol in available_protocols():
         advice = f'`cssbench run --protocol {protocol}` makes one'
     else:
         advice = f'stored protocols: {", ".join(store.protocols()) or "none"}'
-    skipped = [f'{s.path}: {s.reason}' for s in store.skipped if s.path.split('/')[0] == protocol]
+    skipped = [f'{s.path}: {s.reason}' for s in store.skipped_in(protocol)]
     if skipped:   # e.g. a run still training, which rerunning its command finishes
         advice += f' (skipped: {"; ".join(skipped)})'
     raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; {advice}')
@@ -188,9 +193,7 @@ def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[
             notes.append(f'  {len(row.passed_over)} other complete run(s) of the same seeds not '
                          f'used (older): {", ".join(r.run for r in row.passed_over)}; '
                          f'--run NAME picks runs by name')
-    for skipped in store.skipped:
-        if skipped.path.split('/')[0] == protocol:
-            notes.append(f'skipped {skipped.path}: {skipped.reason}')
+    notes += [f'skipped {s.path}: {s.reason}' for s in store.skipped_in(protocol)]
     return notes
 
 
