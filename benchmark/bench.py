@@ -53,7 +53,8 @@ from .hooks import EpochKeyedSampler
 from .io import cache_dir
 from .methods import get_method
 from .protocols import load_protocol
-from .runner import attach_previous_step, build_model, load_config, loader_settings, sgd_config
+from .config import load_config
+from .runner import attach_previous_step, build_model, loader_settings, sgd_config
 from .speed import REFERENCE_SPEED, Speed, autocast, optim_wrapper_config, prepare_model, training_device
 from .splits import index_dataset, protocol_splits, select
 from .synth import make_synth

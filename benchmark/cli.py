@@ -65,8 +65,8 @@ def cmd_make_synth(args) -> None:
 def cmd_run(args) -> None:
     from .distributed import is_main_process, start_from_env
     from .methods import get_method, method_names
-    from .runner import (check_model_settings, check_run_inputs, load_config, run_is_stored,
-                         run_protocol)
+    from .config import load_config
+    from .runner import check_model_settings, check_run_inputs, run_is_stored, run_protocol
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     # Every input is checked before the first step trains.

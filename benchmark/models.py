@@ -245,7 +245,7 @@ class IncrementalSegmentor(BaseModel):
 
     # What step 0 trains. Methods of one kind train the same step-0 model (weights and any
     # extra state), so a cached one of the same kind, first step, data, config and seed
-    # stands in for training it (runner._step0_cache_key); None: always train step 0.
+    # stands in for training it (step0.cache_key); None: always train step 0.
     step0_kind: str | None = 'fine-tuning'
 
     # Hyperparameters (constructor arguments) that differ by dataset from the defaults in the

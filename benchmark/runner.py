@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -26,7 +24,7 @@ import subprocess
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,138 +36,29 @@ from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner, set_random_seed
 
-from . import __version__
+from . import __version__, step0
+from .config import config_digest, load_config
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
 from .datasets_info import DATASET_INFO
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .errors import UserError
 from .hooks import CLOCK_FILE, earlier_training_seconds   # (registers the hooks and the sampler)
-from .io import (atomic_copy, atomic_path, atomic_write_json, atomic_write_text, cache_root,
-                 copy_if_absent, file_sha256)
+from .io import atomic_path, atomic_write_json, atomic_write_text
 from .methods import METHODS, Method, get_method
 from .metrics import summarize_step
 from .models import read_state_dict
 from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
-from .speed import (effective_speed, optim_wrapper_config, prepare_model, resolve_speed,
-                    training_device, val_loop_config)
+from .speed import (effective_speed, optim_wrapper_config, prepare_model, training_device,
+                    val_loop_config)
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
 from .store import PLAIN_NAME, CorruptRun, is_plain_name, open_store, read_json_object
 from .tables import format_step_table, steps_to_csv
 from .transforms import EvalTransform, TrainTransform
 
-CONFIGS_DIR = Path(__file__).resolve().parent / 'configs'
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_MARKER = 'cssbench-work.json'  # names the run whose checkpoints a work dir holds
-
-
-def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | None = None,
-                compile: bool = False, fp32: bool = False) -> Config:
-    """A config by name or path; ``cfg.speed`` is its speed section completed with the
-    defaults and the run flags (``--compile``, ``--fp32``: see ``speed.py``).
-
-    ``schedule.epochs`` is resolved for ``dataset`` (a protocol's): ``epochs``, if given, else
-    the schedule's ``epochs_by_dataset`` entry for it (e.g. ADE20K's 60), else ``epochs``. The
-    resolved config holds no ``epochs_by_dataset``: it records what a run trains."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIGS_DIR / f'{name_or_path.replace("-", "_")}.py'
-    if not path.is_file():
-        known = ', '.join(p.stem.replace('_', '-') for p in sorted(CONFIGS_DIR.glob('*.py')))
-        raise UserError(f'unknown config {name_or_path!r} (known: {known}, or a path to a .py file)')
-    try:
-        cfg = Config.fromfile(str(path))
-    except Exception as e:  # a config is Python: whatever stops it loading is the file's
-        raise UserError(f'{path}: cannot load this config ({type(e).__name__}: {e})') from None
-    check_config_sections(cfg, path)
-    by_dataset = cfg.schedule.pop('epochs_by_dataset', None) or {}
-    if epochs is not None:
-        if epochs < 1:
-            raise UserError(f'--epochs must be at least 1, got {epochs}')
-        cfg.schedule.epochs = epochs
-    elif dataset in by_dataset:
-        cfg.schedule.epochs = by_dataset[dataset]
-    else:
-        _check_config_value(path, 'schedule.epochs', cfg.schedule.epochs, 'schedule.epochs')
-    cfg.speed = resolve_speed(cfg.get('speed'), cfg.filename, compile=compile, fp32=fp32)
-    return cfg
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _whole_number(least: int) -> tuple[str, Callable[[object], bool]]:
-    return (f'a whole number >= {least}',
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least)
-
-
-_NON_NEGATIVE = ('a number >= 0', lambda v: _is_number(v) and v >= 0)
-# What each setting a run reads must be: (said as, test). schedule.lr holds two of them.
-CONFIG_VALUES = {
-    'data.crop_size': _whole_number(1), 'data.batch_size': _whole_number(1),
-    'data.eval_batch_size': _whole_number(1), 'data.num_workers': _whole_number(0),
-    'schedule.epochs': _whole_number(1),
-    'schedule.lr': ('a number > 0', lambda v: _is_number(v) and v > 0),
-    'schedule.momentum': ('a number in [0, 1)', lambda v: _is_number(v) and 0 <= v < 1),
-    'schedule.nesterov': ('True or False', lambda v: isinstance(v, bool)),
-    'schedule.weight_decay': _NON_NEGATIVE, 'schedule.poly_power': _NON_NEGATIVE,
-}
-
-
-# What a run reads from a config (a section may hold more): the model's parts, and the
-# settings whose values CONFIG_VALUES rules.
-CONFIG_SETTINGS = ('model.type', 'model.backbone', 'model.decode_head', *CONFIG_VALUES)
-
-
-def _sets(cfg: Config, name: str) -> bool:
-    section, key = name.split('.')
-    return isinstance(cfg.get(section), dict) and key in cfg[section]
-
-
-def _config_values(cfg: Config) -> Iterator[tuple[str, str, object]]:
-    """Every setting a run reads that ``CONFIG_VALUES`` rules: (its name, its rule's, value)."""
-    for name in CONFIG_VALUES:
-        section, key = name.split('.')
-        if name == 'schedule.epochs':
-            continue   # load_config checks the epochs it resolves for the dataset
-        if name == 'schedule.lr':
-            yield from ((f'{name}[{i}]', name, v) for i, v in enumerate(cfg.schedule.lr))
-        else:
-            yield name, name, cfg[section][key]
-    for dataset, epochs in (cfg.schedule.get('epochs_by_dataset') or {}).items():
-        yield f'schedule.epochs_by_dataset.{dataset}', 'schedule.epochs', epochs
-
-
-def _check_config_value(path: Path, name: str, value, rule: str) -> None:
-    said_as, holds = CONFIG_VALUES[rule]
-    if not holds(value):
-        raise UserError(f'{path}: {name} must be {said_as}, got {value!r}')
-
-
-def check_config_sections(cfg: Config, path: Path) -> None:
-    """Refuse a config that lacks a setting a run needs (naming every missing one), holds one
-    a run cannot train with (``CONFIG_VALUES``), or whose pretrained backbone checkpoint is
-    not a file."""
-    missing = [name for name in CONFIG_SETTINGS if not _sets(cfg, name)]
-    if missing:
-        raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
-                        f"full one: _base_ = ['<path>/small.py'])")
-    lr = cfg.schedule.lr
-    if not (isinstance(lr, (list, tuple)) and len(lr) == 2):
-        raise UserError(f'{path}: schedule.lr must be (step 0 lr, later steps lr), got {lr!r}')
-    if not isinstance(cfg.schedule.get('epochs_by_dataset') or {}, dict):
-        raise UserError(f'{path}: schedule.epochs_by_dataset must map datasets to epochs, got '
-                        f'{cfg.schedule.epochs_by_dataset!r}')
-    for name, rule, value in _config_values(cfg):
-        _check_config_value(path, name, value, rule)
-    if cfg.schedule.nesterov and cfg.schedule.momentum == 0:
-        raise UserError(f'{path}: schedule.nesterov needs a momentum > 0 (SGD refuses Nesterov '
-                        f'without momentum); set nesterov=False for plain SGD')
-    pretrained = cfg.model.backbone.get('pretrained')
-    if pretrained and not Path(pretrained).expanduser().is_file():
-        raise UserError(f'{path}: model.backbone.pretrained: {pretrained} is not a file')
 
 
 def git_revision() -> str:
@@ -445,13 +334,6 @@ class _DropDeprecationNotes(logging.Filter):
         return 'will be deprecated in future' not in message and 'is the alias of' not in message
 
 
-def _config_digest(cfg: Config) -> str:
-    """What the config computes; its speed section (how fast) is left out."""
-    text = json.dumps({k: v for k, v in cfg.to_dict().items() if k != 'speed'},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 @contextlib.contextmanager
 def _exclusive(run_dir: Path):
     """Holds a lock on the run folder: a second process on the same run is refused. Under
@@ -574,9 +456,9 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         if record is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
             return read_json(results_dir / 'metrics.json')['steps']
-        step0_key = (_step0_cache_key(protocol, method, cfg, seed, deterministic,
-                                      record['run']['dataset_fingerprint'])
-                      if step0_cache and method.step0_kind else None)
+        step0_key = (step0.cache_key(steps_of(protocol, method), method.step0_kind, cfg, seed,
+                                     deterministic, record['run']['dataset_fingerprint'])
+                     if step0_cache and method.step0_kind else None)
         step_results = [run_step(cfg, method, protocol, t, record['splits'][t], paths, seed,
                                  deterministic, keep_epoch_checkpoints, log,
                                  step0_key=step0_key if t == 0 else None)
@@ -672,7 +554,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     deletes anything, so a bad input loses nothing. None for a complete run to keep (its
     data is not read)."""
     _check_protocol_name(paths.results.parent.parent, protocol)
-    digest = _config_digest(cfg)
+    digest = config_digest(cfg)
     previous = _check_stored_run(paths, digest, deterministic, overwrite, resume, keep_complete)
     if previous is not None and previous.get('status') == 'complete':
         return None
@@ -774,108 +656,6 @@ def speed_record(cfg: Config) -> dict:
                 sync_bn=processes > 1 and device == 'cuda')
 
 
-def _step0_cache_key(protocol: Protocol, method: Method, cfg: Config, seed: int,
-                     deterministic: bool, dataset_fingerprint: str) -> str:
-    """Everything a step-0 model depends on. Methods of the same ``step0_kind`` share it, and
-    so do protocols whose step 0 trains alike (``Protocol.first_step_training``): their later
-    steps and how they score are not part of it."""
-    steps = steps_of(protocol, method)
-    key = dict(kind=method.step0_kind, step0=steps.first_step_training(),
-               config=_config_digest(cfg), seed=seed, deterministic=deterministic,
-               data=dataset_fingerprint, cssbench=__version__)
-    amp = effective_speed(cfg).amp
-    if amp:  # a step 0 trained under bf16 autocast is not the fp32 one
-        key['amp'] = amp
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-
-# A cached step 0 is a folder of the cache named by its key: model.pth, model.json (its
-# digest, who trained it, in how long), and an iou-<evaluation>.json for each evaluation it was
-# scored by, holding the digest of the weights it scored: IoUs are only ever paired with those.
-def _step0_entry(key: str) -> Path:
-    return cache_root() / 'step0' / key   # created by its first write
-
-
-def _step0_iou_file(entry: Path, protocol: Protocol) -> Path:
-    return entry / f'iou-{"-".join(protocol.evaluation.values())}.json'   # iou-ignore-center.json
-
-
-def _read_record(path: Path, digest: str) -> dict | None:
-    """A cache record (JSON) about the weights of ``digest``; None if absent, unreadable, or
-    about other weights."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get('model') == digest else None
-
-
-def _loads(weights: Path) -> bool:
-    """Whether ``weights`` exist and load: a cached model cut short or damaged does not."""
-    if not weights.is_file():
-        return False
-    try:
-        state = torch.load(weights, map_location='cpu', weights_only=True)
-    except (OSError, MemoryError):
-        raise   # the machine's trouble, not the file's
-    except Exception:  # whatever else stops it loading is the file's
-        return False
-    return isinstance(state, dict) and len(state) > 0
-
-
-@decided_by_main
-def _reuse_cached_step0(key: str, protocol: Protocol, paths: RunPaths) -> dict | None:
-    """Copy a cached step-0 model into the run; returns its record (``trained_in_s``, ``run``:
-    None if unknown) with its IoUs under ``protocol``'s evaluation (``iou``: None if those
-    weights were never scored so), or None if no model that loads is cached."""
-    entry = _step0_entry(key)
-    try:
-        if not _loads(entry / 'model.pth'):   # absent or damaged: train it
-            return None
-        atomic_copy(entry / 'model.pth', paths.step_weights(0))
-        digest = file_sha256(paths.step_weights(0))  # the weights copied, whatever came since
-    except OSError:   # the entry went away meanwhile
-        return None
-    record = _read_record(entry / 'model.json', digest) or dict(trained_in_s=None, run=None)
-    scores = _read_record(_step0_iou_file(entry, protocol), digest)
-    return dict(record, iou=scores.get('iou') if scores else None)
-
-
-def _store_step0(key: str, paths: RunPaths, wall_time_s: float, log) -> None:
-    """Cache the run's step-0 weights, unless a model that loads is cached already: that one
-    stays, with the IoUs stored for it. A cache that cannot be written stops no run."""
-    entry = _step0_entry(key)
-    try:
-        model = entry / 'model.pth'
-        if model.exists():
-            if _loads(model):
-                return
-            model.unlink(missing_ok=True)   # damaged
-        if not copy_if_absent(paths.step_weights(0), model):
-            return   # another run stored its own meanwhile
-        atomic_write_json(entry / 'model.json', dict(model=file_sha256(paths.step_weights(0)),
-                                                     trained_in_s=wall_time_s,
-                                                     run=str(paths.results.resolve())))
-    except OSError as e:
-        log(f'step-0 cache: {entry}: not stored ({e}); the run goes on')
-
-
-def _store_step0_iou(key: str, protocol: Protocol, paths: RunPaths, iou: dict[int, float],
-                     log) -> None:
-    """Cache the IoUs the run's step-0 weights scored under ``protocol``'s evaluation, if
-    those are the cached weights."""
-    entry = _step0_entry(key)
-    try:
-        digest = file_sha256(paths.step_weights(0))
-        if not (entry / 'model.pth').exists() or file_sha256(entry / 'model.pth') != digest:
-            return
-        atomic_write_json(_step0_iou_file(entry, protocol),
-                          dict(model=digest, iou={str(c): v for c, v in iou.items()},
-                               run=str(paths.results.resolve())))
-    except OSError as e:
-        log(f'step-0 cache: {entry}: IoUs not stored ({e}); the run goes on')
-
-
 def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
              paths: RunPaths, seed: int, deterministic: bool, keep_epoch_checkpoints: bool,
              log, step0_key: str | None = None) -> dict:
@@ -896,13 +676,15 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
         f'{len(split["train"])} train images, {len(split["val"])} val images')
     info = DATASET_INFO[protocol.dataset]
     step_start = time.time() - earlier_training_seconds(paths.step_work(t))   # earlier sessions'
-    cached = _reuse_cached_step0(step0_key, steps_protocol, paths) if step0_key else None
+    weights = paths.step_weights(t)
+    cached = step0.reuse(step0_key, steps_protocol, weights) if step0_key else None
     if cached is None:
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
                                       deterministic, info, tag)
         if step0_key and is_main_process():
-            _store_step0(step0_key, paths, round(time.time() - step_start, 1), log)
-            _store_step0_iou(step0_key, steps_protocol, paths, iou, log)
+            step0.store(step0_key, weights, paths.results, round(time.time() - step_start, 1),
+                        log)
+            step0.store_iou(step0_key, steps_protocol, weights, paths.results, iou, log)
     else:
         trained = (f'; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]}'
                    if cached['run'] else '')
@@ -915,7 +697,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
             iou = evaluate_saved_step(cfg, method, steps_protocol, t, split, paths, seed,
                                       deterministic, info, tag)
             if is_main_process():
-                _store_step0_iou(step0_key, steps_protocol, paths, iou, log)
+                step0.store_iou(step0_key, steps_protocol, weights, paths.results, iou, log)
         else:
             iou = {int(c): (math.nan if v is None else v) for c, v in cached['iou'].items()}
     # Joint training's single step is reported in the protocol's columns (old/new/all).

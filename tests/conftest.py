@@ -137,7 +137,8 @@ def method_model(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overl
 
     from cssbench.methods import get_method
     from cssbench.protocols import load_protocol
-    from cssbench.runner import attach_previous_step, build_model, load_config
+    from cssbench.config import load_config
+    from cssbench.runner import attach_previous_step, build_model
     torch.manual_seed(0)
     cfg = cfg or load_config('small')
     method, proto = get_method(name), load_protocol(protocol)

@@ -22,7 +22,8 @@ from cssbench.errors import UserError
 from cssbench.metrics import IncrementalIoUMetric
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model, load_config, per_process_batch
+from cssbench.config import load_config
+from cssbench.runner import build_model, per_process_batch
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.transforms import EvalTransform
 

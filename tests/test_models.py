@@ -10,7 +10,8 @@ from cssbench.errors import UserError
 from cssbench.models import bilinear_weights, resize_bilinear, upsample_logits
 from cssbench.registry import MODELS as CSSBENCH_MODELS
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model, load_config, load_previous_weights, save_weights
+from cssbench.config import load_config
+from cssbench.runner import build_model, load_previous_weights, save_weights
 
 
 @pytest.mark.parametrize('config', ['small', 'deeplabv3-r101'])

@@ -13,7 +13,8 @@ from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, local_
                              merge_new_into_background, pod_distillation, pod_layer_distance)
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model, load_config, run_protocol
+from cssbench.config import load_config
+from cssbench.runner import build_model, run_protocol
 from conftest import drift_student, method_model
 
 

@@ -214,7 +214,7 @@ def test_eval_crop_is_recorded_only_where_it_is_not_the_default() -> None:
     assert reference.eval_crop == 'center' and 'eval_crop' not in reference.to_dict()
     whole = parse_protocol(dict(reference.to_dict(), eval_crop='whole'))
     assert whole.to_dict() == dict(reference.to_dict(), eval_crop='whole')
-    # scored otherwise, so its split cache is keyed apart (and its step-0 IoUs: runner.py)
+    # scored otherwise, so its split cache is keyed apart (and its step-0 IoUs: step0.py)
     assert whole.fingerprint != reference.fingerprint
     assert parse_protocol(whole.to_dict()).eval_crop == 'whole'
 

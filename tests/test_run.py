@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-import cssbench.runner as runner
 from cssbench.cli import main
 from cssbench.datasets import IncrementalSegDataset, eval_lut
 from cssbench.errors import UserError
 from cssbench.methods import get_method
 from cssbench.metrics import confusion_matrix, iou_per_class
 from cssbench.protocols import load_protocol
-from cssbench.runner import (RunPaths, _reuse_cached_step0, _store_step0, _store_step0_iou,
-                             build_model, load_config, run_protocol)
+from cssbench import step0
+from cssbench.config import load_config
+from cssbench.runner import build_model, run_protocol
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
@@ -433,71 +433,73 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
                                                                       monkeypatch):
     protocol = load_protocol('voc-15-1-overlap')
     whole = replace(protocol, eval_crop='whole')
-    a, b, c = (RunPaths(tmp_path / name, tmp_path / name / 'work') for name in 'abc')
-    for value, paths in ((1.0, a), (2.0, b)):
-        paths.step_weights(0).parent.mkdir(parents=True)
-        torch.save({'w': torch.tensor([value])}, paths.step_weights(0))
-    weight_of = lambda paths: float(torch.load(paths.step_weights(0))['w'])
+    a, b, c = (tmp_path / name for name in 'abc')   # three runs' folders
+    weights = lambda run: run / 'step0.pth'           # each run's step-0 weights
+    for value, run in ((1.0, a), (2.0, b)):
+        run.mkdir()
+        torch.save({'w': torch.tensor([value])}, weights(run))
+    weight_of = lambda run: float(torch.load(weights(run))['w'])
     messages = []
     # a and b trained the same step 0 at once, not bit for bit (as on a GPU): a's, stored
     # first, stays, with a's IoUs; b's IoUs, of other weights, are not stored.
-    for paths, iou in ((a, {0: 0.5}), (b, {0: 0.25})):
-        _store_step0('k', paths, 1.0, messages.append)
-        _store_step0_iou('k', protocol, paths, iou, messages.append)
-    reused = _reuse_cached_step0('k', protocol, c)
-    assert (reused['iou'], reused['run'], weight_of(c)) == ({'0': 0.5}, str(a.results), 1.0)
-    assert _reuse_cached_step0('k', whole, c)['iou'] is None   # never scored so
-    _store_step0_iou('k', whole, c, {0: 0.75}, messages.append)   # c holds a copy of a's weights
-    assert _reuse_cached_step0('k', whole, c)['iou'] == {'0': 0.75}
+    for run, iou in ((a, {0: 0.5}), (b, {0: 0.25})):
+        step0.store('k', weights(run), run, 1.0, messages.append)
+        step0.store_iou('k', protocol, weights(run), run, iou, messages.append)
+    reused = step0.reuse('k', protocol, weights(c))
+    assert (reused['iou'], reused['run'], weight_of(c)) == ({'0': 0.5}, str(a), 1.0)
+    assert step0.reuse('k', whole, weights(c))['iou'] is None   # never scored so
+    # c holds a copy of a's weights
+    step0.store_iou('k', whole, weights(c), c, {0: 0.75}, messages.append)
+    assert step0.reuse('k', whole, weights(c))['iou'] == {'0': 0.75}
 
     entry = isolated_cache / 'step0' / 'k'
     (entry / 'iou-ignore-center.json').write_text('{"model": ')   # damaged: scored again
-    assert _reuse_cached_step0('k', protocol, c)['iou'] is None
+    assert step0.reuse('k', protocol, weights(c))['iou'] is None
     model = (entry / 'model.pth').read_bytes()
     (entry / 'model.pth').write_bytes(model[:len(model) // 2])    # cut short: trained again
-    assert _reuse_cached_step0('k', protocol, c) is None
-    _store_step0('k', b, 2.0, messages.append)
-    reused = _reuse_cached_step0('k', whole, c)
-    assert (reused['iou'], reused['run'], weight_of(c)) == (None, str(b.results), 2.0)
+    assert step0.reuse('k', protocol, weights(c)) is None
+    step0.store('k', weights(b), b, 2.0, messages.append)
+    reused = step0.reuse('k', whole, weights(c))
+    assert (reused['iou'], reused['run'], weight_of(c)) == (None, str(b), 2.0)
     torch.save(['not', 'weights'], entry / 'model.pth')           # a whole zip, but no weights
-    assert _reuse_cached_step0('k', protocol, c) is None
-    _store_step0('k', a, 1.0, messages.append)
-    assert _reuse_cached_step0('k', protocol, c)['run'] == str(a.results) and weight_of(c) == 1.0
+    assert step0.reuse('k', protocol, weights(c)) is None
+    step0.store('k', weights(a), a, 1.0, messages.append)
+    assert step0.reuse('k', protocol, weights(c))['run'] == str(a) and weight_of(c) == 1.0
     assert messages == []
 
     # Two runs storing at once: b's model lands while a copies its own; b's stays, and a
     # leaves the entry as b left it.
     shutil.rmtree(entry)
-    copy = runner.copy_if_absent
+    copy = step0.copy_if_absent
 
     def b_stores_meanwhile(source, path):
-        monkeypatch.setattr(runner, 'copy_if_absent', copy)
-        _store_step0('k', b, 2.0, messages.append)
+        monkeypatch.setattr(step0, 'copy_if_absent', copy)
+        step0.store('k', weights(b), b, 2.0, messages.append)
         return copy(source, path)
-    monkeypatch.setattr(runner, 'copy_if_absent', b_stores_meanwhile)
-    _store_step0('k', a, 1.0, messages.append)
-    reused = _reuse_cached_step0('k', protocol, c)
-    assert (reused['run'], weight_of(c)) == (str(b.results), 2.0) and messages == []
+    monkeypatch.setattr(step0, 'copy_if_absent', b_stores_meanwhile)
+    step0.store('k', weights(a), a, 1.0, messages.append)
+    reused = step0.reuse('k', protocol, weights(c))
+    assert (reused['run'], weight_of(c)) == (str(b), 2.0) and messages == []
     assert sorted(p.name for p in entry.iterdir()) == ['model.json', 'model.pth']
 
     # A cache that cannot be written stops no run: it says so.
     shutil.rmtree(entry.parent)
     entry.parent.write_text('a file where the cache keeps its step-0 folders')
-    assert _reuse_cached_step0('k', protocol, c) is None
-    _store_step0('k', b, 2.0, messages.append)
+    assert step0.reuse('k', protocol, weights(c)) is None
+    step0.store('k', weights(b), b, 2.0, messages.append)
     assert len(messages) == 1 and messages[0].startswith(f'step-0 cache: {entry}: not stored (')
     entry.parent.unlink()
 
     def full_disk(*args):
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(runner, 'copy_if_absent', full_disk)
-    _store_step0('k', b, 2.0, messages.append)
+    monkeypatch.setattr(step0, 'copy_if_absent', full_disk)
+    step0.store('k', weights(b), b, 2.0, messages.append)
     assert messages[1:] == [f'step-0 cache: {entry}: not stored ([Errno 28] No space left on '
                             f'device); the run goes on']
 
 
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
-    from cssbench.runner import load_config
+    from cssbench.config import load_config
     assert load_config('deeplabv3-r101', dataset='ade').schedule.epochs == 60   # the papers' ADE20K
     assert load_config('deeplabv3-r101', dataset='voc').schedule.epochs == 30
     assert load_config('deeplabv3-r101', 7, dataset='ade').schedule.epochs == 7   # --epochs wins

@@ -17,7 +17,8 @@ from cssbench.losses import (cross_entropy, knowledge_distillation, unbiased_cro
                              unbiased_knowledge_distillation)
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model, load_config, load_previous_weights, run_protocol
+from cssbench.config import load_config
+from cssbench.runner import build_model, load_previous_weights, run_protocol
 from conftest import method_model
 
 KEYS = {'loss_ce', 'loss_kd', 'loss_pm', 'loss_fc', 'loss_sep', 'loss_fs'}

@@ -19,7 +19,8 @@ from cssbench.hooks import AveragedRuntimeInfoHook
 from cssbench.methods import get_method
 from cssbench.metrics import IncrementalIoUMetric
 from cssbench.protocols import load_protocol
-from cssbench.runner import _config_digest, build_model, load_config, sgd_config, speed_record
+from cssbench.config import config_digest, load_config
+from cssbench.runner import build_model, sgd_config, speed_record
 from cssbench.registry import LOOPS
 from cssbench.speed import (REFERENCE_SPEED, Speed, optim_wrapper_config, prepare_model, resolve_speed,
                             val_loop_config)
@@ -56,7 +57,7 @@ def test_on_cpu_a_run_stays_fp32_contiguous_and_its_config_digest_is_unchanged()
                                      batch_per_process=8, sync_bn=False)
     assert Speed(amp='bfloat16', channels_last=True).on('cpu') == Speed(
         amp=None, channels_last=False, cudnn_benchmark=False)
-    assert {_config_digest(load_config('small', **flags))
+    assert {config_digest(load_config('small', **flags))
             for flags in ({}, dict(fp32=True), dict(compile=True))} == {SMALL_DIGEST}
 
 

@@ -1,0 +1,130 @@
+"""Configs: a run's by name (``benchmark/configs/<name>.py``) or path, checked for every setting
+a run reads before anything is written."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from mmengine.config import Config
+
+from .errors import UserError
+from .speed import resolve_speed
+
+CONFIGS_DIR = Path(__file__).resolve().parent / 'configs'
+
+
+def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | None = None,
+                compile: bool = False, fp32: bool = False) -> Config:
+    """A config by name or path; ``cfg.speed`` is its speed section completed with the
+    defaults and the run flags (``--compile``, ``--fp32``: see ``speed.py``).
+
+    ``schedule.epochs`` is resolved for ``dataset`` (a protocol's): ``epochs``, if given, else
+    the schedule's ``epochs_by_dataset`` entry for it (e.g. ADE20K's 60), else ``epochs``. The
+    resolved config holds no ``epochs_by_dataset``: it records what a run trains."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIGS_DIR / f'{name_or_path.replace("-", "_")}.py'
+    if not path.is_file():
+        known = ', '.join(p.stem.replace('_', '-') for p in sorted(CONFIGS_DIR.glob('*.py')))
+        raise UserError(f'unknown config {name_or_path!r} (known: {known}, or a path to a .py file)')
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as e:  # a config is Python: whatever stops it loading is the file's
+        raise UserError(f'{path}: cannot load this config ({type(e).__name__}: {e})') from None
+    check_config_sections(cfg, path)
+    by_dataset = cfg.schedule.pop('epochs_by_dataset', None) or {}
+    if epochs is not None:
+        if epochs < 1:
+            raise UserError(f'--epochs must be at least 1, got {epochs}')
+        cfg.schedule.epochs = epochs
+    elif dataset in by_dataset:
+        cfg.schedule.epochs = by_dataset[dataset]
+    else:
+        _check_config_value(path, 'schedule.epochs', cfg.schedule.epochs, 'schedule.epochs')
+    cfg.speed = resolve_speed(cfg.get('speed'), cfg.filename, compile=compile, fp32=fp32)
+    return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole_number(least: int) -> tuple[str, Callable[[object], bool]]:
+    return (f'a whole number >= {least}',
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least)
+
+
+_NON_NEGATIVE = ('a number >= 0', lambda v: _is_number(v) and v >= 0)
+# What each setting a run reads must be: (said as, test). schedule.lr holds two of them.
+CONFIG_VALUES = {
+    'data.crop_size': _whole_number(1), 'data.batch_size': _whole_number(1),
+    'data.eval_batch_size': _whole_number(1), 'data.num_workers': _whole_number(0),
+    'schedule.epochs': _whole_number(1),
+    'schedule.lr': ('a number > 0', lambda v: _is_number(v) and v > 0),
+    'schedule.momentum': ('a number in [0, 1)', lambda v: _is_number(v) and 0 <= v < 1),
+    'schedule.nesterov': ('True or False', lambda v: isinstance(v, bool)),
+    'schedule.weight_decay': _NON_NEGATIVE, 'schedule.poly_power': _NON_NEGATIVE,
+}
+
+
+# What a run reads from a config (a section may hold more): the model's parts, and the
+# settings whose values CONFIG_VALUES rules.
+CONFIG_SETTINGS = ('model.type', 'model.backbone', 'model.decode_head', *CONFIG_VALUES)
+
+
+def _sets(cfg: Config, name: str) -> bool:
+    section, key = name.split('.')
+    return isinstance(cfg.get(section), dict) and key in cfg[section]
+
+
+def _config_values(cfg: Config) -> Iterator[tuple[str, str, object]]:
+    """Every setting a run reads that ``CONFIG_VALUES`` rules: (its name, its rule's, value)."""
+    for name in CONFIG_VALUES:
+        section, key = name.split('.')
+        if name == 'schedule.epochs':
+            continue   # load_config checks the epochs it resolves for the dataset
+        if name == 'schedule.lr':
+            yield from ((f'{name}[{i}]', name, v) for i, v in enumerate(cfg.schedule.lr))
+        else:
+            yield name, name, cfg[section][key]
+    for dataset, epochs in (cfg.schedule.get('epochs_by_dataset') or {}).items():
+        yield f'schedule.epochs_by_dataset.{dataset}', 'schedule.epochs', epochs
+
+
+def _check_config_value(path: Path, name: str, value, rule: str) -> None:
+    said_as, holds = CONFIG_VALUES[rule]
+    if not holds(value):
+        raise UserError(f'{path}: {name} must be {said_as}, got {value!r}')
+
+
+def check_config_sections(cfg: Config, path: Path) -> None:
+    """Refuse a config that lacks a setting a run needs (naming every missing one), holds one
+    a run cannot train with (``CONFIG_VALUES``), or whose pretrained backbone checkpoint is
+    not a file."""
+    missing = [name for name in CONFIG_SETTINGS if not _sets(cfg, name)]
+    if missing:
+        raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
+                        f"full one: _base_ = ['<path>/small.py'])")
+    lr = cfg.schedule.lr
+    if not (isinstance(lr, (list, tuple)) and len(lr) == 2):
+        raise UserError(f'{path}: schedule.lr must be (step 0 lr, later steps lr), got {lr!r}')
+    if not isinstance(cfg.schedule.get('epochs_by_dataset') or {}, dict):
+        raise UserError(f'{path}: schedule.epochs_by_dataset must map datasets to epochs, got '
+                        f'{cfg.schedule.epochs_by_dataset!r}')
+    for name, rule, value in _config_values(cfg):
+        _check_config_value(path, name, value, rule)
+    if cfg.schedule.nesterov and cfg.schedule.momentum == 0:
+        raise UserError(f'{path}: schedule.nesterov needs a momentum > 0 (SGD refuses Nesterov '
+                        f'without momentum); set nesterov=False for plain SGD')
+    pretrained = cfg.model.backbone.get('pretrained')
+    if pretrained and not Path(pretrained).expanduser().is_file():
+        raise UserError(f'{path}: model.backbone.pretrained: {pretrained} is not a file')
+
+
+def config_digest(cfg: Config) -> str:
+    """What the config computes; its speed section (how fast) is left out."""
+    text = json.dumps({k: v for k, v in cfg.to_dict().items() if k != 'speed'},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,122 @@
+"""The step-0 cache: a step-0 model trained once, reused by every run that would train it alike.
+
+An entry is a folder of the cache (``<cache>/step0/<key>``) named by the key of everything the
+model depends on: ``model.pth``, ``model.json`` (its digest, the run that trained it, in how
+long), and an ``iou-<evaluation>.json`` for each evaluation it was scored by, holding the
+digest of the weights it scored: IoUs are only ever paired with those. The model stored first
+stays; a cache that cannot be written stops no run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+
+from . import __version__
+from .config import config_digest
+from .distributed import decided_by_main
+from .io import atomic_copy, atomic_write_json, cache_root, copy_if_absent, file_sha256
+from .protocols import Protocol
+from .speed import effective_speed
+
+
+def cache_key(steps: Protocol, kind: str, cfg: Config, seed: int, deterministic: bool,
+              dataset_fingerprint: str) -> str:
+    """Everything a step-0 model depends on. Methods of the same ``step0_kind`` share it, and
+    so do protocols whose step 0 trains alike (``Protocol.first_step_training``): their later
+    steps and how they score are not part of it. ``steps``: the steps the method trains."""
+    key = dict(kind=kind, step0=steps.first_step_training(), config=config_digest(cfg),
+               seed=seed, deterministic=deterministic, data=dataset_fingerprint,
+               cssbench=__version__)
+    amp = effective_speed(cfg).amp
+    if amp:  # a step 0 trained under bf16 autocast is not the fp32 one
+        key['amp'] = amp
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _entry(key: str) -> Path:
+    return cache_root() / 'step0' / key   # created by its first write
+
+
+def _iou_file(entry: Path, protocol: Protocol) -> Path:
+    return entry / f'iou-{"-".join(protocol.evaluation.values())}.json'   # iou-ignore-center.json
+
+
+def _read_record(path: Path, digest: str) -> dict | None:
+    """A cache record (JSON) about the weights of ``digest``; None if absent, unreadable, or
+    about other weights."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get('model') == digest else None
+
+
+def _loads(weights: Path) -> bool:
+    """Whether ``weights`` exist and load: a cached model cut short or damaged does not."""
+    if not weights.is_file():
+        return False
+    try:
+        state = torch.load(weights, map_location='cpu', weights_only=True)
+    except (OSError, MemoryError):
+        raise   # the machine's trouble, not the file's
+    except Exception:  # whatever else stops it loading is the file's
+        return False
+    return isinstance(state, dict) and len(state) > 0
+
+
+@decided_by_main
+def reuse(key: str, protocol: Protocol, weights: Path) -> dict | None:
+    """Copy the cached model to ``weights`` (the run's step-0 weights); returns its record
+    (``trained_in_s``, ``run``: None if unknown) with its IoUs under ``protocol``'s evaluation
+    (``iou``: None if those weights were never scored so), or None if no model that loads is
+    cached."""
+    entry = _entry(key)
+    try:
+        if not _loads(entry / 'model.pth'):   # absent or damaged: train it
+            return None
+        atomic_copy(entry / 'model.pth', weights)
+        digest = file_sha256(weights)  # the weights copied, whatever came since
+    except OSError:   # the entry went away meanwhile
+        return None
+    record = _read_record(entry / 'model.json', digest) or dict(trained_in_s=None, run=None)
+    scores = _read_record(_iou_file(entry, protocol), digest)
+    return dict(record, iou=scores.get('iou') if scores else None)
+
+
+def store(key: str, weights: Path, run: Path, wall_time_s: float, log) -> None:
+    """Cache the step-0 ``weights`` that ``run`` trained, unless a model that loads is cached
+    already: that one stays, with the IoUs stored for it."""
+    entry = _entry(key)
+    try:
+        model = entry / 'model.pth'
+        if model.exists():
+            if _loads(model):
+                return
+            model.unlink(missing_ok=True)   # damaged
+        if not copy_if_absent(weights, model):
+            return   # another run stored its own meanwhile
+        atomic_write_json(entry / 'model.json', dict(model=file_sha256(weights),
+                                                     trained_in_s=wall_time_s,
+                                                     run=str(run.resolve())))
+    except OSError as e:
+        log(f'step-0 cache: {entry}: not stored ({e}); the run goes on')
+
+
+def store_iou(key: str, protocol: Protocol, weights: Path, run: Path, iou: dict[int, float],
+              log) -> None:
+    """Cache the IoUs that ``run``'s step-0 ``weights`` scored under ``protocol``'s
+    evaluation, if those are the cached weights."""
+    entry = _entry(key)
+    try:
+        digest = file_sha256(weights)
+        if not (entry / 'model.pth').exists() or file_sha256(entry / 'model.pth') != digest:
+            return
+        atomic_write_json(_iou_file(entry, protocol),
+                          dict(model=digest, iou={str(c): v for c, v in iou.items()},
+                               run=str(run.resolve())))
+    except OSError as e:
+        log(f'step-0 cache: {entry}: IoUs not stored ({e}); the run goes on')
