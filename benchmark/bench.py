@@ -47,14 +47,15 @@ from mmengine.registry import DefaultScope
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import load_config
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
+from .engine import loader_settings, sgd_config
 from .errors import UserError
 from .hooks import EpochKeyedSampler
 from .io import cache_dir
 from .methods import get_method
 from .protocols import load_protocol
-from .config import load_config
-from .runner import attach_previous_step, build_model, loader_settings, sgd_config
+from .runner import attach_previous_step, build_model
 from .speed import REFERENCE_SPEED, Speed, autocast, optim_wrapper_config, prepare_model, training_device
 from .splits import index_dataset, protocol_splits, select
 from .synth import make_synth

@@ -63,9 +63,9 @@ def cmd_make_synth(args) -> None:
 
 
 def cmd_run(args) -> None:
+    from .config import load_config
     from .distributed import is_main_process, start_from_env
     from .methods import get_method, method_names
-    from .config import load_config
     from .runner import check_model_settings, check_run_inputs, run_is_stored, run_protocol
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)

@@ -135,9 +135,9 @@ def method_model(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overl
     ``prepare_old(old)`` may set more of step 0's state first."""
     import torch
 
+    from cssbench.config import load_config
     from cssbench.methods import get_method
     from cssbench.protocols import load_protocol
-    from cssbench.config import load_config
     from cssbench.runner import attach_previous_step, build_model
     torch.manual_seed(0)
     cfg = cfg or load_config('small')

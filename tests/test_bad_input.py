@@ -302,8 +302,8 @@ def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
 
 
 def test_epochs_are_checked_as_resolved_for_the_dataset(tmp_path):
-    from cssbench.errors import UserError
     from cssbench.config import load_config
+    from cssbench.errors import UserError
     config = tmp_path / 'by_dataset.py'   # schedule.epochs is read for no dataset of these
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
                       "schedule = dict(epochs=None, epochs_by_dataset=dict(synth=2, voc=30))\n")

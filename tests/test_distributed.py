@@ -16,14 +16,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cssbench.baselines.sdr import update_prototypes
+from cssbench.config import load_config
 from cssbench.datasets import IncrementalSegDataset, eval_lut
 from cssbench.distributed import sum_over_processes
+from cssbench.engine import per_process_batch
 from cssbench.errors import UserError
-from cssbench.metrics import IncrementalIoUMetric
 from cssbench.methods import get_method
+from cssbench.metrics import IncrementalIoUMetric
 from cssbench.protocols import load_protocol
-from cssbench.config import load_config
-from cssbench.runner import build_model, per_process_batch
+from cssbench.runner import build_model
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.transforms import EvalTransform
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from cssbench.bench import Case, build_step
-from cssbench.methods import method_names
 from cssbench.config import load_config
+from cssbench.methods import method_names
 from cssbench.runner import run_protocol, speed_record
 from cssbench.speed import REFERENCE_SPEED, SPEED_DEFAULTS, Speed
 from conftest import join_val_images_in_pairs, random_batch

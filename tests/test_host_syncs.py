@@ -12,9 +12,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cssbench.bench import Case, build_step
+from cssbench.config import load_config
 from cssbench.hooks import AveragedRuntimeInfoHook
 from cssbench.methods import method_names
-from cssbench.config import load_config
 from cssbench.speed import SPEED_DEFAULTS
 from conftest import random_batch
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from cssbench.config import load_config
 from cssbench.losses import (cross_entropy, feature_distillation, knowledge_distillation,
                                         unbiased_cross_entropy, unbiased_knowledge_distillation)
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.config import load_config
 from cssbench.runner import build_model, run_protocol
 from conftest import drift_student, method_model
 

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from mmseg.registry import MODELS as MMSEG_MODELS
 
+from cssbench.config import load_config
 from cssbench.errors import UserError
 from cssbench.models import bilinear_weights, resize_bilinear, upsample_logits
-from cssbench.registry import MODELS as CSSBENCH_MODELS
 from cssbench.protocols import load_protocol
-from cssbench.config import load_config
+from cssbench.registry import MODELS as CSSBENCH_MODELS
 from cssbench.runner import build_model, load_previous_weights, save_weights
 
 

@@ -9,11 +9,11 @@ import torch
 
 from cssbench.baselines.plop import (PLOP, entropy_histogram, entropy_pseudo_labels,
                                      median_thresholds, normalized_entropy)
+from cssbench.config import load_config
 from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, local_pod_embedding,
                              merge_new_into_background, pod_distillation, pod_layer_distance)
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.config import load_config
 from cssbench.runner import build_model, run_protocol
 from conftest import drift_student, method_model
 

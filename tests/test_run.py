@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from cssbench import step0
 from cssbench.cli import main
+from cssbench.config import load_config
 from cssbench.datasets import IncrementalSegDataset, eval_lut
 from cssbench.errors import UserError
 from cssbench.methods import get_method
 from cssbench.metrics import confusion_matrix, iou_per_class
 from cssbench.protocols import load_protocol
-from cssbench import step0
-from cssbench.config import load_config
 from cssbench.runner import build_model, run_protocol
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime

@@ -13,11 +13,11 @@ import torch
 from cssbench.baselines.sdr import (attraction_loss, downsample_labels, old_class_pseudolabels,
                                     prototypes_matching_loss, repulsion_loss, sparsification_loss,
                                     update_prototypes)
+from cssbench.config import load_config
 from cssbench.losses import (cross_entropy, knowledge_distillation, unbiased_cross_entropy,
                              unbiased_knowledge_distillation)
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
-from cssbench.config import load_config
 from cssbench.runner import build_model, load_previous_weights, run_protocol
 from conftest import method_model
 

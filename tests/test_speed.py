@@ -14,14 +14,15 @@ from mmengine.optim import build_optim_wrapper
 from torch.utils.data import DataLoader, default_collate
 
 from cssbench.cli import main
+from cssbench.config import config_digest, load_config
+from cssbench.engine import sgd_config
 from cssbench.errors import UserError
 from cssbench.hooks import AveragedRuntimeInfoHook
 from cssbench.methods import get_method
 from cssbench.metrics import IncrementalIoUMetric
 from cssbench.protocols import load_protocol
-from cssbench.config import config_digest, load_config
-from cssbench.runner import build_model, sgd_config, speed_record
 from cssbench.registry import LOOPS
+from cssbench.runner import build_model, speed_record
 from cssbench.speed import (REFERENCE_SPEED, Speed, optim_wrapper_config, prepare_model, resolve_speed,
                             val_loop_config)
 
