@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError, refuse_repeats
+from .store import DEFAULT_RESULTS
 
 if TYPE_CHECKING:
     from .protocols import Protocol
 
-DEFAULT_RESULTS = 'results'
 FORMATS = ('md', 'csv', 'latex')
+DATA_ROOT_HELP = ('dataset folder (default: for dataset synth the generated one, for voc '
+                  '$CSSBENCH_VOC_ROOT, for ade $CSSBENCH_ADE_ROOT)')
 
 
 def cmd_list(args) -> None:
@@ -251,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('splits', help="print a protocol's per-step image counts, write the lists")
     p.add_argument('--protocol', required=True)
-    p.add_argument('--data-root', help='dataset folder (default for synth-*: the generated one)')
+    p.add_argument('--data-root', help=DATA_ROOT_HELP)
     p.add_argument('--out', help='write the per-step lists to this JSON file')
     p.add_argument('--seed', type=seed_value, default=0,
                    help="the run seed, which draws a random class order (class_order: random)")
@@ -261,10 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', required=True)
     p.add_argument('--n-train', type=int, default=2000, help='training images (default: 2000)')
     p.add_argument('--n-val', type=int, default=300, help='validation images (default: 300)')
-    p.add_argument('--size', type=int, default=64, help='image side in pixels (512 for GPU work)')
+    p.add_argument('--size', type=int, default=64, help='image side in pixels (default: 64; 512 for GPU work)')
     p.add_argument('--seed', type=seed_value, default=0, help='default: 0')
     p.add_argument('--workers', type=int, default=1,
-                   help='processes that draw the images (the same files for any number)')
+                   help='processes that draw the images (default: 1; the same files for any number)')
     p.set_defaults(func=cmd_make_synth)
 
     p = sub.add_parser('run', help='train and evaluate a method through every step of a protocol')
@@ -273,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'by commas, each run in turn')
     p.add_argument('--method', default='ft',
                    help='a method, several separated by commas, or all (default: ft)')
-    p.add_argument('--config', default='small', help='small | deeplabv3-r101 | path to a config .py')
-    p.add_argument('--data-root')
+    p.add_argument('--config', default='small',
+                   help='small | deeplabv3-r101 | path to a config .py (default: small)')
+    p.add_argument('--data-root', help=DATA_ROOT_HELP)
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's for the protocol's dataset)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument('--seed', type=seed_value, default=0, help='default: 0')
@@ -309,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='side of the synthetic images (default: 512 on GPU, 64 on CPU)')
     p.add_argument('--data-root', help='a VOC-layout dataset to read instead of the synthetic one')
     p.add_argument('--batch', type=int, help="training batch (default: the config's)")
-    p.add_argument('--iters', type=int, default=20, help='timed training iterations per case')
-    p.add_argument('--warmup', type=int, default=5, help='untimed iterations before them')
+    p.add_argument('--iters', type=int, default=20, help='timed training iterations per case (default: 20)')
+    p.add_argument('--warmup', type=int, default=5, help='untimed iterations before them (default: 5)')
     p.add_argument('--workers', type=int, help="loader workers (default: the config's)")
     p.add_argument('--compile', action='store_true',
                    help='also measure the fast path with torch.compile (a third regime)')
@@ -384,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if getattr(args, 'overwrite', False):
             rerun = ('rerun it to start over, or without --overwrite to continue where it stopped '
-                     '(keeping every complete run, also one it had not yet replaced)')
+                     '(a complete run it had not yet replaced stays as it was)')
         else:
             rerun = 'rerun the same command to resume'
         print(f'cssbench: interrupted; {rerun}', file=sys.stderr)

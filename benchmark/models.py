@@ -267,7 +267,8 @@ class IncrementalSegmentor(BaseModel):
     def after_step_training(self, dataloader) -> None:
         """Called once after a step's last epoch with the step's training loader (batches as
         the data preprocessor takes them), before evaluation; for methods that summarise the
-        step's data (e.g. class prototypes). Nothing by default."""
+        step's data with the trained model (no shipped method does: SDR updates its prototypes
+        during training). Nothing by default."""
 
     def extract(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """The backbone's stages and the head's features, for methods that distil them."""

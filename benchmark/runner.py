@@ -45,7 +45,8 @@ from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
 from .speed import effective_speed, prepare_model, training_device
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
-from .store import PLAIN_NAME, CorruptRun, is_plain_name, open_store, read_json_object
+from .store import (PLAIN_NAME, CorruptRun, is_plain_name, open_store, read_json_object,
+                    results_option)
 from .tables import format_step_table, steps_to_csv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -456,8 +457,10 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
         if previous.get('status') == 'complete':
             read_json(paths.results / 'metrics.json')   # what `table` would show
             if not keep_complete:
-                raise UserError(f'{paths.results}: this run is complete; `cssbench table` shows '
-                                f'it, --overwrite reruns it')
+                results = paths.results.parents[2]   # <results>/<protocol>/<method>/<run>
+                raise UserError(f'{paths.results}: this run is complete; `cssbench table '
+                                f'--protocol {paths.results.parents[1].name}'
+                                f'{results_option(results)}` shows it, --overwrite reruns it')
     elif resume and not run_file.exists():
         raise UserError(f'{paths.results}: no run to resume')
     return previous
@@ -530,8 +533,9 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     """Step t's metrics: stored ones if the step finished before, else train and evaluate.
 
     With ``step0_key``, step 0 comes from the step-0 cache when an identical step 0 (same
-    first step, data, config, seed; a fine-tuning step 0) was trained before by any method,
-    in any protocol; it is evaluated again only if it was never scored as this protocol scores.
+    first step, data, config, seed) was trained before by a method of the same
+    ``step0_kind``, in any protocol whose step 0 trains alike; it is evaluated again only if it
+    was never scored as this protocol scores.
     """
     tag = f'[{protocol.name}/{method.name}]'
     stored = _stored_step_result(paths, t)

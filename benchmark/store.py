@@ -24,6 +24,13 @@ from .io import atomic_write_json
 INDEX_FILE = 'index.json'
 INDEX_VERSION = 2   # 2: runs carry their training regime
 RUN_FILES = ('run.json', 'metrics.json')
+DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
+
+
+def results_option(root: str | Path) -> str:
+    """How a command names the results folder ``root`` in advice: as ``--results`` unless the
+    default."""
+    return '' if Path(root) == Path(DEFAULT_RESULTS) else f' --results {root}'
 
 
 PLAIN_NAME = 'a plain name (letters, digits, and . _ + - after the first)'

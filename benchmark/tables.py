@@ -30,7 +30,7 @@ from .io import atomic_write_text
 from .metrics import column_classes, mean_iou, range_label
 from .protocols import available_protocols, setting_notes
 from .published import incomparable, published_cells, published_methods
-from .store import UNKNOWN_REGIME, RowRuns, Store, StoredRun, select_runs
+from .store import UNKNOWN_REGIME, RowRuns, Store, StoredRun, results_option, select_runs
 
 COLUMNS = ('old', 'new', 'all')
 FORMATS = ('md', 'csv', 'latex')
@@ -162,7 +162,7 @@ def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
         return rows
     chosen = chosen_by(runs, config)
     if protocol in available_protocols():
-        advice = f'`cssbench run --protocol {protocol}` makes one'
+        advice = f'`cssbench run --protocol {protocol}{results_option(store.root)}` makes one'
     else:
         advice = f'stored protocols: {", ".join(store.protocols()) or "none"}'
     skipped = [f'{s.path}: {s.reason}' for s in store.skipped_in(protocol)]

@@ -207,7 +207,7 @@ def test_an_interrupted_run_says_how_to_resume_it(capsys, monkeypatch):
     assert main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite']) == 130
     assert capsys.readouterr().err == (
         'cssbench: interrupted; rerun it to start over, or without --overwrite to continue where '
-        'it stopped (keeping every complete run, also one it had not yet replaced)\n')
+        'it stopped (a complete run it had not yet replaced stays as it was)\n')
     with pytest.raises(SystemExit) as stopped:   # argparse's usage error
         main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite', '--resume'])
     assert stopped.value.code == 2

@@ -266,7 +266,10 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
 
     # One run: a finished one is refused, as before; several never started: nothing to resume.
     assert main([*run, '--method', 'ft']) == 2
-    assert 'this run is complete' in capsys.readouterr().err
+    assert (f'this run is complete; `cssbench table --protocol synth-15-5-overlap --results '
+            f'{results}` shows it' in capsys.readouterr().err)
+    assert main(['table', '--protocol', 'synth-15-5-overlap', '--results', str(results)]) == 0
+    capsys.readouterr()
     assert main([*run, '--method', 'ft,joint', '--resume', '--results', str(tmp_path / 'none')]) == 2
     assert 'none of these runs is stored; no run to resume' in capsys.readouterr().err
     assert main([*run, '--method', 'ft,joint', '--work-dir', str(tmp_path / 'w')]) == 2

@@ -518,10 +518,14 @@ def test_cli_table_all_and_plot_write_valid_files(store_19_1: Path, capsys) -> N
     assert not [f for f in os.listdir(tables) if f.endswith('.tmp')]
 
 
-def test_cli_table_errors(tmp_path: Path, capsys) -> None:
+def test_cli_table_errors(tmp_path: Path, capsys, monkeypatch) -> None:
     assert main(['table', '--protocol', VOC19, '--results', str(tmp_path / 'none')]) == 2
-    assert capsys.readouterr().err.endswith(f"no complete run stored for protocol '{VOC19}'; "
-                                            f"`cssbench run --protocol {VOC19}` makes one\n")
+    assert capsys.readouterr().err.endswith(
+        f"no complete run stored for protocol '{VOC19}'; `cssbench run --protocol {VOC19} "
+        f"--results {tmp_path / 'none'}` makes one\n")
+    monkeypatch.chdir(tmp_path)   # the default results folder: the advice needs no --results
+    assert main(['table', '--protocol', VOC19]) == 2
+    assert capsys.readouterr().err.endswith(f"`cssbench run --protocol {VOC19}` makes one\n")
     assert main(['table', '--results', str(tmp_path)]) == 2
     assert 'give --protocol' in capsys.readouterr().err
     # only a run still training: named, with why it is not tabulated
@@ -530,7 +534,8 @@ def test_cli_table_errors(tmp_path: Path, capsys) -> None:
     (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
     assert main(['table', '--protocol', VOC19, '--results', str(tmp_path / 'some')]) == 2
     assert capsys.readouterr().err.endswith(
-        f"`cssbench run --protocol {VOC19}` makes one (skipped: {VOC19}/ft/small-seed0: "
+        f"`cssbench run --protocol {VOC19} --results {tmp_path / 'some'}` makes one (skipped: "
+        f"{VOC19}/ft/small-seed0: "
         f"unfinished (status 'running', 0 step(s) done))\n")
 
 

@@ -2,8 +2,9 @@
 # 30 epochs per step (60 on ADE20K), SGD (Nesterov, momentum 0.9, wd 1e-4), poly 0.9,
 # lr 0.01 at step 0 and 0.001 later (MiB's README, batch 24; SDR's README lists the same lr),
 # for every method: one setting for all. SDR's own scripts (script_19_1_step*.slurm) run 0.001
-# then 0.0001 at batch 8, the spec's 1e-3 / 1e-4: a config of
-# `_base_ = ['<path>/deeplabv3_r101.py']` and `schedule = dict(lr=(0.001, 0.0001))` gives it. For ImageNet initialisation set
+# then 0.0001 at batch 8 on one GPU, the spec's 1e-3 / 1e-4: a config of
+# `_base_ = ['<path>/deeplabv3_r101.py']`, `schedule = dict(lr=(0.001, 0.0001))` and
+# `data = dict(batch_size=8)` gives it (the lr alone keeps batch 24). For ImageNet initialisation set
 # model.backbone.pretrained to a local torchvision-layout resnet101 checkpoint.
 model = dict(
     type='cssbench.IncrementalSegmentor',
