@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError
-from .io import cache_dir
+from .io import cache_dir, new_temporary_beside
 
 __all__ = [
     "SYNTH_DEFAULTS",
@@ -397,9 +396,7 @@ def make_synth(
     if out.exists() and not _is_empty_dir(out):
         return _reuse_or_refuse(out, params)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the final folder should not be
+    tmp = new_temporary_beside(out, folder=True)
     try:
         _generate(tmp, params, progress, workers)
         if _is_empty_dir(out):
