@@ -31,7 +31,7 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True, layout='constrained')
     for ax, column in zip(axes, ('all', 'old', 'new')):
         for row in rows:
-            if row.method == 'joint':
+            if row.joint:
                 mean, _ = mean_std([percent(r.steps[0]['columns'][column]['mIoU']) for r in row.runs])
                 ax.axhline(mean, color='black', linestyle='--', linewidth=1, label=row.label)
                 continue

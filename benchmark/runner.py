@@ -39,7 +39,7 @@ from .errors import UserError
 from .hooks import CLOCK_FILE, earlier_training_seconds
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .methods import METHODS, Method, get_method
-from .metrics import summarize_step
+from .metrics import range_label, summarize_step
 from .models import read_state_dict
 from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
@@ -389,8 +389,8 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     if not (paths.work / WORK_MARKER).exists():
         atomic_write_json(paths.work / WORK_MARKER, identity)
-    run = dict(protocol=protocol.to_dict(), method=method.name, run=run_name, seed=seed,
-               deterministic=deterministic, config_name=config, config=cfg.to_dict(),
+    run = dict(protocol=protocol.to_dict(), method=method.name, joint=method.joint, run=run_name,
+               seed=seed, deterministic=deterministic, config_name=config, config=cfg.to_dict(),
                config_digest=identity['config_digest'], data_root=str(root),
                dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
                environment=environment(), speed=checked.speed, status='running',
@@ -544,7 +544,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
         return stored
     steps_protocol = steps_of(protocol, method)
     last = steps_protocol.num_steps - 1
-    log(f'{tag} step {t}/{last}: classes {split["classes"][0]}..{split["classes"][-1]}, '
+    log(f'{tag} step {t}/{last}: classes {range_label(split["classes"])}, '
         f'{len(split["train"])} train images, {len(split["val"])} val images')
     info = DATASET_INFO[protocol.dataset]
     step_start = time.time() - earlier_training_seconds(paths.step_work(t))   # earlier sessions'

@@ -22,7 +22,7 @@ from pathlib import Path
 from .io import atomic_write_json
 
 INDEX_FILE = 'index.json'
-INDEX_VERSION = 2   # 2: runs carry their training regime
+INDEX_VERSION = 3   # 2: runs carry their training regime; 3: and whether they trained jointly
 RUN_FILES = ('run.json', 'metrics.json')
 DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
@@ -47,6 +47,7 @@ class StoredRun:
     path: str               # the run folder, relative to the results root
     protocol: dict          # the protocol the run trained (its class order resolved)
     method: str
+    joint: bool             # the method trains every class in one step (an upper bound)
     run: str
     seed: int
     config_name: str
@@ -172,13 +173,16 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
     protocol = _require(record, 'protocol', dict, 'run.json')
     protocol_steps = _require(protocol, 'steps', list, "run.json's protocol")
     _require(protocol, 'name', str, "run.json's protocol")
-    # joint trains every class in one step, reported in the protocol's columns
-    num_steps = 1 if record.get('method') == 'joint' else len(protocol_steps)
+    # a joint method trains every class in one step, reported in the protocol's columns; runs
+    # stored before run.json said so are joint training's
+    joint = record['joint'] if isinstance(record.get('joint'), bool) else record.get('method') == 'joint'
+    num_steps = 1 if joint else len(protocol_steps)
     steps = _check_steps(read_json_object(run_dir / 'metrics.json').get('steps'), num_steps)
     env = record.get('environment') if isinstance(record.get('environment'), dict) else {}
     return StoredRun(
         path=run_dir.relative_to(root).as_posix(), protocol=protocol,
-        method=_require(record, 'method', str, 'run.json'), run=_require(record, 'run', str, 'run.json'),
+        method=_require(record, 'method', str, 'run.json'), joint=joint,
+        run=_require(record, 'run', str, 'run.json'),
         seed=_require(record, 'seed', int, 'run.json'),
         config_name=_require(record, 'config_name', str, 'run.json'),
         config_digest=_require(record, 'config_digest', str, 'run.json'),
@@ -253,6 +257,10 @@ class RowRuns:
     runs: list[StoredRun]
     passed_over: list[StoredRun]
     label: str              # the row's name: the method, with its setup where rows differ in it
+
+    @property
+    def joint(self) -> bool:
+        return self.runs[0].joint   # one method's runs
 
 
 def select_runs(store: Store, protocol: str, runs: list[str] | None = None,

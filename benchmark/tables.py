@@ -213,7 +213,9 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
             record[key], record[f'{key}_std'] = mean, std
         records.append(record)
     frame = pd.DataFrame(records).set_index('row')
-    frame['gap_joint'] = [_joint_all(frame, r['setup']) - r['all'] for _, r in frame.iterrows()]
+    # a joint method's all-class mIoU with the same config, on the same data (the first's)
+    joint_all = {row.setup: frame.at[row.label, 'all'] for row in reversed(rows) if row.joint}
+    frame['gap_joint'] = [joint_all.get(r['setup'], math.nan) - r['all'] for _, r in frame.iterrows()]
 
     columns = [Column('seeds', 'seeds'),
                Column(labels['old'], 'old', 'max'), Column(labels['new'], 'new', 'max'),
@@ -222,7 +224,7 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
     notes = _notes(store, protocol, rows, published=_add_published(frame, columns, rows, labels))
     return Table(title=f'{protocol}: mIoU (%) after the last step, mean ± std over seeds',
                  frame=frame, columns=columns, index_names=['method'],
-                 unranked={r.label for r in rows if r.method == 'joint'}, notes=notes)
+                 unranked={r.label for r in rows if r.joint}, notes=notes)
 
 
 UNSTATED_VARIANT = '* the source does not state whether the setting is overlapped or disjoint'
@@ -235,7 +237,7 @@ def _add_published(frame: pd.DataFrame, columns: list[Column], rows: list[RowRun
     each number's source, the numbers published over other classes (beside ours over those
     classes), or why nothing is shown."""
     protocol = rows[0].runs[0].protocol
-    notes = []
+    notes, unstated_variant = [], False
     for name in COLUMNS:
         frame[f'paper_{name}'] = math.nan
         frame[f'paper_{name}_variant_stated'] = None
@@ -244,6 +246,7 @@ def _add_published(frame: pd.DataFrame, columns: list[Column], rows: list[RowRun
     for row in rows:
         for cell in published_cells(protocol, row.method):   # exact variant first
             ours_classes = _column_classes(row.runs[0], cell.column)
+            unstated_variant |= not cell.exact_variant
             tag = f'{cell.value:.1f}{"" if cell.exact_variant else "*"} ({cell.source}' + \
                   (f'; {cell.caveat})' if cell.caveat else ')')
             if cell.classes in (None, ours_classes) and math.isnan(frame.at[row.label, f'paper_{cell.column}']):
@@ -265,7 +268,7 @@ def _add_published(frame: pd.DataFrame, columns: list[Column], rows: list[RowRun
                                variant_stated=f'paper_{name}_variant_stated'),
                         Column(f'diff {labels[name]}', f'diff_{name}', signed=True)]
     if notes:
-        return notes + ([UNSTATED_VARIANT] if any('*' in n for n in notes) else [])
+        return notes + ([UNSTATED_VARIANT] if unstated_variant else [])
     reason = incomparable(protocol)
     if reason:
         return [f'no published numbers shown: {reason}']
@@ -275,12 +278,6 @@ def _add_published(frame: pd.DataFrame, columns: list[Column], rows: list[RowRun
                 f'(data/paper_tables.csv)']
     return [f'no published numbers for this setting in data/paper_tables.csv '
             f'(dataset {protocol["dataset"]!r})']
-
-
-def _joint_all(frame: pd.DataFrame, setup: str) -> float:
-    """joint's all-class mIoU with the same config, on the same data."""
-    joint = frame[(frame['method'] == 'joint') & (frame['setup'] == setup)]
-    return float(joint['all'].iloc[0]) if len(joint) else math.nan
 
 
 def _column_classes(run: StoredRun, column: str) -> tuple[int, ...]:
@@ -303,7 +300,7 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
         num_steps = len(row.runs[0].steps)
         last = len(row.runs[0].protocol['steps']) - 1
         for t in range(num_steps):
-            record = {'row': row.label, 'step': last if row.method == 'joint' else t,
+            record = {'row': row.label, 'step': last if row.joint else t,
                       'seeds': len(row.runs)}
             for name in ('old', 'new'):
                 record[f'{name}_classes'] = _agreed_classes(row.runs, t, name, CLASSES_DIFFER)
@@ -323,7 +320,7 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
 def per_class_forgetting(store: Store, protocol: str, runs: list[str] | None = None,
                          config: str | None = None) -> Table:
     """Per old class and method: its forgetting (best earlier IoU minus final IoU)."""
-    rows = [r for r in _rows_or_error(store, protocol, runs, config) if r.method != 'joint']
+    rows = [r for r in _rows_or_error(store, protocol, runs, config) if not r.joint]
     if not rows:
         raise UserError(f'protocol {protocol!r}: only joint runs stored; forgetting needs steps')
     per_row = {row.label: [forgetting_per_class(r.steps) for r in row.runs]

@@ -79,7 +79,7 @@ def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth
     assert [s['step'] for s in steps] == [0, 1]
     assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
     # Rank 1 prints nothing: each step's table and the run's once.
-    assert proc.stdout.count('step 1/1: classes 16..20') == 1
+    assert proc.stdout.count('step 1/1: classes 16-20') == 1
     # One mmengine log per step (rank 0's), and no temporary folder of mmengine's collection.
     assert len(list((run_dir / 'work' / 'step1').glob('*/*.log'))) == 1
     assert not (tmp_path / '.dist_test').exists()

@@ -20,7 +20,7 @@ from cssbench.config import load_config
 from cssbench.datasets import IncrementalSegDataset, eval_lut
 from cssbench.errors import UserError
 from cssbench.methods import get_method
-from cssbench.metrics import confusion_matrix, iou_per_class
+from cssbench.metrics import confusion_matrix, iou_per_class, range_label
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, run_protocol
 from cssbench.splits import index_dataset, protocol_splits, select
@@ -138,6 +138,7 @@ def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32,
     results = tmp_path / 'results'
     assert main(['run', '--protocol', str(protocol), '--seeds', '0,1', '--config', str(config32),
                  '--data-root', str(synth32), '--epochs', '1', '--results', str(results)]) == 0
+    log = capsys.readouterr().out
     orders = []
     for seed in (0, 1):
         record = json.loads((results / 'rand' / 'ft' / f'small32-seed{seed}' / 'run.json').read_text())
@@ -145,9 +146,11 @@ def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32,
         assert record['seed'] == seed and record['protocol'] == drawn.to_dict()
         steps = json.loads((results / 'rand' / 'ft' / f'small32-seed{seed}' / 'metrics.json').read_text())['steps']
         assert steps[1]['classes'] == list(drawn.steps[1])
+        # the log names each step's classes, drawn ones too: e.g. 'classes 0-3,5-9,11-14,16,19'
+        for t, classes in enumerate(drawn.steps):
+            assert f'step {t}/1: classes {range_label(classes)}, ' in log
         orders.append(drawn.steps)
     assert orders[0] != orders[1]
-    capsys.readouterr()
     assert main(['table', '--protocol', 'rand', '--results', str(results)]) == 0
     out = capsys.readouterr().out
     # two class orders: the old/new columns cover different classes, so they are named so

@@ -31,12 +31,14 @@ VOC19 = 'voc-19-1-overlap'
 def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: str | Protocol = VOC19,
               method: str = 'ft', run: str = 'small-seed0', seed: int = 0,
               finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small',
-              dataset_fingerprint: str = 'fp', speed: dict | None = None) -> Path:
-    """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``."""
+              dataset_fingerprint: str = 'fp', speed: dict | None = None,
+              joint: bool | None = None) -> Path:
+    """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``:
+    the method's flag, left out of run.json if None (as runs stored before it was written)."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
     steps = []
     for t, iou in enumerate(step_ious):
-        summary_step = p.num_steps - 1 if method == 'joint' else t
+        summary_step = p.num_steps - 1 if (method == 'joint' if joint is None else joint) else t
         steps.append(dict(step=t, classes=list(p.steps[t]), num_train=10, num_val=5,
                           iou={str(c): v for c, v in iou.items()},
                           columns=summarize_step(p, summary_step,
@@ -48,7 +50,7 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
         config_digest=config_digest, status='complete', started='2026-01-01T00:00:00',
         finished=finished, wall_time_s=12.5, git_revision='0123456789abcdef',
         environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint,
-        **({'speed': speed} if speed else {}))))
+        **({'speed': speed} if speed else {}), **({} if joint is None else {'joint': joint}))))
     (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
     return run_dir
 
@@ -130,6 +132,20 @@ def test_leaderboard_values_mean_std_and_gap_to_joint(store_19_1: Path) -> None:
     assert '| lwf | 1 | **70.0** | 20.0 | **67.6** |' in md
     assert '| joint | 1 | 90.0 | 90.0 | 90.0 |' in md
     assert 'ft (small): small-seed0 (seed 0' in md and 'small-seed1 (seed 1' in md
+
+
+def test_a_method_registered_as_joint_is_tabulated_as_the_upper_bound_whatever_its_name(
+        tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], joint=False)
+    write_run(root, [uniform(range(21), 0.9)], method='oracle', joint=True)
+    store = open_store(root)
+    f = leaderboard(store, VOC19).frame
+    assert f.at['ft', 'gap_joint'] == pytest.approx(90 - 100 * 12.3 / 21)
+    assert f.at['oracle', 'gap_joint'] == 0 and math.isnan(f.at['oracle', 'forgetting'])
+    assert '**90.0**' not in render(leaderboard(store, VOC19), 'md')   # never ranked
+    assert list(per_step(store, VOC19).frame.index) == [('ft', 0), ('ft', 1), ('oracle', 1)]
+    assert list(per_class_forgetting(store, VOC19).frame.columns) == ['ft', 'ft_std']
 
 
 def test_latex_is_a_booktabs_tabular_with_the_best_bold(store_19_1: Path) -> None:
