@@ -9,12 +9,11 @@ the unbiased cross-entropy is plain cross-entropy and ``loss_kd`` is 0 (no teach
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from cssbench.losses import unbiased_cross_entropy, unbiased_knowledge_distillation
 from cssbench.methods import register_method
+from cssbench.models import init_classifier_from_background
 
 from .lwf import LwF
 
@@ -33,17 +32,6 @@ class MiB(LwF):
     def distillation_loss(self, logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
         return unbiased_knowledge_distillation(logits, old_logits, self.kd_alpha)
 
-    @torch.no_grad()
     def init_new_classifier(self) -> None:
-        """Reference ``segmentation_module.py: IncrementalSegmentationModule.init_new_classifier``
-        (called from run.py when ``init_balanced``): every new class gets the background's
-        weight and ``bias_bkg - log(N_new + 1)``, and the background's bias becomes that value
-        too, so that p(bkg) + sum p(new) of the new model equals the old model's p(bkg)."""
-        if not self.init_balanced or self.step == 0:
-            return
-        bkg = self.classifiers[0]
-        new = self.classifiers[-1]
-        new_bias = bkg.bias[0] - math.log(self.step_sizes[-1] + 1)
-        new.weight.copy_(bkg.weight[0].expand_as(new.weight))
-        new.bias.copy_(new_bias.expand_as(new.bias))
-        bkg.bias[0] = new_bias
+        if self.init_balanced and self.step > 0:
+            init_classifier_from_background(self)

@@ -63,7 +63,7 @@ from cssbench.distributed import sum_over_processes
 from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, merge_new_into_background,
                              pod_distillation)
 from cssbench.methods import register_method
-from cssbench.models import IncrementalSegmentor, upsample_logits
+from cssbench.models import IncrementalSegmentor, init_classifier_from_background, upsample_logits
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -190,18 +190,9 @@ class PLOP(IncrementalSegmentor):
         """find_median's ``max_value``: log of the number of classes seen so far."""
         return math.log(sum(self.step_sizes))
 
-    @torch.no_grad()
     def init_new_classifier(self) -> None:
-        """Reference segmentation_module.py: init_new_classifier (run.py calls it when
-        ``init_balanced``): the new classes take the background's weight and the bias
-        ``b_bkg - log(N_new + 1)``, which the background's bias becomes too."""
-        if not self.init_balanced or self.step == 0:
-            return
-        bkg, new = self.classifiers[0], self.classifiers[-1]
-        new_bias = bkg.bias[0] - math.log(self.step_sizes[-1] + 1)
-        new.weight.copy_(bkg.weight[0].expand_as(new.weight))
-        new.bias.copy_(new_bias.expand_as(new.bias))
-        bkg.bias[0] = new_bias
+        if self.init_balanced and self.step > 0:
+            init_classifier_from_background(self)
 
     def forward_maps(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward: the logits (input size), the logits at feature size and the maps POD

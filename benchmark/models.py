@@ -7,6 +7,7 @@ mmengine's Runner trains it; methods subclass it and override ``loss``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -301,3 +302,17 @@ class IncrementalSegmentor(BaseModel):
     def predict(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> list[dict]:
         pred = self.encode_decode(inputs)['logits'].argmax(dim=1)
         return [dict(pred=pred, gt=targets)]
+
+
+@torch.no_grad()
+def init_classifier_from_background(model: IncrementalSegmentor) -> None:
+    """MiB's balanced init of the newest step's classifier (reference
+    ``segmentation_module.py: init_new_classifier``, run when ``init_balanced``): every new
+    class gets the background's weight and the bias ``b_bkg - log(N_new + 1)``, which the
+    background's bias becomes too, so that p(bkg) + sum p(new) of the new model equals the old
+    model's p(bkg)."""
+    bkg, new = model.classifiers[0], model.classifiers[-1]
+    new_bias = bkg.bias[0] - math.log(model.step_sizes[-1] + 1)
+    new.weight.copy_(bkg.weight[0].expand_as(new.weight))
+    new.bias.copy_(new_bias.expand_as(new.bias))
+    bkg.bias[0] = new_bias

@@ -99,9 +99,13 @@ def test_the_terms_are_the_weighted_shared_losses_on_the_logits_and_backbone_out
         torch.testing.assert_close(losses['loss_de'].detach(), de)
 
 
+BALANCED_INIT = ('mib', 'plop', 'sdr+mib')   # the methods whose new classifier starts as MiB's
+
+
+@pytest.mark.parametrize('name', BALANCED_INIT)
 @pytest.mark.parametrize('protocol, new', [('voc-15-5-overlap', 5), ('voc-19-1-overlap', 1)])
-def test_mib_init_keeps_the_old_background_probability_and_the_old_classes(protocol, new):
-    model = method_model('mib', 1, protocol=protocol).eval()
+def test_mib_init_keeps_the_old_background_probability_and_the_old_classes(name, protocol, new):
+    model = method_model(name, 1, protocol=protocol).eval()
     n_old = model.num_old_classes
     old_cls, new_cls = model.teacher.classifiers[0], model.classifiers
     torch.testing.assert_close(new_cls[1].weight, old_cls.weight[:1].expand(new, -1, -1, -1))
@@ -118,10 +122,11 @@ def test_mib_init_keeps_the_old_background_probability_and_the_old_classes(proto
     assert torch.allclose(p_new[:, 1:n_old], p_old[:, 1:], atol=1e-6)
 
 
-def test_mib_init_can_be_turned_off():
+@pytest.mark.parametrize('name', BALANCED_INIT)
+def test_mib_init_can_be_turned_off(name):
     cfg = load_config('small')
     cfg.model.update(init_balanced=False)
-    model = method_model('mib', 1, cfg)
+    model = method_model(name, 1, cfg)
     assert not torch.allclose(model.classifiers[1].weight[0], model.classifiers[0].weight[0])
 
 

@@ -207,14 +207,6 @@ def test_step0_is_plain_cross_entropy():
     assert model.compute_thresholds([batch()]) is None
 
 
-def test_mib_style_init_of_the_new_classifier():
-    model = method_model('plop', 1)
-    old = model.teacher.classifiers[0]
-    torch.testing.assert_close(model.classifiers[1].weight, old.weight[:1].expand(5, -1, -1, -1))
-    torch.testing.assert_close(model.classifiers[1].bias, (old.bias[0] - math.log(6)).expand(5))
-    torch.testing.assert_close(model.classifiers[0].bias[0], old.bias[0] - math.log(6))
-
-
 def test_step1_loss_is_pseudo_labelled_ce_plus_scheduled_pod():
     model = method_model('plop', 1).eval()   # eval: no dropout, so the forwards below agree
     drift_student(model)
