@@ -19,6 +19,14 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
+def file_stamp(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file does: its size, modification time, inode and change time. The
+    last two because a file replaced by ``cp -p`` or ``rsync -a`` keeps the size and
+    modification time it was given."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
 def cache_root() -> Path:
     """``$CSSBENCH_CACHE``, default ``~/.cache/cssbench`` (not created here)."""
     return Path(os.environ.get('CSSBENCH_CACHE', Path.home() / '.cache' / 'cssbench')).expanduser()

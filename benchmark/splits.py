@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -29,8 +31,10 @@ from tqdm import tqdm
 from .datasets import SPLITS, Sample, image_size, list_samples, read_mask
 from .datasets_info import DATASET_INFO, IGNORE_INDEX
 from .errors import DatasetError
-from .io import atomic_write_json, cache_dir, file_sha256
+from .io import atomic_write_json, cache_dir, file_sha256, file_stamp
 from .protocols import Protocol
+
+T = TypeVar('T')
 
 LabelSets = dict[str, tuple[int, ...]]
 
@@ -86,10 +90,7 @@ def scan_split(samples: list[Sample], num_classes: int, desc: str = 'scan',
 
 
 def _file_stamp(path: Path) -> str:
-    """A file's path, size and times. The inode and its change time too: a file replaced by
-    ``cp -p`` or ``rsync -a`` keeps the size and modification time it was given."""
-    st = path.stat()
-    return f'{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}'
+    return '|'.join(map(str, (path, *file_stamp(path))))
 
 
 def _listing_key(layout: str, root: Path, split: str, samples: list[Sample]) -> str:
@@ -101,9 +102,18 @@ def _listing_key(layout: str, root: Path, split: str, samples: list[Sample]) -> 
     return h.hexdigest()[:16]
 
 
-def _read_scan(path: Path) -> SplitScan:
+def _parse_scan(stored: dict) -> SplitScan:
     return {i: SampleScan(tuple(record['labels']), record['image_sha256'], record['mask_sha256'])
-            for i, record in json.loads(path.read_text()).items()}
+            for i, record in stored.items()}
+
+
+def _read_cached(path: Path, parse: Callable[[object], T]) -> T | None:
+    """What ``parse`` makes of a cache file's JSON; None if there is none, or it is damaged
+    or of another format (the caller makes it again)."""
+    try:
+        return parse(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 @dataclass
@@ -119,7 +129,7 @@ class DatasetIndex:
         return {split: {i: scan.labels for i, scan in scans.items()}
                 for split, scans in self.scans.items()}
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """The data's identity: each split's sample ids in list order, each with the sha256 of
         its image's and its mask's bytes (the label sets follow from the masks). Paths and
@@ -150,11 +160,9 @@ def index_dataset(dataset: str, root: str | Path, progress: bool = True) -> Data
     for split in SPLITS:
         samples[split] = list_samples(info, root, split)
         key = _listing_key(info.layout, root, split, samples[split])
-        # 'scans', not the 'labelsets' of the earlier format, which held no file digests
         cache_file = cache_dir('scans') / f'{dataset}-{split}-{key}.json'
-        if cache_file.exists():
-            scans[split] = _read_scan(cache_file)
-        else:
+        scans[split] = _read_cached(cache_file, _parse_scan)
+        if scans[split] is None:
             scans[split] = scan_split(samples[split], info.num_classes,
                                       desc=f'scan {split} images and masks', progress=progress)
             atomic_write_json(cache_file, {i: scan._asdict() for i, scan in scans[split].items()})
@@ -181,8 +189,9 @@ def protocol_splits(protocol: Protocol, index: DatasetIndex) -> list[dict]:
         raise DatasetError(f'protocol {protocol.name!r} is for dataset {protocol.dataset!r}, '
                            f'the index is of {index.dataset!r}')
     cache_file = cache_dir('splits') / f'{protocol.fingerprint}-{index.fingerprint}.json'
-    if cache_file.exists():
-        return json.loads(cache_file.read_text())['steps']
+    steps = _read_cached(cache_file, lambda stored: stored['steps'])
+    if steps is not None:
+        return steps
     steps = compute_splits(protocol, index.label_sets)
     atomic_write_json(cache_file, dict(protocol=protocol.to_dict(), dataset=index.dataset,
                                        dataset_fingerprint=index.fingerprint, steps=steps))

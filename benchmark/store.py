@@ -3,8 +3,8 @@
 ``cssbench run`` writes each run to ``<results>/<protocol>/<method>/<run>/`` (``run.json``:
 protocol, method, seed, resolved config, code version, dataset fingerprint, dates, wall time;
 ``metrics.json``: per-step metrics and per-class IoU). ``<results>/index.json`` holds every
-complete run's record and metrics, keyed by its folder and stamped with the size and
-modification time of those two files. Reading the store checks the stamps against the folders
+complete run's record and metrics, keyed by its folder and stamped with the size, times and
+inode of those two files (``io.file_stamp``). Reading the store checks the stamps against the folders
 and re-reads only what changed (a missing or stale index is rebuilt from the run folders); a
 run folder that is corrupt or unfinished is reported and skipped, never fatal.
 
@@ -19,10 +19,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .io import atomic_write_json
+from .io import atomic_write_json, file_stamp
 
 INDEX_FILE = 'index.json'
-INDEX_VERSION = 3   # 2: runs carry their training regime; 3: and whether they trained jointly
+INDEX_VERSION = 3   # 2: runs carry their training regime; 3: and whether they trained jointly,
+                    # stamped with file_stamp
 RUN_FILES = ('run.json', 'metrics.json')
 DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
@@ -91,13 +92,13 @@ class CorruptRun(Exception):
 
 
 def _stamp(run_dir: Path) -> list:
+    """The run files' ``file_stamp``s (None for one that is absent)."""
     stamp = []
     for name in RUN_FILES:
         try:
-            st = (run_dir / name).stat()
-            stamp.append([name, st.st_size, st.st_mtime_ns])
+            stamp.append([name, *file_stamp(run_dir / name)])
         except OSError:
-            stamp.append([name, None, None])
+            stamp.append([name, None])
     return stamp
 
 

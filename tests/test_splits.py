@@ -156,16 +156,21 @@ def test_index_is_cached(voc_root: Path, isolated_cache: Path,
     assert list(second.label_sets['train']) == list(TRAIN_LABELS)
 
 
-def test_a_cache_of_the_earlier_format_is_not_read(voc_root: Path, isolated_cache: Path) -> None:
-    # label sets alone, as the earlier format held them, under any name the scans take now
-    index_dataset('voc', voc_root, progress=False)
-    old_format = isolated_cache / 'labelsets'
-    old_format.mkdir()
-    for scan in list((isolated_cache / 'scans').iterdir()):
-        (old_format / scan.name).write_text(json.dumps({i: [0, 1] for i in json.loads(scan.read_text())}))
-        scan.unlink()
-    index = index_dataset('voc', voc_root, progress=False)
-    assert index.label_sets['train']['t8'] == (1, 20)
+def test_a_damaged_cache_entry_is_made_again(tmp_path: Path, voc_root: Path,
+                                             isolated_cache: Path) -> None:
+    protocol = load_protocol(str(write_protocol(tmp_path, 'overlap')))
+    first = index_dataset('voc', voc_root, progress=False)
+    steps = protocol_splits(protocol, first)
+    train_scan, val_scan = sorted((isolated_cache / 'scans').iterdir())
+    [split_file] = (isolated_cache / 'splits').iterdir()
+    # cut short, another format (label sets alone, as an earlier version wrote), not a dict
+    train_scan.write_text(train_scan.read_text()[:40])
+    val_scan.write_text(json.dumps({i: [0, 1] for i in json.loads(val_scan.read_text())}))
+    split_file.write_text('[1, 2]')
+    again = index_dataset('voc', voc_root, progress=False)
+    assert again.scans == first.scans and again.fingerprint == first.fingerprint
+    assert protocol_splits(protocol, again) == steps
+    assert json.loads(split_file.read_text())['steps'] == steps   # written anew
 
 
 def _copy_voc_tree(voc_root: Path, to: Path) -> Path:

@@ -312,6 +312,14 @@ def test_index_is_rebuilt_when_missing_or_stale(store_19_1: Path) -> None:
     assert (run_dir / 'metrics.json').stat().st_size == before.st_size
     os.utime(run_dir / 'metrics.json', ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
     assert leaderboard(open_store(store_19_1), VOC19).frame.at['lwf', 'old'] == pytest.approx(45.6)
+    # put back as rsync -a does, with the same size and modification time: its inode tells
+    metrics['steps'][-1]['columns']['old']['mIoU'] = 0.789
+    kept = (run_dir / 'metrics.json').stat()
+    (run_dir / 'copy.json').write_text(json.dumps(metrics, indent=2))
+    os.utime(run_dir / 'copy.json', ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    os.replace(run_dir / 'copy.json', run_dir / 'metrics.json')
+    assert (run_dir / 'metrics.json').stat().st_size == kept.st_size
+    assert leaderboard(open_store(store_19_1), VOC19).frame.at['lwf', 'old'] == pytest.approx(78.9)
 
     # A run folder removed: gone from the index too; index deleted: rebuilt the same.
     import shutil
