@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import load_config
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
-from .engine import loader_settings, sgd_config
+from .engine import loader_settings, sgd_config, shut_down_loader_workers
 from .errors import UserError
 from .hooks import EpochKeyedSampler
 from .io import cache_dir
@@ -297,8 +297,7 @@ def loader_rate(dataset, cfg, batch: int) -> float:
     for _ in range(n):
         next(iterator)
     elapsed = time.perf_counter() - start
-    if hasattr(iterator, '_shutdown_workers'):
-        iterator._shutdown_workers()
+    shut_down_loader_workers(iterator)
     return n * batch / elapsed
 
 

@@ -19,7 +19,6 @@ IGNORE_INDEX = 255
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    name: str
     classes: tuple[str, ...]
     layout: str                 # the on-disk reader: 'voc' or 'ade'
     # Whether class 0 is scored at evaluation. In the reference code (LTTM/SDR, fcdl94/MiB
@@ -36,8 +35,8 @@ class DatasetInfo:
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {
-    'voc': DatasetInfo('voc', VOC_CLASSES, layout='voc'),
-    'ade': DatasetInfo('ade', ADE_CLASSES, layout='ade', background_scored=False),
+    'voc': DatasetInfo(VOC_CLASSES, layout='voc'),
+    'ade': DatasetInfo(ADE_CLASSES, layout='ade', background_scored=False),
     # Procedurally generated, in VOC's on-disk layout (see synth.py): 20 shape-texture classes.
-    'synth': DatasetInfo('synth', ('background', *SYNTH_CLASS_NAMES), layout='voc'),
+    'synth': DatasetInfo(('background', *SYNTH_CLASS_NAMES), layout='voc'),
 }

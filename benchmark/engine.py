@@ -181,16 +181,20 @@ def score_step(runner: Runner, protocol: Protocol, t: int) -> dict[int, float]:
     return {c: metrics[f'val/IoU.{c}'] for c in protocol.classes_seen(t)}
 
 
+def shut_down_loader_workers(iterator) -> None:
+    """Join a DataLoader iterator's worker processes now (through torch's private API):
+    persistent workers would otherwise be joined whenever the garbage collector gets to the
+    loader, stalling whatever runs then (seconds per worker)."""
+    if hasattr(iterator, '_shutdown_workers'):
+        iterator._shutdown_workers()
+
+
 def _release_mmengine_globals(runner: Runner) -> None:
     """Each Runner registers a logger (with an open log file), a visualizer and a default
-    scope under its experiment name, and its loaders keep worker processes; release them all, so that steps
-    leak no files or processes and names never clash."""
+    scope under its experiment name, and its loaders keep worker processes; release them all,
+    so that steps leak no files or processes and names never clash."""
     for loop in (runner._train_loop, runner._val_loop):   # those built: a loop, not its config
-        # Persistent loader workers would otherwise be joined whenever the garbage collector
-        # gets to the loader, stalling whatever runs then (seconds per worker).
-        iterator = getattr(getattr(loop, 'dataloader', None), '_iterator', None)
-        if iterator is not None and hasattr(iterator, '_shutdown_workers'):
-            iterator._shutdown_workers()
+        shut_down_loader_workers(getattr(getattr(loop, 'dataloader', None), '_iterator', None))
     logger = runner.logger
     for handler in list(logger.handlers):
         if isinstance(handler, logging.FileHandler):

@@ -11,9 +11,9 @@ from .registry import MODELS
 class Method:
     name: str
     model_type: str         # the segmentor's name in cssbench's MODELS registry
+    step0_kind: str | None  # the segmentor's: methods of one kind share a cached step 0
     joint: bool = False     # trains every class of the protocol in one step (upper bound)
     description: str = ''
-    step0_kind: str | None = 'fine-tuning'  # methods of one kind share a cached step 0
 
 
 METHODS: dict[str, Method] = {}
@@ -23,9 +23,8 @@ def register_method(name: str, *, joint: bool = False, description: str = ''):
     """Class decorator: registers a segmentor in MODELS and as method ``name``."""
     def wrap(cls):
         MODELS.register_module(cls.__name__, module=cls)
-        METHODS[name] = Method(name, f'cssbench.{cls.__name__}', joint,
-                               description or (cls.__doc__ or '').strip().split('\n')[0],
-                               step0_kind=cls.step0_kind)
+        METHODS[name] = Method(name, f'cssbench.{cls.__name__}', cls.step0_kind, joint,
+                               description or (cls.__doc__ or '').strip().split('\n')[0])
         return cls
     return wrap
 

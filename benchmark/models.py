@@ -83,7 +83,7 @@ def load_imagenet_weights(net: nn.Module, path: Path) -> None:
 
 @MODELS.register_module()
 class TorchvisionResNet(nn.Module):
-    """torchvision's ResNet without its pooling and fc, dilated to ``output_stride`` (8 or 16).
+    """torchvision's ResNet without its pooling and fc, dilated to ``output_stride`` (8, 16, or 32: none).
 
     ``pretrained`` is a local path to an ImageNet checkpoint in torchvision's layout.
     """

@@ -277,11 +277,6 @@ def test_parse_unknown_field_and_non_mapping() -> None:
         parse_protocol(['not', 'a', 'mapping'], 'p.yaml')
 
 
-def test_protocol_error_is_user_error() -> None:
-    from cssbench.errors import UserError
-    assert issubclass(ProtocolError, UserError)
-
-
 def test_malformed_yaml_names_file(tmp_path: Path) -> None:
     path = tmp_path / 'broken.yaml'
     path.write_text('name: broken\ndataset: voc\nsteps: ["0-15", 16\nmode: overlap\n')
