@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,66 +39,74 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-# A temporary file or folder is named for its writer: .<name>.<machine>-<pid>-<random>.tmp. One
-# left behind by a process killed outright (SIGKILL, no cleanup) is removed by the next write
-# into its folder from the same machine (the machine is a hash of the host name: temporaries
-# of another machine sharing the folder are never judged).
-_MACHINE = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_TEMPORARY = re.compile(r'\..+\.(?P<machine>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp')
-# A writer alive in another PID namespace on the same host name looks dead from here; no
-# write of ours leaves its temporary untouched this long.
+# A temporary file or folder (.<name>.<random>.tmp beside what it becomes) is locked by its
+# writer until the write ends: flock, whose locks conflict between any two open files, also of
+# one process, and die with the process, in any PID namespace. One left behind by a process
+# killed outright (SIGKILL: no cleanup ran) is removed by the next write into its folder.
+_TEMPORARY = re.compile(r'\..+\.[0-9a-f]{8}\.tmp')
+# The moment between a temporary's creation and its writer's lock: none is judged this young.
 STALE_AFTER_S = 600
 
 
-def _process_exists(pid: int) -> bool:
+def _lock(fd: int) -> bool:
+    """Whether an exclusive lock on ``fd``'s file was taken (held until ``fd`` is closed)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    return True
+    except OSError:   # held by a writer (or locks unsupported here: left alone)
+        return False
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporaries in ``folder`` whose writer, a process of this machine, is gone
-    (and that were last written ``STALE_AFTER_S`` ago)."""
+    """Remove the temporaries in ``folder`` that no writer holds (and that are
+    ``STALE_AFTER_S`` old)."""
     try:
-        names = os.listdir(folder)
+        names = [name for name in os.listdir(folder) if _TEMPORARY.fullmatch(name)]
     except OSError:
         return
     for name in names:
-        match = _TEMPORARY.fullmatch(name)
-        if not match or match['machine'] != _MACHINE or _process_exists(int(match['pid'])):
-            continue
         path = folder / name
         with contextlib.suppress(OSError):
             if time.time() - path.lstat().st_mtime < STALE_AFTER_S:
                 continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if _lock(fd):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            finally:
+                os.close(fd)
 
 
-def new_temporary_beside(path: Path, folder: bool = False) -> Path:
+@contextlib.contextmanager
+def temporary_beside(path: Path, folder: bool = False) -> Iterator[Path]:
     """A new, empty file (or ``folder``) of a hidden temporary name beside ``path`` (its
-    folder created), for a write that then takes ``path``'s place; the stale temporaries
-    there are removed first. It is created as ``open`` and ``mkdir`` create (0666 or 0777
-    less the umask): ``tempfile``'s are private whatever the umask, which would shut other
-    users out of a shared results store or cache."""
+    folder created, the stale temporaries there removed), for the block to write and then
+    put in ``path``'s place; locked while the block runs, removed after it if still there.
+    It is created as ``open`` and ``mkdir`` create (0666 or 0777 less the umask):
+    ``tempfile``'s are private whatever the umask, which would shut other users out of a
+    shared results store or cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
     while True:
-        tmp = path.parent / f'.{path.name}.{_MACHINE}-{os.getpid()}-{secrets.token_hex(4)}.tmp'
+        tmp = path.parent / f'.{path.name}.{secrets.token_hex(4)}.tmp'
         try:
             if folder:
                 tmp.mkdir()
+                fd = os.open(tmp, os.O_RDONLY)
             else:
-                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
         except FileExistsError:   # another writer's name: draw again
             continue
+    try:
+        _lock(fd)
+        yield tmp
+    finally:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -106,13 +114,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for the block to write; renamed over ``path`` when
     the block ends, removed if it raises: ``path`` holds the old content or the new, whole."""
     path = Path(path)
-    tmp = new_temporary_beside(path)
-    try:
+    with temporary_beside(path) as tmp:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -133,8 +137,7 @@ def copy_if_absent(source: str | Path, path: str | Path) -> bool:
     """Copy ``source`` to ``path`` unless ``path`` exists; whether this call wrote it. The copy
     appears whole, and of calls racing to write ``path``, the first one's stays."""
     path = Path(path)
-    tmp = new_temporary_beside(path)
-    try:
+    with temporary_beside(path) as tmp:
         shutil.copyfile(source, tmp)
         try:
             os.link(tmp, path)   # fails if path exists, where a rename would replace it
@@ -143,8 +146,6 @@ def copy_if_absent(source: str | Path, path: str | Path) -> bool:
         except OSError:   # a file system without hard links: the last one's stays
             os.replace(tmp, path)
         return True
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,9 @@ DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
 
 def results_option(root: str | Path) -> str:
-    """How a command names the results folder ``root`` in advice: as ``--results`` unless the
-    default."""
-    return '' if Path(root) == Path(DEFAULT_RESULTS) else f' --results {root}'
+    """How a command names the results folder ``root`` in advice (a shell word): as
+    ``--results`` unless the default."""
+    return '' if Path(root) == Path(DEFAULT_RESULTS) else f' --results {shlex.quote(str(root))}'
 
 
 PLAIN_NAME = 'a plain name (letters, digits, and . _ + - after the first)'

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError
-from .io import cache_dir, new_temporary_beside
+from .io import cache_dir, temporary_beside
 
 __all__ = [
     "SYNTH_DEFAULTS",
@@ -396,8 +395,7 @@ def make_synth(
     if out.exists() and not _is_empty_dir(out):
         return _reuse_or_refuse(out, params)
 
-    tmp = new_temporary_beside(out, folder=True)
-    try:
+    with temporary_beside(out, folder=True) as tmp:
         _generate(tmp, params, progress, workers)
         if _is_empty_dir(out):
             out.rmdir()
@@ -408,8 +406,6 @@ def make_synth(
             if out.exists() and not _is_empty_dir(out):
                 return _reuse_or_refuse(out, params)
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _voc_dir(out)
 
 

@@ -17,6 +17,7 @@ the published numbers are not ranked; nor is a method alone).
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,9 @@ def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
         return rows
     chosen = chosen_by(runs, config)
     if protocol in available_protocols():
-        advice = f'`cssbench run --protocol {protocol}{results_option(store.root)}` makes one'
+        config_option = f' --config {shlex.quote(config)}' if config else ''
+        advice = (f'`cssbench run --protocol {protocol}{config_option}{results_option(store.root)}` '
+                  f'makes one')
     else:
         advice = f'stored protocols: {", ".join(store.protocols()) or "none"}'
     skipped = [f'{s.path}: {s.reason}' for s in store.skipped_in(protocol)]

@@ -132,32 +132,38 @@ def test_cache_dir_uses_env(isolated_cache: Path) -> None:
     assert d.is_dir()
 
 
-def killed_writer_temporaries(folder: Path) -> list[str]:
-    """The temporaries a writer killed outright leaves in ``folder``: a process that makes a
-    file's (model.pth) and a folder's (synth), then dies by SIGKILL, no cleanup run."""
-    code = ('import os, sys; from pathlib import Path; from cssbench.io import new_temporary_beside; '
-            'new_temporary_beside(Path(sys.argv[1]) / "model.pth"); '
-            'new_temporary_beside(Path(sys.argv[1]) / "synth", folder=True); os.kill(os.getpid(), 9)')
+WRITER = ('import os, sys, time; from pathlib import Path; from cssbench.io import temporary_beside; '
+          'held = [temporary_beside(Path(sys.argv[1]) / "model.pth"), '
+          'temporary_beside(Path(sys.argv[1]) / "synth", folder=True)]; '
+          '[t.__enter__() for t in held]; print("writing", flush=True); '
+          'os.kill(os.getpid(), 9) if sys.argv[2] == "killed" else sys.stdin.read()')
+
+
+def writer_temporaries(folder: Path, fate: str):
+    """A process that writes a file's (model.pth) and a folder's (synth) temporaries in
+    ``folder``, then dies by SIGKILL (``fate`` 'killed': no cleanup runs) or goes on writing
+    ('alive': until its stdin closes); returns it and the names of its temporaries."""
     before = set(os.listdir(folder))
-    assert subprocess.run([sys.executable, '-c', code, str(folder)]).returncode == -9
-    return sorted(set(os.listdir(folder)) - before)
+    writer = subprocess.Popen([sys.executable, '-c', WRITER, str(folder), fate],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == 'writing\n'
+    if fate == 'killed':
+        assert writer.wait() == -9
+    return writer, sorted(set(os.listdir(folder)) - before)
 
 
 def test_a_killed_writers_temporaries_are_removed_by_the_next_write_beside_them(tmp_path: Path) -> None:
     old = time.time() - cio.STALE_AFTER_S - 1
-    dead = killed_writer_temporaries(tmp_path)
-    assert [name.split('.')[1] for name in dead] == ['model', 'synth']   # .model.pth.<...>.tmp
+    _, dead = writer_temporaries(tmp_path, 'killed')
+    assert [name.split('.')[1] for name in dead] == ['model', 'synth']   # .model.pth.<hex>.tmp
     (tmp_path / dead[1] / 'half-drawn.png').write_bytes(b'png')
-    for name in dead:
+    writer, alive = writer_temporaries(tmp_path, 'alive')    # as long-running, in any namespace
+    _, young = writer_temporaries(tmp_path, 'killed')        # its writer may not hold it yet
+    (tmp_path / '.hidden').touch()                           # not a temporary
+    for name in (*dead, *alive, '.hidden'):
         os.utime(tmp_path / name, (old, old))
-    young = killed_writer_temporaries(tmp_path)         # its writer may live in another PID namespace
-    live = cio.new_temporary_beside(tmp_path / 'being-written.json')   # this process's, alive
-    machine, dead_pid = dead[0].split('.')[-2].split('-')[:2]
-    elsewhere = tmp_path / f'.model.pth.{"0" if machine[0] != "0" else "1"}{machine[1:]}-{dead_pid}-00000000.tmp'
-    elsewhere.touch()                                  # another machine's, in a shared folder
-    (tmp_path / '.hidden').touch()                     # not a temporary
-    for path in (live, elsewhere, tmp_path / '.hidden'):
-        os.utime(path, (old, old))
 
     atomic_write_json(tmp_path / 'x.json', [1])
-    assert sorted(os.listdir(tmp_path)) == sorted(['.hidden', 'x.json', live.name, elsewhere.name, *young])
+    assert sorted(os.listdir(tmp_path)) == sorted(['.hidden', 'x.json', *alive, *young])
+    writer.stdin.close()
+    assert writer.wait() == 0 and not set(alive) & set(os.listdir(tmp_path))   # removed by it

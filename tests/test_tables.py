@@ -547,6 +547,11 @@ def test_cli_table_errors(tmp_path: Path, capsys, monkeypatch) -> None:
     assert capsys.readouterr().err.endswith(
         f"no complete run stored for protocol '{VOC19}'; `cssbench run --protocol {VOC19} "
         f"--results {tmp_path / 'none'}` makes one\n")
+    # the advice is a command to paste: a config chosen, a folder quoted for the shell
+    spaced = tmp_path / 'my results'
+    assert main(['table', '--protocol', VOC19, '--results', str(spaced), '--config', 'deeplabv3-r101']) == 2
+    assert capsys.readouterr().err.endswith(
+        f"`cssbench run --protocol {VOC19} --config deeplabv3-r101 --results '{spaced}'` makes one\n")
     monkeypatch.chdir(tmp_path)   # the default results folder: the advice needs no --results
     assert main(['table', '--protocol', VOC19]) == 2
     assert capsys.readouterr().err.endswith(f"`cssbench run --protocol {VOC19}` makes one\n")
