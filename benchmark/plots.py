@@ -21,7 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from .datasets_info import DATASET_INFO  # noqa: E402
 from .io import atomic_write_bytes  # noqa: E402
 from .store import RowRuns, StoredRun  # noqa: E402
-from .tables import column_labels, mean_std, percent  # noqa: E402
+from .tables import column_labels, step_miou  # noqa: E402
 
 
 def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
@@ -32,11 +32,10 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
     for ax, column in zip(axes, ('all', 'old', 'new')):
         for row in rows:
             if row.joint:
-                mean, _ = mean_std([percent(r.steps[0]['columns'][column]['mIoU']) for r in row.runs])
+                mean, _ = step_miou(row, 0, column)
                 ax.axhline(mean, color='black', linestyle='--', linewidth=1, label=row.label)
                 continue
-            stats = [mean_std([percent(r.steps[t]['columns'][column]['mIoU']) for r in row.runs])
-                     for t in range(len(row.runs[0].steps))]
+            stats = [step_miou(row, t, column) for t in range(len(row.runs[0].steps))]
             mean, std = np.array(stats).T
             steps = np.arange(len(mean))
             (line,) = ax.plot(steps, mean, marker='o', markersize=3, label=row.label)

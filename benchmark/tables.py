@@ -115,6 +115,12 @@ def mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
 
 
+def step_miou(row: RowRuns, t: int, column: str) -> tuple[float, float]:
+    """A row's mIoU (%) of ``column`` (all, old, new) after its step ``t``: mean and std over
+    its seeds."""
+    return mean_std([percent(r.steps[t]['columns'][column]['mIoU']) for r in row.runs])
+
+
 # Tables: a numeric frame (the CSV) and how to display it (markdown, LaTeX).
 
 @dataclass(frozen=True)
@@ -308,8 +314,7 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
             for name in ('old', 'new'):
                 record[f'{name}_classes'] = _agreed_classes(row.runs, t, name, CLASSES_DIFFER)
             for name in COLUMNS:
-                mean, std = mean_std([percent(r.steps[t]['columns'][name]['mIoU']) for r in row.runs])
-                record[name], record[f'{name}_std'] = mean, std
+                record[name], record[f'{name}_std'] = step_miou(row, t, name)
             records.append(record)
     frame = pd.DataFrame(records).set_index(['row', 'step'])
     columns = [Column('seeds', 'seeds'), Column('old classes', 'old_classes', text=True),
