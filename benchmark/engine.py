@@ -19,6 +19,7 @@ from mmengine.runner import Runner
 
 from . import hooks, metrics  # noqa: F401  (register the hooks, the sampler and the metric)
 from .datasets import IncrementalSegDataset, eval_lut, train_lut
+from .datasets_info import DATASET_INFO
 from .distributed import world_size
 from .errors import UserError
 from .protocols import Protocol
@@ -151,15 +152,15 @@ class _DropDeprecationNotes(logging.Filter):
 
 @contextlib.contextmanager
 def step_runner(cfg: Config, model, protocol: Protocol, t: int, split: dict, work_dir: Path,
-                step_seed: int, deterministic: bool, info, tag: str, resume: bool) -> Iterator[Runner]:
+                step_seed: int, deterministic: bool, tag: str, resume: bool) -> Iterator[Runner]:
     """The mmengine Runner of step ``t`` (its datasets, metric, schedule and hooks), for the
     block; its globals and loader workers are released after it, also after an error."""
-    crop = cfg.data.crop_size
+    crop, classes = cfg.data.crop_size, DATASET_INFO[protocol.dataset].classes
     train_set = IncrementalSegDataset(split['train_samples'], train_lut(protocol, t),
-                                      TrainTransform(crop), info.classes, seed=step_seed)
+                                      TrainTransform(crop), classes, seed=step_seed)
     whole_images = protocol.eval_crop == 'whole'
     val_set = IncrementalSegDataset(split['val_samples'], eval_lut(protocol, t),
-                                    EvalTransform(None if whole_images else crop), info.classes)
+                                    EvalTransform(None if whole_images else crop), classes)
     # collect_device 'gpu': under DDP the processes' results are gathered with
     # all_gather_object (gloo included), not through a temporary folder in the cwd.
     metric_cfg = dict(type='cssbench.IncrementalIoUMetric', class_ids=list(protocol.classes_seen(t)),

@@ -31,7 +31,6 @@ from mmengine.runner import set_random_seed
 
 from . import __version__, step0
 from .config import config_digest, load_config
-from .datasets_info import DATASET_INFO
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
@@ -546,32 +545,19 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     last = steps_protocol.num_steps - 1
     log(f'{tag} step {t}/{last}: classes {range_label(split["classes"])}, '
         f'{len(split["train"])} train images, {len(split["val"])} val images')
-    info = DATASET_INFO[protocol.dataset]
     step_start = time.time() - earlier_training_seconds(paths.step_work(t))   # earlier sessions'
     weights = paths.step_weights(t)
     cached = step0.reuse(step0_key, steps_protocol, weights) if step0_key else None
     if cached is None:
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
-                                      deterministic, info, tag)
+                                      deterministic, tag)
         if step0_key and is_main_process():
             step0.store(step0_key, weights, paths.results, round(time.time() - step_start, 1),
                         log)
             step0.store_iou(step0_key, steps_protocol, weights, paths.results, iou, log)
     else:
-        trained = (f'; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]}'
-                   if cached['run'] else '')
-        log(f'{tag} step 0: reusing the cached step-0 model {step0_key} (same first step, data, '
-            f'config and seed{trained})')
-        if cached['iou'] is None:
-            settings = ', '.join(f'{k}: {v}' for k, v in steps_protocol.evaluation.items())
-            log(f'{tag} step 0: evaluating it: it was not yet scored as this protocol scores '
-                f'({settings})')
-            iou = evaluate_saved_step(cfg, method, steps_protocol, t, split, paths, seed,
-                                      deterministic, info, tag)
-            if is_main_process():
-                step0.store_iou(step0_key, steps_protocol, weights, paths.results, iou, log)
-        else:
-            iou = {int(c): (math.nan if v is None else v) for c, v in cached['iou'].items()}
+        iou = _cached_step0_ious(cached, step0_key, cfg, method, steps_protocol, split, paths,
+                                 seed, deterministic, tag, log)
     # Joint training's single step is reported in the protocol's columns (old/new/all).
     summary_step = protocol.num_steps - 1 if method.joint else t
     result = dict(step=t, classes=split['classes'], num_train=len(split['train']),
@@ -582,15 +568,41 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
                   step0_cache=step0_key if cached is not None else None)
     if is_main_process():
         atomic_write_json(paths.step_metrics(t), result)
-        if not keep_epoch_checkpoints:  # resume needs them no more; the weights stay
-            for f in paths.step_work(t).glob('epoch_*.pth'):
-                f.unlink()
-            (paths.step_work(t) / 'last_checkpoint').unlink(missing_ok=True)
-        (paths.step_work(t) / CLOCK_FILE).unlink(missing_ok=True)
+        _clear_step_work(paths.step_work(t), keep_epoch_checkpoints)
     barrier()  # the other processes load this step's weights, written by rank 0, next
     if last > 0:  # a run of one step (joint training) ends with this same table
         log(format_step_table(protocol.name, method.name, [result]))
     return result
+
+
+def _cached_step0_ious(cached: dict, key: str, cfg: Config, method: Method, protocol: Protocol,
+                       split: dict, paths: RunPaths, seed: int, deterministic: bool, tag: str,
+                       log) -> dict[int, float]:
+    """The IoUs of the cached step 0 (``step0.reuse``'s record) under ``protocol``'s
+    evaluation: stored ones, or scored now (and stored) if it was never scored so."""
+    trained = (f'; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]}'
+               if cached['run'] else '')
+    log(f'{tag} step 0: reusing the cached step-0 model {key} (same first step, data, '
+        f'config and seed{trained})')
+    if cached['iou'] is not None:
+        return {int(c): (math.nan if v is None else v) for c, v in cached['iou'].items()}
+    settings = ', '.join(f'{k}: {v}' for k, v in protocol.evaluation.items())
+    log(f'{tag} step 0: evaluating it: it was not yet scored as this protocol scores '
+        f'({settings})')
+    iou = evaluate_saved_step(cfg, method, protocol, 0, split, paths, seed, deterministic, tag)
+    if is_main_process():
+        step0.store_iou(key, protocol, paths.step_weights(0), paths.results, iou, log)
+    return iou
+
+
+def _clear_step_work(work: Path, keep_epoch_checkpoints: bool) -> None:
+    """What a finished step's work dir no longer needs: its epoch checkpoints (resume needs
+    them no more; the weights stay) unless kept, and its clock."""
+    if not keep_epoch_checkpoints:
+        for f in work.glob('epoch_*.pth'):
+            f.unlink()
+        (work / 'last_checkpoint').unlink(missing_ok=True)
+    (work / CLOCK_FILE).unlink(missing_ok=True)
 
 
 @decided_by_main
@@ -606,23 +618,20 @@ def _stored_step_result(paths: RunPaths, t: int) -> dict | None:
 
 
 def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
-                            paths: RunPaths, seed: int, deterministic: bool, info,
+                            paths: RunPaths, seed: int, deterministic: bool,
                             tag: str) -> dict[int, float]:
     """Train step ``t`` and evaluate it; returns the IoU per seen class id (NaN: not in the GT)."""
     step_seed = derive_seed(seed, t)
     set_random_seed(step_seed, deterministic=deterministic)  # the model's initialisation
     model = build_model(cfg, method.model_type, protocol, t)
     if t > 0:
-        # written whole (atomic_path): unreadable means damaged since
-        previous = read_state_dict(paths.step_weights(t - 1), 'these weights',
-                                   advice='; --overwrite the run')
         attach_previous_step(model, build_model(cfg, method.model_type, protocol, t - 1),
-                             previous, paths.step_weights(t - 1))
+                             _read_step_weights(paths, t - 1), paths.step_weights(t - 1))
     prepare_model(model, effective_speed(cfg), training_device())
     work = paths.step_work(t)
     work.mkdir(parents=True, exist_ok=True)
     resuming = repair_last_checkpoint(work)
-    with step_runner(cfg, model, protocol, t, split, work, step_seed, deterministic, info, tag,
+    with step_runner(cfg, model, protocol, t, split, work, step_seed, deterministic, tag,
                      resume=resuming) as runner:
         model.before_step_training(runner.train_loop.dataloader)
         with trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
@@ -636,7 +645,7 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
 
 
 def evaluate_saved_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
-                        paths: RunPaths, seed: int, deterministic: bool, info,
+                        paths: RunPaths, seed: int, deterministic: bool,
                         tag: str) -> dict[int, float]:
     """Score step ``t``'s saved weights as ``protocol`` scores, training nothing (a cached
     step 0 trained under a protocol that scores otherwise); returns as
@@ -644,13 +653,17 @@ def evaluate_saved_step(cfg: Config, method: Method, protocol: Protocol, t: int,
     step_seed = derive_seed(seed, t)
     set_random_seed(step_seed, deterministic=deterministic)
     model = build_model(cfg, method.model_type, protocol, t)
-    model.load_state_dict(read_state_dict(paths.step_weights(t), 'these weights',
-                                          advice='; --overwrite the run'))
+    model.load_state_dict(_read_step_weights(paths, t))
     prepare_model(model, effective_speed(cfg), training_device())
     paths.step_work(t).mkdir(parents=True, exist_ok=True)
     with step_runner(cfg, model, protocol, t, split, paths.step_work(t), step_seed, deterministic,
-                     info, tag, resume=False) as runner:
+                     tag, resume=False) as runner:
         return score_step(runner, protocol, t)
+
+
+def _read_step_weights(paths: RunPaths, t: int) -> dict:
+    # written whole (atomic_path): unreadable means damaged since
+    return read_state_dict(paths.step_weights(t), 'these weights', advice='; --overwrite the run')
 
 
 def write_run_tables(results_dir: Path, step_results: list[dict]) -> None:
