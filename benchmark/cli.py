@@ -20,10 +20,10 @@ DATA_ROOT_HELP = ('dataset folder (default: for dataset synth the generated one,
 
 
 def cmd_list(args) -> None:
-    from .methods import METHODS, get_method
+    from .methods import registered_methods
     from .protocols import available_protocols, load_protocol, settings_of
-    get_method('ft')  # registers the shipped methods
-    width = max(map(len, [*available_protocols(), *METHODS]))
+    methods = registered_methods()
+    width = max(map(len, [*available_protocols(), *methods]))
     print('protocols:')
     for name in available_protocols():
         p = load_protocol(name)
@@ -32,7 +32,7 @@ def cmd_list(args) -> None:
         print(f'  {name:<{width}} {p.dataset:<6} {p.mode:<9} {p.num_steps:>2} steps  ({sizes})'
               + (f'  {settings}' if settings else ''))
     print('methods:')
-    for name, m in sorted(METHODS.items()):
+    for name, m in sorted(methods.items()):
         print(f'  {name:<{width}} {m.description}')
 
 

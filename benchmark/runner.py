@@ -37,7 +37,7 @@ from .engine import per_process_batch, score_step, step_runner, trusting_own_epo
 from .errors import UserError
 from .hooks import CLOCK_FILE, earlier_training_seconds
 from .io import atomic_path, atomic_write_json, atomic_write_text
-from .methods import METHODS, Method, get_method
+from .methods import Method, get_method, registered_methods
 from .metrics import range_label, summarize_step
 from .models import read_state_dict
 from .protocols import FILE_DEFAULTS, Protocol, load_protocol
@@ -123,7 +123,8 @@ def check_model_settings(cfg: Config, model_type: str) -> None:
     # ``type`` is the method's own (build_model sets it)
     unknown = sorted(set(cfg.model) - {'type'} - model_settings(model_cls)) if model_cls else []
     if unknown:
-        method = next((m.name for m in METHODS.values() if m.model_type == model_type), model_type)
+        method = next((m.name for m in registered_methods().values()
+                       if m.model_type == model_type), model_type)
         known = ', '.join(sorted(model_settings(model_cls) - {'step_sizes'}))
         raise UserError(f'{cfg.filename}: model.{unknown[0]} is not a setting of method '
                         f'{method!r} (its settings: {known})')
