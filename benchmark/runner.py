@@ -45,7 +45,7 @@ from .registry import MODELS
 from .speed import effective_speed, prepare_model, training_device
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
 from .store import (PLAIN_NAME, CorruptRun, is_plain_name, open_store, read_json_object,
-                    results_option)
+                    results_option, run_folder, run_folders)
 from .tables import format_step_table, steps_to_csv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -84,8 +84,16 @@ def steps_of(protocol: Protocol, method: Method) -> Protocol:
 
 @dataclass
 class RunPaths:
-    results: Path       # metrics, tables, run.json: the product's memory
+    results: Path       # metrics, tables, run.json: the product's memory (store.run_folder)
     work: Path          # checkpoints and mmengine logs
+
+    @property
+    def store_root(self) -> Path:
+        return self.results.parents[2]   # <results>/<protocol>/<method>/<run>
+
+    @property
+    def protocol_name(self) -> str:
+        return self.results.parents[1].name
 
     def step_work(self, step: int) -> Path:
         return self.work / f'step{step}'
@@ -256,18 +264,19 @@ def _protocol_definition(protocol: dict) -> dict:
     return d
 
 
-def _check_protocol_name(protocol_folder: Path, protocol: Protocol) -> None:
+def _check_protocol_name(store_root: Path, protocol: Protocol) -> None:
     """The store keeps runs by protocol name: refuse a protocol (a file of one's own) that
     takes the name of another whose runs are stored, rather than mix the two in its tables."""
     mine = _protocol_definition(protocol.to_dict())
-    for run_file in sorted(protocol_folder.glob('*/*/run.json')):
+    for folder in run_folders(store_root, protocol.name):
+        run_file = folder / 'run.json'
         try:
             stored = read_json_object(run_file)['protocol']
         except (CorruptRun, KeyError):
             continue   # the store names unreadable runs where it reads them
         if not isinstance(stored, dict) or _protocol_definition(stored) != mine:
             raise UserError(f'{protocol.source or protocol.name}: another protocol named '
-                            f'{protocol.name!r} has runs stored ({run_file.parent}); give this '
+                            f'{protocol.name!r} has runs stored ({folder}); give this '
                             f'one another name')
 
 
@@ -358,7 +367,7 @@ def locate_run(protocol_name: str, method_name: str, results_root: str | Path,
     elif not is_plain_name(run_name):
         raise UserError(f'run name {run_name!r} is not {PLAIN_NAME}: it names a folder of the '
                         f'results store')
-    return protocol, method, run_name, Path(results_root) / protocol.name / method.name / run_name
+    return protocol, method, run_name, run_folder(results_root, protocol.name, method.name, run_name)
 
 
 def run_is_stored(protocol_name: str, method_name: str, results_root: str | Path,
@@ -422,7 +431,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     """Every check of a run's inputs, none of which writes: they come before --overwrite
     deletes anything, so a bad input loses nothing. None for a complete run to keep (its
     data is not read)."""
-    _check_protocol_name(paths.results.parent.parent, protocol)
+    _check_protocol_name(paths.store_root, protocol)
     digest = config_digest(cfg)
     previous = _check_stored_run(paths, digest, deterministic, overwrite, resume, keep_complete)
     if previous is not None and previous.get('status') == 'complete':
@@ -457,10 +466,9 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
         if previous.get('status') == 'complete':
             read_json(paths.results / 'metrics.json')   # what `table` would show
             if not keep_complete:
-                results = paths.results.parents[2]   # <results>/<protocol>/<method>/<run>
                 raise UserError(f'{paths.results}: this run is complete; `cssbench table '
-                                f'--protocol {paths.results.parents[1].name}'
-                                f'{results_option(results)}` shows it, --overwrite reruns it')
+                                f'--protocol {paths.protocol_name}{results_option(paths.store_root)}` '
+                                f'shows it, --overwrite reruns it')
     elif resume and not run_file.exists():
         raise UserError(f'{paths.results}: no run to resume')
     return previous

@@ -195,9 +195,15 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         regime=run_regime(record), steps=steps)
 
 
-def run_folders(root: Path) -> list[Path]:
-    """Every ``<protocol>/<method>/<run>`` folder under ``root`` holding anything but a lock."""
-    return sorted(d for d in root.glob('*/*/*') if d.is_dir()
+def run_folder(root: str | Path, protocol: str, method: str, run: str) -> Path:
+    """Where a run is stored: ``<results>/<protocol>/<method>/<run>``."""
+    return Path(root) / protocol / method / run
+
+
+def run_folders(root: Path, protocol: str = '*') -> list[Path]:
+    """Every run folder under ``root`` (of ``protocol``, a plain name, if given) holding
+    anything but a lock."""
+    return sorted(d for d in root.glob(f'{protocol}/*/*') if d.is_dir()
                   and any(child.name != '.lock' for child in d.iterdir()))
 
 
