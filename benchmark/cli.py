@@ -65,47 +65,22 @@ def cmd_make_synth(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .config import load_config
     from .distributed import is_main_process, start_from_env
-    from .methods import get_method, method_names
-    from .runner import check_model_settings, check_run_inputs, run_is_stored, run_protocol
+    from .methods import method_names
+    from .runner import run_protocol
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     # Every input is checked before the first step trains.
     protocols = load_protocols(args.protocol)
-    datasets = sorted({p.dataset for p in protocols.values()})
-    if args.data_root and len(datasets) > 1:
-        raise UserError(f'--data-root is the folder of one dataset, and these protocols are on '
-                        f'{" and ".join(datasets)}: run them apart')
     methods = method_names(args.method)
-    for dataset in datasets:
-        cfg = load_config(args.config, args.epochs, dataset=dataset, compile=args.compile,
-                          fp32=args.fp32)
-        for method in methods:
-            check_model_settings(cfg, get_method(method).model_type)
+    _check_settings(args, protocols, methods)
     seeds = args.seeds or [args.seed]
     runs = [(given, seed, method,   # given: the protocol's name or path, as --protocol has it
              args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
             for given in protocols for seed in seeds for method in methods]
     several = len(runs) > 1
-    # A command of several runs continues as a whole: the runs it finished are kept, and
-    # --resume asks only that it was started.
-    if several and args.work_dir:
-        raise UserError('--work-dir holds the checkpoints of one run: leave it out with several '
-                        'protocols, methods or seeds (each run then works inside its results folder)')
-    if several and args.resume and not any(
-            run_is_stored(given, method, args.results, run_name, args.config, seed)
-            for given, seed, method, run_name in runs):
-        raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
-    if several:   # every run's inputs, before the first trains
-        data_checked = set()   # the data checks read the protocol, its drawn order, joint or not
-        for given, seed, method, run_name in runs:
-            data = (given, seed, get_method(method).joint)
-            if check_run_inputs(given, method, config=args.config, data_root=args.data_root,
-                                epochs=args.epochs, results_root=args.results, run_name=run_name,
-                                seed=seed, deterministic=args.deterministic,
-                                overwrite=args.overwrite, check_data=data not in data_checked):
-                data_checked.add(data)
+    if several:
+        _check_runs_before_training(args, runs)
     for given, seed, method, run_name in runs:
         results = run_protocol(given, method, config=args.config, data_root=args.data_root,
                                epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
@@ -119,6 +94,45 @@ def cmd_run(args) -> None:
     if several and is_main_process():  # rank 0 reads the store
         for protocol in protocols.values():
             print(render_table(args.results, protocol.name, 'md'))
+
+
+def _check_settings(args, protocols: dict[str, Protocol], methods: list[str]) -> None:
+    """Refuse a --data-root for protocols on several datasets, and a config that does not
+    load for a protocol's dataset or sets what a method does not take."""
+    from .config import load_config
+    from .methods import get_method
+    from .runner import check_model_settings
+    datasets = sorted({p.dataset for p in protocols.values()})
+    if args.data_root and len(datasets) > 1:
+        raise UserError(f'--data-root is the folder of one dataset, and these protocols are on '
+                        f'{" and ".join(datasets)}: run them apart')
+    for dataset in datasets:
+        cfg = load_config(args.config, args.epochs, dataset=dataset, compile=args.compile,
+                          fp32=args.fp32)
+        for method in methods:
+            check_model_settings(cfg, get_method(method).model_type)
+
+
+def _check_runs_before_training(args, runs: list[tuple]) -> None:
+    """A command of several runs checks every run's inputs before the first trains. It
+    continues as a whole: the runs it finished are kept, and --resume asks only that one of
+    them was started."""
+    from .methods import get_method
+    from .runner import check_run_inputs, run_is_stored
+    if args.work_dir:
+        raise UserError('--work-dir holds the checkpoints of one run: leave it out with several '
+                        'protocols, methods or seeds (each run then works inside its results folder)')
+    if args.resume and not any(run_is_stored(given, method, args.results, run_name, args.config, seed)
+                               for given, seed, method, run_name in runs):
+        raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
+    data_checked = set()   # the data checks read the protocol, its drawn order, joint or not
+    for given, seed, method, run_name in runs:
+        data = (given, seed, get_method(method).joint)
+        if check_run_inputs(given, method, config=args.config, data_root=args.data_root,
+                            epochs=args.epochs, results_root=args.results, run_name=run_name,
+                            seed=seed, deterministic=args.deterministic,
+                            overwrite=args.overwrite, check_data=data not in data_checked):
+            data_checked.add(data)
 
 
 def load_protocols(text: str) -> dict[str, Protocol]:

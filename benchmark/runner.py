@@ -325,30 +325,30 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     new_folders = [p for p in (*reversed(results_dir.parents), results_dir, paths.work) if not p.exists()]
     with _exclusive(results_dir):
         try:
-            record = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
-                                data_root, paths, overwrite, resume, keep_complete, progress)
+            started = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
+                                 data_root, paths, overwrite, resume, keep_complete, progress)
         except BaseException:
             if is_main_process() and not (results_dir / 'run.json').exists():
                 _remove_new_folders(new_folders)   # a run refused before it started leaves nothing
             raise
-        if record is None:
+        if started is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
             return read_json(results_dir / 'metrics.json')['steps']
         step0_key = (step0.cache_key(steps_of(protocol, method), method.step0_kind, cfg, seed,
-                                     deterministic, record['run']['dataset_fingerprint'])
+                                     deterministic, started['run']['dataset_fingerprint'])
                      if step0_cache and method.step0_kind else None)
-        step_results = [run_step(cfg, method, protocol, t, record['splits'][t], paths, seed,
+        step_results = [run_step(cfg, method, protocol, t, started['splits'][t], paths, seed,
                                  deterministic, keep_epoch_checkpoints, log,
                                  step0_key=step0_key if t == 0 else None)
-                        for t in range(len(record['splits']))]
+                        for t in range(len(started['splits']))]
         if not is_main_process():
             return step_results  # rank 0 writes the run's files
         write_run_tables(results_dir, step_results)
         # the steps' own times: those of a continued run's earlier sessions included
-        record['run'].update(status='complete',
+        started['run'].update(status='complete',
                              wall_time_s=round(sum(r['wall_time_s'] for r in step_results), 1),
                              finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
-        atomic_write_json(results_dir / 'run.json', record['run'])
+        atomic_write_json(results_dir / 'run.json', started['run'])
     open_store(results_root)  # brings the results index up to date
     return step_results
 
@@ -381,14 +381,14 @@ def run_is_stored(protocol_name: str, method_name: str, results_root: str | Path
 def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run_name: str,
                seed: int, deterministic: bool, data_root: str | None, paths: RunPaths,
                overwrite: bool, resume: bool, keep_complete: bool, progress: bool) -> dict | None:
-    """Check what the run folder holds, index the data, write run.json; returns the record
-    and the per-step splits (with the samples of each), or None for a complete run to keep."""
+    """Check what the run folder holds, index the data, write run.json; returns its record
+    (``run``) and the per-step splits with the samples of each (``splits``), or None for a
+    complete run to keep."""
     checked = _check_run(protocol, method, cfg, paths, seed, deterministic, data_root, overwrite,
                          resume, keep_complete, check_data=True, progress=progress)
     if checked is None:
         return None
-    previous, identity = checked.previous, checked.identity
-    root, index, splits = checked.data
+    previous, identity, index = checked.previous, checked.identity, checked.index
     if overwrite:
         # Only what this run wrote: a --work-dir given by the user may hold other things.
         work_items = [*paths.work.glob('step*'), paths.work / WORK_MARKER] if paths.work.is_dir() else []
@@ -400,7 +400,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
         atomic_write_json(paths.work / WORK_MARKER, identity)
     run = dict(protocol=protocol.to_dict(), method=method.name, joint=method.joint, run=run_name,
                seed=seed, deterministic=deterministic, config_name=config, config=cfg.to_dict(),
-               config_digest=identity['config_digest'], data_root=str(root),
+               config_digest=identity['config_digest'], data_root=str(index.root),
                dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
                environment=environment(), speed=checked.speed, status='running',
                started=time.strftime('%Y-%m-%dT%H:%M:%S'))
@@ -411,18 +411,19 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
         earlier_speeds = previous.get('speed_history') or [previous.get('speed')]
     run['speed_history'] = [*earlier_speeds, run['speed']]   # every session's (store.run_regime)
     atomic_write_json(paths.results / 'run.json', run)
-    return dict(run=run, splits=splits)
+    return dict(run=run, splits=checked.splits)
 
 
 @dataclass
 class _CheckedRun:
     """What a run's checks found: the stored record it continues (None: none), its identity
-    (what its work dir's marker names), its speed record, and its data folder, index and
-    per-step splits (None where the data was left out)."""
+    (what its work dir's marker names), its speed record, and its data's index and per-step
+    splits (None where the data was left out)."""
     previous: dict | None
     identity: dict
     speed: dict
-    data: tuple[Path, DatasetIndex, list[dict]] | None
+    index: DatasetIndex | None
+    splits: list[dict] | None
 
 
 def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths, seed: int,
@@ -437,15 +438,15 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     if previous is not None and previous.get('status') == 'complete':
         return None
     continued = previous is not None
-    data = (_checked_data(protocol, method, cfg, data_root, progress)
-            if check_data or continued else None)
+    index, splits = (_checked_data(protocol, method, cfg, data_root, progress)
+                     if check_data or continued else (None, None))
     if continued:
-        _check_same_data(paths, previous, *data[:2])
+        _check_same_data(paths, previous, index)
     identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
                     method=method.name, config_digest=digest, seed=seed)
     _check_work_dir(paths, identity, overwrite)
     speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
-    return _CheckedRun(previous, identity, speed, data)
+    return _CheckedRun(previous, identity, speed, index, splits)
 
 
 def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwrite: bool,
@@ -474,22 +475,21 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
     return previous
 
 
-def _check_same_data(paths: RunPaths, previous: dict, root: Path, index: DatasetIndex) -> None:
+def _check_same_data(paths: RunPaths, previous: dict, index: DatasetIndex) -> None:
     """Refuse to continue a run on data other than it started on: its steps would mix two. A
     run started before the fingerprint counted the files' bytes holds the label sets' alone."""
     started_on = previous.get('dataset_fingerprint')
     if started_on not in (None, index.fingerprint) and started_on != index.label_set_fingerprint:
         raise UserError(f'{paths.results}: this run was started on other data '
-                        f'({previous.get("data_root")}, fingerprint {started_on}) than {root} '
+                        f'({previous.get("data_root")}, fingerprint {started_on}) than {index.root} '
                         f'(fingerprint {index.fingerprint}); continue it with its own data '
                         f'(--data-root), or --overwrite it')
 
 
 def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,
-                  progress: bool) -> tuple[Path, DatasetIndex, list[dict]]:
+                  progress: bool) -> tuple[DatasetIndex, list[dict]]:
     """Refuse a run whose data does not index, or with a step of fewer training images than a
-    batch; returns the data folder, its index and the per-step splits, with the samples of
-    each."""
+    batch; returns its index and the per-step splits, with the samples of each."""
     root = resolve_data_root(protocol.dataset, data_root, progress=progress)
     index = index_dataset(protocol.dataset, root, progress=progress)
     splits = protocol_splits(steps_of(protocol, method), index)
@@ -500,7 +500,7 @@ def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: st
             raise UserError(f'{root}: step {t} of {protocol.name} has {len(split["train_samples"])} '
                             f'training images, fewer than a batch ({cfg.data.batch_size}): it would '
                             f'train nothing; use a config with a smaller data.batch_size')
-    return root, index, splits
+    return index, splits
 
 
 @decided_by_main
