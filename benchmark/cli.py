@@ -66,14 +66,12 @@ def cmd_make_synth(args) -> None:
 
 def cmd_run(args) -> None:
     from .distributed import is_main_process, start_from_env
-    from .methods import method_names
     from .runner import run_protocol
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     # Every input is checked before the first step trains.
     protocols = load_protocols(args.protocol)
-    methods = method_names(args.method)
-    _check_settings(args, protocols, methods)
+    methods = _checked_methods(args, protocols)
     seeds = args.seeds or [args.seed]
     runs = [(given, seed, method,   # given: the protocol's name or path, as --protocol has it
              args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
@@ -96,21 +94,24 @@ def cmd_run(args) -> None:
             print(render_table(args.results, protocol.name, 'md'))
 
 
-def _check_settings(args, protocols: dict[str, Protocol], methods: list[str]) -> None:
-    """Refuse a --data-root for protocols on several datasets, and a config that does not
-    load for a protocol's dataset or sets what a method does not take."""
+def _checked_methods(args, protocols: dict[str, Protocol]) -> list[str]:
+    """``--method``'s methods; refused first, a --data-root for protocols on several
+    datasets, and after, a config that does not load for a protocol's dataset or sets what a
+    method does not take."""
     from .config import load_config
-    from .methods import get_method
+    from .methods import get_method, method_names
     from .runner import check_model_settings
     datasets = sorted({p.dataset for p in protocols.values()})
     if args.data_root and len(datasets) > 1:
         raise UserError(f'--data-root is the folder of one dataset, and these protocols are on '
                         f'{" and ".join(datasets)}: run them apart')
+    methods = method_names(args.method)
     for dataset in datasets:
         cfg = load_config(args.config, args.epochs, dataset=dataset, compile=args.compile,
                           fp32=args.fp32)
         for method in methods:
             check_model_settings(cfg, get_method(method).model_type)
+    return methods
 
 
 def _check_runs_before_training(args, runs: list[tuple]) -> None:

@@ -107,6 +107,13 @@ def _parse_scan(stored: dict) -> SplitScan:
             for i, record in stored.items()}
 
 
+def _parse_steps(stored: dict) -> list[dict]:
+    steps = stored['steps']
+    if not all(isinstance(s, dict) and {'step', 'classes', 'train', 'val'} <= s.keys() for s in steps):
+        raise TypeError('not per-step splits')
+    return list(steps)
+
+
 def _read_cached(path: Path, parse: Callable[[object], T]) -> T | None:
     """What ``parse`` makes of a cache file's JSON; None if there is none, or it is damaged
     or of another format (the caller makes it again)."""
@@ -189,8 +196,8 @@ def protocol_splits(protocol: Protocol, index: DatasetIndex) -> list[dict]:
         raise DatasetError(f'protocol {protocol.name!r} is for dataset {protocol.dataset!r}, '
                            f'the index is of {index.dataset!r}')
     cache_file = cache_dir('splits') / f'{protocol.fingerprint}-{index.fingerprint}.json'
-    steps = _read_cached(cache_file, lambda stored: stored['steps'])
-    if steps is not None:
+    steps = _read_cached(cache_file, _parse_steps)
+    if steps is not None and len(steps) == protocol.num_steps:
         return steps
     steps = compute_splits(protocol, index.label_sets)
     atomic_write_json(cache_file, dict(protocol=protocol.to_dict(), dataset=index.dataset,
@@ -212,6 +219,6 @@ def resolve_data_root(dataset: str, data_root: str | None, progress: bool = True
         return ensure_default_synth(progress=progress)
     env = os.environ.get(f'CSSBENCH_{dataset.upper()}_ROOT')
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     raise DatasetError(f'protocol needs dataset {dataset!r}: pass --data-root or set '
                        f'CSSBENCH_{dataset.upper()}_ROOT')

@@ -203,8 +203,14 @@ def run_folder(root: str | Path, protocol: str, method: str, run: str) -> Path:
 def run_folders(root: Path, protocol: str = '*') -> list[Path]:
     """Every run folder under ``root`` (of ``protocol``, a plain name, if given) holding
     anything but a lock."""
-    return sorted(d for d in root.glob(f'{protocol}/*/*') if d.is_dir()
-                  and any(child.name != '.lock' for child in d.iterdir()))
+    return sorted(d for d in root.glob(f'{protocol}/*/*') if d.is_dir() and _holds_a_run(d))
+
+
+def _holds_a_run(folder: Path) -> bool:
+    try:
+        return any(child.name != '.lock' for child in folder.iterdir())
+    except OSError:   # unreadable, or removed meanwhile
+        return False
 
 
 def _read_index(root: Path) -> dict:

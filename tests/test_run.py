@@ -316,6 +316,10 @@ def test_a_command_runs_several_protocols_which_share_their_step0(synth32, confi
         assert message in capsys.readouterr().err
     assert main(['run', '--protocol', 'synth-15-5-overlap,voc-15-5-overlap', '--results', str(none)]) == 2
     assert 'pass --data-root or set CSSBENCH_VOC_ROOT' in capsys.readouterr().err
+    # the first refusal is the command line's own: --data-root before the methods
+    assert main([*run, '--results', str(none), '--protocol', 'synth-15-5-overlap,voc-15-5-overlap',
+                 '--method', 'bogus']) == 2
+    assert 'these protocols are on synth and voc' in capsys.readouterr().err
     assert not none.exists() and not (results / 'synth-10-10-overlap').exists()
 
     # A later run's stored one, of another config (2 epochs, not 1), is refused before an

@@ -17,7 +17,8 @@ from cssbench.datasets import eval_lut, train_lut
 from cssbench.errors import DatasetError
 from cssbench.metrics import range_label
 from cssbench.protocols import available_protocols, load_protocol
-from cssbench.splits import compute_splits, index_dataset, keep_for_step, protocol_splits
+from cssbench.splits import (compute_splits, index_dataset, keep_for_step, protocol_splits,
+                             resolve_data_root)
 from conftest import make_voc_tree, mask_with
 
 # Label sets chosen so that each rule (current class present / only bg / future class /
@@ -171,6 +172,15 @@ def test_a_damaged_cache_entry_is_made_again(tmp_path: Path, voc_root: Path,
     assert again.scans == first.scans and again.fingerprint == first.fingerprint
     assert protocol_splits(protocol, again) == steps
     assert json.loads(split_file.read_text())['steps'] == steps   # written anew
+    for damaged in ({'steps': [{'step': 0}]}, {'steps': {'a': 1}}, {'steps': None},
+                    {'steps': steps[:1]}):                       # JSON, but not the splits
+        split_file.write_text(json.dumps(damaged))
+        assert protocol_splits(protocol, again) == steps
+
+
+def test_a_dataset_folder_from_the_environment_may_start_with_a_tilde(monkeypatch) -> None:
+    monkeypatch.setenv('CSSBENCH_VOC_ROOT', '~/voc')
+    assert resolve_data_root('voc', None) == Path.home() / 'voc'
 
 
 def _copy_voc_tree(voc_root: Path, to: Path) -> Path:
