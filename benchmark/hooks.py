@@ -3,7 +3,6 @@ per-epoch seeding for exact resumes, and a step's training time kept across sess
 from __future__ import annotations
 
 import datetime
-import json
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook, RuntimeInfoHook
 
 from .distributed import is_main_process, rank, world_size
-from .io import atomic_write_json
+from .io import atomic_write_json, read_json_or_none
 from .registry import DATA_SAMPLERS, HOOKS
 
 
@@ -120,10 +119,9 @@ CLOCK_FILE = 'clock.json'
 def earlier_training_seconds(work_dir: str | Path) -> float:
     """How long a step trained in its earlier sessions, as ``StepClockHook`` left it in the
     step's work dir at their last epoch's end; 0 if it never trained."""
-    try:
-        return float(json.loads((Path(work_dir) / CLOCK_FILE).read_text())['train_seconds'])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0
+    seconds = read_json_or_none(Path(work_dir) / CLOCK_FILE,
+                                lambda clock: float(clock['train_seconds']))
+    return 0.0 if seconds is None else seconds
 
 
 @HOOKS.register_module()

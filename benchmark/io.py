@@ -10,8 +10,11 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar('T')
 
 
 def file_sha256(path: str | Path) -> str:
@@ -25,6 +28,16 @@ def file_stamp(path: Path) -> tuple[int, int, int, int]:
     modification time it was given."""
     st = path.stat()
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def read_json_or_none(path: Path, parse: Callable[[Any], T] = lambda stored: stored) -> T | None:
+    """What ``parse`` makes of the JSON in ``path`` (a cache or a record a run left); None if
+    there is none, or it is damaged, or not what ``parse`` expects (it raises KeyError,
+    TypeError, ValueError or AttributeError)."""
+    try:
+        return parse(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def cache_root() -> Path:

@@ -19,11 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -31,10 +30,8 @@ from tqdm import tqdm
 from .datasets import SPLITS, Sample, image_size, list_samples, read_mask
 from .datasets_info import DATASET_INFO, IGNORE_INDEX
 from .errors import DatasetError
-from .io import atomic_write_json, cache_dir, file_sha256, file_stamp
+from .io import atomic_write_json, cache_dir, file_sha256, file_stamp, read_json_or_none
 from .protocols import Protocol
-
-T = TypeVar('T')
 
 LabelSets = dict[str, tuple[int, ...]]
 
@@ -114,15 +111,6 @@ def _parse_steps(stored: dict) -> list[dict]:
     return list(steps)
 
 
-def _read_cached(path: Path, parse: Callable[[object], T]) -> T | None:
-    """What ``parse`` makes of a cache file's JSON; None if there is none, or it is damaged
-    or of another format (the caller makes it again)."""
-    try:
-        return parse(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
 @dataclass
 class DatasetIndex:
     """A dataset folder's samples and their scans per split, and its fingerprint."""
@@ -168,7 +156,7 @@ def index_dataset(dataset: str, root: str | Path, progress: bool = True) -> Data
         samples[split] = list_samples(info, root, split)
         key = _listing_key(info.layout, root, split, samples[split])
         cache_file = cache_dir('scans') / f'{dataset}-{split}-{key}.json'
-        scans[split] = _read_cached(cache_file, _parse_scan)
+        scans[split] = read_json_or_none(cache_file, _parse_scan)   # damaged: made again
         if scans[split] is None:
             scans[split] = scan_split(samples[split], info.num_classes,
                                       desc=f'scan {split} images and masks', progress=progress)
@@ -196,7 +184,7 @@ def protocol_splits(protocol: Protocol, index: DatasetIndex) -> list[dict]:
         raise DatasetError(f'protocol {protocol.name!r} is for dataset {protocol.dataset!r}, '
                            f'the index is of {index.dataset!r}')
     cache_file = cache_dir('splits') / f'{protocol.fingerprint}-{index.fingerprint}.json'
-    steps = _read_cached(cache_file, _parse_steps)
+    steps = read_json_or_none(cache_file, _parse_steps)
     if steps is not None and len(steps) == protocol.num_steps:
         return steps
     steps = compute_splits(protocol, index.label_sets)

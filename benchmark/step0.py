@@ -18,7 +18,8 @@ from mmengine.config import Config
 from . import __version__
 from .config import config_digest
 from .distributed import decided_by_main
-from .io import atomic_copy, atomic_write_json, cache_root, copy_if_absent, file_sha256
+from .io import (atomic_copy, atomic_write_json, cache_root, copy_if_absent, file_sha256,
+                 read_json_or_none)
 from .protocols import Protocol
 from .speed import effective_speed
 
@@ -48,11 +49,7 @@ def _iou_file(entry: Path, protocol: Protocol) -> Path:
 def _read_record(path: Path, digest: str) -> dict | None:
     """A cache record (JSON) about the weights of ``digest``; None if absent, unreadable, or
     about other weights."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get('model') == digest else None
+    return read_json_or_none(path, lambda record: record if record['model'] == digest else None)
 
 
 def _loads(weights: Path) -> bool:

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError
-from .io import cache_dir, temporary_beside
+from .io import cache_dir, read_json_or_none, temporary_beside
 
 __all__ = [
     "SYNTH_DEFAULTS",
@@ -324,10 +324,7 @@ def _voc_dir(root: Path) -> Path:
 
 
 def _read_params(root: Path) -> dict | None:
-    try:
-        return json.loads((_voc_dir(root) / "synth.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_or_none(_voc_dir(root) / "synth.json")
 
 
 def _iter_written(tasks: list[tuple[str, int, str, int, int]], workers: int) -> Iterator[str]:
