@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError, refuse_repeats
+from .errors import UserError, comma_list, refuse_repeats
 from .store import DEFAULT_RESULTS
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def load_protocols(text: str) -> dict[str, Protocol]:
     if Path(text).is_file():   # a path with a comma in it
         given = [text]
     else:
-        given = [p.strip() for p in text.split(',') if p.strip()]
+        given = comma_list(text)
     if not given:
         raise UserError(f'--protocol: expected a protocol, or several separated by commas, got {text!r}')
     protocols = {name: load_protocol(name) for name in given}
@@ -159,7 +159,7 @@ def cmd_bench(args) -> None:
 
 
 def _patterns(text: str | None) -> list[str] | None:
-    return [p.strip() for p in text.split(',') if p.strip()] if text else None
+    return comma_list(text) if text else None
 
 
 def render_table(results: str, protocol: str, fmt: str, kind: str = 'leaderboard',
@@ -248,7 +248,7 @@ def seed_value(text: str) -> int:
 def seed_list(text: str) -> list[int]:
     """``--seeds``: distinct seeds, each as ``--seed`` takes it, separated by commas."""
     try:
-        seeds = [seed_value(s) for s in text.split(',') if s.strip()]
+        seeds = [seed_value(s) for s in comma_list(text)]
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f'expected comma-separated non-negative integers, got {text!r}') from None

@@ -1,4 +1,5 @@
-"""Errors that are the user's to fix: the CLI prints their one-line message and exits with 2."""
+"""Errors that are the user's to fix (the CLI prints their one-line message and exits with 2),
+and the small checks of command-line input that raise them."""
 
 
 class UserError(Exception):
@@ -14,3 +15,8 @@ def refuse_repeats(option: str, *lists: list[str]) -> None:
     twice = sorted({n for names in lists for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f'{option}: {", ".join(twice)} given twice')
+
+
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated option value, stripped; empty items dropped."""
+    return [item.strip() for item in text.split(',') if item.strip()]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError, refuse_repeats
+from .errors import UserError, comma_list, refuse_repeats
 from .registry import MODELS
 
 
@@ -47,7 +47,7 @@ def method_names(spec: str) -> list[str]:
     """``all`` or a comma-separated list of method names, each checked."""
     if spec.strip() == 'all':
         return sorted(registered_methods())
-    names = [n.strip() for n in spec.split(',') if n.strip()]
+    names = comma_list(spec)
     if not names:
         raise UserError('no method given')
     if 'all' in names:
