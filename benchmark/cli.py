@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError, comma_list, refuse_repeats
+from .errors import RaisedByMainProcess, UserError, comma_list, refuse_repeats
 from .store import DEFAULT_RESULTS
 
 if TYPE_CHECKING:
@@ -65,13 +65,13 @@ def cmd_make_synth(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .distributed import is_main_process, start_from_env
+    from .distributed import decided_by_main, is_main_process, start_from_env
     from .runner import run_protocol
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
-    # Every input is checked before the first step trains.
-    protocols = load_protocols(args.protocol)
-    methods = _checked_methods(args, protocols)
+    # Every input is checked before the first step trains; under torchrun, by rank 0 for all.
+    protocols = decided_by_main(load_protocols)(args.protocol)
+    methods = decided_by_main(_checked_methods)(args, protocols)
     seeds = args.seeds or [args.seed]
     runs = [(given, seed, method,   # given: the protocol's name or path, as --protocol has it
              args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
@@ -96,9 +96,11 @@ def cmd_run(args) -> None:
 
 def _checked_methods(args, protocols: dict[str, Protocol]) -> list[str]:
     """``--method``'s methods; refused first, a --data-root for protocols on several
-    datasets, and after, a config that does not load for a protocol's dataset or sets what a
-    method does not take."""
+    datasets, and after, a config that does not load for a protocol's dataset, sets what a
+    method does not take, or has a batch that torchrun's processes cannot share."""
     from .config import load_config
+    from .distributed import world_size
+    from .engine import per_process_batch
     from .methods import get_method, method_names
     from .runner import check_model_settings
     datasets = sorted({p.dataset for p in protocols.values()})
@@ -109,6 +111,7 @@ def _checked_methods(args, protocols: dict[str, Protocol]) -> list[str]:
     for dataset in datasets:
         cfg = load_config(args.config, args.epochs, dataset=dataset, compile=args.compile,
                           fp32=args.fp32)
+        per_process_batch(cfg.data.batch_size, world_size())
         for method in methods:
             check_model_settings(cfg, get_method(method).model_type)
     return methods
@@ -393,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
         if sys.stdout is not None:   # None: started with no stdout at all
             sys.stdout.flush()   # here, where a reader that left is handled, rather than at exit
+    except RaisedByMainProcess as e:   # torchrun: rank 0 reports it
+        return 2 if isinstance(e, (UserError, OSError)) else 1
     except (UserError, OSError) as e:   # OSError: a path given that cannot be written or read
         if isinstance(e, BrokenPipeError) and stdout_reader_left():   # `cssbench list | head`
             send_stdout_nowhere()
@@ -400,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'cssbench: error: {one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if not _is_first_process():   # torchrun interrupts every process; rank 0 says it
+            return 130
         if getattr(args, 'overwrite', False):
             rerun = ('rerun it to start over, or without --overwrite to continue where it stopped '
                      '(a complete run it had not yet replaced stays as it was)')
@@ -407,4 +414,21 @@ def main(argv: list[str] | None = None) -> int:
             rerun = 'rerun the same command to resume'
         print(f'cssbench: interrupted; {rerun}', file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not _lost_another_process(e):
+            raise
+        print('cssbench: error: another process of this run stopped (its message is above); '
+              'rerun the same command to resume', file=sys.stderr)
+        return 1
     return 0
+
+
+def _is_first_process() -> bool:
+    return os.environ.get('RANK', '0') == '0'   # set by torchrun; read without importing torch
+
+
+def _lost_another_process(error: RuntimeError) -> bool:
+    """Whether ``error`` is gloo's, in a process of a torchrun whose other process stopped
+    (on an error of its own, which it printed) in the middle of a collective operation."""
+    return (int(os.environ.get('WORLD_SIZE', '1')) > 1
+            and any(lost in str(error) for lost in ('closed by peer', 'reset by peer')))

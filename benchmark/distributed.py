@@ -11,25 +11,30 @@ import atexit
 import functools
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import RaisedByMainProcess, UserError
 
 
 def start_from_env() -> int:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK); returns the number of processes. NCCL with one GPU per process on CUDA,
-    gloo on CPU. Ranks other than 0 print nothing: rank 0 speaks for the run."""
+    gloo on CPU. Ranks other than 0 print nothing, warnings included: rank 0 speaks for the
+    run (an error of their own they still report)."""
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or dist.is_initialized():
         return world_size()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
     dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     atexit.register(dist.destroy_process_group)
+    # as torchrun sets OMP_NUM_THREADS; mmengine would set it to 1, warning at every step
+    os.environ.setdefault('MKL_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', '1'))
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, 'w')
+        warnings.simplefilter('ignore')
     return world_size()
 
 
@@ -67,10 +72,29 @@ def broadcast_buffers_from_main(module: torch.nn.Module) -> None:
             dist.broadcast(buffer, 0)
 
 
+class _UserErrorOfMain(RaisedByMainProcess, UserError):
+    pass
+
+
+class _OSErrorOfMain(RaisedByMainProcess, OSError):
+    pass
+
+
+class _ErrorOfMain(RaisedByMainProcess, RuntimeError):
+    pass
+
+
+def _kind_of(error: Exception) -> type[RaisedByMainProcess]:
+    if isinstance(error, UserError):
+        return _UserErrorOfMain
+    return _OSErrorOfMain if isinstance(error, OSError) else _ErrorOfMain
+
+
 def decided_by_main(fn):
     """Decorator: ``fn`` runs on rank 0 only, and every process gets its return value, or
-    raises its error (a UserError stays one, with the same message). Every process must
-    call the decorated function at the same point."""
+    raises its error: a UserError or an OSError stays one, with the same message, and is
+    also a ``RaisedByMainProcess`` on the other processes (rank 0 reports it). Every process
+    must call the decorated function at the same point."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if world_size() == 1:
@@ -80,12 +104,12 @@ def decided_by_main(fn):
             try:
                 outcome[0] = ('value', fn(*args, **kwargs))
             except Exception as e:
-                outcome[0] = ('error', isinstance(e, UserError), str(e))
+                outcome[0] = ('error', _kind_of(e), str(e))
                 dist.broadcast_object_list(outcome)
                 raise
         dist.broadcast_object_list(outcome)
         if outcome[0][0] == 'value':
             return outcome[0][1]
-        _, user_error, message = outcome[0]
-        raise (UserError if user_error else RuntimeError)(message)
+        _, kind, message = outcome[0]
+        raise kind(message)
     return wrapper

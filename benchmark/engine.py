@@ -58,8 +58,12 @@ def distribute(model):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Buffers are not broadcast: SyncBN keeps BN's statistics equal, and methods sum their
     # data-derived state over the processes themselves (SDR's prototypes, PLOP's thresholds).
-    return MMDistributedDataParallel(module=model, broadcast_buffers=False,
-                                     device_ids=[torch.cuda.current_device()] if on_cuda else None)
+    # (Newer torch deprecates the flag for one that older ones lack.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated',
+                                category=FutureWarning)
+        return MMDistributedDataParallel(module=model, broadcast_buffers=False,
+                                         device_ids=[torch.cuda.current_device()] if on_cuda else None)
 
 
 def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step_seed: int,

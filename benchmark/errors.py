@@ -10,6 +10,11 @@ class DatasetError(UserError):
     """A dataset root, list file, image or mask that cannot be read as the layout promises."""
 
 
+class RaisedByMainProcess(Exception):
+    """Marks the error that the other processes raise when torchrun's rank 0 met one deciding
+    for all of them (``distributed.decided_by_main``): rank 0 alone reports it."""
+
+
 def refuse_repeats(option: str, *lists: list[str]) -> None:
     """Refuse what was given to ``option`` if one of ``lists`` names something twice."""
     twice = sorted({n for names in lists for n in names if names.count(n) > 1})

@@ -215,18 +215,21 @@ def repair_last_checkpoint(work_dir: Path) -> bool:
 def _exclusive(run_dir: Path):
     """Holds a lock on the run folder: a second process on the same run is refused. Under
     torchrun rank 0 holds it for all the run's processes."""
-    if not is_main_process():
+    with contextlib.ExitStack() as held:
+        _lock_run(run_dir, held)
         yield
-        return
+
+
+@decided_by_main
+def _lock_run(run_dir: Path, held: contextlib.ExitStack) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / '.lock', 'w') as lock:
-        try:
-            # A POSIX record lock: unlike flock, not inherited by forked loader workers,
-            # so it dies with this process even if a worker outlives it for a moment.
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f'{run_dir}: another cssbench process is running this run') from None
-        yield
+    lock = held.enter_context(open(run_dir / '.lock', 'w'))
+    try:
+        # A POSIX record lock: unlike flock, not inherited by forked loader workers, so it
+        # dies with this process even if a worker outlives it for a moment.
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f'{run_dir}: another cssbench process is running this run') from None
 
 
 def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
@@ -293,9 +296,9 @@ def _remove_new_folders(folders: list[Path]) -> None:
     what the call left there (the run's lock, the work dir's marker): another process's new
     run in the same new results folder stays."""
     for folder in reversed(folders):
-        for own in (folder / '.lock', folder / WORK_MARKER):
-            own.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):   # e.g. a --work-dir under a file: never made
+            for own in (folder / '.lock', folder / WORK_MARKER):
+                own.unlink(missing_ok=True)
             folder.rmdir()
 
 
@@ -335,7 +338,8 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
             return read_json(results_dir / 'metrics.json')['steps']
         step0_key = (step0.cache_key(steps_of(protocol, method), method.step0_kind, cfg, seed,
-                                     deterministic, started['run']['dataset_fingerprint'])
+                                     deterministic, started['run']['dataset_fingerprint'],
+                                     started['run']['speed'])
                      if step0_cache and method.step0_kind else None)
         step_results = [run_step(cfg, method, protocol, t, started['splits'][t], paths, seed,
                                  deterministic, keep_epoch_checkpoints, log,
@@ -446,6 +450,9 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
                     method=method.name, config_digest=digest, seed=seed)
     _check_work_dir(paths, identity, overwrite)
     speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
+    if continued:
+        _check_unfinished_step_processes(paths, steps_of(protocol, method).num_steps, previous,
+                                         speed['world_size'])
     return _CheckedRun(previous, identity, speed, index, splits)
 
 
@@ -484,6 +491,26 @@ def _check_same_data(paths: RunPaths, previous: dict, index: DatasetIndex) -> No
                         f'({previous.get("data_root")}, fingerprint {started_on}) than {index.root} '
                         f'(fingerprint {index.fingerprint}); continue it with its own data '
                         f'(--data-root), or --overwrite it')
+
+
+def _check_unfinished_step_processes(paths: RunPaths, num_steps: int, previous: dict,
+                                     processes: int) -> None:
+    """Refuse to continue a step stopped mid-way with another number of processes than its
+    last session's (torchrun): the epoch checkpoint's schedule counts the iterations of an
+    epoch shared by that many."""
+    history = previous.get('speed_history') or [previous.get('speed')]
+    last = history[-1] if isinstance(history[-1], dict) else {}
+    trained_by = last.get('world_size', 1)
+    if trained_by == processes:
+        return
+    for t in range(num_steps):
+        if not paths.step_metrics(t).exists() and any(paths.step_work(t).glob('epoch_*.pth')):
+            by, how = ((f'{trained_by} processes', f'torchrun --nproc_per_node={trained_by}')
+                       if trained_by > 1 else ('one process', 'one process'))
+            raise UserError(f'{paths.results}: step {t} stopped mid-way, trained by {by}, and '
+                            f'its epoch checkpoints continue only so: rerun with {how}, or delete '
+                            f'{paths.step_work(t)} to train the step again from its start, or '
+                            f'--overwrite the run')
 
 
 def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,

@@ -21,20 +21,21 @@ from .distributed import decided_by_main
 from .io import (atomic_copy, atomic_write_json, cache_root, copy_if_absent, file_sha256,
                  read_json_or_none)
 from .protocols import Protocol
-from .speed import effective_speed
 
 
 def cache_key(steps: Protocol, kind: str, cfg: Config, seed: int, deterministic: bool,
-              dataset_fingerprint: str) -> str:
+              dataset_fingerprint: str, speed: dict) -> str:
     """Everything a step-0 model depends on. Methods of the same ``step0_kind`` share it, and
     so do protocols whose step 0 trains alike (``Protocol.first_step_training``): their later
-    steps and how they score are not part of it. ``steps``: the steps the method trains."""
+    steps and how they score are not part of it. ``steps``: the steps the method trains;
+    ``speed``: the run's speed record (``runner.speed_record``)."""
     key = dict(kind=kind, step0=steps.first_step_training(), config=config_digest(cfg),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
-    amp = effective_speed(cfg).amp
-    if amp:  # a step 0 trained under bf16 autocast is not the fp32 one
-        key['amp'] = amp
+    if speed['amp'] != 'float32':   # a step 0 trained under bf16 autocast is not the fp32 one
+        key['amp'] = speed['amp']
+    if speed['world_size'] > 1:   # nor one trained in shares of the batch (torchrun)
+        key['processes'] = dict(world_size=speed['world_size'], sync_bn=speed['sync_bn'])
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -212,6 +213,25 @@ def test_an_interrupted_run_says_how_to_resume_it(capsys, monkeypatch):
         main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite', '--resume'])
     assert stopped.value.code == 2
     assert 'argument --resume: not allowed with argument --overwrite' in capsys.readouterr().err
+    monkeypatch.setenv('RANK', '1')   # torchrun's other processes: rank 0 says it
+    assert main(['run', '--protocol', 'synth-15-1-overlap']) == 130
+    assert capsys.readouterr().err == ''
+
+
+def test_a_process_whose_partner_stopped_says_so_in_one_line(capsys, monkeypatch):
+    import cssbench.cli as cli
+
+    def partner_gone(args):
+        raise RuntimeError('[gloo/transport/tcp/pair.cc:561] Connection closed by peer '
+                           '[127.0.0.1]:9601. This is typically caused by a remote worker crashing.')
+    monkeypatch.setattr(cli, 'cmd_run', partner_gone)
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert main(['run', '--protocol', 'synth-15-1-overlap']) == 1
+    assert capsys.readouterr().err == ('cssbench: error: another process of this run stopped (its '
+                                       'message is above); rerun the same command to resume\n')
+    monkeypatch.setenv('WORLD_SIZE', '1')   # no partner: gloo's message is not about one
+    with pytest.raises(RuntimeError, match='Connection closed by peer'):
+        main(['run', '--protocol', 'synth-15-1-overlap'])
 
 
 def test_a_run_name_that_is_not_a_plain_folder_name(capsys, tmp_path):
@@ -400,3 +420,40 @@ def test_finished_run_is_not_overwritten_without_flag(capsys, tmp_path, tiny_run
     assert main(args + ['--overwrite']) == 0
     assert (work / 'notes.txt').read_text() == "not cssbench's"   # only the run's own files go
     assert (work / 'step1' / 'model.pth').is_file()
+
+
+def test_a_work_dir_that_cannot_be_made_is_named_and_leaves_no_run_folder(capsys, tmp_path, tiny_run):
+    (tmp_path / 'a-file').write_text('')
+    results = tmp_path / 'results'
+    err = fails(capsys, 'run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
+                '--results', str(results), '--work-dir', str(tmp_path / 'a-file' / 'work'))
+    assert err == f"cssbench: error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'work'}'"
+    assert not results.exists()
+
+
+def test_a_step_stopped_mid_way_continues_only_with_as_many_processes(capsys, tmp_path, tiny_run):
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
+            '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results'),
+            '--keep-epoch-checkpoints']
+    assert main(args) == 0
+    capsys.readouterr()
+    # as if two torchrun processes had stopped in step 1 after its first epoch
+    run_dir = tmp_path / 'results' / 'synth-19-1-overlap' / 'ft' / 'tiny-seed0'
+    (run_dir / 'steps' / 'step1.json').unlink()
+    run = json.loads((run_dir / 'run.json').read_text())
+    run['status'] = 'running'
+    run['speed_history'][-1].update(world_size=2, batch_per_process=2)
+    (run_dir / 'run.json').write_text(json.dumps(run))
+    files = sorted(p for p in run_dir.rglob('*') if p.is_file())
+    err = fails(capsys, *args)
+    assert err == (f'cssbench: error: {run_dir}: step 1 stopped mid-way, trained by 2 processes, '
+                   f'and its epoch checkpoints continue only so: rerun with torchrun '
+                   f'--nproc_per_node=2, or delete {run_dir / "work" / "step1"} to train the step '
+                   f'again from its start, or --overwrite the run')
+    assert sorted(p for p in run_dir.rglob('*') if p.is_file()) == files
+    # step 0 stays; step 1 trains again from its start
+    shutil.rmtree(run_dir / 'work' / 'step1')
+    assert main(args) == 0
+    assert 'step 0: done before' in capsys.readouterr().out
+    assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'

@@ -18,13 +18,13 @@ import torch.multiprocessing as mp
 from cssbench.baselines.sdr import update_prototypes
 from cssbench.config import load_config
 from cssbench.datasets import IncrementalSegDataset, eval_lut
-from cssbench.distributed import sum_over_processes
+from cssbench.distributed import decided_by_main, sum_over_processes
 from cssbench.engine import per_process_batch
-from cssbench.errors import UserError
+from cssbench.errors import RaisedByMainProcess, UserError
 from cssbench.methods import get_method
 from cssbench.metrics import IncrementalIoUMetric
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model
+from cssbench.runner import build_model, run_protocol
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.transforms import EvalTransform
 
@@ -62,19 +62,21 @@ def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
                       "data = dict(crop_size=32, batch_size=8, eval_batch_size=8, num_workers=0)\n")
     results = tmp_path / 'results'
-    def torchrun(protocol: str) -> subprocess.CompletedProcess:
+    def torchrun(protocol: str, succeeds: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
                f'--master_port={free_port()}', '-m', 'cssbench', 'run', '--protocol', protocol,
                '--method', 'sdr', '--config', str(config), '--data-root', str(synth32),
                '--epochs', '1', '--results', str(results), '--run-name', 'ddp']
         env = dict(os.environ, OMP_NUM_THREADS='1')
         proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (proc.returncode == 0) == succeeds, proc.stdout + proc.stderr
         return proc
 
     proc = torchrun(PROTOCOL)
 
     run_dir = results / PROTOCOL / 'sdr' / 'ddp'
+    run = json.loads((run_dir / 'run.json').read_text())
+    assert (run['speed']['world_size'], run['speed']['batch_per_process']) == (2, 4)
     steps = json.loads((run_dir / 'metrics.json').read_text())['steps']
     assert [s['step'] for s in steps] == [0, 1]
     assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
@@ -103,6 +105,19 @@ def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth
     for c, v in step0['iou'].items():
         assert (float('nan') if v is None else v) == pytest.approx(alone[c], abs=1e-6, nan_ok=True), c
 
+    # Rank 0 alone says why a run is refused (here: it is complete).
+    refused = torchrun(PROTOCOL, succeeds=False)
+    assert refused.stderr.count('cssbench: error: ') == 1, refused.stderr
+    assert f'{run_dir}: this run is complete' in refused.stderr
+
+    # One process does not take the step 0 that two trained, each on half of every batch.
+    alone = run_protocol(PROTOCOL, 'sdr', config=str(config), data_root=str(synth32), epochs=1,
+                         results_root=results, run_name='alone', progress=False, log=lambda *a: None)
+    assert alone[0]['step0_cache'] is None
+    ddp_weights, alone_weights = (torch.load(results / PROTOCOL / 'sdr' / name / 'work' / 'step0' /
+                                             'model.pth', weights_only=True) for name in ('ddp', 'alone'))
+    assert not all(torch.equal(ddp_weights[k], alone_weights[k]) for k in ddp_weights)
+
 
 def _prototype_update_on_half_batch(rank: int, port: int, features, labels, out) -> None:
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
@@ -130,6 +145,40 @@ def test_sdr_prototypes_are_updated_with_the_whole_batch_on_every_process():
     assert torch.equal(p0, p1) and torch.equal(n0, n1)
     torch.testing.assert_close(p0, whole)
     assert torch.equal(n0, counts) and n0[0] == 4  # background left out
+
+
+def _decide_on_main(rank: int, port: int, out) -> None:
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    try:
+        out[rank, 'value'] = decided_by_main(lambda: f'rank {dist.get_rank()}')()
+        for error in (UserError('bad input'), FileNotFoundError(2, 'gone'), ValueError('a bug')):
+            def fail(error=error):
+                raise error
+            try:
+                decided_by_main(fail)()
+            except Exception as e:
+                out[rank, type(error).__name__] = (
+                    [kind.__name__ for kind in (UserError, OSError, RuntimeError, ValueError,
+                                                RaisedByMainProcess) if isinstance(e, kind)],
+                    str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_decision_of_rank_0_reaches_every_process_and_so_do_its_errors():
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_decide_on_main, args=(free_port(), out), nprocs=2)
+        out = dict(out)
+    assert out[0, 'value'] == out[1, 'value'] == 'rank 0'
+    # rank 0 raises its own error; the other process the same kind, with the same message,
+    # marked as rank 0's (the CLI prints it once, on rank 0)
+    assert out[0, 'UserError'] == (['UserError'], 'bad input')
+    assert out[1, 'UserError'] == (['UserError', 'RaisedByMainProcess'], 'bad input')
+    assert out[0, 'FileNotFoundError'] == (['OSError'], '[Errno 2] gone')
+    assert out[1, 'FileNotFoundError'] == (['OSError', 'RaisedByMainProcess'], '[Errno 2] gone')
+    assert out[0, 'ValueError'] == (['ValueError'], 'a bug')
+    assert out[1, 'ValueError'] == (['RuntimeError', 'RaisedByMainProcess'], 'a bug')
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused():
