@@ -70,12 +70,7 @@ def cmd_run(args) -> None:
     from .tables import format_step_table
     start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     # Every input is checked before the first step trains; under torchrun, by rank 0 for all.
-    protocols = decided_by_main(load_protocols)(args.protocol)
-    methods = decided_by_main(_checked_methods)(args, protocols)
-    seeds = args.seeds or [args.seed]
-    runs = [(given, seed, method,   # given: the protocol's name or path, as --protocol has it
-             args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
-            for given in protocols for seed in seeds for method in methods]
+    protocols, runs = decided_by_main(_planned_runs)(args)
     several = len(runs) > 1
     if several:
         _check_runs_before_training(args, runs)
@@ -92,6 +87,32 @@ def cmd_run(args) -> None:
     if several and is_main_process():  # rank 0 reads the store
         for protocol in protocols.values():
             print(render_table(args.results, protocol.name, 'md'))
+
+
+def _planned_runs(args) -> tuple[dict[str, Protocol], list[tuple]]:
+    """The command's protocols (by the name or path given) and its runs, each ``(protocol
+    given, seed, method, run name)``, in the order they run; refused: what ``load_protocols``
+    and ``_checked_methods`` refuse, a run name that is not a plain folder name, and for
+    several runs a --work-dir, or --resume with none of them stored."""
+    from .runner import locate_run, run_is_stored
+    protocols = load_protocols(args.protocol)
+    methods = _checked_methods(args, protocols)
+    seeds = args.seeds or [args.seed]
+    runs = [(given, seed, method,
+             args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
+            for given in protocols for seed in seeds for method in methods]
+    for given, seed, method, run_name in runs:
+        locate_run(given, method, args.results, run_name, args.config, seed)
+    if len(runs) > 1:
+        if args.work_dir:
+            raise UserError('--work-dir holds the checkpoints of one run: leave it out with '
+                            'several protocols, methods or seeds (each run then works inside its '
+                            'results folder)')
+        if args.resume and not any(run_is_stored(given, method, args.results, run_name,
+                                                 args.config, seed)
+                                   for given, seed, method, run_name in runs):
+            raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
+    return protocols, runs
 
 
 def _checked_methods(args, protocols: dict[str, Protocol]) -> list[str]:
@@ -120,15 +141,9 @@ def _checked_methods(args, protocols: dict[str, Protocol]) -> list[str]:
 def _check_runs_before_training(args, runs: list[tuple]) -> None:
     """A command of several runs checks every run's inputs before the first trains. It
     continues as a whole: the runs it finished are kept, and --resume asks only that one of
-    them was started."""
+    them was started (``_planned_runs``)."""
     from .methods import get_method
-    from .runner import check_run_inputs, run_is_stored
-    if args.work_dir:
-        raise UserError('--work-dir holds the checkpoints of one run: leave it out with several '
-                        'protocols, methods or seeds (each run then works inside its results folder)')
-    if args.resume and not any(run_is_stored(given, method, args.results, run_name, args.config, seed)
-                               for given, seed, method, run_name in runs):
-        raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
+    from .runner import check_run_inputs
     data_checked = set()   # the data checks read the protocol, its drawn order, joint or not
     for given, seed, method, run_name in runs:
         data = (given, seed, get_method(method).joint)
@@ -405,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'cssbench: error: {one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if not _is_first_process():   # torchrun interrupts every process; rank 0 says it
+        if _is_other_process():   # torchrun interrupts every process; rank 0 says it
             return 130
         if getattr(args, 'overwrite', False):
             rerun = ('rerun it to start over, or without --overwrite to continue where it stopped '
@@ -423,12 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _is_first_process() -> bool:
-    return os.environ.get('RANK', '0') == '0'   # set by torchrun; read without importing torch
+def _under_torchrun() -> bool:
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1   # as distributed.start_from_env reads it
+
+
+def _is_other_process() -> bool:
+    """A process of torchrun's other than rank 0 (told without importing torch)."""
+    return _under_torchrun() and os.environ.get('RANK', '0') != '0'
 
 
 def _lost_another_process(error: RuntimeError) -> bool:
-    """Whether ``error`` is gloo's, in a process of a torchrun whose other process stopped
-    (on an error of its own, which it printed) in the middle of a collective operation."""
-    return (int(os.environ.get('WORLD_SIZE', '1')) > 1
-            and any(lost in str(error) for lost in ('closed by peer', 'reset by peer')))
+    """Whether ``error`` is gloo's (CPU), in a process of a torchrun whose other process
+    stopped (on an error of its own, which it printed) in the middle of a collective."""
+    return _under_torchrun() and any(lost in str(error) for lost in ('closed by peer', 'reset by peer'))

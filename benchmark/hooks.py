@@ -124,22 +124,35 @@ def earlier_training_seconds(work_dir: str | Path) -> float:
     return 0.0 if seconds is None else seconds
 
 
+def processes_training(work_dir: str | Path) -> int | None:
+    """How many processes (torchrun) train the step, and so wrote its epoch checkpoints, as
+    ``StepClockHook`` left it in the step's work dir; None if unknown (never trained, or the
+    clock of a version that did not say)."""
+    return read_json_or_none(Path(work_dir) / CLOCK_FILE, lambda clock: int(clock['processes']))
+
+
 @HOOKS.register_module()
 class StepClockHook(Hook):
-    """Keeps a step's training time over every session in its work dir, written at each
-    epoch's end (after the epoch's checkpoint): a resumed step's wall time then counts the
-    sessions before the one that finishes it."""
+    """Keeps a step's training time over every session in its work dir, and the number of
+    processes training it: written as training starts, and at each epoch's end (after the
+    epoch's checkpoint). A resumed step's wall time then counts the sessions before the one
+    that finishes it."""
 
     priority = 'LOWEST'   # after CheckpointHook's VERY_LOW
 
     def before_train(self, runner) -> None:
         self._earlier = earlier_training_seconds(runner.work_dir)
         self._start = time.time()
+        self._write(runner, self._earlier)   # the checkpoints from now on are these processes'
 
     def after_train_epoch(self, runner) -> None:
+        self._write(runner, round(self._earlier + time.time() - self._start, 1))
+
+    @staticmethod
+    def _write(runner, seconds: float) -> None:
         if is_main_process():
-            seconds = round(self._earlier + time.time() - self._start, 1)
-            atomic_write_json(Path(runner.work_dir) / CLOCK_FILE, dict(train_seconds=seconds))
+            atomic_write_json(Path(runner.work_dir) / CLOCK_FILE,
+                              dict(train_seconds=seconds, processes=world_size()))
 
 
 @DATA_SAMPLERS.register_module()

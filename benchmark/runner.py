@@ -35,7 +35,7 @@ from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
 from .errors import UserError
-from .hooks import CLOCK_FILE, earlier_training_seconds
+from .hooks import CLOCK_FILE, earlier_training_seconds, processes_training
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .methods import Method, get_method, registered_methods
 from .metrics import range_label, summarize_step
@@ -451,7 +451,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     _check_work_dir(paths, identity, overwrite)
     speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
     if continued:
-        _check_unfinished_step_processes(paths, steps_of(protocol, method).num_steps, previous,
+        _check_unfinished_step_processes(paths, steps_of(protocol, method).num_steps,
                                          speed['world_size'])
     return _CheckedRun(previous, identity, speed, index, splits)
 
@@ -493,24 +493,22 @@ def _check_same_data(paths: RunPaths, previous: dict, index: DatasetIndex) -> No
                         f'(--data-root), or --overwrite it')
 
 
-def _check_unfinished_step_processes(paths: RunPaths, num_steps: int, previous: dict,
-                                     processes: int) -> None:
-    """Refuse to continue a step stopped mid-way with another number of processes than its
-    last session's (torchrun): the epoch checkpoint's schedule counts the iterations of an
-    epoch shared by that many."""
-    history = previous.get('speed_history') or [previous.get('speed')]
-    last = history[-1] if isinstance(history[-1], dict) else {}
-    trained_by = last.get('world_size', 1)
-    if trained_by == processes:
-        return
+def _check_unfinished_step_processes(paths: RunPaths, num_steps: int, processes: int) -> None:
+    """Refuse to continue a step stopped mid-way with another number of processes (torchrun)
+    than trained it: its epoch checkpoint's schedule counts the iterations of an epoch
+    shared by that many."""
     for t in range(num_steps):
-        if not paths.step_metrics(t).exists() and any(paths.step_work(t).glob('epoch_*.pth')):
-            by, how = ((f'{trained_by} processes', f'torchrun --nproc_per_node={trained_by}')
-                       if trained_by > 1 else ('one process', 'one process'))
+        work = paths.step_work(t)
+        if paths.step_metrics(t).exists() or not any(work.glob('epoch_*.pth')):
+            continue
+        trained_by = processes_training(work)
+        if trained_by not in (None, processes):
+            by, rerun = ((f'{trained_by} processes', f'under torchrun --nproc_per_node={trained_by}')
+                         if trained_by > 1 else ('one process', 'without torchrun'))
             raise UserError(f'{paths.results}: step {t} stopped mid-way, trained by {by}, and '
-                            f'its epoch checkpoints continue only so: rerun with {how}, or delete '
-                            f'{paths.step_work(t)} to train the step again from its start, or '
-                            f'--overwrite the run')
+                            f'its epoch checkpoints continue only so: rerun {rerun}, or delete '
+                            f'{work} to train the step again from its start, or --overwrite the '
+                            f'run')
 
 
 def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,

@@ -213,7 +213,10 @@ def test_an_interrupted_run_says_how_to_resume_it(capsys, monkeypatch):
         main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite', '--resume'])
     assert stopped.value.code == 2
     assert 'argument --resume: not allowed with argument --overwrite' in capsys.readouterr().err
-    monkeypatch.setenv('RANK', '1')   # torchrun's other processes: rank 0 says it
+    monkeypatch.setenv('RANK', '1')   # without torchrun, whatever set it
+    assert main(['run', '--protocol', 'synth-15-1-overlap']) == 130
+    assert capsys.readouterr().err == 'cssbench: interrupted; rerun the same command to resume\n'
+    monkeypatch.setenv('WORLD_SIZE', '2')   # torchrun's other processes: rank 0 says it
     assert main(['run', '--protocol', 'synth-15-1-overlap']) == 130
     assert capsys.readouterr().err == ''
 
@@ -442,13 +445,12 @@ def test_a_step_stopped_mid_way_continues_only_with_as_many_processes(capsys, tm
     run_dir = tmp_path / 'results' / 'synth-19-1-overlap' / 'ft' / 'tiny-seed0'
     (run_dir / 'steps' / 'step1.json').unlink()
     run = json.loads((run_dir / 'run.json').read_text())
-    run['status'] = 'running'
-    run['speed_history'][-1].update(world_size=2, batch_per_process=2)
-    (run_dir / 'run.json').write_text(json.dumps(run))
+    (run_dir / 'run.json').write_text(json.dumps(dict(run, status='running')))
+    (run_dir / 'work' / 'step1' / 'clock.json').write_text('{"train_seconds": 1.0, "processes": 2}')
     files = sorted(p for p in run_dir.rglob('*') if p.is_file())
     err = fails(capsys, *args)
     assert err == (f'cssbench: error: {run_dir}: step 1 stopped mid-way, trained by 2 processes, '
-                   f'and its epoch checkpoints continue only so: rerun with torchrun '
+                   f'and its epoch checkpoints continue only so: rerun under torchrun '
                    f'--nproc_per_node=2, or delete {run_dir / "work" / "step1"} to train the step '
                    f'again from its start, or --overwrite the run')
     assert sorted(p for p in run_dir.rglob('*') if p.is_file()) == files

@@ -10,7 +10,8 @@ import torch
 from mmengine.dataset import DefaultSampler
 
 import cssbench.hooks as hooks
-from cssbench.hooks import EpochKeyedSampler, EpochSeedHook, StepClockHook, earlier_training_seconds
+from cssbench.hooks import (EpochKeyedSampler, EpochSeedHook, StepClockHook, earlier_training_seconds,
+                            processes_training)
 
 
 def _draw_after_hook(hook, epoch: int, batch_idx: int) -> torch.Tensor:
@@ -60,6 +61,7 @@ def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypa
     now = [1000.0]
     monkeypatch.setattr(hooks.time, 'time', lambda: now[0])
     assert earlier_training_seconds(tmp_path) == 0.0   # never trained
+    assert processes_training(tmp_path) is None
     first = StepClockHook()
     first.before_train(runner)
     for _ in range(2):   # two epochs of 30 s, then killed 10 s into the third
@@ -67,6 +69,7 @@ def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypa
         first.after_train_epoch(runner)
     now[0] += 10
     assert earlier_training_seconds(tmp_path) == 60.0
+    assert processes_training(tmp_path) == 1   # which the epoch checkpoints need to continue
     resumed = StepClockHook()
     resumed.before_train(runner)
     now[0] += 45
