@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import select
 import sys
@@ -101,17 +103,16 @@ def _planned_runs(args) -> tuple[dict[str, Protocol], list[tuple]]:
     runs = [(given, seed, method,
              args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
             for given in protocols for seed in seeds for method in methods]
+    if len(runs) > 1 and args.work_dir:
+        raise UserError('--work-dir holds the checkpoints of one run: leave it out with several '
+                        'protocols, methods or seeds (each run then works inside its results '
+                        'folder)')
     for given, seed, method, run_name in runs:
         locate_run(given, method, args.results, run_name, args.config, seed)
-    if len(runs) > 1:
-        if args.work_dir:
-            raise UserError('--work-dir holds the checkpoints of one run: leave it out with '
-                            'several protocols, methods or seeds (each run then works inside its '
-                            'results folder)')
-        if args.resume and not any(run_is_stored(given, method, args.results, run_name,
-                                                 args.config, seed)
-                                   for given, seed, method, run_name in runs):
-            raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
+    if len(runs) > 1 and args.resume and not any(
+            run_is_stored(given, method, args.results, run_name, args.config, seed)
+            for given, seed, method, run_name in runs):
+        raise UserError(f'{args.results}: none of these runs is stored; no run to resume')
     return protocols, runs
 
 
@@ -406,7 +407,8 @@ def send_stdout_nowhere() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    with contextlib.redirect_stderr(io.StringIO()) if _is_other_process() else contextlib.nullcontext():
+        args = build_parser().parse_args(argv)   # a usage error: rank 0 prints it (torchrun)
     try:
         args.func(args)
         if sys.stdout is not None:   # None: started with no stdout at all

@@ -219,6 +219,9 @@ def test_an_interrupted_run_says_how_to_resume_it(capsys, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '2')   # torchrun's other processes: rank 0 says it
     assert main(['run', '--protocol', 'synth-15-1-overlap']) == 130
     assert capsys.readouterr().err == ''
+    with pytest.raises(SystemExit) as stopped:   # and prints the usage error
+        main(['run', '--protocol', 'synth-15-1-overlap', '--overwrite', '--resume'])
+    assert stopped.value.code == 2 and capsys.readouterr().err == ''
 
 
 def test_a_process_whose_partner_stopped_says_so_in_one_line(capsys, monkeypatch):
