@@ -20,7 +20,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .io import atomic_write_json, file_stamp
+from .io import atomic_write_json, file_stamp, read_json_or_none
 
 INDEX_FILE = 'index.json'
 INDEX_VERSION = 3   # 2: runs carry their training regime; 3: and whether they trained jointly,
@@ -214,13 +214,9 @@ def _holds_a_run(folder: Path) -> bool:
 
 
 def _read_index(root: Path) -> dict:
-    try:
-        index = json.loads((root / INDEX_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    if not isinstance(index, dict) or index.get('version') != INDEX_VERSION:
-        return {}
-    runs = index.get('runs')
+    """The index's runs; none if it is absent, damaged, or of another version."""
+    runs = read_json_or_none(root / INDEX_FILE, lambda index: index['runs']
+                             if index.get('version') == INDEX_VERSION else None)
     return runs if isinstance(runs, dict) else {}
 
 
