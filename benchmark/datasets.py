@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from .datasets_info import DATASET_INFO, IGNORE_INDEX, DatasetInfo
 from .errors import DatasetError
 from .registry import DATASETS
+from .seeds import derive_seed
 
 SPLITS = ('train', 'val')
 
@@ -188,8 +189,7 @@ def eval_lut(protocol, step: int) -> np.ndarray:
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The random stream of one sample's augmentation in one epoch."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator().manual_seed(derive_seed(seed, epoch, index, bits=64))
 
 
 @DATASETS.register_module()

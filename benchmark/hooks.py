@@ -6,7 +6,6 @@ import datetime
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook, RuntimeInfoHook
@@ -14,6 +13,7 @@ from mmengine.hooks import Hook, RuntimeInfoHook
 from .distributed import is_main_process, rank, world_size
 from .io import atomic_write_json, read_json_or_none
 from .registry import DATA_SAMPLERS, HOOKS
+from .seeds import derive_seed
 
 
 @HOOKS.register_module()
@@ -109,8 +109,7 @@ class EpochSeedHook(Hook):
         # epoch of an uninterrupted run.
         if batch_idx == 0:
             keys = [self.seed, runner.epoch] + ([rank()] if world_size() > 1 else [])
-            state = np.random.SeedSequence(keys).generate_state(1)[0]
-            torch.manual_seed(int(state))
+            torch.manual_seed(derive_seed(*keys))
 
 
 CLOCK_FILE = 'clock.json'

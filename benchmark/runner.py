@@ -24,7 +24,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.runner import set_random_seed
@@ -42,6 +41,7 @@ from .metrics import range_label, summarize_step
 from .models import read_state_dict
 from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
+from .seeds import derive_seed
 from .speed import effective_speed, prepare_model, training_device
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
 from .store import (PLAIN_NAME, CorruptRun, is_plain_name, open_store, read_json_object,
@@ -72,9 +72,12 @@ def environment() -> dict:
                 gpus=torch.cuda.device_count(), torch_threads=torch.get_num_threads())
 
 
-def derive_seed(*keys: int) -> int:
-    """A 31-bit seed from integer keys, with no collisions between e.g. (0, 1) and (1, 0)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
+def seed_step(seed: int, t: int, deterministic: bool) -> int:
+    """Seed the global generators for step ``t`` (the model's initialisation draws from them);
+    returns the step's seed, which seeds its data order and augmentation too."""
+    step_seed = derive_seed(seed, t, bits=31)   # below 2**31, as mmengine's own seeds
+    set_random_seed(step_seed, deterministic=deterministic)
+    return step_seed
 
 
 def steps_of(protocol: Protocol, method: Method) -> Protocol:
@@ -655,8 +658,7 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
                             paths: RunPaths, seed: int, deterministic: bool,
                             tag: str) -> dict[int, float]:
     """Train step ``t`` and evaluate it; returns the IoU per seen class id (NaN: not in the GT)."""
-    step_seed = derive_seed(seed, t)
-    set_random_seed(step_seed, deterministic=deterministic)  # the model's initialisation
+    step_seed = seed_step(seed, t, deterministic)
     model = build_model(cfg, method.model_type, protocol, t)
     if t > 0:
         attach_previous_step(model, build_model(cfg, method.model_type, protocol, t - 1),
@@ -684,8 +686,7 @@ def evaluate_saved_step(cfg: Config, method: Method, protocol: Protocol, t: int,
     """Score step ``t``'s saved weights as ``protocol`` scores, training nothing (a cached
     step 0 trained under a protocol that scores otherwise); returns as
     ``train_and_evaluate_step``."""
-    step_seed = derive_seed(seed, t)
-    set_random_seed(step_seed, deterministic=deterministic)
+    step_seed = seed_step(seed, t, deterministic)
     model = build_model(cfg, method.model_type, protocol, t)
     model.load_state_dict(_read_step_weights(paths, t))
     prepare_model(model, effective_speed(cfg), training_device())
