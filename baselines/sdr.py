@@ -272,10 +272,14 @@ class SDR(LwF):
         self.prototype_counts.copy_(counts)
 
     def compute_losses(self, out: dict, old: dict | None, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The losses of one batch, after its update of the class prototypes: as in the
+        reference, they see this batch's update."""
+        labels_down = downsample_labels(targets, out['body'][-1].shape[-2:])
+        if self.updates_prototypes():
+            self.update_prototypes(out['body'][-1], labels_down)
         losses = super().compute_losses(out, old, targets)
         feats = out['body'][-1].float()  # the latent losses in fp32 under autocast too
         zero = feats.new_zeros(())
-        labels_down = downsample_labels(targets, feats.shape[-2:])
         incremental = self.step > 0
         pm = fc = sep = fs = zero
         if incremental and old is not None and self.loss_de_prototypes > 0:
@@ -290,15 +294,6 @@ class SDR(LwF):
             fs = self.loss_featspars * sparsification_loss(feats, labels_down)
         losses.update(loss_pm=pm, loss_fc=fc, loss_sep=sep, loss_fs=fs)
         return losses
-
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.encode_decode(inputs)          # the student, once per batch
-        old = self.teacher_outputs(inputs)        # under torch.no_grad()
-        if self.updates_prototypes():
-            # before the losses, as the reference: they see this batch's update
-            feats = out['body'][-1]
-            self.update_prototypes(feats, downsample_labels(targets, feats.shape[-2:]))
-        return self.compute_losses(out, old, targets)
 
 
 @register_method('sdr+mib')
