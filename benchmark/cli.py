@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 from .errors import RaisedByMainProcess, UserError, comma_list, refuse_repeats
 from .store import DEFAULT_RESULTS
+from .synth import SYNTH_DEFAULTS
 
 if TYPE_CHECKING:
     from .protocols import Protocol
 
-FORMATS = ('md', 'csv', 'latex')
+FORMATS = ('md', 'csv', 'latex')   # tables.FORMATS, which imports pandas (seconds): not for --help
 DATA_ROOT_HELP = ('dataset folder (default: for dataset synth the generated one, for voc '
                   '$CSSBENCH_VOC_ROOT, for ade $CSSBENCH_ADE_ROOT)')
 
@@ -77,14 +78,15 @@ def cmd_run(args) -> None:
     if several:
         _check_runs_before_training(args, runs)
     for given, seed, method, run_name in runs:
-        results = run_protocol(given, method, config=args.config, data_root=args.data_root,
-                               epochs=args.epochs, results_root=args.results, work_dir=args.work_dir,
-                               run_name=run_name, seed=seed, overwrite=args.overwrite,
-                               resume=args.resume and not several, keep_complete=several,
-                               deterministic=args.deterministic,
-                               keep_epoch_checkpoints=args.keep_epoch_checkpoints,
-                               step0_cache=not args.no_step0_cache,
-                               compile=args.compile, fp32=args.fp32)
+        with _advising_one_of_several(args, several, given, seed, method, run_name):
+            results = run_protocol(given, method, config=args.config, data_root=args.data_root,
+                                   epochs=args.epochs, results_root=args.results,
+                                   work_dir=args.work_dir, run_name=run_name, seed=seed,
+                                   overwrite=args.overwrite, resume=args.resume and not several,
+                                   keep_complete=several, deterministic=args.deterministic,
+                                   keep_epoch_checkpoints=args.keep_epoch_checkpoints,
+                                   step0_cache=not args.no_step0_cache,
+                                   compile=args.compile, fp32=args.fp32)
         print(format_step_table(protocols[given].name, method, results))
     if several and is_main_process():  # rank 0 reads the store
         for protocol in protocols.values():
@@ -148,11 +150,31 @@ def _check_runs_before_training(args, runs: list[tuple]) -> None:
     data_checked = set()   # the data checks read the protocol, its drawn order, joint or not
     for given, seed, method, run_name in runs:
         data = (given, seed, get_method(method).joint)
-        if check_run_inputs(given, method, config=args.config, data_root=args.data_root,
-                            epochs=args.epochs, results_root=args.results, run_name=run_name,
-                            seed=seed, deterministic=args.deterministic,
-                            overwrite=args.overwrite, check_data=data not in data_checked):
-            data_checked.add(data)
+        with _advising_one_of_several(args, True, given, seed, method, run_name):
+            if check_run_inputs(given, method, config=args.config, data_root=args.data_root,
+                                epochs=args.epochs, results_root=args.results, run_name=run_name,
+                                seed=seed, deterministic=args.deterministic,
+                                overwrite=args.overwrite, check_data=data not in data_checked):
+                data_checked.add(data)
+
+
+@contextlib.contextmanager
+def _advising_one_of_several(args, several: bool, given: str, seed: int, method: str,
+                             run_name: str | None):
+    """A refusal of one run of a command of several that advises --overwrite: given to that
+    command, --overwrite would train every run again, complete ones included; the refusal
+    names the command of that run alone instead."""
+    try:
+        yield
+    except UserError as e:
+        if not several or args.overwrite or isinstance(e, RaisedByMainProcess) or '--overwrite' not in str(e):
+            raise
+        alone = f'--protocol {given} --method {method} --seed {seed}'
+        if run_name:
+            alone += f' --run-name {run_name}'
+        raise UserError(f'{e} (with several runs, --overwrite would train every one again: '
+                        f'to start this one over, give it to a command of this run alone, '
+                        f'{alone})') from None
 
 
 def load_protocols(text: str) -> dict[str, Protocol]:
@@ -295,10 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('make-synth', help='generate the synthetic dataset in the VOC layout')
     p.add_argument('--out', required=True)
-    p.add_argument('--n-train', type=int, default=2000, help='training images (default: 2000)')
-    p.add_argument('--n-val', type=int, default=300, help='validation images (default: 300)')
-    p.add_argument('--size', type=int, default=64, help='image side in pixels (default: 64; 512 for GPU work)')
-    p.add_argument('--seed', type=seed_value, default=0, help='default: 0')
+    p.add_argument('--n-train', type=int, default=SYNTH_DEFAULTS['n_train'],
+                   help='training images (default: %(default)s)')
+    p.add_argument('--n-val', type=int, default=SYNTH_DEFAULTS['n_val'],
+                   help='validation images (default: %(default)s)')
+    p.add_argument('--size', type=int, default=SYNTH_DEFAULTS['size'],
+                   help='image side in pixels (default: %(default)s; 512 for GPU work)')
+    p.add_argument('--seed', type=seed_value, default=SYNTH_DEFAULTS['seed'], help='default: %(default)s')
     p.add_argument('--workers', type=int, default=1,
                    help='processes that draw the images (default: 1; the same files for any number)')
     p.set_defaults(func=cmd_make_synth)

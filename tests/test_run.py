@@ -279,6 +279,18 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
     assert '--work-dir holds the checkpoints of one run' in capsys.readouterr().err
     assert not (tmp_path / 'w').exists()
 
+    # One of several refused with advice to --overwrite it: given to this command, --overwrite
+    # would train the other, complete, run again too; the advice names the run's own command.
+    assert main([*run, '--method', 'ft,joint', '--epochs', '2']) == 2
+    assert capsys.readouterr().err == (
+        f'cssbench: error: {ft_record.parent}: a run with another config is stored there; pass '
+        f'--overwrite to replace it or --run-name to keep both (with several runs, --overwrite '
+        f'would train every one again: to start this one over, give it to a command of this run '
+        f'alone, --protocol synth-15-5-overlap --method ft --seed 0)\n')
+    assert main([*run, '--method', 'ft', '--epochs', '2']) == 2   # one run: the advice as it is
+    assert capsys.readouterr().err.endswith('--overwrite to replace it or --run-name to keep both\n')
+    assert ft_record.stat().st_mtime_ns == written
+
 
 def test_a_command_runs_several_protocols_which_share_their_step0(synth32, config32, tmp_path,
                                                                   capsys, monkeypatch):
