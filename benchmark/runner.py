@@ -452,10 +452,12 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
                     method=method.name, config_digest=digest, seed=seed)
     _check_work_dir(paths, identity, overwrite)
+    num_steps = steps_of(protocol, method).num_steps
+    if not overwrite:   # --overwrite clears the finished steps
+        _check_finished_step_weights(paths, num_steps)
     speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
     if continued:
-        _check_unfinished_step_processes(paths, steps_of(protocol, method).num_steps,
-                                         speed['world_size'])
+        _check_unfinished_step_processes(paths, num_steps, speed['world_size'])
     return _CheckedRun(previous, identity, speed, index, splits)
 
 
@@ -483,6 +485,16 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
     elif resume and not run_file.exists():
         raise UserError(f'{paths.results}: no run to resume')
     return previous
+
+
+def _check_finished_step_weights(paths: RunPaths, num_steps: int) -> None:
+    """Refuse a run whose finished step's weights are not in its work dir (another work dir,
+    or weights deleted): a step's weights are written before its metrics."""
+    for t in range(num_steps):
+        if paths.step_metrics(t).exists() and not paths.step_weights(t).exists():
+            raise UserError(f'{paths.step_metrics(t)}: step {t} is done, but its weights are not '
+                            f'in {paths.work}: give the --work-dir it was trained in (or '
+                            f'--overwrite)')
 
 
 def _check_same_data(paths: RunPaths, previous: dict, index: DatasetIndex) -> None:
@@ -644,14 +656,8 @@ def _clear_step_work(work: Path, keep_epoch_checkpoints: bool) -> None:
 
 @decided_by_main
 def _stored_step_result(paths: RunPaths, t: int) -> dict | None:
-    """Step t's metrics if the step finished before (its weights and metrics exist). A step's
-    weights are written before its metrics: metrics alone mean another work dir."""
-    if not paths.step_metrics(t).exists():
-        return None
-    if not paths.step_weights(t).exists():
-        raise UserError(f'{paths.step_metrics(t)}: step {t} is done, but its weights are not in '
-                        f'{paths.work}: give the --work-dir it was trained in (or --overwrite)')
-    return read_json(paths.step_metrics(t))
+    """Step t's metrics if the step finished before (its weights ``_check_run`` found)."""
+    return read_json(paths.step_metrics(t)) if paths.step_metrics(t).exists() else None
 
 
 def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,

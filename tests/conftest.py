@@ -1,7 +1,8 @@
-"""Shared fixtures: the CPU for every test but the GPU ones, an isolated cache folder, and a
-tiny Pascal VOC tree writer."""
+"""Shared fixtures: the CPU for every test but the GPU ones, an isolated cache folder, a tiny
+Pascal VOC tree writer; and a run made one that stopped mid-way."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +89,17 @@ def join_val_images_in_pairs(voc: Path) -> None:
         joined = Image.fromarray(np.concatenate([np.asarray(mask), np.asarray(next_mask)], axis), 'P')
         joined.putpalette(mask.getpalette())
         joined.save(png)
+
+
+def stop_run_in_step(run_dir: Path, work: Path, t: int, steps: int = 2) -> None:
+    """Make a run of ``steps`` steps one stopped in step ``t`` after its last epoch checkpoint
+    (kept with --keep-epoch-checkpoints): the steps from ``t`` on have neither weights nor
+    metrics."""
+    for step in range(t, steps):
+        (run_dir / 'steps' / f'step{step}.json').unlink(missing_ok=True)
+        (work / f'step{step}' / 'model.pth').unlink(missing_ok=True)
+    run = json.loads((run_dir / 'run.json').read_text())
+    (run_dir / 'run.json').write_text(json.dumps(dict(run, status='running')))
 
 
 @pytest.fixture

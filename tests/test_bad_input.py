@@ -13,7 +13,7 @@ import pytest
 
 from cssbench.cli import main
 from cssbench.synth import make_synth
-from conftest import make_voc_tree, mask_with
+from conftest import make_voc_tree, mask_with, stop_run_in_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
@@ -435,6 +435,24 @@ def test_a_work_dir_that_cannot_be_made_is_named_and_leaves_no_run_folder(capsys
                 '--results', str(results), '--work-dir', str(tmp_path / 'a-file' / 'work'))
     assert err == f"cssbench: error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'work'}'"
     assert not results.exists()
+
+
+def test_a_run_continued_in_another_work_dir_is_refused_before_it_writes(capsys, tmp_path, tiny_run):
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
+            '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results'),
+            '--keep-epoch-checkpoints', '--no-step0-cache']
+    run_dir = tmp_path / 'results' / 'synth-19-1-overlap' / 'ft' / 'tiny-seed0'
+    trained_in, other = tmp_path / 'work', tmp_path / 'other'
+    assert main([*args, '--work-dir', str(trained_in)]) == 0
+    capsys.readouterr()
+    stop_run_in_step(run_dir, trained_in, 1)   # step 0's weights are in the work dir it trained in
+    record = (run_dir / 'run.json').read_bytes()
+    assert fails(capsys, *args, '--work-dir', str(other)) == (
+        f'cssbench: error: {run_dir / "steps" / "step0.json"}: step 0 is done, but its weights '
+        f'are not in {other}: give the --work-dir it was trained in (or --overwrite)')
+    assert (run_dir / 'run.json').read_bytes() == record
+    assert not other.exists()
 
 
 def test_a_step_stopped_mid_way_continues_only_with_as_many_processes(capsys, tmp_path, tiny_run):

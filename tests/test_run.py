@@ -206,10 +206,11 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
     (run_dir / 'steps' / 'step1.json').unlink()
     (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
     (run_dir / 'work' / 'step0' / 'model.pth').unlink()
-    step0 = (run_dir / 'steps' / 'step0.json').read_bytes()
+    step0, stored = ((run_dir / name).read_bytes() for name in ('steps/step0.json', 'run.json'))
     with pytest.raises(UserError, match=r'step0.json: step 0 is done, but its weights are not in '):
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
     assert (run_dir / 'steps' / 'step0.json').read_bytes() == step0
+    assert (run_dir / 'run.json').read_bytes() == stored   # refused before this session began
     (run_dir / 'work' / 'step0' / 'model.pth').write_bytes(b'damaged')
     with pytest.raises(UserError, match=r'step0/model.pth: cannot read these weights \('):
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
