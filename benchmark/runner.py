@@ -35,7 +35,7 @@ from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main,
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
 from .errors import UserError
 from .hooks import CLOCK_FILE, earlier_training_seconds, processes_training
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .io import atomic_path, atomic_write_json, atomic_write_text, read_json_or_none
 from .methods import Method, get_method, registered_methods
 from .metrics import range_label, summarize_step
 from .models import read_state_dict
@@ -408,9 +408,9 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     run = dict(protocol=protocol.to_dict(), method=method.name, joint=method.joint, run=run_name,
                seed=seed, deterministic=deterministic, config_name=config, config=cfg.to_dict(),
                config_digest=identity['config_digest'], data_root=str(index.root),
-               dataset_fingerprint=index.fingerprint, git_revision=git_revision(),
-               environment=environment(), speed=checked.speed, status='running',
-               started=time.strftime('%Y-%m-%dT%H:%M:%S'))
+               dataset_fingerprint=index.fingerprint, work_dir=str(paths.work.resolve()),
+               git_revision=git_revision(), environment=environment(), speed=checked.speed,
+               status='running', started=time.strftime('%Y-%m-%dT%H:%M:%S'))
     earlier_speeds = []
     if previous is not None:   # continued: it started then; this session's code and machine above
         run.update(started=previous.get('started', run['started']),
@@ -453,6 +453,8 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
                     method=method.name, config_digest=digest, seed=seed)
     _check_work_dir(paths, identity, overwrite)
     num_steps = steps_of(protocol, method).num_steps
+    if continued:
+        _check_trained_work_dir(paths, previous, identity)
     if not overwrite:   # --overwrite clears the finished steps
         _check_finished_step_weights(paths, num_steps)
     speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
@@ -485,6 +487,22 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
     elif resume and not run_file.exists():
         raise UserError(f'{paths.results}: no run to resume')
     return previous
+
+
+def _check_trained_work_dir(paths: RunPaths, previous: dict, identity: dict) -> None:
+    """Refuse to continue a run in another work dir than the one it trained in while that one
+    still holds its checkpoints (its marker names this run): this session would miss them,
+    and train a step stopped mid-way again from its start. Checkpoints moved elsewhere leave
+    none there; a run folder moved or copied with its default work dir leaves one whose
+    marker names the old folder."""
+    trained_in = previous.get('work_dir')   # older records name none
+    if not isinstance(trained_in, str) or Path(trained_in) == paths.work.resolve():
+        return
+    marked_run = read_json_or_none(Path(trained_in) / WORK_MARKER, lambda marker: marker['run'])
+    if marked_run == identity['run']:
+        raise UserError(f'{paths.results}: its checkpoints are in {trained_in}, the work dir it '
+                        f'trained in: give --work-dir {trained_in}, or move that folder to '
+                        f'{paths.work} first (or --overwrite)')
 
 
 def _check_finished_step_weights(paths: RunPaths, num_steps: int) -> None:

@@ -446,13 +446,35 @@ def test_a_run_continued_in_another_work_dir_is_refused_before_it_writes(capsys,
     trained_in, other = tmp_path / 'work', tmp_path / 'other'
     assert main([*args, '--work-dir', str(trained_in)]) == 0
     capsys.readouterr()
-    stop_run_in_step(run_dir, trained_in, 1)   # step 0's weights are in the work dir it trained in
-    record = (run_dir / 'run.json').read_bytes()
-    assert fails(capsys, *args, '--work-dir', str(other)) == (
+    refusal = (f'cssbench: error: {run_dir}: its checkpoints are in {trained_in.resolve()}, the '
+               f'work dir it trained in: give --work-dir {trained_in.resolve()}, or move that '
+               f'folder to {other} first (or --overwrite)')
+
+    def refused_leaving_all_as_it_was(expected: str) -> None:
+        record = (run_dir / 'run.json').read_bytes()
+        assert fails(capsys, *args, '--work-dir', str(other)) == expected
+        assert (run_dir / 'run.json').read_bytes() == record
+        assert not other.exists()
+
+    stop_run_in_step(run_dir, trained_in, 1)   # step 0's weights are in the work dir it names
+    refused_leaving_all_as_it_was(refusal)
+    # A record from before run.json named its work dir: refused for the finished step's weights
+    run = json.loads((run_dir / 'run.json').read_text())
+    (run_dir / 'run.json').write_text(json.dumps({k: v for k, v in run.items() if k != 'work_dir'}))
+    refused_leaving_all_as_it_was(
         f'cssbench: error: {run_dir / "steps" / "step0.json"}: step 0 is done, but its weights '
         f'are not in {other}: give the --work-dir it was trained in (or --overwrite)')
-    assert (run_dir / 'run.json').read_bytes() == record
-    assert not other.exists()
+    # No step finished: step 0's epoch checkpoint would be missed, the step trained from its start
+    (run_dir / 'run.json').write_text(json.dumps(run))
+    stop_run_in_step(run_dir, trained_in, 0)
+    refused_leaving_all_as_it_was(refusal)
+    # Checkpoints moved: the run continues where they are, from step 0's epoch checkpoint
+    trained_in.rename(other)
+    assert main([*args, '--work-dir', str(other)]) == 0
+    assert f'Loads checkpoint by local backend from path: {other / "step0" / "epoch_1.pth"}' in \
+        capsys.readouterr().out
+    run = json.loads((run_dir / 'run.json').read_text())
+    assert (run['status'], run['work_dir']) == ('complete', str(other.resolve()))
 
 
 def test_a_step_stopped_mid_way_continues_only_with_as_many_processes(capsys, tmp_path, tiny_run):

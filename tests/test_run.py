@@ -27,7 +27,7 @@ from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
 from cssbench.transforms import EvalTransform
-from conftest import join_val_images_in_pairs
+from conftest import join_val_images_in_pairs, stop_run_in_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
@@ -241,6 +241,28 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
         else:
             with pytest.raises(UserError, match=f'fingerprint {legacy}'):
                 run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+
+
+def test_a_copied_run_folder_continues_in_its_own_work_dir(synth32, config32, tmp_path):
+    """The work dir run.json names, the original's, still holds its checkpoints, but its marker
+    names the original run folder: the copy continues in its own default work dir (a moved
+    run folder leaves no work dir behind)."""
+    kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1, run_name='r',
+                  keep_epoch_checkpoints=True, step0_cache=False)
+    run_protocol('synth-15-5-overlap', 'ft', results_root=tmp_path / 'results',
+                 log=lambda *a: None, **kwargs)
+    original, copy = (tmp_path / root / 'synth-15-5-overlap' / 'ft' / 'r'
+                      for root in ('results', 'copy'))
+    stop_run_in_step(original, original / 'work', 1)
+    shutil.copytree(tmp_path / 'results', tmp_path / 'copy')
+    stored = (original / 'run.json').read_bytes()
+    messages = []
+    assert len(run_protocol('synth-15-5-overlap', 'ft', results_root=tmp_path / 'copy',
+                            log=messages.append, **kwargs)) == 2
+    assert any('step 0: done before' in m for m in messages)
+    run = json.loads((copy / 'run.json').read_text())
+    assert (run['status'], run['work_dir']) == ('complete', str((copy / 'work').resolve()))
+    assert (original / 'run.json').read_bytes() == stored
 
 
 def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
