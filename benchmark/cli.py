@@ -68,10 +68,11 @@ def cmd_make_synth(args) -> None:
 
 
 def cmd_run(args) -> None:
+    parent = os.getppid()   # before the imports (seconds): under torchrun, its agent
     from .distributed import decided_by_main, is_main_process, start_from_env
     from .runner import run_protocol
     from .tables import format_step_table
-    start_from_env()  # under torchrun: join the run's processes (rank 0 alone prints and writes)
+    start_from_env(parent)  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     # Every input is checked before the first step trains; under torchrun, by rank 0 for all.
     protocols, runs = decided_by_main(_planned_runs)(args)
     several = len(runs) > 1

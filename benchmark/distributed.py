@@ -8,8 +8,10 @@ Without torchrun (or with one process) every function here is a no-op.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import os
+import signal
 import sys
 import warnings
 
@@ -19,13 +21,16 @@ import torch.distributed as dist
 from .errors import RaisedByMainProcess, UserError
 
 
-def start_from_env() -> int:
+def start_from_env(parent: int) -> int:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK); returns the number of processes. NCCL with one GPU per process on CUDA,
     gloo on CPU. Ranks other than 0 print nothing, warnings included: rank 0 speaks for the
-    run (an error of their own they still report)."""
+    run (an error of their own they still report). ``parent``: the process that started this
+    one (torchrun's agent), read before anything slow; this process ends when it dies
+    (``end_with_parent``)."""
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or dist.is_initialized():
         return world_size()
+    end_with_parent(parent)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
     dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
@@ -36,6 +41,23 @@ def start_from_env() -> int:
         sys.stdout = open(os.devnull, 'w')
         warnings.simplefilter('ignore')
     return world_size()
+
+
+PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
+
+
+def end_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when ``parent``, the process that started it,
+    dies. torchrun's agent stops its workers when it is stopped, but killed with SIGKILL (by a
+    scheduler, the OOM killer) it cannot: they would train on alone, holding their GPUs and
+    the run. Linux only; elsewhere nothing."""
+    if not sys.platform.startswith('linux'):
+        return
+    # The signal comes when the thread that started this process ends: torchrun's agent starts
+    # its workers from its main thread, which lives as long as the agent.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:   # it died before it could be asked: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def world_size() -> int:

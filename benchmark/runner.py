@@ -318,7 +318,7 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     Re-running the same call continues a run that stopped; ``resume=True`` insists on it. A
     complete run is refused unless ``overwrite`` (trained again) or ``keep_complete`` (its
     stored metrics are returned). ``compile`` and ``fp32`` are the run flags of the speed
-    settings (``speed.py``). Under torchrun (``distributed.start_from_env()`` first) every
+    settings (``speed.py``). Under torchrun (``distributed.start_from_env`` first) every
     process calls it; rank 0 writes.
     """
     protocol, method, run_name, results_dir = locate_run(protocol_name, method_name, results_root,

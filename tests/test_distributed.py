@@ -3,11 +3,14 @@ SDR through two steps, rank 0 alone writes, the metrics are those of the saved m
 state methods derive from the data is summed over the processes."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +120,81 @@ def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth
     ddp_weights, alone_weights = (torch.load(results / PROTOCOL / 'sdr' / name / 'work' / 'step0' /
                                              'model.pth', weights_only=True) for name in ('ddp', 'alone'))
     assert not all(torch.equal(ddp_weights[k], alone_weights[k]) for k in ddp_weights)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and those they started, as /proc shows them now."""
+    children: dict[int, list[int]] = {}
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            ppid = int(stat.read_text().rsplit(')', 1)[1].split()[1])
+        except OSError:   # ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, parents = [], [pid]
+    while parents:
+        started = children.get(parents.pop(), [])
+        found += started
+        parents += started
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+only_on_linux = pytest.mark.skipif(not sys.platform.startswith('linux'),
+                                   reason='a process ends with its parent on Linux only')
+
+
+@only_on_linux
+def test_the_processes_of_a_run_end_when_torchrun_is_killed(synth32, tmp_path):
+    """torchrun's agent killed with SIGKILL (by a scheduler, the OOM killer) cannot stop its
+    workers: they end themselves, their loader workers after them, and the run is left to be
+    continued."""
+    config = tmp_path / 'tiny.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "data = dict(crop_size=32, batch_size=8, num_workers=1)\n")
+    run_dir = tmp_path / 'results' / PROTOCOL / 'ft' / 'killed'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
+           f'--master_port={free_port()}', '-m', 'cssbench', 'run', '--protocol', PROTOCOL,
+           '--config', str(config), '--data-root', str(synth32), '--epochs', '50',
+           '--results', str(tmp_path / 'results'), '--run-name', 'killed']
+    log = tmp_path / 'log'
+    with open(log, 'w') as out:
+        launcher = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), cwd=tmp_path,
+                                    stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not (run_dir / 'work' / 'step0' / 'epoch_1.pth').exists():   # mid-way through step 0
+        assert launcher.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.05)
+    started = _descendants(launcher.pid)
+    assert len(started) >= 4, started   # two workers, a loader worker each
+    launcher.kill()
+    launcher.wait()
+    try:
+        deadline = time.time() + 20   # a loader worker notices its worker gone within 5 s
+        while any(map(_running, started)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in started if _running(pid)], log.read_text()
+    finally:
+        for pid in filter(_running, started):
+            os.kill(pid, signal.SIGKILL)
+    with open(run_dir / '.lock', 'w') as lock:   # gone with rank 0: a rerun continues the run
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@only_on_linux
+def test_a_process_whose_parent_died_before_it_asked_to_end_with_it_ends():
+    # a process is never its own parent: as if the parent had died (the process been adopted)
+    code = ('import os; from cssbench.distributed import end_with_parent; '
+            'end_with_parent(os.getpid()); print("went on")')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (-signal.SIGTERM, '')
 
 
 def _prototype_update_on_half_batch(rank: int, port: int, features, labels, out) -> None:
