@@ -135,14 +135,16 @@ class StepClockHook(Hook):
     """Keeps a step's training time over every session in its work dir, and the number of
     processes training it: written as training starts, and at each epoch's end (after the
     epoch's checkpoint). A resumed step's wall time then counts the sessions before the one
-    that finishes it."""
+    that finishes it. A step resumed after its last epoch trains nothing: its clock stays
+    as it was, naming the processes that trained it."""
 
     priority = 'LOWEST'   # after CheckpointHook's VERY_LOW
 
     def before_train(self, runner) -> None:
         self._earlier = earlier_training_seconds(runner.work_dir)
         self._start = time.time()
-        self._write(runner, self._earlier)   # the checkpoints from now on are these processes'
+        if runner.epoch < runner.max_epochs:
+            self._write(runner, self._earlier)   # the checkpoints from now on are these processes'
 
     def after_train_epoch(self, runner) -> None:
         self._write(runner, round(self._earlier + time.time() - self._start, 1))

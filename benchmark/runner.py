@@ -191,21 +191,32 @@ def save_weights(model, path: Path) -> None:
         torch.save(model.state_dict(), tmp)
 
 
+def _epoch_checkpoints(work_dir: Path) -> list[tuple[int, Path, bool]]:
+    """A step's epoch checkpoints, oldest first: each one's epoch, file, and whether it is
+    complete. mmengine writes a checkpoint in place, not atomically: a kill can leave one
+    truncated. torch.save writes a zip archive, whose directory is at its end, so a truncated
+    one is not a valid zip."""
+    return sorted((int(m.group(1)), f, zipfile.is_zipfile(f)) for f in work_dir.glob('epoch_*.pth')
+                  if (m := re.fullmatch(r'epoch_(\d+)\.pth', f.name)))
+
+
+def _newest_complete_epoch(work_dir: Path) -> int | None:
+    """The epoch a step resumes after: its newest complete checkpoint's; None if none."""
+    complete = [epoch for epoch, _, whole in _epoch_checkpoints(work_dir) if whole]
+    return complete[-1] if complete else None
+
+
 @decided_by_main
 def repair_last_checkpoint(work_dir: Path) -> bool:
-    """Point mmengine's ``last_checkpoint`` at the newest complete epoch checkpoint.
-
-    mmengine writes a checkpoint and then the pointer in place, neither atomically: a kill
-    can leave a truncated checkpoint or an empty pointer. torch.save writes a zip archive,
-    whose directory is at its end, so a truncated one is not a valid zip. Returns whether
-    there is a checkpoint to resume from.
+    """Point mmengine's ``last_checkpoint`` at the newest complete epoch checkpoint, and delete
+    the incomplete ones. mmengine writes the pointer after the checkpoint, in place: a kill
+    can leave it empty. Returns whether there is a checkpoint to resume from.
     """
     pointer = work_dir / 'last_checkpoint'
-    epochs = sorted((int(m.group(1)), f) for f in work_dir.glob('epoch_*.pth')
-                    if (m := re.fullmatch(r'epoch_(\d+)\.pth', f.name)))
-    complete = [f for _, f in epochs if zipfile.is_zipfile(f)]
-    for _, f in epochs:
-        if f not in complete:
+    checkpoints = _epoch_checkpoints(work_dir)
+    complete = [f for _, f, whole in checkpoints if whole]
+    for _, f, whole in checkpoints:
+        if not whole:
             f.unlink()
     if not complete:
         pointer.unlink(missing_ok=True)
@@ -459,7 +470,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
         _check_finished_step_weights(paths, num_steps)
     speed = speed_record(cfg)   # refuses a batch that the processes cannot share equally
     if continued:
-        _check_unfinished_step_processes(paths, num_steps, speed['world_size'])
+        _check_unfinished_step_processes(paths, num_steps, cfg.schedule.epochs, speed['world_size'])
     return _CheckedRun(previous, identity, speed, index, splits)
 
 
@@ -526,13 +537,15 @@ def _check_same_data(paths: RunPaths, previous: dict, index: DatasetIndex) -> No
                         f'(--data-root), or --overwrite it')
 
 
-def _check_unfinished_step_processes(paths: RunPaths, num_steps: int, processes: int) -> None:
+def _check_unfinished_step_processes(paths: RunPaths, num_steps: int, epochs: int,
+                                     processes: int) -> None:
     """Refuse to continue a step stopped mid-way with another number of processes (torchrun)
     than trained it: its epoch checkpoint's schedule counts the iterations of an epoch
-    shared by that many."""
+    shared by that many. A step stopped after its last epoch (``epochs``), in evaluation,
+    trains no more: any number of processes evaluates it alike."""
     for t in range(num_steps):
         work = paths.step_work(t)
-        if paths.step_metrics(t).exists() or not any(work.glob('epoch_*.pth')):
+        if paths.step_metrics(t).exists() or _newest_complete_epoch(work) in (None, epochs):
             continue
         trained_by = processes_training(work)
         if trained_by not in (None, processes):
@@ -618,7 +631,10 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     if cached is None:
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
                                       deterministic, tag)
-        if step0_key and is_main_process():
+        # The key names this session's processes: not those that trained a step 0 that this
+        # session resumed after its last epoch, only to evaluate it.
+        trained_here = processes_training(paths.step_work(t)) == world_size()
+        if step0_key and trained_here and is_main_process():
             step0.store(step0_key, weights, paths.results, round(time.time() - step_start, 1),
                         log)
             step0.store_iou(step0_key, steps_protocol, weights, paths.results, iou, log)

@@ -480,13 +480,16 @@ def test_a_run_continued_in_another_work_dir_is_refused_before_it_writes(capsys,
 def test_a_step_stopped_mid_way_continues_only_with_as_many_processes(capsys, tmp_path, tiny_run):
     data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
     args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
-            '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results'),
+            '--data-root', str(data), '--epochs', '2', '--results', str(tmp_path / 'results'),
             '--keep-epoch-checkpoints']
     assert main(args) == 0
     capsys.readouterr()
-    # as if two torchrun processes had stopped in step 1 after its first epoch
+    # as if two torchrun processes had stopped in step 1 while writing its last epoch's
+    # checkpoint (of two): it continues after its first epoch
     run_dir = tmp_path / 'results' / 'synth-19-1-overlap' / 'ft' / 'tiny-seed0'
     (run_dir / 'steps' / 'step1.json').unlink()
+    last = run_dir / 'work' / 'step1' / 'epoch_2.pth'
+    last.write_bytes(last.read_bytes()[:1000])
     run = json.loads((run_dir / 'run.json').read_text())
     (run_dir / 'run.json').write_text(json.dumps(dict(run, status='running')))
     (run_dir / 'work' / 'step1' / 'clock.json').write_text('{"train_seconds": 1.0, "processes": 2}')

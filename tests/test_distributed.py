@@ -69,7 +69,8 @@ def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
                f'--master_port={free_port()}', '-m', 'cssbench', 'run', '--protocol', protocol,
                '--method', 'sdr', '--config', str(config), '--data-root', str(synth32),
-               '--epochs', '1', '--results', str(results), '--run-name', 'ddp']
+               '--epochs', '1', '--results', str(results), '--run-name', 'ddp',
+               '--keep-epoch-checkpoints']
         env = dict(os.environ, OMP_NUM_THREADS='1')
         proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
         assert (proc.returncode == 0) == succeeds, proc.stdout + proc.stderr
@@ -94,6 +95,22 @@ def test_two_processes_train_sdr_and_rank0_writes_the_saved_models_metrics(synth
     assert stored.keys() == alone.keys()
     for c in stored:
         assert stored[c] == pytest.approx(alone[c], abs=1e-6, nan_ok=True), c
+
+    # Stopped in step 1's evaluation (its last epoch's checkpoint written, not yet its weights
+    # or metrics), the run is finished by one process, which only evaluates that checkpoint:
+    # to the same weights and metrics.
+    step1 = run_dir / 'work' / 'step1'
+    trained = torch.load(step1 / 'model.pth', weights_only=True)
+    (step1 / 'model.pth').unlink()
+    (run_dir / 'steps' / 'step1.json').unlink()
+    (run_dir / 'run.json').write_text(json.dumps(dict(run, status='running')))
+    (step1 / 'clock.json').write_text('{"train_seconds": 1.0, "processes": 2}')   # StepClockHook's
+    finished = run_protocol(PROTOCOL, 'sdr', config=str(config), data_root=str(synth32), epochs=1,
+                            results_root=results, run_name='ddp', progress=False,
+                            log=lambda *a: None)
+    assert finished[1] == dict(steps[1], wall_time_s=finished[1]['wall_time_s'])
+    evaluated = torch.load(step1 / 'model.pth', weights_only=True)
+    assert all(torch.equal(evaluated[k], trained[k]) for k in trained)
 
     # A protocol that scores otherwise takes that step 0 from the step-0 cache, and the two
     # processes evaluate it, untrained, as one process does.

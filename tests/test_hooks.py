@@ -57,7 +57,7 @@ def test_epoch_keyed_sampler_yields_the_epoch_with_default_samplers_order():
 
 
 def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypatch):
-    runner = SimpleNamespace(work_dir=str(tmp_path))
+    runner = SimpleNamespace(work_dir=str(tmp_path), epoch=0, max_epochs=4)
     now = [1000.0]
     monkeypatch.setattr(hooks.time, 'time', lambda: now[0])
     assert earlier_training_seconds(tmp_path) == 0.0   # never trained
@@ -71,9 +71,16 @@ def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypa
     assert earlier_training_seconds(tmp_path) == 60.0
     assert processes_training(tmp_path) == 1   # which the epoch checkpoints need to continue
     resumed = StepClockHook()
+    runner.epoch = 2
     resumed.before_train(runner)
     now[0] += 45
     resumed.after_train_epoch(runner)
     assert earlier_training_seconds(tmp_path) == 105.0
+    # Resumed after its last epoch by two processes, it trains nothing: the checkpoints stay
+    # those one process wrote.
+    monkeypatch.setattr(hooks, 'world_size', lambda: 2)
+    runner.epoch = 4
+    StepClockHook().before_train(runner)
+    assert (processes_training(tmp_path), earlier_training_seconds(tmp_path)) == (1, 105.0)
     (tmp_path / 'clock.json').write_text('{"train_seconds": ')   # cut short: counts as none
     assert earlier_training_seconds(tmp_path) == 0.0

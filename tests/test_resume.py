@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cssbench.errors import UserError
 from cssbench.runner import repair_last_checkpoint, run_protocol
@@ -166,3 +168,40 @@ def test_deterministic_runs_repeat_bit_for_bit(setup, tmp_path):
     record = json.loads((tmp_path / 'a' / PROTOCOL / 'ft' / 'tiny-seed0' / 'run.json').read_text())
     assert record['deterministic'] is True and record['seed'] == 0
     assert record['dataset_fingerprint'] and record['environment']['torch'] and record['config']
+
+
+def test_a_step_stopped_in_its_evaluation_continues_with_any_number_of_processes(
+        setup, tmp_path, isolated_cache, capsys):
+    """After its last epoch a step trains no more: a rerun under another number of processes
+    (torchrun) only evaluates it, to the numbers of the run that was not stopped, and keeps it
+    out of the step-0 cache, whose key names the processes that train a step 0."""
+    def run() -> list[dict]:
+        steps = run_protocol(PROTOCOL, 'ft', config=str(setup['config']),
+                             data_root=str(setup['data']), epochs=2, results_root=tmp_path,
+                             run_name='r', keep_epoch_checkpoints=True, progress=False,
+                             log=lambda *a: None)
+        return [{k: v for k, v in s.items() if k != 'wall_time_s'} for s in steps]
+
+    def weights() -> list[dict]:
+        return [torch.load(work / f'step{t}' / 'model.pth', weights_only=True) for t in (0, 1)]
+
+    uninterrupted = run()
+    run_dir = tmp_path / PROTOCOL / 'ft' / 'r'
+    work = run_dir / 'work'
+    uninterrupted_weights = weights()
+    # as if two torchrun processes had stopped in step 0's evaluation: its last epoch's
+    # checkpoint written, not yet its weights or metrics
+    shutil.rmtree(run_dir / 'steps')
+    shutil.rmtree(work / 'step1')
+    (work / 'step0' / 'model.pth').unlink()
+    record = json.loads((run_dir / 'run.json').read_text())
+    (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
+    (work / 'step0' / 'clock.json').write_text('{"train_seconds": 1.0, "processes": 2}')
+    shutil.rmtree(isolated_cache)   # the step 0 that the first run cached
+    capsys.readouterr()
+
+    assert run() == uninterrupted
+    assert 'step 0 epoch' not in capsys.readouterr().out   # trained nothing
+    for ours, theirs in zip(weights(), uninterrupted_weights):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not (isolated_cache / 'step0').exists()
