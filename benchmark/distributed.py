@@ -21,16 +21,17 @@ import torch.distributed as dist
 from .errors import RaisedByMainProcess, UserError
 
 
-def start_from_env(parent: int) -> int:
+def start_from_env(parent: int | None = None) -> int:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK); returns the number of processes. NCCL with one GPU per process on CUDA,
     gloo on CPU. Ranks other than 0 print nothing, warnings included: rank 0 speaks for the
-    run (an error of their own they still report). ``parent``: the process that started this
-    one (torchrun's agent), read before anything slow; this process ends when it dies
-    (``end_with_parent``)."""
+    run (an error of their own they still report). Started by torchrun, with any number of
+    processes, this one ends when torchrun's agent dies (``end_with_parent``): ``parent``,
+    its process id, read as early as can be (default: now)."""
+    if 'TORCHELASTIC_RUN_ID' in os.environ:   # set by torchrun's agent alone
+        end_with_parent(os.getppid() if parent is None else parent)
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or dist.is_initialized():
         return world_size()
-    end_with_parent(parent)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
     dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
@@ -54,7 +55,8 @@ def end_with_parent(parent: int) -> None:
     if not sys.platform.startswith('linux'):
         return
     # The signal comes when the thread that started this process ends: torchrun's agent starts
-    # its workers from its main thread, which lives as long as the agent.
+    # its workers from its main thread, which lives as long as the agent (another launcher
+    # might start them from a thread that ends before it: hence torchrun's alone).
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:   # it died before it could be asked: no signal will come
         os.kill(os.getpid(), signal.SIGTERM)

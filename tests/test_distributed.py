@@ -169,7 +169,8 @@ only_on_linux = pytest.mark.skipif(not sys.platform.startswith('linux'),
 
 
 @only_on_linux
-def test_the_processes_of_a_run_end_when_torchrun_is_killed(synth32, tmp_path):
+@pytest.mark.parametrize('processes', [1, 2])
+def test_the_processes_of_a_run_end_when_torchrun_is_killed(synth32, tmp_path, processes):
     """torchrun's agent killed with SIGKILL (by a scheduler, the OOM killer) cannot stop its
     workers: they end themselves, their loader workers after them, and the run is left to be
     continued."""
@@ -177,7 +178,7 @@ def test_the_processes_of_a_run_end_when_torchrun_is_killed(synth32, tmp_path):
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
                       "data = dict(crop_size=32, batch_size=8, num_workers=1)\n")
     run_dir = tmp_path / 'results' / PROTOCOL / 'ft' / 'killed'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', f'--nproc_per_node={processes}',
            f'--master_port={free_port()}', '-m', 'cssbench', 'run', '--protocol', PROTOCOL,
            '--config', str(config), '--data-root', str(synth32), '--epochs', '50',
            '--results', str(tmp_path / 'results'), '--run-name', 'killed']
@@ -190,7 +191,7 @@ def test_the_processes_of_a_run_end_when_torchrun_is_killed(synth32, tmp_path):
         assert launcher.poll() is None and time.time() < deadline, log.read_text()
         time.sleep(0.05)
     started = _descendants(launcher.pid)
-    assert len(started) >= 4, started   # two workers, a loader worker each
+    assert len(started) >= 2 * processes, started   # the workers, a loader worker each
     launcher.kill()
     launcher.wait()
     try:
@@ -206,12 +207,18 @@ def test_the_processes_of_a_run_end_when_torchrun_is_killed(synth32, tmp_path):
 
 
 @only_on_linux
-def test_a_process_whose_parent_died_before_it_asked_to_end_with_it_ends():
-    # a process is never its own parent: as if the parent had died (the process been adopted)
-    code = ('import os; from cssbench.distributed import end_with_parent; '
-            'end_with_parent(os.getpid()); print("went on")')
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
-    assert (proc.returncode, proc.stdout) == (-signal.SIGTERM, '')
+@pytest.mark.parametrize('torchrun', [True, False])
+def test_a_process_of_torchrun_whose_parent_died_before_it_asked_to_end_with_it_ends(torchrun):
+    # A process is never its own parent: as if the parent had died (the process been adopted).
+    # Only torchrun's processes ask: another launcher may start them from a thread that ends.
+    code = ('import os; from cssbench.distributed import start_from_env; '
+            'start_from_env(parent=os.getpid()); print("went on")')
+    env = {k: v for k, v in os.environ.items() if k not in ('TORCHELASTIC_RUN_ID', 'WORLD_SIZE')}
+    if torchrun:
+        env['TORCHELASTIC_RUN_ID'] = 'none'   # as torchrun sets it without --rdzv-id
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert (proc.returncode, proc.stdout) == ((-signal.SIGTERM, '') if torchrun else (0, 'went on\n'))
 
 
 def _prototype_update_on_half_batch(rank: int, port: int, features, labels, out) -> None:
