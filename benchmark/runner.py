@@ -246,11 +246,22 @@ def _lock_run(run_dir: Path, held: contextlib.ExitStack) -> None:
         raise UserError(f'{run_dir}: another cssbench process is running this run') from None
 
 
-def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
+def _marks_this_run(marked_run: str, work: Path, identity: dict, previous: dict | None) -> bool:
+    """Whether the marker of ``work``, naming the run folder ``marked_run``, is this run's: it
+    names this run's folder, or one that holds no run any more (moved here since) while this
+    run's record names ``work`` as the work dir it trained in."""
+    if marked_run == identity['run']:
+        return True
+    return (previous is not None and previous.get('work_dir') == str(work.resolve())
+            and not (Path(marked_run) / 'run.json').exists())
+
+
+def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool,
+                    previous: dict | None) -> None:
     """Refuse a work dir whose marker names another run (a ``--work-dir`` given twice), or
     this run with another protocol, method, config or seed (an earlier start) unless
     ``overwrite``, which clears it next. The default work dir, inside the run folder, is the
-    run's own."""
+    run's own; so is one that a moved run folder trained in (``_marks_this_run``)."""
     marker = paths.work / WORK_MARKER
     if not marker.exists():
         return
@@ -259,7 +270,8 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
     except CorruptRun:
         stored = {}
     owned = (paths.work.resolve().parent == paths.results.resolve()   # a moved run folder too
-             or stored.get('run', identity['run']) == identity['run'])    # older markers name none
+             or _marks_this_run(stored.get('run', identity['run']),  # older markers name none
+                                paths.work, identity, previous))
     if owned and all(stored.get(k) == identity[k] for k in identity if k != 'run'):
         return
     if not owned:
@@ -414,7 +426,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
             if child.name == '.lock' or not child.exists():
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    if not (paths.work / WORK_MARKER).exists():
+    if read_json_or_none(paths.work / WORK_MARKER) != identity:   # absent, or a moved run's
         atomic_write_json(paths.work / WORK_MARKER, identity)
     run = dict(protocol=protocol.to_dict(), method=method.name, joint=method.joint, run=run_name,
                seed=seed, deterministic=deterministic, config_name=config, config=cfg.to_dict(),
@@ -462,7 +474,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
         _check_same_data(paths, previous, index)
     identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
                     method=method.name, config_digest=digest, seed=seed)
-    _check_work_dir(paths, identity, overwrite)
+    _check_work_dir(paths, identity, overwrite, previous)
     num_steps = steps_of(protocol, method).num_steps
     if continued:
         _check_trained_work_dir(paths, previous, identity)
@@ -502,15 +514,15 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
 
 def _check_trained_work_dir(paths: RunPaths, previous: dict, identity: dict) -> None:
     """Refuse to continue a run in another work dir than the one it trained in while that one
-    still holds its checkpoints (its marker names this run): this session would miss them,
-    and train a step stopped mid-way again from its start. Checkpoints moved elsewhere leave
-    none there; a run folder moved or copied with its default work dir leaves one whose
-    marker names the old folder."""
+    still holds its checkpoints (its marker marks this run, ``_marks_this_run``): this
+    session would miss them, and train a step stopped mid-way again from its start.
+    Checkpoints moved elsewhere leave none there; a run folder copied with its default work
+    dir leaves one whose marker names the original, which still holds its run."""
     trained_in = previous.get('work_dir')   # older records name none
     if not isinstance(trained_in, str) or Path(trained_in) == paths.work.resolve():
         return
     marked_run = read_json_or_none(Path(trained_in) / WORK_MARKER, lambda marker: marker['run'])
-    if marked_run == identity['run']:
+    if marked_run is not None and _marks_this_run(marked_run, Path(trained_in), identity, previous):
         raise UserError(f'{paths.results}: its checkpoints are in {trained_in}, the work dir it '
                         f'trained in: give --work-dir {trained_in}, or move that folder to '
                         f'{paths.work} first (or --overwrite)')

@@ -477,6 +477,33 @@ def test_a_run_continued_in_another_work_dir_is_refused_before_it_writes(capsys,
     assert (run['status'], run['work_dir']) == ('complete', str(other.resolve()))
 
 
+def test_a_run_folder_moved_away_from_its_work_dir_continues_in_it(capsys, tmp_path, tiny_run):
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
+            '--data-root', str(data), '--epochs', '1', '--keep-epoch-checkpoints',
+            '--no-step0-cache']
+    work = tmp_path / 'work'
+    assert main([*args, '--results', str(tmp_path / 'results'), '--work-dir', str(work)]) == 0
+    stop_run_in_step(tmp_path / 'results' / 'synth-19-1-overlap' / 'ft' / 'tiny-seed0', work, 1)
+    (tmp_path / 'results').rename(tmp_path / 'moved')
+    run_dir = tmp_path / 'moved' / 'synth-19-1-overlap' / 'ft' / 'tiny-seed0'
+    args += ['--results', str(tmp_path / 'moved')]
+    capsys.readouterr()
+    # Its record names the work dir, whose marker names the folder it left: refused without it
+    record = (run_dir / 'run.json').read_bytes()
+    assert fails(capsys, *args) == (
+        f'cssbench: error: {run_dir}: its checkpoints are in {work.resolve()}, the work dir it '
+        f'trained in: give --work-dir {work.resolve()}, or move that folder to {run_dir / "work"} '
+        f'first (or --overwrite)')
+    assert (run_dir / 'run.json').read_bytes() == record and not (run_dir / 'work').exists()
+    # and continued in it, from step 1's epoch checkpoint, which the marker then names
+    assert main([*args, '--work-dir', str(work)]) == 0
+    assert f'Loads checkpoint by local backend from path: {work / "step1" / "epoch_1.pth"}' in \
+        capsys.readouterr().out
+    assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
+    assert json.loads((work / 'cssbench-work.json').read_text())['run'] == str(run_dir.resolve())
+
+
 def test_a_step_stopped_mid_way_continues_only_with_as_many_processes(capsys, tmp_path, tiny_run):
     data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
     args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
