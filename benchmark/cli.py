@@ -6,18 +6,21 @@ import contextlib
 import io
 import os
 import select
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import RaisedByMainProcess, UserError, comma_list, refuse_repeats
 from .store import DEFAULT_RESULTS
-from .synth import SYNTH_DEFAULTS
 
 if TYPE_CHECKING:
     from .protocols import Protocol
 
-FORMATS = ('md', 'csv', 'latex')   # tables.FORMATS, which imports pandas (seconds): not for --help
+# Copies, checked by tests, of tables.FORMATS and synth.SYNTH_DEFAULTS: importing those modules
+# (pandas, numpy, PIL) would make every command, --help included, start up to seconds later.
+FORMATS = ('md', 'csv', 'latex')
+SYNTH_DEFAULTS = dict(n_train=2000, n_val=300, size=64, seed=0)
 DATA_ROOT_HELP = ('dataset folder (default: for dataset synth the generated one, for voc '
                   '$CSSBENCH_VOC_ROOT, for ade $CSSBENCH_ADE_ROOT)')
 
@@ -162,20 +165,33 @@ def _check_runs_before_training(args, runs: list[tuple]) -> None:
 @contextlib.contextmanager
 def _advising_one_of_several(args, several: bool, given: str, seed: int, method: str,
                              run_name: str | None):
-    """A refusal of one run of a command of several that advises --overwrite: given to that
-    command, --overwrite would train every run again, complete ones included; the refusal
-    names the command of that run alone instead."""
+    """A refusal of one run of a command of several that advises --overwrite or --work-dir:
+    given to that command, --overwrite would train every run again, complete ones included,
+    and --work-dir is refused; the refusal names the command of that run alone instead."""
     try:
         yield
     except UserError as e:
-        if not several or args.overwrite or isinstance(e, RaisedByMainProcess) or '--overwrite' not in str(e):
+        if (not several or isinstance(e, RaisedByMainProcess)
+                or not any(option in str(e) for option in ('--overwrite', '--work-dir'))):
             raise
-        alone = f'--protocol {given} --method {method} --seed {seed}'
-        if run_name:
-            alone += f' --run-name {run_name}'
-        raise UserError(f'{e} (with several runs, --overwrite would train every one again: '
-                        f'to start this one over, give it to a command of this run alone, '
-                        f'{alone})') from None
+        alone = _command_of_one_run(args, given, seed, method, run_name)
+        raise UserError(f'{e} (with several runs, --overwrite would train every one again and '
+                        f'--work-dir is refused: give what this advises to the command of this '
+                        f'run alone, {alone})') from None
+
+
+def _command_of_one_run(args, given: str, seed: int, method: str, run_name: str | None) -> str:
+    """The ``cssbench run`` of one run of a command of several: its protocol, method, seed and
+    name, and every other option the command was given (they decide the run's folder, config
+    and data), but --overwrite and --resume."""
+    defaults = vars(build_parser().parse_args(['run', '--protocol', given]))
+    one = dict(vars(args), seeds=None, run_name=run_name, overwrite=False, resume=False)
+    words = ['cssbench', 'run', '--protocol', given, '--method', method, '--seed', str(seed)]
+    for dest, value in one.items():
+        if dest not in ('protocol', 'method', 'seed') and value != defaults[dest]:
+            option = '--' + dest.replace('_', '-')
+            words += [option] if value is True else [option, str(value)]
+    return shlex.join(words)
 
 
 def load_protocols(text: str) -> dict[str, Protocol]:

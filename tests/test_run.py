@@ -5,6 +5,7 @@ These run the real mmengine training loop on CPU, on small synthetic datasets at
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -303,16 +304,25 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
     assert not (tmp_path / 'w').exists()
 
     # One of several refused with advice to --overwrite it: given to this command, --overwrite
-    # would train the other, complete, run again too; the advice names the run's own command.
+    # would train the other, complete, run again too; the advice names the run's own command,
+    # which does what it says.
     assert main([*run, '--method', 'ft,joint', '--epochs', '2']) == 2
-    assert capsys.readouterr().err == (
+    err = capsys.readouterr().err
+    alone = (f'cssbench run --protocol synth-15-5-overlap --method ft --seed 0 --config {config32} '
+             f'--data-root {synth32} --epochs 2 --results {results}')
+    assert err == (
         f'cssbench: error: {ft_record.parent}: a run with another config is stored there; pass '
         f'--overwrite to replace it or --run-name to keep both (with several runs, --overwrite '
-        f'would train every one again: to start this one over, give it to a command of this run '
-        f'alone, --protocol synth-15-5-overlap --method ft --seed 0)\n')
+        f'would train every one again and --work-dir is refused: give what this advises to the '
+        f'command of this run alone, {alone})\n')
     assert main([*run, '--method', 'ft', '--epochs', '2']) == 2   # one run: the advice as it is
     assert capsys.readouterr().err.endswith('--overwrite to replace it or --run-name to keep both\n')
     assert ft_record.stat().st_mtime_ns == written
+    joint_record = results / 'synth-15-5-overlap' / 'joint' / 'small32-seed0' / 'run.json'
+    joint_written = joint_record.stat().st_mtime_ns
+    assert main([*shlex.split(alone)[1:], '--overwrite']) == 0
+    assert json.loads(ft_record.read_text())['config']['schedule']['epochs'] == 2
+    assert joint_record.stat().st_mtime_ns == joint_written
 
 
 def test_a_command_runs_several_protocols_which_share_their_step0(synth32, config32, tmp_path,

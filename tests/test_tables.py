@@ -523,11 +523,13 @@ def test_class_heat_map_is_class_by_step(store_19_1: Path) -> None:
     assert grid.mask[20, 0] and not grid.mask[20, 1]     # class 20 unseen at step 0
 
 
-def test_the_cli_offers_every_table_format_and_no_other() -> None:
-    # the CLI keeps its own copy of the formats: importing tables for --help takes seconds
+def test_the_cli_keeps_true_copies_of_the_table_formats_and_the_synth_defaults() -> None:
+    # copies, so that --help imports neither pandas nor numpy
     import cssbench.cli
+    import cssbench.synth
     import cssbench.tables
     assert cssbench.cli.FORMATS == cssbench.tables.FORMATS
+    assert cssbench.cli.SYNTH_DEFAULTS == cssbench.synth.SYNTH_DEFAULTS
 
 
 def test_cli_table_all_and_plot_write_valid_files(store_19_1: Path, capsys) -> None:
