@@ -186,11 +186,11 @@ def _command_of_one_run(args, given: str, seed: int, method: str, run_name: str 
     and data), but --overwrite and --resume."""
     defaults = vars(build_parser().parse_args(['run', '--protocol', given]))
     one = dict(vars(args), seeds=None, run_name=run_name, overwrite=False, resume=False)
-    words = ['cssbench', 'run', '--protocol', given, '--method', method, '--seed', str(seed)]
+    words = ['cssbench', 'run', f'--protocol={given}', f'--method={method}', f'--seed={seed}']
     for dest, value in one.items():
         if dest not in ('protocol', 'method', 'seed') and value != defaults[dest]:
-            option = '--' + dest.replace('_', '-')
-            words += [option] if value is True else [option, str(value)]
+            option = '--' + dest.replace('_', '-')   # --option=value: a value may start with -
+            words.append(option if value is True else f'{option}={value}')
     return shlex.join(words)
 
 

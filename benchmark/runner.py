@@ -246,18 +246,21 @@ def _lock_run(run_dir: Path, held: contextlib.ExitStack) -> None:
         raise UserError(f'{run_dir}: another cssbench process is running this run') from None
 
 
-def _marks_this_run(marked_run: str, work: Path, identity: dict, previous: dict | None) -> bool:
-    """Whether the marker of ``work``, naming the run folder ``marked_run``, is this run's: it
-    names this run's folder, or one that holds no run any more (moved here since) while this
-    run's record names ``work`` as the work dir it trained in."""
+def _marks_this_run(marked_run: str | None, work: Path, identity: dict, record: dict | None) -> bool:
+    """Whether the marker of ``work``, naming the run folder ``marked_run``, is this run's
+    (``record``: the run.json its folder holds, None if none): it names this run's folder, or
+    one that holds no run any more (moved here since) while this run's record names ``work``
+    as the work dir it trained in. An older marker names no run: it is a stored run's unless
+    its record names another work dir."""
     if marked_run == identity['run']:
         return True
-    return (previous is not None and previous.get('work_dir') == str(work.resolve())
-            and not (Path(marked_run) / 'run.json').exists())
+    trained_in = record.get('work_dir') if record is not None else None
+    if marked_run is None:
+        return record is not None and trained_in in (None, str(work.resolve()))
+    return trained_in == str(work.resolve()) and not (Path(marked_run) / 'run.json').exists()
 
 
-def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool,
-                    previous: dict | None) -> None:
+def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
     """Refuse a work dir whose marker names another run (a ``--work-dir`` given twice), or
     this run with another protocol, method, config or seed (an earlier start) unless
     ``overwrite``, which clears it next. The default work dir, inside the run folder, is the
@@ -269,13 +272,14 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool,
         stored = read_json_object(marker)
     except CorruptRun:
         stored = {}
+    record = read_json_or_none(paths.results / 'run.json', lambda r: r if isinstance(r, dict) else None)
     owned = (paths.work.resolve().parent == paths.results.resolve()   # a moved run folder too
-             or _marks_this_run(stored.get('run', identity['run']),  # older markers name none
-                                paths.work, identity, previous))
+             or _marks_this_run(stored.get('run'), paths.work, identity, record))
     if owned and all(stored.get(k) == identity[k] for k in identity if k != 'run'):
         return
     if not owned:
-        raise UserError(f'{paths.work}: holds the checkpoints of another run ({stored["run"]}); '
+        other = f' ({stored["run"]})' if 'run' in stored else ''
+        raise UserError(f'{paths.work}: holds the checkpoints of another run{other}; '
                         f'choose another --work-dir')
     if not overwrite:
         diff = ', '.join(k for k in identity if k != 'run' and stored.get(k) != identity[k])
@@ -474,7 +478,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
         _check_same_data(paths, previous, index)
     identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
                     method=method.name, config_digest=digest, seed=seed)
-    _check_work_dir(paths, identity, overwrite, previous)
+    _check_work_dir(paths, identity, overwrite)
     num_steps = steps_of(protocol, method).num_steps
     if continued:
         _check_trained_work_dir(paths, previous, identity)

@@ -502,6 +502,11 @@ def test_a_run_folder_moved_away_from_its_work_dir_continues_in_it(capsys, tmp_p
         capsys.readouterr().out
     assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
     assert json.loads((work / 'cssbench-work.json').read_text())['run'] == str(run_dir.resolve())
+    # Moved again, and trained over with --overwrite: the work dir is still its own
+    (tmp_path / 'moved').rename(tmp_path / 'again')
+    again = tmp_path / 'again' / 'synth-19-1-overlap' / 'ft' / 'tiny-seed0'
+    assert main([*args[:-1], str(tmp_path / 'again'), '--work-dir', str(work), '--overwrite']) == 0
+    assert json.loads((work / 'cssbench-work.json').read_text())['run'] == str(again.resolve())
 
 
 def test_a_step_stopped_mid_way_continues_only_with_as_many_processes(capsys, tmp_path, tiny_run):
@@ -532,3 +537,22 @@ def test_a_step_stopped_mid_way_continues_only_with_as_many_processes(capsys, tm
     assert main(args) == 0
     assert 'step 0: done before' in capsys.readouterr().out
     assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
+
+
+def test_a_work_dir_marker_is_a_runs_own_by_its_run_or_its_runs_record(tmp_path):
+    from cssbench.runner import _marks_this_run
+    work, here, left, kept = (tmp_path / name for name in ('w', 'here', 'left', 'kept'))
+    kept.mkdir()
+    (kept / 'run.json').write_text('{}')   # a run still stored there
+    identity = dict(run=str(here))
+    names_work = dict(work_dir=str(work.resolve()))
+    assert _marks_this_run(str(here), work, identity, None)
+    # a folder the run left (moved here since), when this run's record names the work dir
+    assert _marks_this_run(str(left), work, identity, names_work)
+    assert not _marks_this_run(str(left), work, identity, dict(work_dir=str(tmp_path / 'x')))
+    assert not _marks_this_run(str(left), work, identity, None)
+    assert not _marks_this_run(str(kept), work, identity, names_work)   # a copy: the original's
+    # an older marker, naming no run: a stored run's, unless its record names another work dir
+    assert _marks_this_run(None, work, identity, {}) and _marks_this_run(None, work, identity, names_work)
+    assert not _marks_this_run(None, work, identity, dict(work_dir=str(tmp_path / 'x')))
+    assert not _marks_this_run(None, work, identity, None)   # a new run

@@ -308,8 +308,8 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
     # which does what it says.
     assert main([*run, '--method', 'ft,joint', '--epochs', '2']) == 2
     err = capsys.readouterr().err
-    alone = (f'cssbench run --protocol synth-15-5-overlap --method ft --seed 0 --config {config32} '
-             f'--data-root {synth32} --epochs 2 --results {results}')
+    alone = (f'cssbench run --protocol=synth-15-5-overlap --method=ft --seed=0 --config={config32} '
+             f'--data-root={synth32} --epochs=2 --results={results}')
     assert err == (
         f'cssbench: error: {ft_record.parent}: a run with another config is stored there; pass '
         f'--overwrite to replace it or --run-name to keep both (with several runs, --overwrite '
