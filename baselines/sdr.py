@@ -274,11 +274,12 @@ class SDR(LwF):
     def compute_losses(self, out: dict, old: dict | None, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """The losses of one batch, after its update of the class prototypes: as in the
         reference, they see this batch's update."""
-        labels_down = downsample_labels(targets, out['body'][-1].shape[-2:])
+        body = out['body'][-1]
+        labels_down = downsample_labels(targets, body.shape[-2:])
         if self.updates_prototypes():
-            self.update_prototypes(out['body'][-1], labels_down)
+            self.update_prototypes(body, labels_down)
         losses = super().compute_losses(out, old, targets)
-        feats = out['body'][-1].float()  # the latent losses in fp32 under autocast too
+        feats = body.float()  # the latent losses in fp32 under autocast too
         zero = feats.new_zeros(())
         incremental = self.step > 0
         pm = fc = sep = fs = zero

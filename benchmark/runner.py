@@ -272,9 +272,10 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
         stored = read_json_object(marker)
     except CorruptRun:
         stored = {}
-    record = read_json_or_none(paths.results / 'run.json', lambda r: r if isinstance(r, dict) else None)
     owned = (paths.work.resolve().parent == paths.results.resolve()   # a moved run folder too
-             or _marks_this_run(stored.get('run'), paths.work, identity, record))
+             or _marks_this_run(stored.get('run'), paths.work, identity,
+                                read_json_or_none(paths.results / 'run.json',
+                                                  lambda r: r if isinstance(r, dict) else None)))
     if owned and all(stored.get(k) == identity[k] for k in identity if k != 'run'):
         return
     if not owned:
@@ -649,8 +650,8 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
                                       deterministic, tag)
         # The key names this session's processes: not those that trained a step 0 that this
         # session resumed after its last epoch, only to evaluate it.
-        trained_here = processes_training(paths.step_work(t)) == world_size()
-        if step0_key and trained_here and is_main_process():
+        if (step0_key and is_main_process()
+                and processes_training(paths.step_work(t)) == world_size()):
             step0.store(step0_key, weights, paths.results, round(time.time() - step_start, 1),
                         log)
             step0.store_iou(step0_key, steps_protocol, weights, paths.results, iou, log)
