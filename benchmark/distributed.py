@@ -1,7 +1,7 @@
 """Several processes on one run, as ``torchrun --nproc_per_node=K -m cssbench run ...`` starts them.
 
 Every process trains on its share of each batch (DDP); rank 0 alone decides what the run
-folder holds, holds the run lock and writes results, weights, caches and logs. The others
+folder holds, holds the run's locks and writes results, weights, caches and logs. The others
 take rank 0's decisions (``decided_by_main``) and wait for its files at ``barrier()``.
 Without torchrun (or with one process) every function here is a no-op.
 """

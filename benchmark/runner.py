@@ -226,24 +226,36 @@ def repair_last_checkpoint(work_dir: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive(run_dir: Path):
-    """Holds a lock on the run folder: a second process on the same run is refused. Under
-    torchrun rank 0 holds it for all the run's processes."""
+def _exclusive(paths: RunPaths, new_folders: list[Path]):
+    """Holds a lock on the run folder, and on its work dir where that lies outside it: a
+    second process on the same run, or on another run given the same --work-dir, is refused
+    (two new runs would both find the work dir unmarked). Under torchrun rank 0 holds them
+    for all the run's processes. Refused the work dir, it leaves no new run folder behind,
+    and the work dir to the process that holds it."""
     with contextlib.ExitStack() as held:
-        _lock_run(run_dir, held)
+        _lock_folder(paths.results, held, 'another cssbench process is running this run')
+        if not paths.work.resolve().is_relative_to(paths.results.resolve()):
+            try:
+                _lock_folder(paths.work, held,
+                             'another cssbench process is running a run in this work dir')
+            except BaseException:
+                if is_main_process():
+                    _remove_new_folders([f for f in new_folders if f != paths.work])
+                raise
         yield
 
 
 @decided_by_main
-def _lock_run(run_dir: Path, held: contextlib.ExitStack) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = held.enter_context(open(run_dir / '.lock', 'w'))
+def _lock_folder(folder: Path, held: contextlib.ExitStack, refusal: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = held.enter_context(open(folder / '.lock', 'w'))
     try:
         # A POSIX record lock: unlike flock, not inherited by forked loader workers, so it
-        # dies with this process even if a worker outlives it for a moment.
+        # dies with this process even if a worker outlives it for a moment. (Closing any
+        # file of it would release it: the run folder's and the work dir's are two files.)
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise UserError(f'{run_dir}: another cssbench process is running this run') from None
+        raise UserError(f'{folder}: {refusal}') from None
 
 
 def _marks_this_run(marked_run: str | None, work: Path, identity: dict, record: dict | None) -> bool:
@@ -357,13 +369,16 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
             f'random weights (the papers start from ImageNet weights)')
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
     new_folders = [p for p in (*reversed(results_dir.parents), results_dir, paths.work) if not p.exists()]
-    with _exclusive(results_dir):
+    with _exclusive(paths, new_folders):
         try:
             started = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
                                  data_root, paths, overwrite, resume, keep_complete, progress)
         except BaseException:
-            if is_main_process() and not (results_dir / 'run.json').exists():
-                _remove_new_folders(new_folders)   # a run refused before it started leaves nothing
+            if is_main_process():
+                # A run refused before it started leaves no folder behind; a stopped run
+                # refused when continued, no new work dir (made for its lock).
+                recorded = (results_dir / 'run.json').exists()
+                _remove_new_folders([f for f in new_folders if f == paths.work or not recorded])
             raise
         if started is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')

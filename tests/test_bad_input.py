@@ -1,6 +1,7 @@
 """Bad input: one line on stderr that names the file and what is wrong, exit status 2."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import cssbench.runner as runner
 from cssbench.cli import main
 from cssbench.synth import make_synth
 from conftest import make_voc_tree, mask_with, stop_run_in_step
@@ -435,6 +437,48 @@ def test_a_work_dir_that_cannot_be_made_is_named_and_leaves_no_run_folder(capsys
                 '--results', str(results), '--work-dir', str(tmp_path / 'a-file' / 'work'))
     assert err == f"cssbench: error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'work'}'"
     assert not results.exists()
+
+
+LOCK_AND_WAIT = ('import fcntl, pathlib, sys, time; folder = pathlib.Path(sys.argv[1]); '
+                 'folder.mkdir(parents=True, exist_ok=True); lock = open(folder / ".lock", "w"); '
+                 'fcntl.lockf(lock, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(300)')
+
+
+@contextlib.contextmanager
+def locked_by_another_process(folder: Path):
+    """``folder`` locked (as a cssbench run locks it) by another process while in the block."""
+    holder = subprocess.Popen([sys.executable, '-c', LOCK_AND_WAIT, str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_work_dir_another_process_runs_in_is_refused_and_left_to_it(capsys, monkeypatch, tmp_path,
+                                                                        tiny_run):
+    """Two new runs given one --work-dir at once would both find it unmarked: the second is
+    refused by the work dir's lock, leaving no run folder, and the work dir as the first has it."""
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    results, work = tmp_path / 'results', tmp_path / 'work'
+    args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
+            '--data-root', str(data), '--epochs', '1', '--results', str(results), '--work-dir']
+    refusal = f'cssbench: error: {work}: another cssbench process is running a run in this work dir'
+    with locked_by_another_process(work):
+        assert fails(capsys, *args, str(work)) == refusal
+    assert not results.exists() and [p.name for p in work.iterdir()] == ['.lock']
+    # A work dir new at the start, taken by another process before this one locks it
+    new_work, real_lock = tmp_path / 'new-work', runner._lock_folder
+    with contextlib.ExitStack() as holders:
+        def taken_first(folder, held, refusal):
+            if folder == new_work:
+                holders.enter_context(locked_by_another_process(folder))
+            return real_lock(folder, held, refusal)
+        monkeypatch.setattr(runner, '_lock_folder', taken_first)
+        assert fails(capsys, *args, str(new_work)) == refusal.replace(str(work), str(new_work))
+    assert not results.exists() and [p.name for p in new_work.iterdir()] == ['.lock']
 
 
 def test_a_run_continued_in_another_work_dir_is_refused_before_it_writes(capsys, tmp_path, tiny_run):
