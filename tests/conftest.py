@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import mmengine.device.utils
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,9 @@ def on_the_cpu_outside_test_gpu(request: pytest.FixtureRequest, monkeypatch: pyt
     kernels would not give. test_gpu.py tests the GPU."""
     if request.node.path.name != 'test_gpu.py':
         monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+        # mmengine chose its device once, when imported: its Runner moves each model there
+        # and resumes checkpoints onto it
+        monkeypatch.setattr(mmengine.device.utils, 'DEVICE', 'cpu')
         monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
 
 

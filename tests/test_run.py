@@ -39,6 +39,13 @@ def synth64(tmp_path_factory) -> Path:
                       seed=4, progress=False)
 
 
+def test_a_cpu_test_keeps_mmengine_on_the_cpu():
+    """On a GPU machine too (conftest): mmengine chose its device when imported, and its
+    Runner would move the model there, out of the bit-for-bit checks' reach."""
+    from mmengine.device import get_device
+    assert (torch.cuda.is_available(), get_device()) == (False, 'cpu')
+
+
 def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32, tmp_path, capsys):
     results = tmp_path / 'results'
     kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1, results_root=results,
