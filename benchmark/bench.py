@@ -118,8 +118,8 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     cases, val_set = bench_datasets(cfg, root, batch)
     peak, peak_label = matmul_peak(device)
     progress(f'peak {peak / 1e12:.1f} TFLOP/s ({peak_label})')
-    report = dict(device=device_name, config=cfg.filename, size=size, batch=batch,
-                  iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
+    report = dict(device=device_name, software=_software(), config=cfg.filename, size=size,
+                  batch=batch, iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
                   regimes=regimes, tf32=on_gpu and torch.backends.cudnn.allow_tf32,
                   train=[row for case in cases for row in measure_training(cfg, case, regimes, batch, **loops)],
                   eval=measure_eval(cfg, cases[0], val_set, regimes, **loops))
@@ -459,6 +459,14 @@ def _device_name() -> str:
     return f'cpu, torch threads: {torch.get_num_threads()}'
 
 
+def _software() -> str:
+    """The versions that set a GPU's kernels (two machines' rates differ with them)."""
+    versions = [f'torch {torch.__version__}']
+    if torch.cuda.is_available():
+        versions += [f'CUDA {torch.version.cuda}', f'cuDNN {torch.backends.cudnn.version()}']
+    return ', '.join(versions)
+
+
 # ----------------------------------------------------------------------------- projection
 
 def project_protocol(report: dict, regime: str) -> tuple[float, float]:
@@ -499,7 +507,7 @@ def format_report(report: dict) -> str:
              f'batch {report["batch"]}, {report["iters"]} timed iterations after '
              f'{report["warmup"]} warm-up, in {min(ROUNDS, report["iters"])} rounds taking '
              f'turns (median)',
-             f'device: {report["device"]}; peak {peak / 1e12:.1f} TFLOP/s '
+             f'device: {report["device"]} ({report["software"]}); peak {peak / 1e12:.1f} TFLOP/s '
              f'({report["peak_label"]}; the MFU of every regime is against it)']
     lines += [f'  {name}: {describe(speed, report["tf32"])}'
               for name, speed in report['regimes'].items()]

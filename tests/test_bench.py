@@ -49,6 +49,7 @@ def test_bench_reports_every_measure_for_both_regimes(one_thread, capsys):
                        r'through the loader with 1 worker', out)
     assert loader and all(float(v) > 0 for v in loader.groups())
     assert 'peak' in out and 'float32 matmul' in out
+    assert f'\ndevice: cpu, torch threads: 1 (torch {torch.__version__}); peak ' in out
     assert '  fp32 eager: fp32, contiguous, cudnn benchmark off, eager\n' in out  # no TF32 on CPU
     assert 'train images per step 9568/487/299/491/500/548' in out
     projected = re.findall(r'^  (fp32 eager|fast path) +(\d+:\d\d:\d\d) \((\d+:\d\d:\d\d) of it '
