@@ -237,8 +237,8 @@ class PLOP(IncrementalSegmentor):
         return self.thresholds
 
     def before_step_training(self, dataloader) -> None:
-        """Harness hook, before the step's first epoch (and again on resume): the thresholds
-        over the whole training loader, as the reference's ``Trainer.before``."""
+        """Harness hook, before the step's first epoch (and again when it resumes training):
+        the thresholds over the whole training loader, as the reference's ``Trainer.before``."""
         self.compute_thresholds(dataloader)
 
     # -- losses ---------------------------------------------------------------------------

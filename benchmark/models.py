@@ -261,9 +261,10 @@ class IncrementalSegmentor(BaseModel):
         """Initialise the newest step's classifier; fine-tuning keeps the default init."""
 
     def before_step_training(self, dataloader) -> None:
-        """Called once before a step's first epoch (again when an interrupted step resumes),
-        with the step's training loader and the teacher attached; for methods that need a
-        pass over the step's data first (e.g. pseudo-label thresholds). Nothing by default."""
+        """Called once before a step's first epoch (again when an interrupted step resumes
+        training; not for one stopped after its last epoch, which only evaluates), with the
+        step's training loader and the teacher attached; for methods that need a pass over
+        the step's data first (e.g. pseudo-label thresholds). Nothing by default."""
 
     def after_step_training(self, dataloader) -> None:
         """Called once after a step's last epoch with the step's training loader (batches as

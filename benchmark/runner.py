@@ -739,9 +739,12 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     work = paths.step_work(t)
     work.mkdir(parents=True, exist_ok=True)
     resuming = repair_last_checkpoint(work)
+    # A step stopped in its evaluation, after its last epoch, has nothing left to train
+    trains = not resuming or _newest_complete_epoch(work) < cfg.schedule.epochs
     with step_runner(cfg, model, protocol, t, split, work, step_seed, deterministic, tag,
                      resume=resuming) as runner:
-        model.before_step_training(runner.train_loop.dataloader)
+        if trains:
+            model.before_step_training(runner.train_loop.dataloader)
         with trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
             runner.train()
         model.after_step_training(runner.train_dataloader)

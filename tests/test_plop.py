@@ -15,7 +15,7 @@ from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, local_
 from cssbench.methods import get_method
 from cssbench.protocols import load_protocol
 from cssbench.runner import build_model, run_protocol
-from conftest import drift_student, method_model
+from conftest import drift_student, method_model, stop_run_in_step
 
 
 
@@ -295,13 +295,20 @@ def test_plop_runs_a_two_step_protocol_and_computes_thresholds_before_step1(
         return result
 
     monkeypatch.setattr(PLOP, 'compute_thresholds', spy)
-    steps = run_protocol('synth-15-5-overlap', 'plop', config=str(config32), data_root=str(synth32),
-                         epochs=1, results_root=tmp_path, log=lambda *a: None)
+    def run():
+        return run_protocol('synth-15-5-overlap', 'plop', config=str(config32),
+                            data_root=str(synth32), epochs=1, results_root=tmp_path,
+                            keep_epoch_checkpoints=True, log=lambda *a: None)
+    steps = run()
     assert [s['step'] for s in steps] == [0, 1]
     assert set(steps[1]['iou']) == {str(c) for c in range(21)}
     assert all(0.0 <= v <= 1.0 for v in steps[1]['iou'].values() if v is not None)
     step1 = [thr for step, thr in calls if step == 1]
     assert len(step1) == 1 and step1[0].shape == (21,)
+    # Stopped in step 1's evaluation, after its last epoch: continued, it only evaluates
+    run_dir, passes = tmp_path / 'synth-15-5-overlap' / 'plop' / 'small32-seed0', len(calls)
+    stop_run_in_step(run_dir, run_dir / 'work', 1)
+    assert run()[1]['iou'] == steps[1]['iou'] and len(calls) == passes
 
 
 def test_ade_protocols_get_the_reference_ade_factors_and_a_config_still_wins():
