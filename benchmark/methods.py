@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from .errors import UserError, comma_list, refuse_repeats
 from .registry import MODELS
+from .store import PLAIN_NAME, is_plain_name
 
 
 @dataclass(frozen=True)
@@ -14,19 +15,40 @@ class Method:
     step0_kind: str | None  # the segmentor's: methods of one kind share a cached step 0
     joint: bool = False     # trains every class of the protocol in one step (upper bound)
     description: str = ''
+    defined_in: str = ''    # the segmentor class's module and name
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, joint: bool = False, description: str = ''):
-    """Class decorator: registers a segmentor in MODELS and as method ``name``."""
+    """Class decorator: registers a segmentor as method ``name`` and in MODELS under its class
+    name. The method's name names its runs' folders (a plain name); it and the class name are
+    one class's each: another class taking either is refused, naming both (a module imported
+    again registers its own classes again)."""
+    if not is_plain_name(name):
+        raise UserError(f'method name {name!r} is not {PLAIN_NAME}: it names its runs\' folders')
+
     def wrap(cls):
-        MODELS.register_module(cls.__name__, module=cls)
+        defined_in = _defined_in(cls)
+        if name in METHODS and METHODS[name].defined_in != defined_in:
+            raise UserError(f'{defined_in}: the method name {name!r} is taken, by '
+                            f'{METHODS[name].defined_in}: choose another')
+        namesake = MODELS.module_dict.get(cls.__name__)
+        if namesake is not None and _defined_in(namesake) != defined_in:
+            raise UserError(f'{defined_in}: the class name {cls.__name__} is taken, by '
+                            f'{_defined_in(namesake)} (it names the model in the registry): '
+                            f'rename the class')
+        MODELS.register_module(cls.__name__, module=cls, force=True)
         METHODS[name] = Method(name, f'cssbench.{cls.__name__}', cls.step0_kind, joint,
-                               description or (cls.__doc__ or '').strip().split('\n')[0])
+                               description or (cls.__doc__ or '').strip().split('\n')[0],
+                               defined_in)
         return cls
     return wrap
+
+
+def _defined_in(cls) -> str:
+    return f'{cls.__module__}.{cls.__qualname__}'
 
 
 def registered_methods() -> dict[str, Method]:

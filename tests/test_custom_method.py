@@ -4,7 +4,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cssbench.methods import METHODS, get_method
+import pytest
+
+from cssbench.errors import UserError
+from cssbench.methods import METHODS, get_method, register_method
+from cssbench.registry import MODELS
 from cssbench.runner import run_protocol
 from cssbench.synth import make_synth
 
@@ -37,5 +41,40 @@ def test_readme_method_registers_and_runs_two_steps(tmp_path):
         assert steps[1]['columns']['new']['label'] == '16-20'
     finally:
         METHODS.pop('feature-anchor', None)
-        from cssbench.registry import MODELS
+        MODELS._module_dict.pop('FeatureAnchor', None)
+
+
+def test_a_method_or_class_name_taken_by_another_class_is_refused_naming_both():
+    """A copied method file keeping either name would replace the shipped method, or break
+    the registry at import: refused in one line; the shipped method stays."""
+    from cssbench.baselines.ft import FineTuning as Shipped
+    here = f'{__name__}.test_a_method_or_class_name_taken_by_another_class_is_refused_naming_both.<locals>'
+    with pytest.raises(UserError) as taken:
+        @register_method('ft')
+        class Copy(Shipped):
+            pass
+    assert str(taken.value) == (f"{here}.Copy: the method name 'ft' is taken, by "
+                                f"cssbench.baselines.ft.FineTuning: choose another")
+    with pytest.raises(UserError) as taken:
+        @register_method('ft-copy')
+        class FineTuning(Shipped):
+            pass
+    assert str(taken.value) == (f'{here}.FineTuning: the class name FineTuning is taken, by '
+                                f'cssbench.baselines.ft.FineTuning (it names the model in the '
+                                f'registry): rename the class')
+    assert 'ft-copy' not in METHODS
+    assert get_method('ft').defined_in == 'cssbench.baselines.ft.FineTuning'
+    assert MODELS.get('cssbench.FineTuning') is Shipped
+    with pytest.raises(UserError, match=r"^method name 'ft copy' is not a plain name"):
+        register_method('ft copy')
+
+
+def test_a_module_imported_again_registers_its_methods_again():
+    namespace: dict = {'__name__': 'readme_example'}
+    try:
+        for _ in range(2):   # as importlib.reload would
+            exec(compile(readme_example(), 'README.md', 'exec'), dict(namespace))
+        assert get_method('feature-anchor').defined_in == 'readme_example.FeatureAnchor'
+    finally:
+        METHODS.pop('feature-anchor', None)
         MODELS._module_dict.pop('FeatureAnchor', None)
