@@ -1,10 +1,10 @@
 """Figures from the results store, written as PNG beside the tables.
 
 * ``<protocol>-miou.png``: mIoU of all / old / new classes against the step, one line per
-  method (the mean over its seeds, a band of ± one std); joint, trained in one step, is a
-  dashed horizontal line at its value.
-* ``<protocol>-<method>-<run>-iou.png``: one run's per-class IoU, class x step, as a heat map
-  (blank where a class is not yet learned or not in the evaluation set).
+  row of the tables (a method and setup: the mean over its seeds, a band of ± one std);
+  joint, trained in one step, is a dashed horizontal line at its value.
+* ``<protocol>-<method>-<run>-iou.png``: for each row, one run's per-class IoU, class x step,
+  as a heat map (blank where a class is not yet learned or not in the evaluation set).
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def save_png(fig: Figure, path: Path) -> Path:
 
 
 def write_protocol_plots(protocol: str, rows: list[RowRuns], out_dir: str | Path) -> list[Path]:
-    """The mIoU-by-step figure, and a heat map of one run (its lowest seed) per method."""
+    """The mIoU-by-step figure, and a heat map of one run (its lowest seed) per row."""
     out_dir = Path(out_dir)
     written = [save_png(miou_by_step_figure(protocol, rows), out_dir / f'{protocol}-miou.png')]
     for row in rows:
