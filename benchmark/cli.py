@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument('--per-class', action='store_true', help='forgetting of every old class')
     p.add_argument('--run', help='use the runs of these names (comma-separated, globs allowed) '
                                  'instead of the latest run of each seed')
-    p.add_argument('--config', help='only runs of this config name')
+    p.add_argument('--config', help="only runs of this config (a config file's also by its bare "
+                                    "name: anchor for cfgs/anchor.py)")
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--out', help='write to this file (with --all: this folder)')
     p.set_defaults(func=cmd_table)
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--protocol')
     p.add_argument('--all', action='store_true', help='every protocol with results')
     p.add_argument('--run', help='as for table')
-    p.add_argument('--config', help='only runs of this config name')
+    p.add_argument('--config', help='as for table')
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--out', help='folder for the PNGs (default: <results>/tables)')
     p.set_defaults(func=cmd_plot)

@@ -273,13 +273,21 @@ class RowRuns:
         return self.runs[0].joint   # one method's runs
 
 
+def _config_matches(config_name: str, config: str) -> bool:
+    """``--config``: a run's config by the name it was run with, or a config file's by its
+    bare name (``anchor`` or ``anchor.py`` for ``cfgs/anchor.py``)."""
+    bare = Path(config).name == config
+    return config_name == config or (bare and Path(config_name).suffix == '.py'
+                                     and Path(config_name).stem == Path(config).stem)
+
+
 def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
                 config: str | None = None) -> list[RowRuns]:
     """One row per (method, config, dataset): for each seed, the latest finished complete run
     (among those whose name matches one of ``runs``' glob patterns, if given). Runs of other
     data (another dataset fingerprint: other images or labels) are never averaged together."""
     candidates = [r for r in store.runs if r.protocol_name == protocol and _matches(r, runs)
-                  and (config is None or r.config_name == config)]
+                  and (config is None or _config_matches(r.config_name, config))]
     digests_by_name: dict[str, set[str]] = {}
     for r in candidates:
         digests_by_name.setdefault(r.config_name, set()).add(r.config_digest)

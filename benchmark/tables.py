@@ -168,7 +168,11 @@ def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
     if rows:
         return rows
     chosen = chosen_by(runs, config)
-    if protocol in available_protocols():
+    other_configs = sorted({r.config_name for row in select_runs(store, protocol, runs)
+                            for r in row.runs}) if config else []
+    if other_configs:
+        advice = f'the configs of its runs: {", ".join(other_configs)}'
+    elif protocol in available_protocols():
         config_option = f' --config {shlex.quote(config)}' if config else ''
         advice = (f'`cssbench run --protocol {protocol}{config_option}{results_option(store.root)}` '
                   f'makes one')

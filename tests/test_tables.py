@@ -32,7 +32,7 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
               method: str = 'ft', run: str = 'small-seed0', seed: int = 0,
               finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small',
               dataset_fingerprint: str = 'fp', speed: dict | None = None,
-              joint: bool | None = None) -> Path:
+              joint: bool | None = None, config_name: str = 'small') -> Path:
     """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``:
     the method's flag, left out of run.json if None (as runs stored before it was written)."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
@@ -46,7 +46,7 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
     run_dir = root / p.name / method / run
     run_dir.mkdir(parents=True)
     (run_dir / 'run.json').write_text(json.dumps(dict(
-        protocol=p.to_dict(), method=method, run=run, seed=seed, config_name='small',
+        protocol=p.to_dict(), method=method, run=run, seed=seed, config_name=config_name,
         config_digest=config_digest, status='complete', started='2026-01-01T00:00:00',
         finished=finished, wall_time_s=12.5, git_revision='0123456789abcdef',
         environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint,
@@ -248,6 +248,24 @@ def test_runs_of_different_configs_are_separate_rows(tmp_path: Path) -> None:
         ('ft (small@d1)', ['x']), ('ft (small@d2)', ['y'])]
     fig = miou_by_step_figure(VOC19, rows)
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ['ft (small@d1)', 'ft (small@d2)']
+
+
+def test_config_chooses_a_config_files_runs_by_its_bare_name_too(tmp_path: Path, capsys) -> None:
+    root = tmp_path / 'results'
+    for run, config_name in (('s', 'small'), ('a', 'cfgs/anchor.py'), ('b', '/elsewhere/anchor.py')):
+        write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.5), 20: 0.3}], run=run,
+                  config_name=config_name, config_digest=f'digest-{run}')
+    store = open_store(root)
+
+    def chosen(config: str) -> list[str]:
+        return [row.label for row in select_runs(store, VOC19, config=config)]
+    assert chosen('anchor') == chosen('anchor.py') == ['ft (/elsewhere/anchor.py)', 'ft (cfgs/anchor.py)']
+    assert chosen('cfgs/anchor.py') == ['ft']
+    assert chosen('small') == ['ft'] and chosen('anch') == []
+    assert main(['table', '--protocol', VOC19, '--results', str(root), '--config', 'cfgs/nope.py']) == 2
+    assert capsys.readouterr().err.endswith(
+        f"no complete run matching --run/--config stored for protocol '{VOC19}'; the configs of its "
+        f"runs: /elsewhere/anchor.py, cfgs/anchor.py, small\n")
 
 
 def test_seeds_trained_on_other_data_are_not_averaged(tmp_path: Path) -> None:
