@@ -66,9 +66,17 @@ def distribute(model):
                                          device_ids=[torch.cuda.current_device()] if on_cuda else None)
 
 
+class StepRunner(Runner):
+    """mmengine's Runner, without the copy of its config it writes into the work dir: a step
+    is given no config file (an empty one was written), and run.json holds the resolved one."""
+
+    def dump_config(self) -> None:
+        pass
+
+
 def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step_seed: int,
                          metric_cfg: dict, progress_prefix: str, lr: float, whole_images: bool,
-                         deterministic: bool, resume: bool) -> Runner:
+                         deterministic: bool, resume: bool) -> StepRunner:
     sched, data = cfg.schedule, cfg.data
     speed, processes = effective_speed(cfg), world_size()
     epochs = sched.epochs
@@ -81,7 +89,7 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
     loader = dict(loader_settings(data, batch), collate_fn=dict(type='default_collate'))
     # Whole images differ in size: one a batch, as in the reference.
     eval_batch = 1 if whole_images else max(1, data.eval_batch_size // processes)
-    return Runner(
+    return StepRunner(
         model=distribute(model),
         work_dir=str(work_dir),
         experiment_name=work_dir.name,
