@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import RaisedByMainProcess, UserError, comma_list, refuse_repeats
-from .store import DEFAULT_RESULTS
+from .store import DEFAULT_RESULTS, Store
 
 if TYPE_CHECKING:
     from .protocols import Protocol
@@ -220,11 +220,21 @@ def _patterns(text: str | None) -> list[str] | None:
     return comma_list(text) if text else None
 
 
+def read_store(results: str) -> Store:
+    """The results store, for a command that reads it: one the user cannot write is read all
+    the same, with a line on stderr where its index stays stale on disk."""
+    from .store import open_store
+    store = open_store(results)
+    note = store.index_note()
+    if note:
+        print(f'cssbench: note: {note}', file=sys.stderr)
+    return store
+
+
 def render_table(results: str, protocol: str, fmt: str, kind: str = 'leaderboard',
                  run: str | None = None, config: str | None = None) -> str:
-    from .store import open_store
     from .tables import TABLES, render
-    store = open_store(results)
+    store = read_store(results)
     return render(TABLES[kind](store, protocol, _patterns(run), config), fmt)
 
 
@@ -242,12 +252,11 @@ def _tables_folder(args) -> Path:
 
 
 def cmd_table(args) -> None:
-    from .store import open_store
     from .tables import chosen_by, write_all_tables
     _require_protocol_or_all(args, 'table')
     if args.all:
         out = _tables_folder(args)
-        written = write_all_tables(open_store(args.results), out, _patterns(args.run), args.config)
+        written = write_all_tables(read_store(args.results), out, _patterns(args.run), args.config)
         if not written:
             raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} '
                             f'stored; nothing to tabulate')
@@ -269,10 +278,10 @@ def cmd_table(args) -> None:
 
 def cmd_plot(args) -> None:
     from .plots import write_protocol_plots
-    from .store import open_store, select_runs
+    from .store import select_runs
     from .tables import chosen_by
     _require_protocol_or_all(args, 'plot')
-    store = open_store(args.results)
+    store = read_store(args.results)
     protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol)]
     out = _tables_folder(args)
     written = []

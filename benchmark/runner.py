@@ -399,7 +399,9 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
                              wall_time_s=round(sum(r['wall_time_s'] for r in step_results), 1),
                              finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
         atomic_write_json(results_dir / 'run.json', started['run'])
-    open_store(results_root)  # brings the results index up to date
+    index_note = open_store(results_root).index_note()  # brings the results index up to date
+    if index_note:   # the run is stored; the next reader that can write the index updates it
+        log(index_note)
     return step_results
 
 

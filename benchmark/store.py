@@ -6,7 +6,9 @@ protocol, method, seed, resolved config, code version, dataset fingerprint, date
 complete run's record and metrics, keyed by its folder and stamped with the size, times and
 inode of those two files (``io.file_stamp``). Reading the store checks the stamps against the folders
 and re-reads only what changed (a missing or stale index is rebuilt from the run folders); a
-run folder that is corrupt or unfinished is reported and skipped, never fatal.
+run folder that is corrupt or unfinished is reported and skipped, never fatal. The index is a
+cache: a store this process cannot write (another user's, a read-only mount) is read all the
+same, its index brought up to date in memory alone.
 
 Runs are never merged: a table takes one run per (method, config, dataset, seed), the latest
 finished unless the user names runs, and says which it took.
@@ -79,6 +81,14 @@ class Store:
     root: Path
     runs: list[StoredRun] = field(default_factory=list)
     skipped: list[SkippedRun] = field(default_factory=list)
+    index_not_written: str | None = None   # why the stale index stayed so on disk, if it did
+
+    def index_note(self) -> str | None:
+        """A line saying that the index could not be brought up to date, if so."""
+        if self.index_not_written is None:
+            return None
+        return (f'{self.root / INDEX_FILE}: not updated ({self.index_not_written}); the runs '
+                f'changed since it was written are read from their folders each time')
 
     def protocols(self) -> list[str]:
         return sorted({r.protocol_name for r in self.runs})
@@ -222,7 +232,8 @@ def _read_index(root: Path) -> dict:
 
 def open_store(root: str | Path, write_index: bool = True) -> Store:
     """Every run under ``root``: complete ones from the index where its stamps still hold,
-    read anew otherwise; the index is rewritten when anything changed."""
+    read anew otherwise; the index is rewritten when anything changed, where it can be
+    (``Store.index_not_written`` says why not)."""
     root = Path(root)
     store = Store(root)
     if not root.is_dir():
@@ -250,8 +261,19 @@ def open_store(root: str | Path, write_index: bool = True) -> Store:
         store.runs.append(run)
         fresh[key] = dict(stamp=stamp, run=asdict(run))
     if write_index and fresh != cached:
-        atomic_write_json(root / INDEX_FILE, dict(version=INDEX_VERSION, runs=fresh))
+        store.index_not_written = _write_index(root, fresh)
     return store
+
+
+def _write_index(root: Path, runs: dict) -> str | None:
+    """Write the index of ``runs``; None once written, else why it could not be. Not fatal: the
+    index is a cache, and a reader of a store it cannot write (a colleague's, a read-only
+    mount; ``chmod`` alone makes the stamps stale) tabulates it all the same."""
+    try:
+        atomic_write_json(root / INDEX_FILE, dict(version=INDEX_VERSION, runs=runs))
+    except OSError as e:   # the write leaves no temporary behind (io.temporary_beside)
+        return e.strerror or str(e)
+    return None
 
 
 def _matches(run: StoredRun, patterns: list[str] | None) -> bool:

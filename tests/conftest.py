@@ -2,7 +2,11 @@
 Pascal VOC tree writer; and a run made one that stopped mid-way."""
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +37,39 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / 'cache'
     monkeypatch.setenv('CSSBENCH_CACHE', str(cache))
     return cache
+
+
+def mount_read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[Path]:
+    """Refuse, as a read-only mount does (EROFS), to create a file or folder under ``folder``
+    or open one there for writing; the paths refused are listed in the list returned. Tests
+    run as root here, which file permissions do not stop: a ``chmod a-w`` would test nothing."""
+    refused: list[Path] = []
+    real_os_open, real_open, real_mkdir = os.open, builtins.open, os.mkdir
+
+    def refuse_under_folder(path) -> None:
+        if isinstance(path, (str, os.PathLike)) and Path(os.path.abspath(path)).is_relative_to(folder):
+            refused.append(Path(path))
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            refuse_under_folder(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def guarded_open(file, mode='r', *args, **kwargs):
+        if set(mode) & set('wax+'):
+            refuse_under_folder(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        refuse_under_folder(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'open', guarded_os_open)
+    monkeypatch.setattr(builtins, 'open', guarded_open)
+    monkeypatch.setattr(io, 'open', guarded_open)
+    monkeypatch.setattr(os, 'mkdir', guarded_mkdir)
+    return refused
 
 
 def mask_with(labels, size: tuple[int, int] = (4, 4)) -> np.ndarray:

@@ -5,6 +5,7 @@ These run the real mmengine training loop on CPU, on small synthetic datasets at
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 from dataclasses import replace
@@ -28,7 +29,7 @@ from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
 from cssbench.transforms import EvalTransform
-from conftest import join_val_images_in_pairs, stop_run_in_step
+from conftest import join_val_images_in_pairs, mount_read_only, stop_run_in_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
@@ -594,6 +595,20 @@ def test_a_run_refused_at_its_start_loses_nothing_and_leaves_nothing(synth32, co
         run_protocol('synth-15-5-overlap', 'ft', data_root=str(tmp_path / 'nowhere'),
                      overwrite=True, **kwargs)
     assert {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file() and p.name != '.lock'} == stored
+
+
+def test_a_run_into_a_store_it_cannot_write_fails_at_its_start(synth32, config32, tmp_path, capsys,
+                                                             monkeypatch):
+    """Only a reader takes a store it cannot write in its stride (the index is a cache): a run
+    stops before it trains, saying why."""
+    results = tmp_path / 'results'
+    results.mkdir()
+    refused = mount_read_only(monkeypatch, results)
+    assert main(['run', '--protocol', 'synth-15-5-overlap', '--config', str(config32),
+                 '--data-root', str(synth32), '--epochs', '1', '--results', str(results)]) == 2
+    assert capsys.readouterr().err == \
+        f"cssbench: error: [Errno 30] Read-only file system: '{refused[0]}'\n"
+    assert os.listdir(results) == []
 
 
 def test_a_protocol_file_taking_a_stored_protocols_name_is_refused(synth32, config32, tmp_path):

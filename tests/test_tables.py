@@ -5,6 +5,7 @@ Every expected number below is worked out by hand from the IoUs the test writes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -24,6 +25,7 @@ from cssbench.protocols import Protocol, load_protocol
 from cssbench.store import INDEX_FILE, open_store, select_runs
 from cssbench.tables import (forgetting_per_class, leaderboard, mean_std, per_class_forgetting,
                              per_step, render)
+from conftest import mount_read_only
 
 VOC19 = 'voc-19-1-overlap'
 
@@ -354,6 +356,61 @@ def test_index_is_rebuilt_when_missing_or_stale(store_19_1: Path) -> None:
     index['runs'][f'{VOC19}/lwf/small-seed0']['run']['steps'][-1]['columns']['old']['mIoU'] = 0.5
     (store_19_1 / INDEX_FILE).write_text(json.dumps(index))
     assert leaderboard(open_store(store_19_1), VOC19).frame.at['lwf', 'old'] == pytest.approx(50.0)
+
+
+def refuse_replacing_the_index(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[Path]:
+    """Refuse (EPERM) to rename a temporary over ``root``'s index, as a sticky folder does where
+    another user owns the index; the temporaries refused are listed in the list returned."""
+    refused: list[Path] = []
+    real_replace = os.replace
+
+    def guarded_replace(source, target, *args, **kwargs):
+        if Path(target) == root / INDEX_FILE:
+            refused.append(Path(source))
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source))
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'replace', guarded_replace)
+    return refused
+
+
+@pytest.mark.parametrize('refuse_writes, reason', [(mount_read_only, errno.EROFS),
+                                                    (refuse_replacing_the_index, errno.EPERM)])
+def test_a_store_the_user_cannot_write_is_tabulated_and_plotted(
+        store_19_1: Path, tmp_path: Path, capsys, monkeypatch, refuse_writes, reason) -> None:
+    """A store shared read-only, or on a read-only mount, is read: its stale index brought up to
+    date in memory alone, with a line saying so, and left as it was, no temporary beside it."""
+    table = ['table', '--protocol', VOC19, '--results', str(store_19_1)]
+    assert main(table) == 0
+    capsys.readouterr()
+    # stale since: a run rewritten (chmod -R a-w alone makes every stamp stale: the ctime)
+    run_dir = store_19_1 / VOC19 / 'lwf' / 'small-seed0'
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    metrics['steps'][-1]['columns']['old']['mIoU'] = 0.123
+    (run_dir / 'metrics.json').write_text(json.dumps(metrics))
+    index = (store_19_1 / INDEX_FILE).read_bytes()
+    store_files = sorted(os.listdir(store_19_1))
+    note = (f'cssbench: note: {store_19_1 / INDEX_FILE}: not updated ({os.strerror(reason)}); '
+            f'the runs changed since it was written are read from their folders each time\n')
+
+    out = tmp_path / 'elsewhere'
+    with monkeypatch.context() as read_only:
+        refused = refuse_writes(read_only, store_19_1)
+        assert main(table) == 0
+        read_only_table = capsys.readouterr()
+        assert read_only_table.err == note and refused
+        for command in ('table', 'plot'):
+            assert main([command, '--all', '--results', str(store_19_1), '--out', str(out)]) == 0
+            assert capsys.readouterr().err == note
+    assert (store_19_1 / INDEX_FILE).read_bytes() == index
+    assert sorted(os.listdir(store_19_1)) == store_files   # no temporary left
+    assert '| lwf | 1 | 12.3 |' in read_only_table.out   # the run as rewritten, not as indexed
+    assert (out / f'{VOC19}.md').is_file() and (out / f'{VOC19}-miou.png').is_file()
+
+    # writable again: the same table, and the index brought up to date
+    assert main(table) == 0
+    assert capsys.readouterr() == (read_only_table.out, '')
+    assert (store_19_1 / INDEX_FILE).read_bytes() != index
 
 
 def test_published_numbers_beside_our_rows(tmp_path: Path) -> None:
