@@ -12,6 +12,7 @@ step and the epoch, so a resumed run ends with the same numbers as an uninterrup
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import inspect
 import math
@@ -227,20 +228,26 @@ def repair_last_checkpoint(work_dir: Path) -> bool:
 
 @contextlib.contextmanager
 def _exclusive(paths: RunPaths, new_folders: list[Path]):
-    """Holds a lock on the run folder, and on its work dir where that lies outside it: a
-    second process on the same run, or on another run given the same --work-dir, is refused
-    (two new runs would both find the work dir unmarked). Under torchrun rank 0 holds them
-    for all the run's processes. Refused the work dir, it leaves no new run folder behind,
-    and the work dir to the process that holds it."""
+    """Holds a lock on the run folder and one on its work dir (where that is not the run
+    folder itself): a second process on the same run, or on another run given the same work
+    dir, is refused (two new runs would both find the work dir unmarked). Under torchrun rank 0
+    holds them for all the run's processes. Refused, it leaves none of ``new_folders`` behind
+    but those of the process holding the lock; a folder it cannot lock, none."""
+    locks = [(paths.results, 'another cssbench process is running this run')]
+    if paths.work.resolve() != paths.results.resolve():
+        locks.append((paths.work, 'another cssbench process is running a run in this work dir'))
     with contextlib.ExitStack() as held:
-        _lock_folder(paths.results, held, 'another cssbench process is running this run')
-        if not paths.work.resolve().is_relative_to(paths.results.resolve()):
+        for folder, refusal in locks:
             try:
-                _lock_folder(paths.work, held,
-                             'another cssbench process is running a run in this work dir')
+                _lock_folder(folder, held, refusal)
+            except UserError:   # held by another process, whose folder it is (a run folder:
+                                # with the new ones above it)
+                if is_main_process() and folder == paths.work:
+                    _remove_new_folders([f for f in new_folders if f != folder], paths)
+                raise
             except BaseException:
                 if is_main_process():
-                    _remove_new_folders([f for f in new_folders if f != paths.work])
+                    _remove_new_folders(new_folders, paths)
                 raise
         yield
 
@@ -254,7 +261,9 @@ def _lock_folder(folder: Path, held: contextlib.ExitStack, refusal: str) -> None
         # dies with this process even if a worker outlives it for a moment. (Closing any
         # file of it would release it: the run folder's and the work dir's are two files.)
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):   # e.g. no locks on this file system
+            raise
         raise UserError(f'{folder}: {refusal}') from None
 
 
@@ -334,14 +343,20 @@ def read_json(path: Path) -> dict:
         raise UserError(f'{path}: cannot read it ({e}); restore it, or --overwrite the run') from None
 
 
-def _remove_new_folders(folders: list[Path]) -> None:
-    """Remove the folders a call created, innermost first, each only if it holds nothing but
-    what the call left there (the run's lock, the work dir's marker): another process's new
-    run in the same new results folder stays."""
-    for folder in reversed(folders):
-        with contextlib.suppress(OSError):   # e.g. a --work-dir under a file: never made
-            for own in (folder / '.lock', folder / WORK_MARKER):
+def _absent(folders: list[Path]) -> list[Path]:
+    return [folder for folder in folders if not folder.exists()]
+
+
+def _remove_new_folders(folders: list[Path], paths: RunPaths) -> None:
+    """Remove the folders a call created (absent at its start), deepest first, each only if
+    it holds nothing but the call's own files there (the run folder's and the work dir's
+    locks, the work dir's marker): another process's new run in the same new folder stays."""
+    for own in (paths.results / '.lock', paths.work / '.lock', paths.work / WORK_MARKER):
+        if own.parent in folders:
+            with contextlib.suppress(OSError):   # e.g. a --work-dir under a file: never made
                 own.unlink(missing_ok=True)
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        with contextlib.suppress(OSError):   # not empty (or never made)
             folder.rmdir()
 
 
@@ -368,8 +383,10 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         log(f'{cfg.filename}: model.backbone.pretrained is not set: the backbone starts from '
             f'random weights (the papers start from ImageNet weights)')
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
-    new_folders = [p for p in (*reversed(results_dir.parents), results_dir, paths.work) if not p.exists()]
-    with _exclusive(paths, new_folders):
+    new_run_folders = _absent([*reversed(results_dir.parents), results_dir])
+    new_work_folders = [f for f in _absent([*reversed(paths.work.parents), paths.work])
+                        if f not in new_run_folders]
+    with _exclusive(paths, new_run_folders + new_work_folders):
         try:
             started = _start_run(protocol, method, cfg, config, run_name, seed, deterministic,
                                  data_root, paths, overwrite, resume, keep_complete, progress)
@@ -378,7 +395,8 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
                 # A run refused before it started leaves no folder behind; a stopped run
                 # refused when continued, no new work dir (made for its lock).
                 recorded = (results_dir / 'run.json').exists()
-                _remove_new_folders([f for f in new_folders if f == paths.work or not recorded])
+                _remove_new_folders(new_work_folders + ([] if recorded else new_run_folders),
+                                    paths)
             raise
         if started is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
@@ -443,7 +461,8 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     previous, identity, index = checked.previous, checked.identity, checked.index
     if overwrite:
         # Only what this run wrote: a --work-dir given by the user may hold other things.
-        work_items = [*paths.work.glob('step*'), paths.work / WORK_MARKER] if paths.work.is_dir() else []
+        steps = [p for p in paths.work.glob('step*') if re.fullmatch(r'step\d+', p.name)]
+        work_items = [*steps, paths.work / WORK_MARKER] if paths.work.is_dir() else []
         for child in [*work_items, *paths.results.iterdir()]:
             if child.name == '.lock' or not child.exists():
                 continue

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -479,6 +480,35 @@ def test_a_work_dir_another_process_runs_in_is_refused_and_left_to_it(capsys, mo
         monkeypatch.setattr(runner, '_lock_folder', taken_first)
         assert fails(capsys, *args, str(new_work)) == refusal.replace(str(work), str(new_work))
     assert not results.exists() and [p.name for p in new_work.iterdir()] == ['.lock']
+
+
+def test_a_refused_run_leaves_no_folder_its_work_dir_needed(capsys, monkeypatch, tmp_path, tiny_run):
+    """The work dir and the folders above it, made for its lock, go with a refusal; a file
+    system without locks is named as such, not as another process's."""
+    args = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
+            '--results', str(tmp_path / 'results'), '--work-dir', str(tmp_path / 'new' / 'w' / 'work')]
+    assert fails(capsys, *args, '--data-root', str(tmp_path / 'nowhere')).endswith('not found')
+    assert sorted(os.listdir(tmp_path)) == []
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(runner.fcntl, 'lockf', no_locks)
+    assert fails(capsys, *args) == f'cssbench: error: [Errno {errno.ENOLCK}] {os.strerror(errno.ENOLCK)}'
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_overwrite_clears_only_the_steps_of_a_work_dir(capsys, tmp_path, tiny_run):
+    """--overwrite deletes the run's step<t> folders in a --work-dir, and nothing else there."""
+    data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    work = tmp_path / 'work'
+    (work / 'steps').mkdir(parents=True)
+    (work / 'steps' / 'keep.json').write_text('{}')
+    (work / 'step0').mkdir()
+    (work / 'step0' / 'stale.txt').write_text('')
+    assert main(['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
+                 '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results'),
+                 '--work-dir', str(work), '--overwrite']) == 0
+    assert (work / 'steps' / 'keep.json').exists() and not (work / 'step0' / 'stale.txt').exists()
 
 
 def test_a_run_continued_in_another_work_dir_is_refused_before_it_writes(capsys, tmp_path, tiny_run):

@@ -99,10 +99,16 @@ def test_resume_flag_needs_a_run_and_a_second_process_is_refused(setup, tmp_path
         while not kill_dir.exists():
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.02)
-        with pytest.raises(UserError, match='another cssbench process'):
+        with pytest.raises(UserError, match='another cssbench process is running this run'):
             run_protocol(PROTOCOL, 'ft', config=str(setup['config']), data_root=str(setup['data']),
                          epochs=3, results_root=tmp_path / 'busy', run_name='r', seed=1,
                          log=lambda *a: None)
+        # nor can another run take its work dir meanwhile (it would find it unmarked yet)
+        with pytest.raises(UserError, match='another cssbench process is running a run in this work dir'):
+            run_protocol(PROTOCOL, 'ft', config=str(setup['config']), data_root=str(setup['data']),
+                         epochs=3, results_root=tmp_path / 'other', work_dir=kill_dir.parent / 'work',
+                         log=lambda *a: None)
+        assert not (tmp_path / 'other').exists()
     finally:
         proc.kill()
         proc.wait()
