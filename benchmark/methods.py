@@ -28,6 +28,8 @@ def register_method(name: str, *, joint: bool = False, description: str = ''):
     again registers its own classes again)."""
     if not is_plain_name(name):
         raise UserError(f'method name {name!r} is not {PLAIN_NAME}: it names its runs\' folders')
+    if name == 'all':
+        raise UserError("method name 'all' is --method's for every method: choose another")
 
     def wrap(cls):
         defined_in = _defined_in(cls)

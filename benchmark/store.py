@@ -298,9 +298,10 @@ class RowRuns:
 def _config_matches(config_name: str, config: str) -> bool:
     """``--config``: a run's config by the name it was run with, or a config file's by its
     bare name (``anchor`` or ``anchor.py`` for ``cfgs/anchor.py``)."""
-    bare = Path(config).name == config
-    return config_name == config or (bare and Path(config_name).suffix == '.py'
-                                     and Path(config_name).stem == Path(config).stem)
+    def bare(name: str) -> str:
+        return Path(name).name.removesuffix('.py')
+    return config_name == config or (Path(config).name == config and config_name.endswith('.py')
+                                     and bare(config_name) == bare(config))
 
 
 def select_runs(store: Store, protocol: str, runs: list[str] | None = None,

@@ -67,6 +67,8 @@ def test_a_method_or_class_name_taken_by_another_class_is_refused_naming_both():
     assert MODELS.get('cssbench.FineTuning') is Shipped
     with pytest.raises(UserError, match=r"^method name 'ft copy' is not a plain name"):
         register_method('ft copy')
+    with pytest.raises(UserError, match=r"^method name 'all' is --method's for every method"):
+        register_method('all')
 
 
 def test_a_module_imported_again_registers_its_methods_again():

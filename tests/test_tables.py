@@ -263,7 +263,7 @@ def test_config_chooses_a_config_files_runs_by_its_bare_name_too(tmp_path: Path,
         return [row.label for row in select_runs(store, VOC19, config=config)]
     assert chosen('anchor') == chosen('anchor.py') == ['ft (/elsewhere/anchor.py)', 'ft (cfgs/anchor.py)']
     assert chosen('cfgs/anchor.py') == ['ft']
-    assert chosen('small') == ['ft'] and chosen('anch') == []
+    assert chosen('small') == ['ft'] and chosen('anch') == chosen('anchor.txt') == []
     assert main(['table', '--protocol', VOC19, '--results', str(root), '--config', 'cfgs/nope.py']) == 2
     assert capsys.readouterr().err.endswith(
         f"no complete run matching --run/--config stored for protocol '{VOC19}'; the configs of its "
