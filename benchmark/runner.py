@@ -208,22 +208,23 @@ def _newest_complete_epoch(work_dir: Path) -> int | None:
 
 
 @decided_by_main
-def repair_last_checkpoint(work_dir: Path) -> bool:
+def repair_last_checkpoint(work_dir: Path) -> int | None:
     """Point mmengine's ``last_checkpoint`` at the newest complete epoch checkpoint, and delete
     the incomplete ones. mmengine writes the pointer after the checkpoint, in place: a kill
-    can leave it empty. Returns whether there is a checkpoint to resume from.
+    can leave it empty. Returns the epoch to resume after (None: no checkpoint, start anew).
     """
     pointer = work_dir / 'last_checkpoint'
     checkpoints = _epoch_checkpoints(work_dir)
-    complete = [f for _, f, whole in checkpoints if whole]
+    complete = [(epoch, f) for epoch, f, whole in checkpoints if whole]
     for _, f, whole in checkpoints:
         if not whole:
             f.unlink()
     if not complete:
         pointer.unlink(missing_ok=True)
-        return False
-    atomic_write_text(pointer, str(complete[-1]))
-    return True
+        return None
+    epoch, newest = complete[-1]
+    atomic_write_text(pointer, str(newest))
+    return epoch
 
 
 @contextlib.contextmanager
@@ -759,12 +760,12 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     prepare_model(model, effective_speed(cfg), training_device())
     work = paths.step_work(t)
     work.mkdir(parents=True, exist_ok=True)
-    resuming = repair_last_checkpoint(work)
-    # A step stopped in its evaluation, after its last epoch, has nothing left to train
-    trains = not resuming or _newest_complete_epoch(work) < cfg.schedule.epochs
+    resumed_after = repair_last_checkpoint(work)   # rank 0's reading, for every process
+    resuming = resumed_after is not None
     with step_runner(cfg, model, protocol, t, split, work, step_seed, deterministic, tag,
                      resume=resuming) as runner:
-        if trains:
+        # A step stopped in its evaluation, after its last epoch, has nothing left to train
+        if not resuming or resumed_after < cfg.schedule.epochs:
             model.before_step_training(runner.train_loop.dataloader)
         with trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
             runner.train()
