@@ -689,9 +689,8 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
         # session resumed after its last epoch, only to evaluate it.
         if (step0_key and is_main_process()
                 and processes_training(paths.step_work(t)) == world_size()):
-            step0.store(step0_key, weights, paths.results, round(time.time() - step_start, 1),
-                        log)
-            step0.store_iou(step0_key, steps_protocol, weights, paths.results, iou, log)
+            step0.store(step0_key, steps_protocol, weights, paths.results,
+                        round(time.time() - step_start, 1), iou, log)
     else:
         iou = _cached_step0_ious(cached, step0_key, cfg, method, steps_protocol, split, paths,
                                  seed, deterministic, tag, log)
@@ -728,7 +727,7 @@ def _cached_step0_ious(cached: dict, key: str, cfg: Config, method: Method, prot
         f'({settings})')
     iou = evaluate_saved_step(cfg, method, protocol, 0, split, paths, seed, deterministic, tag)
     if is_main_process():
-        step0.store_iou(key, protocol, paths.step_weights(0), paths.results, iou, log)
+        step0.store_iou(key, protocol, cached['model'], paths.results, iou, log)
     return iou
 
 

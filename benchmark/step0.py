@@ -69,9 +69,9 @@ def _loads(weights: Path) -> bool:
 @decided_by_main
 def reuse(key: str, protocol: Protocol, weights: Path) -> dict | None:
     """Copy the cached model to ``weights`` (the run's step-0 weights); returns its record
-    (``trained_in_s``, ``run``: None if unknown) with its IoUs under ``protocol``'s evaluation
-    (``iou``: None if those weights were never scored so), or None if no model that loads is
-    cached."""
+    (``model``: the digest of the weights copied, ``trained_in_s``, ``run``: None if unknown)
+    with its IoUs under ``protocol``'s evaluation (``iou``: None if those weights were never
+    scored so), or None if no model that loads is cached."""
     entry = _entry(key)
     try:
         if not _loads(entry / 'model.pth'):   # absent or damaged: train it
@@ -82,39 +82,44 @@ def reuse(key: str, protocol: Protocol, weights: Path) -> dict | None:
         return None
     record = _read_record(entry / 'model.json', digest) or dict(trained_in_s=None, run=None)
     scores = _read_record(_iou_file(entry, protocol), digest)
-    return dict(record, iou=scores.get('iou') if scores else None)
+    return dict(record, model=digest, iou=scores.get('iou') if scores else None)
 
 
-def store(key: str, weights: Path, run: Path, wall_time_s: float, log) -> None:
-    """Cache the step-0 ``weights`` that ``run`` trained, unless a model that loads is cached
-    already: that one stays, with the IoUs stored for it."""
+def store(key: str, protocol: Protocol, weights: Path, run: Path, wall_time_s: float,
+          iou: dict[int, float], log) -> None:
+    """Cache the step-0 ``weights`` that ``run`` trained, with the IoUs they scored under
+    ``protocol``'s evaluation, unless a model that loads is cached already: that one stays,
+    with the IoUs stored for it (these too, if it holds the same weights)."""
     entry = _entry(key)
     try:
+        digest = file_sha256(weights)
         model = entry / 'model.pth'
-        if model.exists():
-            if _loads(model):
-                return
+        if model.exists() and not _loads(model):
             model.unlink(missing_ok=True)   # damaged
-        if not copy_if_absent(weights, model):
-            return   # another run stored its own meanwhile
-        atomic_write_json(entry / 'model.json', dict(model=file_sha256(weights),
-                                                     trained_in_s=wall_time_s,
+        if not copy_if_absent(weights, model):   # one cached before, or meanwhile
+            store_iou(key, protocol, digest, run, iou, log)
+            return
+        atomic_write_json(entry / 'model.json', dict(model=digest, trained_in_s=wall_time_s,
                                                      run=str(run.resolve())))
+        _write_iou(entry, protocol, digest, run, iou)
     except OSError as e:
         log(f'step-0 cache: {entry}: not stored ({e}); the run goes on')
 
 
-def store_iou(key: str, protocol: Protocol, weights: Path, run: Path, iou: dict[int, float],
+def store_iou(key: str, protocol: Protocol, digest: str, run: Path, iou: dict[int, float],
               log) -> None:
-    """Cache the IoUs that ``run``'s step-0 ``weights`` scored under ``protocol``'s
-    evaluation, if those are the cached weights."""
+    """Cache the IoUs that ``run``'s step-0 weights (of ``digest``) scored under
+    ``protocol``'s evaluation, if those are the cached weights."""
     entry = _entry(key)
     try:
-        digest = file_sha256(weights)
-        if not (entry / 'model.pth').exists() or file_sha256(entry / 'model.pth') != digest:
-            return
-        atomic_write_json(_iou_file(entry, protocol),
-                          dict(model=digest, iou={str(c): v for c, v in iou.items()},
-                               run=str(run.resolve())))
+        if (entry / 'model.pth').exists() and file_sha256(entry / 'model.pth') == digest:
+            _write_iou(entry, protocol, digest, run, iou)
     except OSError as e:
         log(f'step-0 cache: {entry}: IoUs not stored ({e}); the run goes on')
+
+
+def _write_iou(entry: Path, protocol: Protocol, digest: str, run: Path,
+               iou: dict[int, float]) -> None:
+    atomic_write_json(_iou_file(entry, protocol),
+                      dict(model=digest, iou={str(c): v for c, v in iou.items()},
+                           run=str(run.resolve())))

@@ -21,6 +21,7 @@ from cssbench.cli import main
 from cssbench.config import load_config
 from cssbench.datasets import IncrementalSegDataset, eval_lut
 from cssbench.errors import UserError
+from cssbench.io import file_sha256
 from cssbench.methods import get_method
 from cssbench.metrics import confusion_matrix, iou_per_class, range_label
 from cssbench.protocols import load_protocol
@@ -507,13 +508,12 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
     # a and b trained the same step 0 at once, not bit for bit (as on a GPU): a's, stored
     # first, stays, with a's IoUs; b's IoUs, of other weights, are not stored.
     for run, iou in ((a, {0: 0.5}), (b, {0: 0.25})):
-        step0.store('k', weights(run), run, 1.0, messages.append)
-        step0.store_iou('k', protocol, weights(run), run, iou, messages.append)
+        step0.store('k', protocol, weights(run), run, 1.0, iou, messages.append)
     reused = step0.reuse('k', protocol, weights(c))
     assert (reused['iou'], reused['run'], weight_of(c)) == ({'0': 0.5}, str(a), 1.0)
     assert step0.reuse('k', whole, weights(c))['iou'] is None   # never scored so
     # c holds a copy of a's weights
-    step0.store_iou('k', whole, weights(c), c, {0: 0.75}, messages.append)
+    step0.store_iou('k', whole, file_sha256(weights(c)), c, {0: 0.75}, messages.append)
     assert step0.reuse('k', whole, weights(c))['iou'] == {'0': 0.75}
 
     entry = isolated_cache / 'step0' / 'k'
@@ -522,12 +522,12 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
     model = (entry / 'model.pth').read_bytes()
     (entry / 'model.pth').write_bytes(model[:len(model) // 2])    # cut short: trained again
     assert step0.reuse('k', protocol, weights(c)) is None
-    step0.store('k', weights(b), b, 2.0, messages.append)
+    step0.store('k', protocol, weights(b), b, 2.0, {0: 0.5}, messages.append)
     reused = step0.reuse('k', whole, weights(c))
     assert (reused['iou'], reused['run'], weight_of(c)) == (None, str(b), 2.0)
     torch.save(['not', 'weights'], entry / 'model.pth')           # a whole zip, but no weights
     assert step0.reuse('k', protocol, weights(c)) is None
-    step0.store('k', weights(a), a, 1.0, messages.append)
+    step0.store('k', protocol, weights(a), a, 1.0, {0: 0.5}, messages.append)
     assert step0.reuse('k', protocol, weights(c))['run'] == str(a) and weight_of(c) == 1.0
     assert messages == []
 
@@ -536,28 +536,32 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
     shutil.rmtree(entry)
     copy = step0.copy_if_absent
 
+    left_by_b = {}
+
     def b_stores_meanwhile(source, path):
         monkeypatch.setattr(step0, 'copy_if_absent', copy)
-        step0.store('k', weights(b), b, 2.0, messages.append)
+        step0.store('k', protocol, weights(b), b, 2.0, {0: 0.25}, messages.append)
+        left_by_b.update((p.name, p.read_bytes()) for p in entry.iterdir())
         return copy(source, path)
     monkeypatch.setattr(step0, 'copy_if_absent', b_stores_meanwhile)
-    step0.store('k', weights(a), a, 1.0, messages.append)
+    step0.store('k', protocol, weights(a), a, 1.0, {0: 0.5}, messages.append)
     reused = step0.reuse('k', protocol, weights(c))
-    assert (reused['run'], weight_of(c)) == (str(b), 2.0) and messages == []
-    assert sorted(p.name for p in entry.iterdir()) == ['model.json', 'model.pth']
+    assert (reused['run'], reused['iou'], weight_of(c)) == (str(b), {'0': 0.25}, 2.0)
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == left_by_b and messages == []
+    assert sorted(left_by_b) == ['iou-ignore-center.json', 'model.json', 'model.pth']
 
     # A cache that cannot be written stops no run: it says so.
     shutil.rmtree(entry.parent)
     entry.parent.write_text('a file where the cache keeps its step-0 folders')
     assert step0.reuse('k', protocol, weights(c)) is None
-    step0.store('k', weights(b), b, 2.0, messages.append)
+    step0.store('k', protocol, weights(b), b, 2.0, {0: 0.5}, messages.append)
     assert len(messages) == 1 and messages[0].startswith(f'step-0 cache: {entry}: not stored (')
     entry.parent.unlink()
 
     def full_disk(*args):
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(step0, 'copy_if_absent', full_disk)
-    step0.store('k', weights(b), b, 2.0, messages.append)
+    step0.store('k', protocol, weights(b), b, 2.0, {0: 0.5}, messages.append)
     assert messages[1:] == [f'step-0 cache: {entry}: not stored ([Errno 28] No space left on '
                             f'device); the run goes on']
 
