@@ -256,10 +256,12 @@ def cmd_table(args) -> None:
     _require_protocol_or_all(args, 'table')
     if args.all:
         out = _tables_folder(args)
-        written = write_all_tables(read_store(args.results), out, _patterns(args.run), args.config)
+        store = read_store(args.results)
+        written = write_all_tables(store, out, _patterns(args.run), args.config)
         if not written:
             raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} '
-                            f'stored; nothing to tabulate')
+                            f'stored; nothing to tabulate'
+                            + _configs_advice(store, store.protocols(), args))
         print(f'wrote {len(written)} files to {out}/')
         return
     kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
@@ -291,11 +293,18 @@ def cmd_plot(args) -> None:
             written += write_protocol_plots(protocol, rows, out)
     if not written:
         raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} stored '
-                        f'for {", ".join(protocols) or "any protocol"}')
+                        f'for {", ".join(protocols) or "any protocol"}'
+                        + _configs_advice(store, protocols, args))
     for skipped in (s for protocol in protocols for s in store.skipped_in(protocol)):
         print(f'cssbench: skipped {skipped.path}: {skipped.reason}', file=sys.stderr)
     for path in written:
         print(f'wrote {path}')
+
+
+def _configs_advice(store: Store, protocols: list[str], args) -> str:
+    from .tables import configs_of_runs
+    advice = configs_of_runs(store, protocols, _patterns(args.run), args.config)
+    return f'; {advice}' if advice else ''
 
 
 def stored_protocol_name(text: str) -> str:

@@ -163,25 +163,32 @@ def chosen_by(runs, config) -> str:
     return ' matching --run/--config' if runs or config else ''
 
 
+def configs_of_runs(store: Store, protocols: Sequence[str], runs, config) -> str:
+    """For an error where ``--config`` chose no run: the configs of the complete runs of
+    ``protocols`` (those ``--run`` chose), the names it can give; '' if none or no --config."""
+    names = sorted({r.config_name for protocol in protocols
+                    for row in select_runs(store, protocol, runs) for r in row.runs}) if config else []
+    return f'the configs of its runs: {", ".join(names)}' if names else ''
+
+
 def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
     rows = select_runs(store, protocol, runs, config)
     if rows:
         return rows
     chosen = chosen_by(runs, config)
-    other_configs = sorted({r.config_name for row in select_runs(store, protocol, runs)
-                            for r in row.runs}) if config else []
-    if other_configs:
-        advice = f'the configs of its runs: {", ".join(other_configs)}'
-    elif protocol in available_protocols():
-        config_option = f' --config {shlex.quote(config)}' if config else ''
-        advice = (f'`cssbench run --protocol {protocol}{config_option}{results_option(store.root)}` '
-                  f'makes one')
-    else:
-        advice = f'stored protocols: {", ".join(store.protocols()) or "none"}'
+    advice = configs_of_runs(store, [protocol], runs, config) or _how_to_store_one(store, protocol,
+                                                                                   config)
     skipped = [f'{s.path}: {s.reason}' for s in store.skipped_in(protocol)]
     if skipped:   # e.g. a run still training, which rerunning its command finishes
         advice += f' (skipped: {"; ".join(skipped)})'
     raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; {advice}')
+
+
+def _how_to_store_one(store: Store, protocol: str, config: str | None) -> str:
+    if protocol not in available_protocols():
+        return f'stored protocols: {", ".join(store.protocols()) or "none"}'
+    config_option = f' --config {shlex.quote(config)}' if config else ''
+    return f'`cssbench run --protocol {protocol}{config_option}{results_option(store.root)}` makes one'
 
 
 def _notes(store: Store, protocol: str, rows: list[RowRuns],

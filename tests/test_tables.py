@@ -268,6 +268,16 @@ def test_config_chooses_a_config_files_runs_by_its_bare_name_too(tmp_path: Path,
     assert capsys.readouterr().err.endswith(
         f"no complete run matching --run/--config stored for protocol '{VOC19}'; the configs of its "
         f"runs: /elsewhere/anchor.py, cfgs/anchor.py, small\n")
+    # --all and plot list them too; --run narrows them
+    for command in (['table', '--all'], ['plot', '--all'], ['plot', '--protocol', VOC19]):
+        assert main([*command, '--results', str(root), '--config', 'nope']) == 2
+        assert capsys.readouterr().err.endswith(
+            f"; the configs of its runs: /elsewhere/anchor.py, cfgs/anchor.py, small\n")
+    assert main(['table', '--all', '--results', str(root), '--config', 'nope', '--run', 's']) == 2
+    assert capsys.readouterr().err == (
+        f'cssbench: error: {root}: no complete run matching --run/--config stored; nothing to '
+        f'tabulate; the configs of its runs: small\n')
+    assert not (root / 'tables').exists()
 
 
 def test_seeds_trained_on_other_data_are_not_averaged(tmp_path: Path) -> None:
