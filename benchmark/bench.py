@@ -462,8 +462,10 @@ def _device_name() -> str:
 def _software() -> str:
     """The versions that set a GPU's kernels (two machines' rates differ with them)."""
     versions = [f'torch {torch.__version__}']
-    if torch.cuda.is_available():
-        versions += [f'CUDA {torch.version.cuda}', f'cuDNN {torch.backends.cudnn.version()}']
+    if torch.cuda.is_available():   # a ROCm build: HIP and MIOpen in CUDA's and cuDNN's place
+        toolkit = f'HIP {torch.version.hip}' if torch.version.hip else f'CUDA {torch.version.cuda}'
+        library = 'MIOpen' if torch.version.hip else 'cuDNN'
+        versions += [toolkit, f'{library} {torch.backends.cudnn.version()}']
     return ', '.join(versions)
 
 

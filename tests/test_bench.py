@@ -182,3 +182,14 @@ def test_bad_flags_give_one_line_errors(flags, message, capsys):
     assert main(['bench', *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and '\n' not in err
+
+
+@pytest.mark.parametrize('hip, expected', [(None, 'torch 9.9, CUDA 12.8, cuDNN 91002'),
+                                           ('6.4.1', 'torch 9.9, HIP 6.4.1, MIOpen 91002')])
+def test_the_device_line_names_the_gpu_toolkit_and_its_kernel_library(hip, expected, monkeypatch):
+    monkeypatch.setattr(torch, '__version__', '9.9')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.version, 'cuda', None if hip else '12.8')
+    monkeypatch.setattr(torch.version, 'hip', hip)
+    monkeypatch.setattr(torch.backends.cudnn, 'version', lambda: 91002)
+    assert bench._software() == expected
