@@ -3,6 +3,7 @@ evaluation, built for a block and released after it."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -67,11 +68,19 @@ def distribute(model):
 
 
 class StepRunner(Runner):
-    """mmengine's Runner, without the copy of its config it writes into the work dir: a step
-    is given no config file (an empty one was written), and run.json holds the resolved one."""
+    """mmengine's Runner, without the copy of its config it writes into the work dir (a step
+    is given no config file: an empty one was written; run.json holds the resolved one) and
+    without the line it prints on resuming."""
 
     def dump_config(self) -> None:
         pass
+
+    def resume(self, *args, **kwargs) -> None:
+        # 'Loads checkpoint by local backend from path: ...', print()ed past the logger's
+        # level; the runner names the epoch the step continues after instead. (The logger
+        # writes to the stdout it was made with: its warnings still show.)
+        with contextlib.redirect_stdout(io.StringIO()):
+            super().resume(*args, **kwargs)
 
 
 def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step_seed: int,

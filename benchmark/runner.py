@@ -684,7 +684,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     cached = step0.reuse(step0_key, steps_protocol, weights) if step0_key else None
     if cached is None:
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
-                                      deterministic, tag)
+                                      deterministic, tag, log)
         # The key names this session's processes: not those that trained a step 0 that this
         # session resumed after its last epoch, only to evaluate it.
         if (step0_key and is_main_process()
@@ -749,7 +749,7 @@ def _stored_step_result(paths: RunPaths, t: int) -> dict | None:
 
 def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dict,
                             paths: RunPaths, seed: int, deterministic: bool,
-                            tag: str) -> dict[int, float]:
+                            tag: str, log) -> dict[int, float]:
     """Train step ``t`` and evaluate it; returns the IoU per seen class id (NaN: not in the GT)."""
     step_seed = seed_step(seed, t, deterministic)
     model = build_model(cfg, method.model_type, protocol, t)
@@ -761,6 +761,9 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     work.mkdir(parents=True, exist_ok=True)
     resumed_after = repair_last_checkpoint(work)   # rank 0's reading, for every process
     resuming = resumed_after is not None
+    if resuming:
+        log(f'{tag} step {t}: continuing after epoch {resumed_after}/{cfg.schedule.epochs}, '
+            f'from its checkpoint in {work}')
     with step_runner(cfg, model, protocol, t, split, work, step_seed, deterministic, tag,
                      resume=resuming) as runner:
         # A step stopped in its evaluation, after its last epoch, has nothing left to train
