@@ -43,7 +43,7 @@ from .models import read_state_dict
 from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
 from .seeds import derive_seed
-from .speed import effective_speed, prepare_model, training_device
+from .speed import effective_speed, emulated_bf16_note, prepare_model, training_device
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
 from .store import (PLAIN_NAME, CorruptRun, is_plain_name, open_store, read_json_object,
                     results_option, run_folder, run_folders)
@@ -383,6 +383,9 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     if 'pretrained' in cfg.model.backbone and not cfg.model.backbone.pretrained:
         log(f'{cfg.filename}: model.backbone.pretrained is not set: the backbone starts from '
             f'random weights (the papers start from ImageNet weights)')
+    amp_note = emulated_bf16_note(effective_speed(cfg))
+    if amp_note:
+        log(amp_note)
     paths = RunPaths(results_dir, Path(work_dir) if work_dir else results_dir / 'work')
     new_run_folders = _absent([*reversed(results_dir.parents), results_dir])
     new_work_folders = [f for f in _absent([*reversed(paths.work.parents), paths.work])

@@ -5,9 +5,10 @@ apply on CUDA only: on CPU a run stays fp32 in the contiguous layout, exactly as
 them. ``--fp32`` gives the reference code's regime (``REFERENCE_SPEED``: PyTorch's defaults),
 ``--compile`` adds torch.compile.
 
-bf16 needs no loss scaling (it has fp32's exponent range), so the optimizer wrapper here
-only adds autocast to mmengine's plain OptimWrapper: mmengine's AmpOptimWrapper would step
-through a GradScaler, whose inf check reads a flag back to the host every iteration.
+bf16 needs no loss scaling (it has fp32's exponent range), so for bf16 the optimizer wrapper
+here only adds autocast to mmengine's plain OptimWrapper. float16 (``amp='float16'``, for GPUs
+without native bf16) scales the loss; mmengine's AmpOptimWrapper, which does so too, works
+only on accelerators, not on the CPU that the tests run on.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mmengine.runner import ValLoop
 from .errors import UserError
 from .registry import LOOPS, OPTIM_WRAPPERS
 
-AMP_DTYPES = ('bfloat16', None)
+AMP_DTYPES = ('bfloat16', 'float16', None)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ def training_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
+def emulated_bf16_note(speed: Speed) -> str | None:
+    """A line for a run whose ``speed`` autocasts to bf16 on a GPU that has no bf16 units
+    (before NVIDIA's Ampere: V100, T4), where PyTorch emulates it; None otherwise."""
+    if speed.amp != 'bfloat16' or torch.cuda.is_bf16_supported(including_emulation=False):
+        return None
+    return (f'{torch.cuda.get_device_name()} computes bfloat16 only in emulation (slowly): '
+            f"speed = dict(amp='float16') in the config trains in float16 (loss-scaled), "
+            f'--fp32 in fp32')
+
+
 def resolve_speed(section: dict | None, source: str, *, compile: bool = False,
                   fp32: bool = False) -> dict:
     """The config's ``speed`` section over the defaults, then the run flags; as a dict (it
@@ -56,7 +67,8 @@ def resolve_speed(section: dict | None, source: str, *, compile: bool = False,
         raise UserError(f'{source}: unknown speed setting(s) {sorted(unknown)} '
                         f'(known: {", ".join(asdict(SPEED_DEFAULTS))})')
     if section.get('amp', 'bfloat16') not in AMP_DTYPES:
-        raise UserError(f'{source}: speed.amp must be "bfloat16" or None, got {section["amp"]!r}')
+        raise UserError(f'{source}: speed.amp must be "bfloat16", "float16" or None, got '
+                        f'{section["amp"]!r}')
     if compile and fp32:
         raise UserError('--compile and --fp32 exclude each other (--fp32 is the eager reference regime)')
     speed = REFERENCE_SPEED if fp32 else replace(SPEED_DEFAULTS, **section)
@@ -89,24 +101,71 @@ def prepare_model(model, speed: Speed, device: str):
 
 
 def autocast(amp: str | None):
-    """The forward passes' autocast context for ``amp`` (a dtype name; None: none)."""
+    """The forward passes' autocast context for ``amp`` (a dtype name; None: none), on the
+    training device."""
     if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast('cuda', dtype=getattr(torch, amp))
+    return torch.autocast(training_device(), dtype=getattr(torch, amp))
 
 
 @OPTIM_WRAPPERS.register_module()
 class AutocastOptimWrapper(OptimWrapper):
-    """mmengine's OptimWrapper whose forward passes (``optim_context``) run under autocast."""
+    """mmengine's OptimWrapper whose forward passes (``optim_context``) run under autocast.
+
+    Under float16 it scales the loss (PyTorch's GradScaler, dynamic: a step whose gradients
+    overflowed is skipped and the scale halved). The fused SGD takes the scale and the
+    overflow flag as tensors and skips on the device, so that adds no host sync either. The
+    scaler's state is saved with the optimizer's: a resumed step scales as it would have.
+    """
 
     def __init__(self, *args, dtype: str = 'bfloat16', **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.amp = dtype
+        self.loss_scaler = None
+        if dtype == 'float16':
+            self.loss_scaler = torch.amp.GradScaler(training_device())
+            _start_momentum_at_zero(self.optimizer)
 
     @contextlib.contextmanager
     def optim_context(self, model):
         with super().optim_context(model), autocast(self.amp):
             yield
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        super().backward(loss if self.loss_scaler is None else self.loss_scaler.scale(loss),
+                         **kwargs)
+
+    def step(self, **kwargs) -> None:
+        if self.loss_scaler is None:
+            super().step(**kwargs)
+            return
+        self.loss_scaler.step(self.optimizer, **kwargs)
+        self.loss_scaler.update()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.loss_scaler is not None:
+            state['loss_scaler'] = self.loss_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        scaler = state_dict.pop('loss_scaler', None)
+        if self.loss_scaler is not None and scaler is not None:
+            self.loss_scaler.load_state_dict(scaler)
+        super().load_state_dict(state_dict)
+
+
+def _start_momentum_at_zero(optimizer: torch.optim.SGD) -> None:
+    """Give each trained parameter its momentum buffer, zero, before the first step. The fused
+    SGD makes it at its first step, uninitialised (``empty_like``) for the kernel to fill,
+    which a skipped step does not: float16's first gradients often overflow at the initial
+    scale. From zero the first update is the same (no dampening: momentum * 0 + g)."""
+    for group in optimizer.param_groups:
+        if group['momentum']:
+            for p in group['params']:
+                if p.requires_grad:
+                    optimizer.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
 
 
 @LOOPS.register_module()

@@ -216,3 +216,51 @@ def drift_student(model) -> None:
     with torch.no_grad():
         for p in model.backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
+
+
+def float16_steps_by_hand(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16's optimizer (autocast and its loss scaler on the training device, ``device``)
+    against Nesterov SGD steps computed by hand, after a first step whose gradients overflow;
+    its state saved and loaded as an epoch checkpoint does."""
+    from mmengine.config import ConfigDict
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+    from cssbench.engine import sgd_config
+    from cssbench.speed import Speed, optim_wrapper_config
+    # Memory that PyTorch leaves uninitialised (the fused SGD's momentum at its first step)
+    # holds NaN here.
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, 'empty_like', lambda *a, **k: empty_like(*a, **k).fill_(float('nan')))
+    schedule = ConfigDict(momentum=0.9, nesterov=True, weight_decay=0.01)
+    model = torch.nn.Linear(1, 1, bias=False, device=device)
+    model.weight.data.fill_(2.0)
+
+    def float16_optimizer():
+        with DefaultScope.overwrite_default_scope('cssbench'):
+            return build_optim_wrapper(model, optim_wrapper_config(Speed(amp='float16'),
+                                                                   sgd_config(schedule, 0.1)))
+    optim = float16_optimizer()
+
+    def iteration(grad: float) -> None:
+        with optim.optim_context(model):
+            out = model(torch.ones(1, 1, device=device))   # w * 1, in float16
+            assert out.dtype == torch.float16
+            loss = (out * grad).sum()                         # d loss / d w = grad
+        optim.update_params(loss)
+    # The first gradient, 1 scaled by 2^16, overflows float16 (max 65504): the step is
+    # skipped (no weight decay, no momentum) and the scale halved. Scaled by 2^15 the same
+    # gradient fits, and the steps are those of test_speed.py's fp32 Nesterov test:
+    # 2 - 0.1 * 1.938 = 1.8062, then 1.8062 + 0.1 * 0.0894822 = 1.81514822.
+    iteration(1.0)
+    assert model.weight.item() == 2.0 and optim.loss_scaler.get_scale() == 2.0 ** 15
+    for grad, expected in ((1.0, 1.8062), (-0.5, 1.81514822)):
+        iteration(grad)
+        assert model.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert optim.loss_scaler.get_scale() == 2.0 ** 15
+    # saved with the optimizer (an epoch checkpoint): a resumed step scales alike
+    state = optim.state_dict()
+    assert state['loss_scaler']['scale'] == 2.0 ** 15
+    resumed = float16_optimizer()
+    resumed.load_state_dict(state)
+    assert resumed.loss_scaler.get_scale() == 2.0 ** 15
+    assert resumed.optimizer.state_dict()['state'] == optim.optimizer.state_dict()['state']

@@ -1,6 +1,7 @@
-"""The fast path on a GPU: bf16 losses track fp32's, channels_last computes what the contiguous
-layout does, a compiled step matches the eager one, no method's training iteration waits for
-the GPU, a fast-path run completes (with whole-image evaluation too, and a cached step 0
+"""The fast path on a GPU: bf16's and float16's losses track fp32's, float16's loss scaling
+skips an overflowed step, channels_last computes what the contiguous layout does, a compiled
+step matches the eager one, no method's training iteration waits for the GPU (bf16 or
+float16), a fast-path run completes (with whole-image evaluation too, and a cached step 0
 evaluated alone), and (with two GPUs) a torchrun run with NCCL and SyncBN. Skipped without
 CUDA."""
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from cssbench.config import load_config
 from cssbench.methods import method_names
 from cssbench.runner import run_protocol, speed_record
 from cssbench.speed import REFERENCE_SPEED, SPEED_DEFAULTS, Speed
-from conftest import join_val_images_in_pairs, random_batch
+from conftest import float16_steps_by_hand, join_val_images_in_pairs, random_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -42,18 +44,23 @@ def losses_of(method: str, step: int, speed: Speed) -> dict[str, float]:
     return {k: float(v) for k, v in losses.items()}
 
 
+@pytest.mark.parametrize('amp', ['bfloat16', 'float16'])
 @pytest.mark.parametrize('method, step', [('ft', 0), ('sdr', 1)])
-def test_bf16_losses_track_fp32_on_the_same_batch(method, step):
+def test_autocast_losses_track_fp32_on_the_same_batch(method, step, amp):
     torch.backends.cudnn.allow_tf32 = False  # the reference in true fp32
     try:
         fp32 = losses_of(method, step, REFERENCE_SPEED)
-        bf16 = losses_of(method, step, Speed(amp='bfloat16', channels_last=True))
+        fast = losses_of(method, step, Speed(amp=amp, channels_last=True))
     finally:
         torch.backends.cudnn.allow_tf32 = True
-    assert fp32.keys() == bf16.keys()
+    assert fp32.keys() == fast.keys()
     for key in fp32:
-        # bf16 keeps 8 bits of mantissa: a few parts in a thousand through the network
-        assert bf16[key] == pytest.approx(fp32[key], rel=3e-2, abs=1e-4), key
+        # bf16 keeps 8 bits of mantissa (float16 11): a few parts in a thousand through the network
+        assert fast[key] == pytest.approx(fp32[key], rel=3e-2, abs=1e-4), key
+
+
+def test_float16_scales_the_loss_and_skips_a_step_whose_gradients_overflowed(monkeypatch):
+    float16_steps_by_hand('cuda', monkeypatch)
 
 
 def test_channels_last_computes_what_the_contiguous_layout_does():
@@ -80,9 +87,11 @@ def test_a_compiled_training_step_matches_the_eager_one():
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
 
 
+@pytest.mark.parametrize('amp', ['bfloat16', 'float16'])
 @pytest.mark.parametrize('name', method_names('all'))
-def test_a_fast_path_training_iteration_does_not_wait_for_the_gpu(name):
-    model, optim = build_step(load_config('small'), Case(name, name, 1, None), SPEED_DEFAULTS, 'cuda')
+def test_a_fast_path_training_iteration_does_not_wait_for_the_gpu(name, amp):
+    speed = replace(SPEED_DEFAULTS, amp=amp)   # float16: its loss scaler's check stays on the GPU
+    model, optim = build_step(load_config('small'), Case(name, name, 1, None), speed, 'cuda')
     data = gpu_batch(classes=sum(model.step_sizes))
     model.before_step_training([data])
     model.train()

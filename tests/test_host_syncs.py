@@ -7,6 +7,8 @@ records every such operator, so a stall is caught here, without a GPU.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -79,10 +81,11 @@ def test_the_detector_sees_each_kind_of_host_read():
     assert detector.found == []
 
 
+@pytest.mark.parametrize('amp', [None, 'float16'])   # float16: its loss scaler's steps too
 @pytest.mark.parametrize('name', method_names('all'))
-def test_a_training_iteration_of_every_method_reads_nothing_back(name):
-    model, optim = build_step(load_config('small'), Case(name, name, 1, None),
-                              SPEED_DEFAULTS.on('cpu'), 'cpu')
+def test_a_training_iteration_of_every_method_reads_nothing_back(name, amp):
+    speed = replace(SPEED_DEFAULTS.on('cpu'), amp=amp)   # autocast on the CPU
+    model, optim = build_step(load_config('small'), Case(name, name, 1, None), speed, 'cpu')
     batch = random_batch(classes=sum(model.step_sizes))
     model.before_step_training([batch])  # once per step, before the loop (PLOP's thresholds)
     model.train()

@@ -1,5 +1,5 @@
-"""The speed settings (config section, run flags, what applies on CPU), the losses logged
-without per-iteration host syncs, and channels_last models on CPU."""
+"""The speed settings (config section, run flags, what applies on CPU), float16's loss scaling,
+the losses logged without per-iteration host syncs, and channels_last models on CPU."""
 from __future__ import annotations
 
 from statistics import mean
@@ -23,8 +23,9 @@ from cssbench.metrics import IncrementalIoUMetric
 from cssbench.protocols import load_protocol
 from cssbench.registry import LOOPS
 from cssbench.runner import build_model, speed_record
-from cssbench.speed import (REFERENCE_SPEED, Speed, optim_wrapper_config, prepare_model, resolve_speed,
-                            val_loop_config)
+from cssbench.speed import (REFERENCE_SPEED, Speed, emulated_bf16_note, optim_wrapper_config,
+                            prepare_model, resolve_speed, val_loop_config)
+from conftest import float16_steps_by_hand
 
 SMALL_DIGEST = '4b660a8be0305c19'  # the digest stored runs of the small config carry
 
@@ -41,7 +42,7 @@ def test_defaults_config_section_and_run_flags():
 
 
 @pytest.mark.parametrize('section, flags, message', [
-    (dict(amp='float16'), {}, 'speed.amp must be "bfloat16" or None'),
+    (dict(amp='float8'), {}, 'speed.amp must be "bfloat16", "float16" or None'),
     (dict(channel_last=True), {}, r"c.py: unknown speed setting\(s\) \['channel_last'\]"),
     (None, dict(compile=True, fp32=True), '--compile and --fp32 exclude each other'),
 ])
@@ -94,6 +95,24 @@ def test_the_optimizer_takes_nesterov_sgd_steps_with_weight_decay():
         model.weight.grad = torch.full_like(model.weight, grad)
         optim.step()
         assert model.weight.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_float16_scales_the_loss_and_skips_a_step_whose_gradients_overflowed(monkeypatch):
+    float16_steps_by_hand('cpu', monkeypatch)   # test_gpu.py: on a GPU
+
+
+def test_bf16_on_a_gpu_that_emulates_it_is_noted_with_the_way_to_float16(monkeypatch):
+    native = {'NVIDIA H100 80GB HBM3': True, 'Tesla V100-SXM2-32GB': False}
+    for name, has_bf16 in native.items():
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda: name)
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported',
+                            lambda including_emulation=True: has_bf16 or including_emulation)
+        notes = [emulated_bf16_note(Speed(amp=amp)) for amp in ('bfloat16', 'float16', None)]
+        assert notes[1:] == [None, None]
+        assert notes[0] == (None if has_bf16 else
+                            "Tesla V100-SXM2-32GB computes bfloat16 only in emulation (slowly): "
+                            "speed = dict(amp='float16') in the config trains in float16 "
+                            "(loss-scaled), --fp32 in fp32")
 
 
 def test_logged_losses_are_the_means_over_each_interval_and_the_epoch_tail():
