@@ -134,10 +134,12 @@ def read_mask(path: Path) -> np.ndarray:
         raise DatasetError(f'{path}: cannot read mask ({e})') from None
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding it."""
+def decoded_image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image, decoded whole: a file cut short (a copy interrupted)
+    fails here, where its header alone would pass."""
     try:
         with Image.open(path) as im:
+            im.load()
             return im.size
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f'{path}: cannot read image ({e})') from None

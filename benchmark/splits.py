@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from .datasets import SPLITS, Sample, image_size, list_samples, read_mask
+from .datasets import SPLITS, Sample, decoded_image_size, list_samples, read_mask
 from .datasets_info import DATASET_INFO, IGNORE_INDEX
 from .errors import DatasetError
 from .io import atomic_write_json, cache_dir, file_sha256, file_stamp, read_json_or_none
@@ -63,8 +63,8 @@ def scan_split(samples: list[Sample], num_classes: int, desc: str = 'scan',
                progress: bool = True) -> SplitScan:
     """Each mask's set of values and each image's and mask's sha256, one sample at a time.
 
-    Fails early, naming the file, on a mask value that is neither a class id nor 255 and on
-    an image whose size (read from its header) differs from its mask's.
+    Fails early, naming the file, on a mask value that is neither a class id nor 255, an
+    image that does not decode whole, and an image whose size differs from its mask's.
     """
     valid = np.zeros(256, dtype=bool)
     valid[:num_classes] = True
@@ -77,7 +77,7 @@ def scan_split(samples: list[Sample], num_classes: int, desc: str = 'scan',
         if bad.size:
             raise DatasetError(f'{sample.mask}: mask holds value(s) {bad.tolist()} that are neither '
                                f'a class id (0..{num_classes - 1}) nor {IGNORE_INDEX}')
-        width, height = image_size(sample.image)
+        width, height = decoded_image_size(sample.image)
         if (height, width) != mask.shape:
             raise DatasetError(f'{sample.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs '
                                f'from image size {width}x{height} ({sample.image})')

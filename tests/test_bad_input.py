@@ -360,13 +360,18 @@ def test_synthetic_dataset_too_small(capsys, tmp_path):
     assert not (tmp_path / 'synth').exists()
 
 
-def test_corrupt_jpeg_found_while_training(capsys, tmp_path, tiny_run):
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_a_jpeg_cut_short_is_refused_before_anything_is_written(capsys, tmp_path, tiny_run, split):
+    # Its header whole, its data cut: a copy interrupted. A val image would otherwise fail
+    # only at the evaluation, after the step's last epoch.
     data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
-    victim = sorted((data / 'JPEGImages').glob('synth_train_*.jpg'))[0]
-    victim.write_bytes(victim.read_bytes()[:200])
+    victim = sorted((data / 'JPEGImages').glob(f'synth_{split}_*.jpg'))[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    results = tmp_path / 'results'
     err = fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', '--config', tiny_run['config'],
-                '--data-root', str(data), '--epochs', '1', '--results', str(tmp_path / 'results'))
-    assert str(victim) in err and 'cannot read image' in err
+                '--data-root', str(data), '--epochs', '1', '--results', str(results))
+    assert err.startswith(f'cssbench: error: {victim}: cannot read image (image file is truncated')
+    assert not results.exists()
 
 
 def test_work_dir_of_another_protocol_is_refused(capsys, tmp_path, tiny_run):
