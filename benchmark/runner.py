@@ -764,13 +764,14 @@ def train_and_evaluate_step(cfg: Config, method: Method, protocol: Protocol, t: 
     work.mkdir(parents=True, exist_ok=True)
     resumed_after = repair_last_checkpoint(work)   # rank 0's reading, for every process
     resuming = resumed_after is not None
+    trained = resuming and resumed_after >= cfg.schedule.epochs   # stopped in its evaluation
     if resuming:
-        log(f'{tag} step {t}: continuing after epoch {resumed_after}/{cfg.schedule.epochs}, '
-            f'from its checkpoint in {work}')
+        where = ('trained, to be evaluated' if trained else
+                 f'continuing after epoch {resumed_after}/{cfg.schedule.epochs}')
+        log(f'{tag} step {t}: {where}, from its epoch checkpoint in {work}')
     with step_runner(cfg, model, protocol, t, split, work, step_seed, deterministic, tag,
                      resume=resuming) as runner:
-        # A step stopped in its evaluation, after its last epoch, has nothing left to train
-        if not resuming or resumed_after < cfg.schedule.epochs:
+        if not trained:   # (a trained step has nothing left to train)
             model.before_step_training(runner.train_loop.dataloader)
         with trusting_own_epoch_checkpoints() if resuming else contextlib.nullcontext():
             runner.train()

@@ -148,7 +148,7 @@ def test_index_is_cached(voc_root: Path, isolated_cache: Path,
     def no_read(path):
         raise AssertionError(f'{path} re-read despite the cache')
 
-    for reader in ('read_mask', 'image_size', 'file_sha256'):
+    for reader in ('read_mask', 'decoded_image_size', 'file_sha256'):
         monkeypatch.setattr(splits, reader, no_read)
     second = index_dataset('voc', voc_root, progress=False)
     assert second.scans == first.scans
