@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RaisedByMainProcess, UserError, comma_list, refuse_repeats
+from .errors import RaisedByMainProcess, RunHeldElsewhere, UserError, comma_list, refuse_repeats
 from .store import DEFAULT_RESULTS, Store
 
 if TYPE_CHECKING:
@@ -70,10 +70,10 @@ def cmd_make_synth(args) -> None:
     print(f'synthetic dataset at {path}')
 
 
-def cmd_run(args) -> None:
+def cmd_run(args) -> int:
     parent = os.getppid()   # before the imports (seconds): under torchrun, its agent
     from .distributed import decided_by_main, is_main_process, start_from_env
-    from .runner import run_protocol
+    from .runner import locate_run
     from .tables import format_step_table
     start_from_env(parent)  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     # Every input is checked before the first step trains; under torchrun, by rank 0 for all.
@@ -81,20 +81,43 @@ def cmd_run(args) -> None:
     several = len(runs) > 1
     if several:
         _check_runs_before_training(args, runs)
+    left_to_others = []
     for given, seed, method, run_name in runs:
-        with _advising_one_of_several(args, several, given, seed, method, run_name):
-            results = run_protocol(given, method, config=args.config, data_root=args.data_root,
-                                   epochs=args.epochs, results_root=args.results,
-                                   work_dir=args.work_dir, run_name=run_name, seed=seed,
-                                   overwrite=args.overwrite, resume=args.resume and not several,
-                                   keep_complete=several, deterministic=args.deterministic,
-                                   keep_epoch_checkpoints=args.keep_epoch_checkpoints,
-                                   step0_cache=not args.no_step0_cache,
-                                   compile=args.compile, fp32=args.fp32)
+        try:
+            results = _run_one(args, several, given, seed, method, run_name)
+        except RunHeldElsewhere as e:   # every process of a torchrun gets it, from rank 0
+            if not several:
+                raise
+            if is_main_process():
+                print(f'cssbench: note: {e}; left to it', file=sys.stderr)
+            left_to_others.append(str(locate_run(given, method, args.results, run_name,
+                                                 args.config, seed)[-1]))
+            continue
         print(format_step_table(protocols[given].name, method, results))
     if several and is_main_process():  # rank 0 reads the store
         for protocol in protocols.values():
             print(render_table(args.results, protocol.name, 'md'))
+    if not left_to_others:
+        return 0
+    if is_main_process():
+        print(f'cssbench: runs left to other cssbench processes, which the leaderboards may '
+              f'lack: {", ".join(left_to_others)}', file=sys.stderr)
+    return 1
+
+
+def _run_one(args, several: bool, given: str, seed: int, method: str,
+             run_name: str | None) -> list[dict]:
+    """One run of the command; returns its per-step metrics."""
+    from .runner import run_protocol
+    with _advising_one_of_several(args, several, given, seed, method, run_name):
+        return run_protocol(given, method, config=args.config, data_root=args.data_root,
+                            epochs=args.epochs, results_root=args.results,
+                            work_dir=args.work_dir, run_name=run_name, seed=seed,
+                            overwrite=args.overwrite, resume=args.resume and not several,
+                            keep_complete=several, deterministic=args.deterministic,
+                            keep_epoch_checkpoints=args.keep_epoch_checkpoints,
+                            step0_cache=not args.no_step0_cache,
+                            compile=args.compile, fp32=args.fp32)
 
 
 def _planned_runs(args) -> tuple[dict[str, Protocol], list[tuple]]:
@@ -471,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stderr(io.StringIO()) if _is_other_process() else contextlib.nullcontext():
         args = build_parser().parse_args(argv)   # a usage error: rank 0 prints it (torchrun)
     try:
-        args.func(args)
+        status = args.func(args) or 0   # None: done; run: 1 where it left runs to others
         if sys.stdout is not None:   # None: started with no stdout at all
             sys.stdout.flush()   # here, where a reader that left is handled, rather than at exit
     except RaisedByMainProcess as e:   # torchrun: rank 0 reports it
@@ -498,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         print('cssbench: error: another process of this run stopped (its message is above); '
               'rerun the same command to resume', file=sys.stderr)
         return 1
-    return 0
+    return status
 
 
 def _under_torchrun() -> bool:

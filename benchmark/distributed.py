@@ -18,7 +18,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .errors import RaisedByMainProcess, UserError
+from .errors import RaisedByMainProcess, RunHeldElsewhere, UserError
 
 
 def start_from_env(parent: int | None = None) -> int:
@@ -100,6 +100,10 @@ class _UserErrorOfMain(RaisedByMainProcess, UserError):
     pass
 
 
+class _RunHeldElsewhereOfMain(RaisedByMainProcess, RunHeldElsewhere):
+    pass
+
+
 class _OSErrorOfMain(RaisedByMainProcess, OSError):
     pass
 
@@ -109,6 +113,8 @@ class _ErrorOfMain(RaisedByMainProcess, RuntimeError):
 
 
 def _kind_of(error: Exception) -> type[RaisedByMainProcess]:
+    if isinstance(error, RunHeldElsewhere):   # every process leaves the run alike
+        return _RunHeldElsewhereOfMain
     if isinstance(error, UserError):
         return _UserErrorOfMain
     return _OSErrorOfMain if isinstance(error, OSError) else _ErrorOfMain
@@ -116,8 +122,8 @@ def _kind_of(error: Exception) -> type[RaisedByMainProcess]:
 
 def decided_by_main(fn):
     """Decorator: ``fn`` runs on rank 0 only, and every process gets its return value, or
-    raises its error: a UserError or an OSError stays one, with the same message, and is
-    also a ``RaisedByMainProcess`` on the other processes (rank 0 reports it). Every process
+    raises its error: a UserError (a RunHeldElsewhere too) or an OSError stays one, with the
+    same message, and is also a ``RaisedByMainProcess`` on the other processes (rank 0 reports it). Every process
     must call the decorated function at the same point."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -10,6 +10,11 @@ class DatasetError(UserError):
     """A dataset root, list file, image or mask that cannot be read as the layout promises."""
 
 
+class RunHeldElsewhere(UserError):
+    """A run that another cssbench process is running (it holds the lock of the run's folder or
+    work dir): a command of several runs leaves it to that process and goes on."""
+
+
 class RaisedByMainProcess(Exception):
     """Marks the error that the other processes raise when torchrun's rank 0 met one deciding
     for all of them (``distributed.decided_by_main``): rank 0 alone reports it."""

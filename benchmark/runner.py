@@ -34,7 +34,7 @@ from .config import config_digest, load_config
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
-from .errors import UserError
+from .errors import RunHeldElsewhere, UserError
 from .hooks import CLOCK_FILE, earlier_training_seconds, processes_training
 from .io import atomic_path, atomic_write_json, atomic_write_text, read_json_or_none
 from .methods import Method, get_method, registered_methods
@@ -241,8 +241,8 @@ def _exclusive(paths: RunPaths, new_folders: list[Path]):
         for folder, refusal in locks:
             try:
                 _lock_folder(folder, held, refusal)
-            except UserError:   # held by another process, whose folder it is (a run folder:
-                                # with the new ones above it)
+            except RunHeldElsewhere:   # the folder is that process's (a run folder: with
+                                       # the new ones above it)
                 if is_main_process() and folder == paths.work:
                     _remove_new_folders([f for f in new_folders if f != folder], paths)
                 raise
@@ -265,7 +265,7 @@ def _lock_folder(folder: Path, held: contextlib.ExitStack, refusal: str) -> None
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EAGAIN):   # e.g. no locks on this file system
             raise
-        raise UserError(f'{folder}: {refusal}') from None
+        raise RunHeldElsewhere(f'{folder}: {refusal}') from None
 
 
 def _marks_this_run(marked_run: str | None, work: Path, identity: dict, record: dict | None) -> bool:

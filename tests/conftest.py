@@ -1,12 +1,16 @@
 """Shared fixtures: the CPU for every test but the GPU ones, an isolated cache folder, a tiny
-Pascal VOC tree writer; and a run made one that stopped mid-way."""
+Pascal VOC tree writer; a run made one that stopped mid-way, and a folder locked by another
+process as a run locks it."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -70,6 +74,24 @@ def mount_read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[Path]
     monkeypatch.setattr(io, 'open', guarded_open)
     monkeypatch.setattr(os, 'mkdir', guarded_mkdir)
     return refused
+
+
+LOCK_AND_WAIT = ('import fcntl, pathlib, sys, time; folder = pathlib.Path(sys.argv[1]); '
+                 'folder.mkdir(parents=True, exist_ok=True); lock = open(folder / ".lock", "w"); '
+                 'fcntl.lockf(lock, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(300)')
+
+
+@contextlib.contextmanager
+def locked_by_another_process(folder: Path):
+    """``folder`` locked (as a cssbench run locks it) by another process while in the block."""
+    holder = subprocess.Popen([sys.executable, '-c', LOCK_AND_WAIT, str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def mask_with(labels, size: tuple[int, int] = (4, 4)) -> np.ndarray:

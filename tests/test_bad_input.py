@@ -16,7 +16,7 @@ import pytest
 import cssbench.runner as runner
 from cssbench.cli import main
 from cssbench.synth import make_synth
-from conftest import make_voc_tree, mask_with, stop_run_in_step
+from conftest import locked_by_another_process, make_voc_tree, mask_with, stop_run_in_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
@@ -443,24 +443,6 @@ def test_a_work_dir_that_cannot_be_made_is_named_and_leaves_no_run_folder(capsys
                 '--results', str(results), '--work-dir', str(tmp_path / 'a-file' / 'work'))
     assert err == f"cssbench: error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'work'}'"
     assert not results.exists()
-
-
-LOCK_AND_WAIT = ('import fcntl, pathlib, sys, time; folder = pathlib.Path(sys.argv[1]); '
-                 'folder.mkdir(parents=True, exist_ok=True); lock = open(folder / ".lock", "w"); '
-                 'fcntl.lockf(lock, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(300)')
-
-
-@contextlib.contextmanager
-def locked_by_another_process(folder: Path):
-    """``folder`` locked (as a cssbench run locks it) by another process while in the block."""
-    holder = subprocess.Popen([sys.executable, '-c', LOCK_AND_WAIT, str(folder)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == 'locked\n'
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_work_dir_another_process_runs_in_is_refused_and_left_to_it(capsys, monkeypatch, tmp_path,

@@ -23,7 +23,7 @@ from cssbench.config import load_config
 from cssbench.datasets import IncrementalSegDataset, eval_lut
 from cssbench.distributed import decided_by_main, sum_over_processes
 from cssbench.engine import per_process_batch
-from cssbench.errors import RaisedByMainProcess, UserError
+from cssbench.errors import RaisedByMainProcess, RunHeldElsewhere, UserError
 from cssbench.methods import get_method
 from cssbench.metrics import IncrementalIoUMetric
 from cssbench.protocols import load_protocol
@@ -253,15 +253,16 @@ def _decide_on_main(rank: int, port: int, out) -> None:
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
     try:
         out[rank, 'value'] = decided_by_main(lambda: f'rank {dist.get_rank()}')()
-        for error in (UserError('bad input'), FileNotFoundError(2, 'gone'), ValueError('a bug')):
+        for error in (UserError('bad input'), RunHeldElsewhere('held'), FileNotFoundError(2, 'gone'),
+                      ValueError('a bug')):
             def fail(error=error):
                 raise error
             try:
                 decided_by_main(fail)()
             except Exception as e:
                 out[rank, type(error).__name__] = (
-                    [kind.__name__ for kind in (UserError, OSError, RuntimeError, ValueError,
-                                                RaisedByMainProcess) if isinstance(e, kind)],
+                    [kind.__name__ for kind in (UserError, RunHeldElsewhere, OSError, RuntimeError,
+                                                ValueError, RaisedByMainProcess) if isinstance(e, kind)],
                     str(e))
     finally:
         dist.destroy_process_group()
@@ -277,6 +278,9 @@ def test_a_decision_of_rank_0_reaches_every_process_and_so_do_its_errors():
     # marked as rank 0's (the CLI prints it once, on rank 0)
     assert out[0, 'UserError'] == (['UserError'], 'bad input')
     assert out[1, 'UserError'] == (['UserError', 'RaisedByMainProcess'], 'bad input')
+    # a run held by another cssbench process: every process leaves it (a command of several runs)
+    assert out[0, 'RunHeldElsewhere'] == (['UserError', 'RunHeldElsewhere'], 'held')
+    assert out[1, 'RunHeldElsewhere'] == (['UserError', 'RunHeldElsewhere', 'RaisedByMainProcess'], 'held')
     assert out[0, 'FileNotFoundError'] == (['OSError'], '[Errno 2] gone')
     assert out[1, 'FileNotFoundError'] == (['OSError', 'RaisedByMainProcess'], '[Errno 2] gone')
     assert out[0, 'ValueError'] == (['ValueError'], 'a bug')

@@ -30,7 +30,8 @@ from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
 from cssbench.transforms import EvalTransform
-from conftest import join_val_images_in_pairs, mount_read_only, stop_run_in_step
+from conftest import (join_val_images_in_pairs, locked_by_another_process, mount_read_only,
+                      stop_run_in_step)
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
@@ -333,6 +334,35 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
     assert main([*shlex.split(alone)[1:], '--overwrite']) == 0
     assert json.loads(ft_record.read_text())['config']['schedule']['epochs'] == 2
     assert joint_record.stat().st_mtime_ns == joint_written
+
+
+def test_a_command_of_several_runs_leaves_the_runs_other_processes_run_to_them(
+        synth32, config32, tmp_path, capsys):
+    """Two terminals given the same methods share the work: a run whose folder (ft) or work dir
+    (joint) another cssbench process holds is left to it, the others train, the leaderboard is
+    printed, and the exit status says that it may lack the runs left."""
+    results = tmp_path / 'results'
+    runs = results / 'synth-15-5-overlap'
+    ft, lwf, joint = (runs / method / 'small32-seed0' for method in ('ft', 'lwf', 'joint'))
+    with locked_by_another_process(ft), locked_by_another_process(joint / 'work'):
+        status = main(['run', '--protocol', 'synth-15-5-overlap', '--method', 'ft,lwf,joint',
+                       '--config', str(config32), '--data-root', str(synth32), '--epochs', '1',
+                       '--results', str(results)])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert json.loads((lwf / 'run.json').read_text())['status'] == 'complete'
+    # nothing written there but joint's own lock (its folder's, taken before its work dir's)
+    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob('*') if 'lwf' not in p.parts) \
+        == ['ft', 'ft/small32-seed0', 'ft/small32-seed0/.lock', 'joint', 'joint/small32-seed0',
+            'joint/small32-seed0/.lock', 'joint/small32-seed0/work', 'joint/small32-seed0/work/.lock']
+    leaderboard = out[out.index('### synth-15-5-overlap: mIoU'):]
+    assert '| lwf |' in leaderboard and '| ft |' not in leaderboard
+    err_lines = err.splitlines()
+    assert f'cssbench: note: {ft}: another cssbench process is running this run; left to it' in err_lines
+    assert (f'cssbench: note: {joint / "work"}: another cssbench process is running a run in this '
+            f'work dir; left to it') in err_lines
+    assert err_lines[-1] == (f'cssbench: runs left to other cssbench processes, which the '
+                             f'leaderboards may lack: {ft}, {joint}')
 
 
 def test_a_command_runs_several_protocols_which_share_their_step0(synth32, config32, tmp_path,
