@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RaisedByMainProcess, RunHeldElsewhere, UserError, comma_list, refuse_repeats
+from .errors import (RaisedByMainProcess, RunHeldElsewhere, UserError, comma_list,
+                     refuse_repeats, refuse_unwritable_folder)
 from .store import DEFAULT_RESULTS, Store
 
 if TYPE_CHECKING:
@@ -123,8 +124,10 @@ def _run_one(args, several: bool, given: str, seed: int, method: str,
 def _planned_runs(args) -> tuple[dict[str, Protocol], list[tuple]]:
     """The command's protocols (by the name or path given) and its runs, each ``(protocol
     given, seed, method, run name)``, in the order they run; refused: what ``load_protocols``
-    and ``_checked_methods`` refuse, a run name that is not a plain folder name, and for
-    several runs a --work-dir, or --resume with none of them stored."""
+    and ``_checked_methods`` refuse, a run name that is not a plain folder name, a --results
+    or --work-dir where a run's folder could not be made or written (before anything is
+    written, or any data read), and for several runs a --work-dir, or --resume with none of
+    them stored."""
     from .runner import locate_run, run_is_stored
     protocols = load_protocols(args.protocol)
     methods = _checked_methods(args, protocols)
@@ -137,7 +140,10 @@ def _planned_runs(args) -> tuple[dict[str, Protocol], list[tuple]]:
                         'protocols, methods or seeds (each run then works inside its results '
                         'folder)')
     for given, seed, method, run_name in runs:
-        locate_run(given, method, args.results, run_name, args.config, seed)
+        *_, folder = locate_run(given, method, args.results, run_name, args.config, seed)
+        refuse_unwritable_folder('--results', args.results, folder)
+    if args.work_dir:
+        refuse_unwritable_folder('--work-dir', args.work_dir, Path(args.work_dir))
     if len(runs) > 1 and args.resume and not any(
             run_is_stored(given, method, args.results, run_name, args.config, seed)
             for given, seed, method, run_name in runs):

@@ -1,5 +1,10 @@
 """Errors that are the user's to fix (the CLI prints their one-line message and exits with 2),
 and the small checks of command-line input that raise them."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -30,3 +35,19 @@ def refuse_repeats(option: str, *lists: list[str]) -> None:
 def comma_list(text: str) -> list[str]:
     """The items of a comma-separated option value, stripped; empty items dropped."""
     return [item.strip() for item in text.split(',') if item.strip()]
+
+
+def refuse_unwritable_folder(option: str, given: str | Path, folder: Path) -> None:
+    """Refuse what was given to ``option`` if ``folder`` (``given``, or a folder to be made in
+    it) could not be made or written in: the nearest of it and the folders above it that
+    exists is not a folder, or not one this process may write in (its permissions, a
+    read-only mount). Tells without writing anything."""
+    existing = folder
+    while not os.path.lexists(existing):   # a broken symbolic link exists, as mkdir sees it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f'{option} {given}: {existing} is not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise UserError(f'{option} {given}: cannot write in {existing} '
+                        f'({os.strerror(errno.EROFS if read_only else errno.EACCES)})')

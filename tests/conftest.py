@@ -45,15 +45,29 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def mount_read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[Path]:
     """Refuse, as a read-only mount does (EROFS), to create a file or folder under ``folder``
-    or open one there for writing; the paths refused are listed in the list returned. Tests
+    or open one there for writing; the paths refused are listed in the list returned. And say
+    so, as it does: ``os.access`` denies writing there, ``os.statvfs`` flags it read-only. Tests
     run as root here, which file permissions do not stop: a ``chmod a-w`` would test nothing."""
     refused: list[Path] = []
     real_os_open, real_open, real_mkdir = os.open, builtins.open, os.mkdir
+    real_access, real_statvfs = os.access, os.statvfs
+
+    def under_folder(path) -> bool:
+        return isinstance(path, (str, os.PathLike)) and Path(os.path.abspath(path)).is_relative_to(folder)
 
     def refuse_under_folder(path) -> None:
-        if isinstance(path, (str, os.PathLike)) and Path(os.path.abspath(path)).is_relative_to(folder):
+        if under_folder(path):
             refused.append(Path(path))
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def guarded_access(path, mode, *args, **kwargs):
+        return not (mode & os.W_OK and under_folder(path)) and real_access(path, mode, *args, **kwargs)
+
+    def guarded_statvfs(path):
+        found = real_statvfs(path)
+        if not under_folder(path):
+            return found
+        return os.statvfs_result((*found[:8], found.f_flag | os.ST_RDONLY, *found[9:]))
 
     def guarded_os_open(path, flags, *args, **kwargs):
         if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
@@ -73,6 +87,8 @@ def mount_read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[Path]
     monkeypatch.setattr(builtins, 'open', guarded_open)
     monkeypatch.setattr(io, 'open', guarded_open)
     monkeypatch.setattr(os, 'mkdir', guarded_mkdir)
+    monkeypatch.setattr(os, 'access', guarded_access)
+    monkeypatch.setattr(os, 'statvfs', guarded_statvfs)
     return refused
 
 

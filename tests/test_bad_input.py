@@ -436,13 +436,37 @@ def test_finished_run_is_not_overwritten_without_flag(capsys, tmp_path, tiny_run
     assert (work / 'step1' / 'model.pth').is_file()
 
 
-def test_a_work_dir_that_cannot_be_made_is_named_and_leaves_no_run_folder(capsys, tmp_path, tiny_run):
-    (tmp_path / 'a-file').write_text('')
+def test_a_results_or_work_dir_where_a_file_stands_is_named_and_nothing_is_written(capsys, tmp_path,
+                                                                                    tiny_run):
+    a_file = tmp_path / 'a-file'
+    a_file.write_text('')
+    run = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config']]
+    for results in (a_file, a_file / 'results'):
+        for methods in ('ft', 'ft,lwf'):
+            assert fails(capsys, *run, '--method', methods, '--results', str(results)) == \
+                f'cssbench: error: --results {results}: {a_file} is not a folder'
     results = tmp_path / 'results'
-    err = fails(capsys, 'run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config'],
-                '--results', str(results), '--work-dir', str(tmp_path / 'a-file' / 'work'))
-    assert err == f"cssbench: error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'work'}'"
-    assert not results.exists()
+    err = fails(capsys, *run, '--results', str(results), '--work-dir', str(a_file / 'work'))
+    assert err == f"cssbench: error: --work-dir {a_file / 'work'}: {a_file} is not a folder"
+    assert sorted(os.listdir(tmp_path)) == ['a-file'] and a_file.read_text() == ''
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='file permissions do not stop root')
+def test_a_results_or_work_dir_in_a_folder_the_user_cannot_write_is_named(capsys, tmp_path, tiny_run):
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    shared.chmod(0o555)
+    run = ['run', '--protocol', 'synth-19-1-overlap', '--config', tiny_run['config']]
+    try:
+        for results in (shared, shared / 'results'):
+            assert fails(capsys, *run, '--results', str(results)) == \
+                f'cssbench: error: --results {results}: cannot write in {shared} (Permission denied)'
+        assert fails(capsys, *run, '--results', str(tmp_path / 'results'), '--work-dir',
+                     str(shared / 'work')) == (f"cssbench: error: --work-dir {shared / 'work'}: "
+                                               f"cannot write in {shared} (Permission denied)")
+        assert os.listdir(shared) == [] and sorted(os.listdir(tmp_path)) == ['shared']
+    finally:
+        shared.chmod(0o755)
 
 
 def test_a_work_dir_another_process_runs_in_is_refused_and_left_to_it(capsys, monkeypatch, tmp_path,

@@ -634,15 +634,18 @@ def test_a_run_refused_at_its_start_loses_nothing_and_leaves_nothing(synth32, co
 def test_a_run_into_a_store_it_cannot_write_fails_at_its_start(synth32, config32, tmp_path, capsys,
                                                              monkeypatch):
     """Only a reader takes a store it cannot write in its stride (the index is a cache): a run
-    stops before it trains, saying why."""
+    is refused before it writes, or reads its data (a command of several runs checks every
+    run's data first), in one line naming --results and why."""
     results = tmp_path / 'results'
     results.mkdir()
     refused = mount_read_only(monkeypatch, results)
-    assert main(['run', '--protocol', 'synth-15-5-overlap', '--config', str(config32),
-                 '--data-root', str(synth32), '--epochs', '1', '--results', str(results)]) == 2
-    assert capsys.readouterr().err == \
-        f"cssbench: error: [Errno 30] Read-only file system: '{refused[0]}'\n"
-    assert os.listdir(results) == []
+    for methods in ('ft', 'ft,lwf'):
+        assert main(['run', '--protocol', 'synth-15-5-overlap', '--method', methods, '--config',
+                     str(config32), '--data-root', str(tmp_path / 'nowhere'), '--epochs', '1',
+                     '--results', str(results)]) == 2
+        assert capsys.readouterr().err == (f'cssbench: error: --results {results}: cannot write in '
+                                           f'{results} (Read-only file system)\n')
+    assert os.listdir(results) == [] and refused == []   # not even tried
 
 
 def test_a_protocol_file_taking_a_stored_protocols_name_is_refused(synth32, config32, tmp_path):
