@@ -123,8 +123,8 @@ def _kind_of(error: Exception) -> type[RaisedByMainProcess]:
 def decided_by_main(fn):
     """Decorator: ``fn`` runs on rank 0 only, and every process gets its return value, or
     raises its error: a UserError (a RunHeldElsewhere too) or an OSError stays one, with the
-    same message, and is also a ``RaisedByMainProcess`` on the other processes (rank 0 reports it). Every process
-    must call the decorated function at the same point."""
+    same message, and is also a ``RaisedByMainProcess`` on the other processes (rank 0
+    reports it). Every process must call the decorated function at the same point."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if world_size() == 1:
