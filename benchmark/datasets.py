@@ -8,7 +8,8 @@
       <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt         (1,449 ids)
 
   A list line is an image id, or (the reference code's format) an image path and a mask path
-  relative to VOC2012. ``<root>`` may also be the VOC2012 folder itself.
+  relative to VOC2012; list files are UTF-8 (a byte-order mark is dropped). ``<root>`` may
+  also be the VOC2012 folder itself.
 * ADE20K SceneParsing::
 
       <root>/ADEChallengeData2016/images/{training,validation}/<id>.jpg
@@ -68,6 +69,16 @@ def _ade_dir(root: Path) -> Path:
     raise DatasetError(f'{root}: not an ADE20K root (no ADEChallengeData2016/images/training inside)')
 
 
+def _read_list_lines(list_file: Path) -> list[str]:
+    """The list file's lines, read as UTF-8 (a leading byte-order mark dropped: Notepad's
+    "UTF-8 with BOM" would otherwise glue it to the first id)."""
+    try:
+        return list_file.read_text(encoding='utf-8-sig').splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f'{list_file}: not UTF-8 text (byte {e.start}: {e.reason}); save it as '
+                           f'UTF-8') from None
+
+
 def _voc_samples(root: Path, split: str) -> list[Sample]:
     base = _voc2012_dir(root)
     list_name = 'train_aug.txt' if split == 'train' else 'val.txt'
@@ -78,7 +89,7 @@ def _voc_samples(root: Path, split: str) -> list[Sample]:
     if not mask_dirs:
         raise DatasetError(f'{base}: neither SegmentationClassAug nor SegmentationClass found')
     samples = []
-    for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+    for line_no, line in enumerate(_read_list_lines(list_file), 1):
         parts = line.split()
         if not parts:
             continue

@@ -95,6 +95,15 @@ def test_list_file_naming_a_missing_image(capsys, voc_root):
     assert str(voc_root / 'VOCdevkit/VOC2012/JPEGImages/b.jpg') in err
 
 
+@pytest.mark.parametrize('encoding', ['utf-16', 'latin-1'])
+def test_a_list_file_that_is_not_utf8(capsys, voc_root, encoding):
+    # Notepad's "Unicode" is UTF-16; a Latin-1 file is UTF-8 until its first accented letter
+    list_file = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt'
+    list_file.write_text('a\nb\ncaf\u00e9\n', encoding=encoding)
+    err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(voc_root))
+    assert err.startswith(f'cssbench: error: {list_file}: not UTF-8 text (byte ')
+
+
 def test_mask_value_outside_the_classes(capsys, tmp_path):
     root = make_voc_tree(tmp_path / 'voc', {'a': mask_with({0, 1}), 'b': mask_with({0, 77})},
                          {'c': mask_with({0, 1})})

@@ -344,6 +344,14 @@ def test_list_names_missing_image(voc_root: Path) -> None:
     assert 'ghost' in str(e.value)
 
 
+def test_a_list_file_starting_with_a_byte_order_mark(voc_root: Path) -> None:
+    # Notepad's "UTF-8 with BOM": the mark is no part of the first id
+    list_file = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt'
+    list_file.write_text('\ufeff' + list_file.read_text(), encoding='utf-8')
+    index = index_dataset('voc', voc_root, progress=False)
+    assert list(index.label_sets['val']) == list(VAL_LABELS)
+
+
 def test_list_names_missing_mask(voc_root: Path) -> None:
     mask = voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/v3.png'
     mask.unlink()
