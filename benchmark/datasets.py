@@ -3,7 +3,8 @@
 * Pascal VOC 2012 with the SBD augmentation::
 
       <root>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg
-      <root>/VOCdevkit/VOC2012/SegmentationClassAug/<id>.png   (SegmentationClass as fallback)
+      <root>/VOCdevkit/VOC2012/SegmentationClassAug/<id>.png   (train; SegmentationClass as fallback)
+      <root>/VOCdevkit/VOC2012/SegmentationClass/<id>.png      (val; SegmentationClassAug as fallback)
       <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt   (10,582 ids)
       <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt         (1,449 ids)
 
@@ -34,6 +35,13 @@ from .registry import DATASETS
 from .seeds import derive_seed
 
 SPLITS = ('train', 'val')
+
+# Where a VOC list's id finds its mask, in order of preference. mmsegmentation's converter
+# (tools/dataset_converters/voc_aug.py) writes SBD's mask of every SBD image into
+# SegmentationClassAug, val images included, and SBD's masks have no 255 boundary band: val
+# is scored against VOC's own masks, in SegmentationClass, wherever they are.
+VOC_MASK_FOLDERS = {'train': ('SegmentationClassAug', 'SegmentationClass'),
+                    'val': ('SegmentationClass', 'SegmentationClassAug')}
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ def _voc_samples(root: Path, split: str) -> list[Sample]:
     list_file = base / 'ImageSets' / 'Segmentation' / list_name
     if not list_file.is_file():
         raise DatasetError(f'{list_file}: list file not found')
-    mask_dirs = [d for d in (base / 'SegmentationClassAug', base / 'SegmentationClass') if d.is_dir()]
+    mask_dirs = [base / name for name in VOC_MASK_FOLDERS[split] if (base / name).is_dir()]
     if not mask_dirs:
         raise DatasetError(f'{base}: neither SegmentationClassAug nor SegmentationClass found')
     samples = []

@@ -86,6 +86,23 @@ def test_index_reads_label_sets(voc_root: Path) -> None:
     assert s.mask == voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/t0.png'
 
 
+def test_val_masks_come_from_segmentation_class_first_train_masks_from_aug(voc_root: Path) -> None:
+    # mmsegmentation's voc_aug.py converts SBD's mask of every SBD image into
+    # SegmentationClassAug, val images too: val is scored against VOC's own, SegmentationClass
+    from conftest import write_mask_png
+    base = voc_root / 'VOCdevkit/VOC2012'
+    (base / 'SegmentationClass').mkdir()
+    for sample_id in ('t0', 'v0'):   # VOC's own masks, with their boundary band
+        write_mask_png(base / 'SegmentationClass' / f'{sample_id}.png', mask_with({0, 2, 255}))
+    index = index_dataset('voc', voc_root, progress=False)
+    samples = {split: {s.id: s.mask for s in index.samples[split]} for split in ('train', 'val')}
+    assert samples['val']['v0'] == base / 'SegmentationClass/v0.png'
+    assert index.label_sets['val']['v0'] == (0, 2, 255)
+    assert samples['val']['v1'] == base / 'SegmentationClassAug/v1.png'   # none in VOC's own
+    assert samples['train']['t0'] == base / 'SegmentationClassAug/t0.png'
+    assert index.label_sets['train']['t0'] == (0, 1)
+
+
 def test_index_accepts_voc2012_folder_as_root(voc_root: Path) -> None:
     index = index_dataset('voc', voc_root / 'VOCdevkit' / 'VOC2012', progress=False)
     assert index.label_sets['train']['t2'] == (0, 1, 16)
