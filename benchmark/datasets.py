@@ -8,9 +8,12 @@
       <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt   (10,582 ids)
       <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt         (1,449 ids)
 
-  A list line is an image id, or (the reference code's format) an image path and a mask path
-  relative to VOC2012; list files are UTF-8 (a byte-order mark is dropped). ``<root>`` may
-  also be the VOC2012 folder itself.
+  The train list may also be mmsegmentation's ``ImageSets/Segmentation/trainaug.txt``, or
+  either list the MiB reference's ``splits/train_aug.txt`` and ``splits/val.txt`` (the first
+  found of ``VOC_LISTS``). A list line is an image id, or (the reference code's format) an
+  image path and a mask path relative to VOC2012; list files are UTF-8 (a byte-order mark is
+  dropped). ``<root>`` may also be the VOC2012 folder itself, or any folder holding
+  ``JPEGImages`` as VOC2012 does: MiB's ``PascalVOC12``, with its ``splits`` beside.
 * ADE20K SceneParsing::
 
       <root>/ADEChallengeData2016/images/{training,validation}/<id>.jpg
@@ -42,6 +45,12 @@ SPLITS = ('train', 'val')
 # is scored against VOC's own masks, in SegmentationClass, wherever they are.
 VOC_MASK_FOLDERS = {'train': ('SegmentationClassAug', 'SegmentationClass'),
                     'val': ('SegmentationClass', 'SegmentationClassAug')}
+# Where a split's list is looked for in the VOC2012 folder, in this order: the usual name,
+# mmsegmentation's (voc_aug.py writes trainaug.txt), and the MiB reference's download
+# (data/download_voc.sh unpacks DeepLab's list.zip as splits/ beside JPEGImages).
+VOC_LISTS = {'train': ('ImageSets/Segmentation/train_aug.txt',
+                       'ImageSets/Segmentation/trainaug.txt', 'splits/train_aug.txt'),
+             'val': ('ImageSets/Segmentation/val.txt', 'splits/val.txt')}
 
 
 @dataclass(frozen=True)
@@ -87,12 +96,19 @@ def _read_list_lines(list_file: Path) -> list[str]:
                            f'UTF-8') from None
 
 
+def _voc_list_file(base: Path, split: str) -> Path:
+    """The first of the split's ``VOC_LISTS`` that the VOC2012 folder holds."""
+    candidates = [base / name for name in VOC_LISTS[split]]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        raise DatasetError(f'{base}: no {split} list file (looked for '
+                           f'{", ".join(str(path) for path in candidates)})')
+    return found
+
+
 def _voc_samples(root: Path, split: str) -> list[Sample]:
     base = _voc2012_dir(root)
-    list_name = 'train_aug.txt' if split == 'train' else 'val.txt'
-    list_file = base / 'ImageSets' / 'Segmentation' / list_name
-    if not list_file.is_file():
-        raise DatasetError(f'{list_file}: list file not found')
+    list_file = _voc_list_file(base, split)
     mask_dirs = [base / name for name in VOC_MASK_FOLDERS[split] if (base / name).is_dir()]
     if not mask_dirs:
         raise DatasetError(f'{base}: neither SegmentationClassAug nor SegmentationClass found')

@@ -352,6 +352,44 @@ def test_missing_list_file(voc_root: Path) -> None:
     assert str(list_file) in str(e.value)
 
 
+def test_a_missing_train_list_names_every_place_looked_in(voc_root: Path) -> None:
+    base = voc_root / 'VOCdevkit/VOC2012'
+    (base / 'ImageSets/Segmentation/train_aug.txt').unlink()
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', voc_root, progress=False)
+    assert str(e.value) == (f'{base}: no train list file (looked for '
+                            f'{base}/ImageSets/Segmentation/train_aug.txt, '
+                            f'{base}/ImageSets/Segmentation/trainaug.txt, '
+                            f'{base}/splits/train_aug.txt)')
+
+
+def test_mmsegmentations_train_list_name(voc_root: Path) -> None:
+    # tools/dataset_converters/voc_aug.py writes ImageSets/Segmentation/trainaug.txt
+    lists = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation'
+    (lists / 'train_aug.txt').rename(lists / 'trainaug.txt')
+    index = index_dataset('voc', voc_root, progress=False)
+    assert list(index.label_sets['train']) == list(TRAIN_LABELS)
+    # with both, train_aug.txt is read
+    (lists / 'train_aug.txt').write_text('t0\nt1\n')
+    assert list(index_dataset('voc', voc_root, progress=False).label_sets['train']) == ['t0', 't1']
+
+
+def test_mibs_download_layout(voc_root: Path, tmp_path: Path) -> None:
+    """fcdl94/MiB data/download_voc.sh: VOC2012's contents in PascalVOC12, DeepLab's lists as
+    splits/ beside them, in pair lines."""
+    mib = tmp_path / 'PascalVOC12'
+    (voc_root / 'VOCdevkit/VOC2012').rename(mib)
+    shutil.rmtree(mib / 'ImageSets')
+    (mib / 'splits').mkdir()
+    for name, ids in (('train_aug.txt', TRAIN_LABELS), ('val.txt', VAL_LABELS)):
+        (mib / 'splits' / name).write_text(
+            ''.join(f'/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n' for i in ids))
+    index = index_dataset('voc', mib, progress=False)
+    assert list(index.label_sets['train']) == list(TRAIN_LABELS)
+    assert list(index.label_sets['val']) == list(VAL_LABELS)
+    assert index.samples['val'][0].mask == mib / 'SegmentationClassAug/v0.png'
+
+
 def test_list_names_missing_image(voc_root: Path) -> None:
     list_file = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt'
     list_file.write_text(list_file.read_text() + 'ghost\n')
