@@ -12,8 +12,9 @@
   either list the MiB reference's ``splits/train_aug.txt`` and ``splits/val.txt`` (the first
   found of ``VOC_LISTS``). A list line is an image id, or (the reference code's format) an
   image path and a mask path relative to VOC2012; list files are UTF-8 (a byte-order mark is
-  dropped). ``<root>`` may also be the VOC2012 folder itself, or any folder holding
-  ``JPEGImages`` as VOC2012 does: MiB's ``PascalVOC12``, with its ``splits`` beside.
+  dropped). No list may name an id twice, nor the train list a val id. ``<root>`` may also be
+  the VOC2012 folder itself, or any folder holding ``JPEGImages`` as VOC2012 does: MiB's
+  ``PascalVOC12``, with its ``splits`` beside.
 * ADE20K SceneParsing::
 
       <root>/ADEChallengeData2016/images/{training,validation}/<id>.jpg
@@ -23,6 +24,7 @@
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -106,9 +108,8 @@ def _voc_list_file(base: Path, split: str) -> Path:
     return found
 
 
-def _voc_samples(root: Path, split: str) -> list[Sample]:
-    base = _voc2012_dir(root)
-    list_file = _voc_list_file(base, split)
+def _voc_list_samples(base: Path, list_file: Path, split: str) -> list[Sample]:
+    """The samples that ``list_file`` names, in its order."""
     mask_dirs = [base / name for name in VOC_MASK_FOLDERS[split] if (base / name).is_dir()]
     if not mask_dirs:
         raise DatasetError(f'{base}: neither SegmentationClassAug nor SegmentationClass found')
@@ -133,8 +134,33 @@ def _voc_samples(root: Path, split: str) -> list[Sample]:
     return samples
 
 
-def _ade_samples(root: Path, split: str) -> list[Sample]:
-    base = _ade_dir(root)
+def _refuse_ids_listed_twice(list_file: Path, samples: list[Sample]) -> None:
+    twice = [i for i, n in Counter(s.id for s in samples).items() if n > 1]   # list order
+    if twice:
+        raise DatasetError(f'{list_file}: {len(twice)} id(s) listed more than once, the first '
+                           f'{twice[0]!r}')
+
+
+def _refuse_val_ids_in_train(list_files: dict[str, Path], samples: dict[str, list[Sample]]) -> None:
+    """A model trained on val images would be scored on what it learned (a test-set leak)."""
+    val_ids = {s.id for s in samples['val']}
+    leaked = [s.id for s in samples['train'] if s.id in val_ids]
+    if leaked:
+        raise DatasetError(f"{list_files['train']}: {len(leaked)} id(s) of the val list "
+                           f"({list_files['val']}) listed for training, the first {leaked[0]!r}")
+
+
+def _voc_samples(root: Path) -> dict[str, list[Sample]]:
+    base = _voc2012_dir(root)
+    list_files = {split: _voc_list_file(base, split) for split in SPLITS}
+    samples = {split: _voc_list_samples(base, list_files[split], split) for split in SPLITS}
+    for split in SPLITS:
+        _refuse_ids_listed_twice(list_files[split], samples[split])
+    _refuse_val_ids_in_train(list_files, samples)
+    return samples
+
+
+def _ade_split_samples(base: Path, split: str) -> list[Sample]:
     sub = 'training' if split == 'train' else 'validation'
     images = _require_dir(base / 'images' / sub, 'ADE20K image folder')
     masks = _require_dir(base / 'annotations' / sub, 'ADE20K annotation folder')
@@ -144,17 +170,24 @@ def _ade_samples(root: Path, split: str) -> list[Sample]:
     return samples
 
 
-def list_samples(info: DatasetInfo, root: str | Path, split: str) -> list[Sample]:
-    """The split's samples in list order; checks that every image and mask file exists."""
+def _ade_samples(root: Path) -> dict[str, list[Sample]]:
+    base = _ade_dir(root)
+    return {split: _ade_split_samples(base, split) for split in SPLITS}
+
+
+def list_samples(info: DatasetInfo, root: str | Path) -> dict[str, list[Sample]]:
+    """Each split's samples in list order. The lists are checked (no id twice, no val id in
+    training) and every image and mask file is checked to exist, before anything is read."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f'{root}: dataset root not found')
     reader = {'voc': _voc_samples, 'ade': _ade_samples}[info.layout]
-    samples = reader(root, split)
-    for s in samples:
-        for path, what in ((s.image, 'image'), (s.mask, 'mask')):
-            if not path.is_file():
-                raise DatasetError(f'{path}: {what} of {s.id!r} ({split} list) not found')
+    samples = reader(root)
+    for split in SPLITS:
+        for s in samples[split]:
+            for path, what in ((s.image, 'image'), (s.mask, 'mask')):
+                if not path.is_file():
+                    raise DatasetError(f'{path}: {what} of {s.id!r} ({split} list) not found')
     return samples
 
 

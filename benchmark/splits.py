@@ -151,9 +151,8 @@ def index_dataset(dataset: str, root: str | Path, progress: bool = True) -> Data
     its files changed (``_file_stamp``) since it was made."""
     info = DATASET_INFO[dataset]
     root = Path(root).expanduser()
-    samples, scans = {}, {}
+    samples, scans = list_samples(info, root), {}   # every list checked before a scan is cached
     for split in SPLITS:
-        samples[split] = list_samples(info, root, split)
         key = _listing_key(info.layout, root, split, samples[split])
         cache_file = cache_dir('scans') / f'{dataset}-{split}-{key}.json'
         scans[split] = read_json_or_none(cache_file, _parse_scan)   # damaged: made again

@@ -407,6 +407,23 @@ def test_a_list_file_starting_with_a_byte_order_mark(voc_root: Path) -> None:
     assert list(index.label_sets['val']) == list(VAL_LABELS)
 
 
+@pytest.mark.parametrize('list_name, lines, says', [
+    ('train_aug.txt', ['t0', 't3', 't1', 't3', 't1', 't3'],
+     "2 id(s) listed more than once, the first 't3'"),
+    ('val.txt', ['v0', 'v1', 'v0'], "1 id(s) listed more than once, the first 'v0'"),
+    ('train_aug.txt', ['t0', 'v4', 't1', 'v1'],   # a test-set leak
+     "2 id(s) of the val list ({lists}/val.txt) listed for training, the first 'v4'"),
+])
+def test_a_list_naming_an_id_twice_or_val_ids_for_training_is_refused_before_a_scan(
+        voc_root: Path, isolated_cache: Path, list_name, lines, says) -> None:
+    lists = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation'
+    (lists / list_name).write_text(''.join(f'{i}\n' for i in lines))
+    with pytest.raises(DatasetError) as e:
+        index_dataset('voc', voc_root, progress=False)
+    assert str(e.value) == f'{lists / list_name}: ' + says.format(lists=lists)
+    assert not (isolated_cache / 'scans').exists()   # not even the train split's
+
+
 def test_list_names_missing_mask(voc_root: Path) -> None:
     mask = voc_root / 'VOCdevkit/VOC2012/SegmentationClassAug/v3.png'
     mask.unlink()
