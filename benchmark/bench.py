@@ -4,8 +4,9 @@ fast path, and what it means for a full protocol.
 In one process, on the synthetic dataset at the real size (512 px on GPU, generated into the
 cache once) or on a dataset given with ``--data-root``:
 
-* training img/s of a fine-tuning step (step 0 of voc-15-1-overlap's split of the data) and
-  of an SDR incremental step (step 1: the teacher's forward and SDR's losses too), each in
+* training img/s of a fine-tuning step (step 0 of voc-15-1-overlap's split of the data,
+  synth-15-1-overlap's on the synthetic dataset) and of an SDR incremental step (step 1:
+  the teacher's forward and SDR's losses too), each in
   the reference regime (fp32 eager, PyTorch's defaults), in the fast path (the config's
   speed settings) and, with ``--compile``, in the fast path with torch.compile. The step is
   the runner's: the same model preparation, optimizer wrapper and ``train_step``. Batches
@@ -39,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import torch
 from mmengine.dataset import default_collate
@@ -48,7 +50,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import load_config
-from .datasets import IncrementalSegDataset, eval_lut, train_lut
+from .datasets import IncrementalSegDataset, eval_lut, is_synthetic, train_lut
 from .engine import loader_settings, sgd_config, shut_down_loader_workers
 from .errors import UserError
 from .hooks import EpochKeyedSampler
@@ -232,8 +234,10 @@ def bench_dataset(size: int, batch: int, eval_batch: int) -> str:
 
 def bench_datasets(cfg, root: str, batch: int) -> tuple[list[Case], IncrementalSegDataset]:
     """voc-15-1-overlap's step-0 and step-1 training sets of the data (label sets and
-    splits from the cache) and step 0's evaluation set."""
-    protocol = load_protocol(PROJECTED_PROTOCOL)
+    splits from the cache) and step 0's evaluation set; on the synthetic dataset, which VOC's
+    protocols refuse, its twin synth-15-1-overlap's (the same steps, so the same models)."""
+    protocol = load_protocol('synth-15-1-overlap' if is_synthetic(Path(root).expanduser())
+                             else PROJECTED_PROTOCOL)
     index = index_dataset(protocol.dataset, root)
     splits = protocol_splits(protocol, index)
     crop = cfg.data.crop_size

@@ -38,6 +38,7 @@ from .datasets_info import DATASET_INFO, IGNORE_INDEX, DatasetInfo
 from .errors import DatasetError
 from .registry import DATASETS
 from .seeds import derive_seed
+from .synth import PARAMS_FILE as SYNTH_PARAMS_FILE
 
 SPLITS = ('train', 'val')
 
@@ -150,8 +151,26 @@ def _refuse_val_ids_in_train(list_files: dict[str, Path], samples: dict[str, lis
                            f"({list_files['val']}) listed for training, the first {leaked[0]!r}")
 
 
-def _voc_samples(root: Path) -> dict[str, list[Sample]]:
+def is_synthetic(root: Path) -> bool:
+    """Whether the VOC-layout folder ``root`` is one that ``cssbench make-synth`` wrote."""
+    return (_voc2012_dir(root) / SYNTH_PARAMS_FILE).is_file()
+
+
+def _refuse_the_other_kind(root: Path, synthetic: bool) -> None:
+    """The synthetic dataset and Pascal VOC share a layout, and a run on either would be
+    tabled beside the other's published or stored numbers."""
+    if is_synthetic(root) == synthetic:
+        return
+    if synthetic:
+        raise DatasetError(f"{root}: not the synthetic dataset (no {SYNTH_PARAMS_FILE}): synth-* "
+                           f"protocols run on cssbench make-synth's folders")
+    raise DatasetError(f'{root}: the synthetic dataset (it holds {SYNTH_PARAMS_FILE}): its '
+                       f'protocols are synth-*')
+
+
+def _voc_samples(root: Path, synthetic: bool) -> dict[str, list[Sample]]:
     base = _voc2012_dir(root)
+    _refuse_the_other_kind(root, synthetic)
     list_files = {split: _voc_list_file(base, split) for split in SPLITS}
     samples = {split: _voc_list_samples(base, list_files[split], split) for split in SPLITS}
     for split in SPLITS:
@@ -181,8 +200,7 @@ def list_samples(info: DatasetInfo, root: str | Path) -> dict[str, list[Sample]]
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f'{root}: dataset root not found')
-    reader = {'voc': _voc_samples, 'ade': _ade_samples}[info.layout]
-    samples = reader(root)
+    samples = _voc_samples(root, info.synthetic) if info.layout == 'voc' else _ade_samples(root)
     for split in SPLITS:
         for s in samples[split]:
             for path, what in ((s.image, 'image'), (s.mask, 'mask')):

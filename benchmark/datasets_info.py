@@ -24,6 +24,9 @@ class DatasetInfo:
     # Whether class 0 is scored at evaluation. In the reference code (LTTM/SDR, fcdl94/MiB
     # dataset/ade.py) ADE's 0 is void/"other": background in training, ignored in testing.
     background_scored: bool = True
+    # Whether its folders are cssbench make-synth's: the VOC reader refuses the synthetic
+    # dataset to Pascal VOC's protocols and Pascal VOC to the synthetic one's.
+    synthetic: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -38,5 +41,5 @@ DATASET_INFO: dict[str, DatasetInfo] = {
     'voc': DatasetInfo(VOC_CLASSES, layout='voc'),
     'ade': DatasetInfo(ADE_CLASSES, layout='ade', background_scored=False),
     # Procedurally generated, in VOC's on-disk layout (see synth.py): 20 shape-texture classes.
-    'synth': DatasetInfo(('background', *SYNTH_CLASS_NAMES), layout='voc'),
+    'synth': DatasetInfo(('background', *SYNTH_CLASS_NAMES), layout='voc', synthetic=True),
 }

@@ -53,6 +53,9 @@ SHAPES = ("disc", "square", "triangle", "ring", "cross")
 TEXTURES = ("solid", "hstripes", "dstripes", "checker")
 
 SPLITS = {"train": "train_aug", "val": "val"}
+# Written last into VOC2012, with the parameters: it marks a complete synthetic dataset, and
+# tells it from Pascal VOC (datasets.is_synthetic).
+PARAMS_FILE = "synth.json"
 _SPLIT_CODES = {"train": 0, "val": 1}
 
 # Scene types: class id -> relative weight.  Classes 16-20 have their own scene but
@@ -324,7 +327,7 @@ def _voc_dir(root: Path) -> Path:
 
 
 def _read_params(root: Path) -> dict | None:
-    return read_json_or_none(_voc_dir(root) / "synth.json")
+    return read_json_or_none(_voc_dir(root) / PARAMS_FILE)
 
 
 def _iter_written(tasks: list[tuple[str, int, str, int, int]], workers: int) -> Iterator[str]:
@@ -355,7 +358,7 @@ def _generate(root: Path, params: dict, progress: bool, workers: int) -> None:
         ids = [image_id(split, index) for index in range(counts[split])]
         _write_lines(voc_dir / "ImageSets" / "Segmentation" / f"{list_name}.txt", ids)
     # Written last: its presence marks the folder as complete.
-    (voc_dir / "synth.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+    (voc_dir / PARAMS_FILE).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:

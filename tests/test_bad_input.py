@@ -89,6 +89,20 @@ def test_voc_tree_given_to_an_ade_protocol(capsys, voc_root):
     assert str(voc_root) in err and 'Pascal VOC tree' in err and 'ADE20K' in err
 
 
+def test_the_synthetic_dataset_given_to_a_voc_protocol_and_voc_to_a_synth_one(capsys, tmp_path,
+                                                                               voc_root):
+    # the same layout: `table` would set the synthetic scores beside the papers' VOC numbers
+    synth = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
+    for root in (synth, synth.parent.parent):   # its VOC2012 folder, or the folder above
+        assert fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(root)) == (
+            f'cssbench: error: {root}: the synthetic dataset (it holds synth.json): its protocols '
+            f'are synth-*')
+    assert fails(capsys, 'splits', '--protocol', 'synth-15-1-overlap', '--data-root', str(voc_root)) == (
+        f"cssbench: error: {voc_root}: not the synthetic dataset (no synth.json): synth-* protocols "
+        f"run on cssbench make-synth's folders")
+    assert main(['splits', '--protocol', 'synth-15-1-overlap', '--data-root', str(synth)]) == 0
+
+
 def test_list_file_naming_a_missing_image(capsys, voc_root):
     (voc_root / 'VOCdevkit/VOC2012/JPEGImages/b.jpg').unlink()
     err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(voc_root))
