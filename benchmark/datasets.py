@@ -20,7 +20,8 @@
       <root>/ADEChallengeData2016/images/{training,validation}/<id>.jpg
       <root>/ADEChallengeData2016/annotations/{training,validation}/<id>.png
 
-  Annotation value 0 is "other", used as background (see ``datasets_info``).
+  Each image is a sample; an annotation without an image is refused. Annotation value 0 is
+  "other", used as background (see ``datasets_info``).
 """
 from __future__ import annotations
 
@@ -179,11 +180,22 @@ def _voc_samples(root: Path, synthetic: bool) -> dict[str, list[Sample]]:
     return samples
 
 
+def _refuse_annotations_without_image(masks: Path, images: Path, image_ids: set[str]) -> None:
+    """ADE20K's samples are its images: an annotation without one (a dataset half extracted)
+    would be left out of the split unseen."""
+    orphans = sorted(p for p in masks.glob('*.png') if p.stem not in image_ids)
+    if orphans:
+        raise DatasetError(f'{orphans[0]}: annotation without an image ({images / orphans[0].stem}'
+                           f'.jpg not found; {len(orphans)} such annotation(s) in {masks})')
+
+
 def _ade_split_samples(base: Path, split: str) -> list[Sample]:
     sub = 'training' if split == 'train' else 'validation'
     images = _require_dir(base / 'images' / sub, 'ADE20K image folder')
     masks = _require_dir(base / 'annotations' / sub, 'ADE20K annotation folder')
-    samples = [Sample(p.stem, p, masks / f'{p.stem}.png') for p in sorted(images.glob('*.jpg'))]
+    image_files = sorted(images.glob('*.jpg'))
+    _refuse_annotations_without_image(masks, images, {p.stem for p in image_files})
+    samples = [Sample(p.stem, p, masks / f'{p.stem}.png') for p in image_files]
     if not samples:
         raise DatasetError(f'{images}: no .jpg images')
     return samples

@@ -495,6 +495,20 @@ def test_ade_tree_indexes_and_splits(tmp_path: Path) -> None:
     assert [s['val'] for s in steps] == [['ADE_val_1'], ['ADE_val_1']]
 
 
+def test_an_ade_annotation_without_its_image_is_refused(tmp_path: Path) -> None:
+    # a half-extracted dataset: its annotations without images were left out unseen
+    root = _make_ade_tree(tmp_path / 'ade')
+    base = root / 'ADEChallengeData2016'
+    (base / 'images/validation/ADE_val_1.jpg').unlink()
+    annotations = base / 'annotations/validation'
+    shutil.copy(annotations / 'ADE_val_1.png', annotations / 'ADE_val_0.png')
+    with pytest.raises(DatasetError) as e:
+        index_dataset('ade', root, progress=False)
+    assert str(e.value) == (f'{base}/annotations/validation/ADE_val_0.png: annotation without an '
+                            f'image ({base}/images/validation/ADE_val_0.jpg not found; 2 such '
+                            f'annotation(s) in {annotations})')
+
+
 def test_ade_tree_given_to_voc(tmp_path: Path) -> None:
     root = _make_ade_tree(tmp_path / 'ade')
     with pytest.raises(DatasetError) as e:
