@@ -115,7 +115,7 @@ def _parse_steps(stored: dict) -> list[dict]:
 class DatasetIndex:
     """A dataset folder's samples and their scans per split, and its fingerprint."""
     dataset: str
-    root: Path
+    root: Path   # absolute, symbolic links resolved: a run's record names it, read from anywhere
     samples: dict[str, list[Sample]]
     scans: dict[str, SplitScan]
 
@@ -160,7 +160,7 @@ def index_dataset(dataset: str, root: str | Path, progress: bool = True) -> Data
             scans[split] = scan_split(samples[split], info.num_classes,
                                       desc=f'scan {split} images and masks', progress=progress)
             atomic_write_json(cache_file, {i: scan._asdict() for i, scan in scans[split].items()})
-    return DatasetIndex(dataset, root, samples, scans)
+    return DatasetIndex(dataset, root.resolve(), samples, scans)
 
 
 def compute_splits(protocol: Protocol, label_sets: dict[str, LabelSets]) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 from dataclasses import replace
@@ -253,6 +254,30 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
         else:
             with pytest.raises(UserError, match=f'fingerprint {legacy}'):
                 run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+
+
+def test_a_run_records_its_data_folder_absolute_however_it_was_given(synth32, config32, tmp_path,
+                                                                     monkeypatch):
+    results = tmp_path / 'results'
+    kwargs = dict(config=str(config32), epochs=1, results_root=results, run_name='r',
+                  log=lambda *a: None)
+    monkeypatch.chdir(synth32.parent)                  # .../VOCdevkit
+    run_protocol('synth-15-5-overlap', 'ft', data_root='VOC2012', **kwargs)
+    run_dir = results / 'synth-15-5-overlap' / 'ft' / 'r'
+    record = json.loads((run_dir / 'run.json').read_text())
+    assert record['data_root'] == str(synth32.resolve())
+    # continued elsewhere, on other data given relative too: both folders named in full
+    make_synth(tmp_path / 'other', n_train=120, n_val=30, size=32, seed=4, progress=False)
+    stop_run_in_step(run_dir, run_dir / 'work', 1)
+    monkeypatch.chdir(tmp_path)
+    started_on, given = (re.escape(str(path.resolve())) for path in (synth32, tmp_path / 'other'))
+    with pytest.raises(UserError, match=rf'this run was started on other data \({started_on}, '
+                                        rf'fingerprint \w+\) than {given} \(fingerprint'):
+        run_protocol('synth-15-5-overlap', 'ft', data_root='other', **kwargs)
+    # a record written before, relative, still reads
+    (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running', data_root='VOC2012')))
+    with pytest.raises(UserError, match=r'this run was started on other data \(VOC2012, fingerprint'):
+        run_protocol('synth-15-5-overlap', 'ft', data_root='other', **kwargs)
 
 
 def test_a_copied_run_folder_continues_in_its_own_work_dir(synth32, config32, tmp_path):
