@@ -70,7 +70,9 @@ def scan_split(samples: list[Sample], num_classes: int, desc: str = 'scan',
     valid[:num_classes] = True
     valid[IGNORE_INDEX] = True
     scans: SplitScan = {}
-    for sample in tqdm(samples, desc=desc, disable=not progress, unit='image', leave=False):
+    # disable=None: no bar where stderr is not a terminal (a log file would get its \r frames)
+    for sample in tqdm(samples, desc=desc, disable=None if progress else True, unit='image',
+                       leave=False):
         mask = read_mask(sample.mask)
         present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
         bad = present[~valid[present]]

@@ -350,7 +350,8 @@ def _generate(root: Path, params: dict, progress: bool, workers: int) -> None:
         for split, count in counts.items()
         for index in range(count)
     ]
-    bar = tqdm(total=len(tasks), desc=f"synth VOC {params['size']}px", unit="img", disable=not progress)
+    bar = tqdm(total=len(tasks), desc=f"synth VOC {params['size']}px", unit="img",
+               disable=None if progress else True)   # None: a bar on a terminal only
     with bar:
         for _ in _iter_written(tasks, workers):
             bar.update(1)

@@ -157,6 +157,11 @@ def test_protocol_splits_rejects_other_dataset(voc_root: Path) -> None:
         protocol_splits(load_protocol('synth-15-1-overlap'), index)
 
 
+def test_the_scan_shows_no_progress_bar_where_stderr_is_no_terminal(voc_root: Path, capsys) -> None:
+    index_dataset('voc', voc_root, progress=True)   # a log file would hold the bar's \r frames
+    assert capsys.readouterr().err == ''
+
+
 def test_index_is_cached(voc_root: Path, isolated_cache: Path,
                          monkeypatch: pytest.MonkeyPatch) -> None:
     first = index_dataset('voc', voc_root, progress=False)
