@@ -206,8 +206,10 @@ def resolve_data_root(dataset: str, data_root: str | None, progress: bool = True
     if dataset == 'synth':
         from .synth import ensure_default_synth
         return ensure_default_synth(progress=progress)
-    env = os.environ.get(f'CSSBENCH_{dataset.upper()}_ROOT')
-    if env:
-        return Path(env).expanduser()
-    raise DatasetError(f'protocol needs dataset {dataset!r}: pass --data-root or set '
-                       f'CSSBENCH_{dataset.upper()}_ROOT')
+    variable = f'CSSBENCH_{dataset.upper()}_ROOT'
+    if not os.environ.get(variable):
+        raise DatasetError(f'protocol needs dataset {dataset!r}: pass --data-root or set {variable}')
+    root = Path(os.environ[variable]).expanduser()
+    if not root.is_dir():   # said here, where the variable is known to be its source
+        raise DatasetError(f'{root}: dataset root not found (the folder ${variable} names)')
+    return root

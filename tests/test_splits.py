@@ -200,9 +200,15 @@ def test_a_damaged_cache_entry_is_made_again(tmp_path: Path, voc_root: Path,
         assert protocol_splits(protocol, again) == steps
 
 
-def test_a_dataset_folder_from_the_environment_may_start_with_a_tilde(monkeypatch) -> None:
+def test_a_dataset_folder_from_the_environment_may_start_with_a_tilde(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv('HOME', str(tmp_path))
     monkeypatch.setenv('CSSBENCH_VOC_ROOT', '~/voc')
-    assert resolve_data_root('voc', None) == Path.home() / 'voc'
+    with pytest.raises(DatasetError) as refused:
+        resolve_data_root('voc', None)
+    assert str(refused.value) == (f'{tmp_path / "voc"}: dataset root not found (the folder '
+                                  f'$CSSBENCH_VOC_ROOT names)')
+    (tmp_path / 'voc').mkdir()
+    assert resolve_data_root('voc', None) == tmp_path / 'voc'
 
 
 def _copy_voc_tree(voc_root: Path, to: Path) -> Path:
