@@ -624,10 +624,15 @@ def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: st
     for t, split in enumerate(splits):
         split['train_samples'] = select(index.samples['train'], split['train'])
         split['val_samples'] = select(index.samples['val'], split['val'])
-        if len(split['train_samples']) < cfg.data.batch_size:   # whole batches only: no update
-            raise UserError(f'{root}: step {t} of {protocol.name} has {len(split["train_samples"])} '
-                            f'training images, fewer than a batch ({cfg.data.batch_size}): it would '
-                            f'train nothing; use a config with a smaller data.batch_size')
+        images = len(split['train_samples'])
+        if images == 0:
+            raise UserError(f'{root}: step {t} of {protocol.name} has no training images: the '
+                            f'train list has none that the step keeps for its classes '
+                            f'({range_label(split["classes"])})')
+        if images < cfg.data.batch_size:   # whole batches only: no update
+            raise UserError(f'{root}: step {t} of {protocol.name} has {images} training images, '
+                            f'fewer than a batch ({cfg.data.batch_size}): it would train '
+                            f'nothing; use a config with a smaller data.batch_size')
     return index, splits
 
 

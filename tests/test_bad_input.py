@@ -440,6 +440,15 @@ def test_a_step_with_fewer_images_than_a_batch_is_refused_before_training(capsys
     assert not results.exists()
 
 
+def test_a_step_with_no_training_image_is_refused_naming_its_classes(capsys, tmp_path):
+    voc = make_voc_tree(tmp_path / 'voc', train={f't{i}': mask_with({0, 1}) for i in range(8)},
+                        val={'v0': mask_with({0, 20})})   # no train image holds class 20
+    err = fails(capsys, 'run', '--protocol', 'voc-19-1-overlap', '--data-root', str(voc),
+                '--results', str(tmp_path / 'results'))
+    assert err == (f'cssbench: error: {voc}: step 1 of voc-19-1-overlap has no training images: '
+                   f'the train list has none that the step keeps for its classes (20)')
+
+
 def test_finished_run_is_not_overwritten_without_flag(capsys, tmp_path, tiny_run):
     data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
     work = tmp_path / 'shared-work'
