@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,17 +71,20 @@ def distribute(model):
 class StepRunner(Runner):
     """mmengine's Runner, without the copy of its config it writes into the work dir (a step
     is given no config file: an empty one was written; run.json holds the resolved one) and
-    without the line it prints on resuming."""
+    without the line it prints on resuming from a checkpoint."""
 
     def dump_config(self) -> None:
         pass
 
     def resume(self, *args, **kwargs) -> None:
-        # 'Loads checkpoint by local backend from path: ...', print()ed past the logger's
-        # level; the runner names the epoch the step continues after instead. (The logger
-        # writes to the stdout it was made with: its warnings still show.)
-        with contextlib.redirect_stdout(io.StringIO()):
+        # mmengine print()s 'Loads checkpoint by local backend from path: ...' past the
+        # logger's level (the runner names the epoch the step continues after instead), and
+        # so a checkpoint that does not match the model: that one must still show.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
             super().resume(*args, **kwargs)
+        sys.stdout.writelines(line for line in printed.getvalue().splitlines(keepends=True)
+                              if not line.startswith('Loads checkpoint by '))
 
 
 def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path, step_seed: int,
