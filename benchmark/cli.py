@@ -82,7 +82,7 @@ def cmd_run(args) -> int:
     several = len(runs) > 1
     if several:
         _check_runs_before_training(args, runs)
-    left_to_others = []
+    left_to_others = {}   # run folder: protocol given
     for given, seed, method, run_name in runs:
         try:
             results = _run_one(args, several, given, seed, method, run_name)
@@ -91,13 +91,19 @@ def cmd_run(args) -> int:
                 raise
             if is_main_process():
                 print(f'cssbench: note: {e}; left to it', file=sys.stderr)
-            left_to_others.append(str(locate_run(given, method, args.results, run_name,
-                                                 args.config, seed)[-1]))
+            left_to_others[str(locate_run(given, method, args.results, run_name, args.config,
+                                          seed)[-1])] = given
             continue
         print(format_step_table(protocols[given].name, method, results))
     if several and is_main_process():  # rank 0 reads the store
-        for protocol in protocols.values():
-            print(render_table(args.results, protocol.name, 'md'))
+        for given, protocol in protocols.items():
+            try:
+                print(render_table(args.results, protocol.name, 'md'))
+            except UserError:   # none complete: every run of it left to others, maybe
+                if given not in left_to_others.values():
+                    raise
+                print(f'cssbench: note: no leaderboard of {protocol.name}: no run of it is '
+                      f'complete yet', file=sys.stderr)
     if not left_to_others:
         return 0
     if is_main_process():

@@ -390,6 +390,21 @@ def test_a_command_of_several_runs_leaves_the_runs_other_processes_run_to_them(
                              f'leaderboards may lack: {ft}, {joint}')
 
 
+def test_a_protocol_whose_runs_were_all_left_to_others_has_no_leaderboard_yet(
+        synth32, config32, tmp_path, capsys):
+    results = tmp_path / 'results'
+    held = results / 'synth-19-1-overlap' / 'ft' / 'small32-seed0'
+    with locked_by_another_process(held):
+        status = main(['run', '--protocol', 'synth-19-1-overlap,synth-15-5-overlap',
+                       '--config', str(config32), '--data-root', str(synth32), '--epochs', '1',
+                       '--results', str(results)])
+    out, err = capsys.readouterr()
+    assert status == 1 and '### synth-15-5-overlap: mIoU' in out and 'synth-19-1-overlap: mIoU' not in out
+    assert err.splitlines()[-2:] == [
+        'cssbench: note: no leaderboard of synth-19-1-overlap: no run of it is complete yet',
+        f'cssbench: runs left to other cssbench processes, which the leaderboards may lack: {held}']
+
+
 def test_a_command_runs_several_protocols_which_share_their_step0(synth32, config32, tmp_path,
                                                                   capsys, monkeypatch):
     three = tmp_path / 'three.yaml'
