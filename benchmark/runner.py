@@ -587,11 +587,22 @@ def _check_same_data(paths: RunPaths, previous: dict, index: DatasetIndex) -> No
     """Refuse to continue a run on data other than it started on: its steps would mix two. A
     run started before the fingerprint counted the files' bytes holds the label sets' alone."""
     started_on = previous.get('dataset_fingerprint')
-    if started_on not in (None, index.fingerprint) and started_on != index.label_set_fingerprint:
-        raise UserError(f'{paths.results}: this run was started on other data '
-                        f'({previous.get("data_root")}, fingerprint {started_on}) than {index.root} '
-                        f'(fingerprint {index.fingerprint}); continue it with its own data '
-                        f'(--data-root), or --overwrite it')
+    if started_on in (None, index.fingerprint, index.label_set_fingerprint):
+        return
+    if _same_folder(previous.get('data_root'), index.root):
+        raise UserError(f'{paths.results}: the data in {index.root} changed since this run started '
+                        f'on it (fingerprint {started_on}, now {index.fingerprint}: an image or '
+                        f'mask, a list, or the mask folder read); continue it on the data it '
+                        f'started on, or --overwrite it')
+    raise UserError(f'{paths.results}: this run was started on other data '
+                    f'({previous.get("data_root")}, fingerprint {started_on}) than {index.root} '
+                    f'(fingerprint {index.fingerprint}); continue it with its own data '
+                    f'(--data-root), or --overwrite it')
+
+
+def _same_folder(recorded: str | None, root: Path) -> bool:
+    """Whether a run's recorded data_root (relative in older records: then unknown) is ``root``."""
+    return recorded is not None and Path(recorded).is_absolute() and Path(recorded) == root
 
 
 def _check_unfinished_step_processes(paths: RunPaths, num_steps: int, epochs: int,

@@ -278,6 +278,16 @@ def test_a_run_records_its_data_folder_absolute_however_it_was_given(synth32, co
     (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running', data_root='VOC2012')))
     with pytest.raises(UserError, match=r'this run was started on other data \(VOC2012, fingerprint'):
         run_protocol('synth-15-5-overlap', 'ft', data_root='other', **kwargs)
+    # the same folder, whose data changed since (another fingerprint recorded): said so
+    (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running',
+                                                      dataset_fingerprint='0' * 16)))
+    fingerprint = index_dataset('synth', synth32, progress=False).fingerprint
+    with pytest.raises(UserError) as refused:
+        run_protocol('synth-15-5-overlap', 'ft', data_root=str(synth32), **kwargs)
+    assert str(refused.value) == (
+        f'{run_dir}: the data in {synth32.resolve()} changed since this run started on it '
+        f'(fingerprint {"0" * 16}, now {fingerprint}: an image or mask, a list, or the mask folder '
+        f'read); continue it on the data it started on, or --overwrite it')
 
 
 def test_a_copied_run_folder_continues_in_its_own_work_dir(synth32, config32, tmp_path):
