@@ -45,6 +45,9 @@ class SampleScan(NamedTuple):
 
 
 SplitScan = dict[str, SampleScan]   # by sample id, in list order
+# Part of a scan's cache key: a scan made by an earlier version is made again. 2: each image
+# decoded whole (1 read its header only, and passed a file cut short).
+SCAN_VERSION = 2
 
 
 def keep_for_step(labels: set[int] | tuple[int, ...], current: set[int], old: set[int],
@@ -95,7 +98,7 @@ def _file_stamp(path: Path) -> str:
 def _listing_key(layout: str, root: Path, split: str, samples: list[Sample]) -> str:
     """Identifies a split's listing: its images' and masks' ``_file_stamp`` (a file changed
     since the last scan changes it)."""
-    h = hashlib.sha256(f'{layout}|{root.resolve()}|{split}'.encode())
+    h = hashlib.sha256(f'{SCAN_VERSION}|{layout}|{root.resolve()}|{split}'.encode())
     for s in samples:
         h.update(f'{s.id}|{_file_stamp(s.image)}|{_file_stamp(s.mask)}\n'.encode())
     return h.hexdigest()[:16]

@@ -9,6 +9,7 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 
 import cssbench.splits as splits
@@ -209,6 +210,18 @@ def test_a_dataset_folder_from_the_environment_may_start_with_a_tilde(monkeypatc
                                   f'$CSSBENCH_VOC_ROOT names)')
     (tmp_path / 'voc').mkdir()
     assert resolve_data_root('voc', None) == tmp_path / 'voc'
+
+
+def test_a_scan_an_earlier_version_cached_is_made_again(voc_root: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    image = next((voc_root / 'VOCdevkit' / 'VOC2012' / 'JPEGImages').glob('*.jpg'))
+    image.write_bytes(image.read_bytes()[:-50])   # cut short, its header whole
+    with monkeypatch.context() as earlier:   # version 1 read the header only
+        earlier.setattr(splits, 'SCAN_VERSION', 1)
+        earlier.setattr(splits, 'decoded_image_size', lambda path: PIL.Image.open(path).size)
+        index_dataset('voc', voc_root, progress=False)
+    with pytest.raises(DatasetError, match=f'{image}: cannot read image'):
+        index_dataset('voc', voc_root, progress=False)
 
 
 def _copy_voc_tree(voc_root: Path, to: Path) -> Path:
