@@ -25,6 +25,7 @@
 """
 from __future__ import annotations
 
+import codecs
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,10 +94,12 @@ def _ade_dir(root: Path) -> Path:
 def _read_list_lines(list_file: Path) -> list[str]:
     """The list file's lines, read as UTF-8 (a leading byte-order mark dropped: Notepad's
     "UTF-8 with BOM" would otherwise glue it to the first id)."""
+    data = list_file.read_bytes()
     try:
-        return list_file.read_text(encoding='utf-8-sig').splitlines()
-    except UnicodeDecodeError as e:
-        raise DatasetError(f'{list_file}: not UTF-8 text (byte {e.start}: {e.reason}); save it as '
+        return data.decode('utf-8-sig').splitlines()
+    except UnicodeDecodeError as e:   # its offset counts from after the mark
+        offset = e.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        raise DatasetError(f'{list_file}: not UTF-8 text (byte {offset}: {e.reason}); save it as '
                            f'UTF-8') from None
 
 
@@ -153,8 +156,12 @@ def _refuse_val_ids_in_train(list_files: dict[str, Path], samples: dict[str, lis
 
 
 def is_synthetic(root: Path) -> bool:
-    """Whether the VOC-layout folder ``root`` is one that ``cssbench make-synth`` wrote."""
-    return (_voc2012_dir(root) / SYNTH_PARAMS_FILE).is_file()
+    """Whether the VOC-layout folder ``root`` is one that ``cssbench make-synth`` wrote (False
+    for a folder that is none: the reader says what is wrong with it)."""
+    try:
+        return (_voc2012_dir(root) / SYNTH_PARAMS_FILE).is_file()
+    except DatasetError:
+        return False
 
 
 def _refuse_the_other_kind(root: Path, synthetic: bool) -> None:
@@ -163,8 +170,9 @@ def _refuse_the_other_kind(root: Path, synthetic: bool) -> None:
     if is_synthetic(root) == synthetic:
         return
     if synthetic:
-        raise DatasetError(f"{root}: not the synthetic dataset (no {SYNTH_PARAMS_FILE}): synth-* "
-                           f"protocols run on cssbench make-synth's folders")
+        raise DatasetError(f"{root}: not the synthetic dataset (no {SYNTH_PARAMS_FILE}, which "
+                           f"make-synth writes last): synth-* protocols run on cssbench "
+                           f"make-synth's folders (one it did not finish: run it again)")
     raise DatasetError(f'{root}: the synthetic dataset (it holds {SYNTH_PARAMS_FILE}): its '
                        f'protocols are synth-*')
 

@@ -98,8 +98,9 @@ def test_the_synthetic_dataset_given_to_a_voc_protocol_and_voc_to_a_synth_one(ca
             f'cssbench: error: {root}: the synthetic dataset (it holds synth.json): its protocols '
             f'are synth-*')
     assert fails(capsys, 'splits', '--protocol', 'synth-15-1-overlap', '--data-root', str(voc_root)) == (
-        f"cssbench: error: {voc_root}: not the synthetic dataset (no synth.json): synth-* protocols "
-        f"run on cssbench make-synth's folders")
+        f"cssbench: error: {voc_root}: not the synthetic dataset (no synth.json, which make-synth "
+        f"writes last): synth-* protocols run on cssbench make-synth's folders (one it did not "
+        f"finish: run it again)")
     assert main(['splits', '--protocol', 'synth-15-1-overlap', '--data-root', str(synth)]) == 0
 
 
@@ -116,6 +117,13 @@ def test_a_list_file_that_is_not_utf8(capsys, voc_root, encoding):
     list_file.write_text('a\nb\ncaf\u00e9\n', encoding=encoding)
     err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(voc_root))
     assert err.startswith(f'cssbench: error: {list_file}: not UTF-8 text (byte ')
+
+
+def test_a_list_file_not_utf8_after_its_byte_order_mark_names_the_bad_byte(capsys, voc_root):
+    list_file = voc_root / 'VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt'
+    list_file.write_bytes(b'\xef\xbb\xbfab\xe9\n')   # the mark, 'ab', then Latin-1's e-acute
+    err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(voc_root))
+    assert err.startswith(f'cssbench: error: {list_file}: not UTF-8 text (byte 5: ')
 
 
 def test_mask_value_outside_the_classes(capsys, tmp_path):

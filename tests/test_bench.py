@@ -177,11 +177,13 @@ def test_a_regime_says_when_its_fp32_convolutions_run_in_tf32():
     (['--size', '8'], '--size must be at least 16, got 8'),
     (['--workers', '-1'], '--workers must be at least 0, got -1'),
     (['--config', 'nope'], "unknown config 'nope'"),
+    (['--data-root', '/nowhere'], '/nowhere: dataset root not found'),
 ])
 def test_bad_flags_give_one_line_errors(flags, message, capsys):
     assert main(['bench', *flags]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and '\n' not in err
+    err = capsys.readouterr().err.strip().splitlines()   # a dataset's: after the header line
+    assert err[-1].startswith('cssbench: error: ') and message in err[-1]
+    assert len(err) == (2 if '--data-root' in flags else 1)
 
 
 @pytest.mark.parametrize('hip, expected', [(None, 'torch 9.9, CUDA 12.8, cuDNN 91002'),
