@@ -118,7 +118,7 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     progress(f'{device_name}; {os.path.basename(cfg.filename)}, batch {batch}, {size} px')
     root = data_root or bench_dataset(size, batch, cfg.data.eval_batch_size)
     cases, val_set = bench_datasets(cfg, root, batch)
-    peak, peak_label = matmul_peak(device)
+    peak, peak_label = matmul_peak(device, peak_dtype(device, regimes['fast path'].amp))
     progress(f'peak {peak / 1e12:.1f} TFLOP/s ({peak_label})')
     report = dict(device=device_name, software=_software(), config=cfg.filename, size=size,
                   batch=batch, iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
@@ -404,10 +404,19 @@ def _beyond_calls(seconds: float, calls: int, batch: int, img_s: float) -> float
     return max(0.0, seconds - calls * batch / img_s)
 
 
-def matmul_peak(device: str) -> tuple[float, str]:
-    """The device's measured matmul throughput (FLOP/s): bf16 on GPU, fp32 on CPU; the best
-    of a few trials."""
-    n, dtype, reps = (8192, torch.bfloat16, 20) if device == 'cuda' else (512, torch.float32, 10)
+def peak_dtype(device: str, amp: str | None) -> torch.dtype:
+    """The dtype of the matmul peak that the MFU is against: on GPU the fast path's autocast
+    dtype, float16 where it is that (a GPU without bf16 units emulates bf16: its bf16 peak would
+    be low), else bf16; fp32 on CPU."""
+    if device != 'cuda':
+        return torch.float32
+    return torch.float16 if amp == 'float16' else torch.bfloat16
+
+
+def matmul_peak(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's measured matmul throughput (FLOP/s) in ``dtype``; the best of a few
+    trials."""
+    n, reps = (8192, 20) if device == 'cuda' else (512, 10)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = 0.0
     for _ in range(4):  # the first is the warm-up

@@ -195,3 +195,10 @@ def test_the_device_line_names_the_gpu_toolkit_and_its_kernel_library(hip, expec
     monkeypatch.setattr(torch.version, 'hip', hip)
     monkeypatch.setattr(torch.backends.cudnn, 'version', lambda: 91002)
     assert bench._software() == expected
+
+
+def test_the_mfu_is_against_the_matmul_peak_of_the_fast_paths_dtype():
+    from cssbench.bench import peak_dtype
+    assert peak_dtype('cuda', 'bfloat16') == peak_dtype('cuda', None) == torch.bfloat16
+    assert peak_dtype('cuda', 'float16') == torch.float16   # bf16 may be emulated there
+    assert peak_dtype('cpu', 'float16') == torch.float32
