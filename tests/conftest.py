@@ -21,6 +21,14 @@ import torch
 from PIL import Image
 
 
+# A CPU's results depend on its number of threads (they set the order of floating-point sums),
+# and torch takes one per core: the suite's numeric thresholds (a run that forgets, one that
+# forgets less) are set on one thread, which every machine has, and so are the processes the
+# tests start.
+os.environ['OMP_NUM_THREADS'] = '1'
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def on_the_cpu_outside_test_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test but test_gpu.py's runs on the CPU, also on a machine with a GPU (and so do
