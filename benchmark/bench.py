@@ -8,7 +8,8 @@ cache once) or on a dataset given with ``--data-root``:
   synth-15-1-overlap's on the synthetic dataset) and of an SDR incremental step (step 1:
   the teacher's forward and SDR's losses too), each in
   the reference regime (fp32 eager, PyTorch's defaults), in the fast path (the config's
-  speed settings) and, with ``--compile``, in the fast path with torch.compile. The step is
+  speed settings; with ``--amp``, in each autocast dtype given) and, with ``--compile``, in
+  the fast path with torch.compile. The step is
   the runner's: the same model preparation, optimizer wrapper and ``train_step``. Batches
   are loaded onto the device beforehand, so that the model's speed is timed (the loader is
   timed apart); warm-up iterations are not timed; the timed ones are cut into rounds in
@@ -52,13 +53,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import load_config
 from .datasets import IncrementalSegDataset, eval_lut, is_synthetic, train_lut
 from .engine import loader_settings, sgd_config, shut_down_loader_workers
-from .errors import UserError
+from .errors import UserError, comma_list
 from .hooks import EpochKeyedSampler
 from .io import cache_dir
 from .methods import get_method
 from .protocols import load_protocol
 from .runner import attach_previous_step, build_model
-from .speed import REFERENCE_SPEED, Speed, autocast, optim_wrapper_config, prepare_model, training_device
+from .speed import (AMP_DTYPES, REFERENCE_SPEED, Speed, autocast, optim_wrapper_config,
+                    prepare_model, training_device)
 from .splits import index_dataset, protocol_splits, select
 from .synth import make_synth
 from .transforms import EvalTransform, TrainTransform
@@ -74,6 +76,7 @@ VOC_15_1_OVERLAP_STEP_IMAGES = [(9568, 1240), (487, 1277), (299, 1329), (491, 13
 PRELOADED_BATCHES = 4   # distinct batches cycled through by the timed loops
 ROUNDS = 4              # the timed iterations of each regime, in this many alternating rounds
 LOADER_BATCHES = 30     # batches timed through the DataLoader (at most)
+AMP_SHORT_NAMES = {'bfloat16': 'bf16', 'float16': 'fp16'}
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,8 @@ class Case:
 
 def run_bench(config: str | None = None, size: int | None = None, data_root: str | None = None,
               batch: int | None = None, iters: int = 20, warmup: int = 5,
-              workers: int | None = None, compile: bool = False, log=print,
-              progress=None) -> dict:
+              workers: int | None = None, compile: bool = False, amp: str | None = None,
+              log=print, progress=None) -> dict:
     """Measure, print the report, and return its numbers. Each measure is announced on
     ``progress`` (default: stderr) as it is taken, so a run cut short still tells what it
     measured."""
@@ -109,16 +112,18 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     size = (512 if on_gpu else 64) if size is None else size
     batch = cfg.data.batch_size if batch is None else batch
     _check_flags(size=size, batch=batch, iters=iters, warmup=warmup, workers=workers)
+    fast = Speed(**cfg.speed)
+    amps = parse_amps(amp, device) or [fast.amp]
     if workers is not None:
         cfg.data.num_workers = workers
-    regimes = bench_regimes(Speed(**cfg.speed), device, compile)
+    regimes = bench_regimes(fast, device, compile, amps)
     loops = dict(iters=iters, warmup=warmup, device=device, progress=progress)
 
     device_name = _device_name()
     progress(f'{device_name}; {os.path.basename(cfg.filename)}, batch {batch}, {size} px')
     root = data_root or bench_dataset(size, batch, cfg.data.eval_batch_size)
     cases, val_set = bench_datasets(cfg, root, batch)
-    peak, peak_label = matmul_peak(device, peak_dtype(device, regimes['fast path'].amp))
+    peak, peak_label = matmul_peak(device, peak_dtype(device, amps[0]))
     progress(f'peak {peak / 1e12:.1f} TFLOP/s ({peak_label})')
     report = dict(device=device_name, software=_software(), config=cfg.filename, size=size,
                   batch=batch, iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
@@ -131,14 +136,39 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     return report
 
 
-def bench_regimes(fast: Speed, device: str, compile: bool) -> dict[str, Speed]:
+def bench_regimes(fast: Speed, device: str, compile: bool,
+                  amps: list[str | None] | None = None) -> dict[str, Speed]:
     """The regimes compared, by name: the reference (fp32 eager), the config's fast path
     (eager) and, with ``compile``, the same compiled, so that one run shows what compiling
-    adds on this machine."""
-    regimes = {'fp32 eager': REFERENCE_SPEED, 'fast path': replace(fast, compile=False)}
-    if compile:
-        regimes['fast+compile'] = replace(fast, compile=True)
+    adds on this machine. ``amps``: the fast path's autocast dtypes (default: the config's);
+    given several, the fast path is measured in each, its name saying which."""
+    amps = amps or [fast.amp]
+    regimes = {'fp32 eager': REFERENCE_SPEED}
+    for name, compiled in [('fast path', False)] + [('fast+compile', True)] * compile:
+        for amp in amps:
+            label = name if len(amps) == 1 else f'{name} ({AMP_SHORT_NAMES[amp]})'
+            regimes[label] = replace(fast, amp=amp, compile=compiled)
     return {name: speed.on(device) for name, speed in regimes.items()}
+
+
+def parse_amps(amp: str | None, device: str) -> list[str] | None:
+    """``--amp``'s autocast dtypes, comma-separated (None: not given)."""
+    if amp is None:
+        return None
+    amps = comma_list(amp)
+    known = [name for name in AMP_DTYPES if name]
+    unknown = [name for name in amps if name not in known]
+    if unknown:
+        raise UserError(f'--amp: unknown autocast dtype(s) {", ".join(map(repr, unknown))} '
+                        f'(known: {", ".join(known)})')
+    if not amps:
+        raise UserError(f'--amp: no dtype (known: {", ".join(known)})')
+    if len(set(amps)) < len(amps):
+        raise UserError(f'--amp names a dtype twice: {amp}')
+    if device != 'cuda':
+        raise UserError('--amp: autocast applies on a CUDA GPU only, and this machine has none '
+                        '(on the CPU every regime trains in fp32)')
+    return amps
 
 
 def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, iters: int,
@@ -526,16 +556,17 @@ def format_report(report: dict) -> str:
              f'({report["peak_label"]}; the MFU of every regime is against it)']
     lines += [f'  {name}: {describe(speed, report["tf32"])}'
               for name, speed in report['regimes'].items()]
-    lines += ['', f'{"training step":<26} {"regime":<12} {"img/s":>9} {"vs fp32":>8} '
+    width = max(12, *map(len, report['regimes']))
+    lines += ['', f'{"training step":<26} {"regime":<{width}} {"img/s":>9} {"vs fp32":>8} '
                   f'{"GFLOP/img":>10} {"TFLOP/s":>9} {"MFU":>7}']
     for row in report['train']:
         achieved = row['flops_per_img'] * row['img_s']
-        lines.append(f'{row["case"]:<26} {row["regime"]:<12} {row["img_s"]:>9.1f} '
+        lines.append(f'{row["case"]:<26} {row["regime"]:<{width}} {row["img_s"]:>9.1f} '
                      f'{row["img_s"] / reference[row["case"]]:>7.2f}x '
                      f'{row["flops_per_img"] / 1e9:>10.1f} {achieved / 1e12:>9.2f} '
                      f'{100 * achieved / peak:>6.1f}%')
     for name, rate in report['eval'].items():
-        lines.append(f'{"evaluation":<26} {name:<12} {rate.img_s:>9.1f} '
+        lines.append(f'{"evaluation":<26} {name:<{width}} {rate.img_s:>9.1f} '
                      f'{rate.img_s / report["eval"]["fp32 eager"].img_s:>7.2f}x')
     loader = report['loader']
     lines += ['', f'data loader: {loader["per_process"]:.1f} img/s decode + augment in one process; '
@@ -544,7 +575,7 @@ def format_report(report: dict) -> str:
     train_images = '/'.join(str(n) for n, _ in VOC_15_1_OVERLAP_STEP_IMAGES)
     lines += [f'projected {PROJECTED_PROTOCOL} with sdr ({len(VOC_15_1_OVERLAP_STEP_IMAGES)} steps '
               f'x {EPOCHS_PER_STEP} epochs, one process; train images per step {train_images}):']
-    lines += [f'  {name:<12} {_duration(seconds)} ({_duration(startup)} of it start-up: '
+    lines += [f'  {name:<{width}} {_duration(seconds)} ({_duration(startup)} of it start-up: '
               f'compilation, cudnn\'s search)'
               for name, (seconds, startup) in report['projection'].items()]
     return '\n'.join(lines)

@@ -248,7 +248,8 @@ def load_protocols(text: str) -> dict[str, Protocol]:
 def cmd_bench(args) -> None:
     from .bench import run_bench
     run_bench(config=args.config, size=args.size, data_root=args.data_root, batch=args.batch,
-              iters=args.iters, warmup=args.warmup, workers=args.workers, compile=args.compile)
+              iters=args.iters, warmup=args.warmup, workers=args.workers, compile=args.compile,
+              amp=args.amp)
 
 
 def _patterns(text: str | None) -> list[str] | None:
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, help="loader workers (default: the config's)")
     p.add_argument('--compile', action='store_true',
                    help='also measure the fast path with torch.compile (a third regime)')
+    p.add_argument('--amp', metavar='DTYPES',
+                   help="the fast path's autocast dtype, or several to compare side by side, "
+                        "comma-separated: bfloat16, float16 (default: the config's; GPU only)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser('table', help='methods side by side, from the results store')

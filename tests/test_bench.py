@@ -202,3 +202,52 @@ def test_the_mfu_is_against_the_matmul_peak_of_the_fast_paths_dtype():
     assert peak_dtype('cuda', 'bfloat16') == peak_dtype('cuda', None) == torch.bfloat16
     assert peak_dtype('cuda', 'float16') == torch.float16   # bf16 may be emulated there
     assert peak_dtype('cpu', 'float16') == torch.float32
+
+
+def test_amp_measures_the_fast_path_in_each_dtype_given_side_by_side():
+    fast = Speed(amp='bfloat16', channels_last=True, cudnn_benchmark=True, compile=False)
+    fp16 = Speed(amp='float16', channels_last=True, cudnn_benchmark=True, compile=False)
+    assert bench.bench_regimes(fast, 'cuda', compile=True, amps=['bfloat16', 'float16']) == {
+        'fp32 eager': REFERENCE_SPEED,
+        'fast path (bf16)': fast, 'fast path (fp16)': fp16,
+        'fast+compile (bf16)': Speed(compile=True), 'fast+compile (fp16)': Speed(amp='float16', compile=True)}
+    # one dtype: the fast path keeps its name, in that dtype
+    assert bench.bench_regimes(fast, 'cuda', compile=False, amps=['float16']) == {
+        'fp32 eager': REFERENCE_SPEED, 'fast path': fp16}
+    assert bench.parse_amps(' float16, bfloat16 ', 'cuda') == ['float16', 'bfloat16']
+    assert bench.parse_amps(None, 'cpu') is None
+
+
+def test_the_report_widens_its_regime_column_to_the_longest_name():
+    rate = bench.Rate(img_s=100.0, startup_s=1.0, restart_s=0.0)
+    regimes = bench.bench_regimes(Speed(), 'cuda', compile=True, amps=['bfloat16', 'float16'])
+    report = dict(config='r101.py', size=512, batch=24, iters=20, warmup=5, device='GPU',
+                  software='torch', peak_flops=1e15, peak_label='bfloat16 matmul', tf32=True,
+                  regimes=regimes, eval={name: rate for name in regimes},
+                  train=[dict(case='fine-tuning, step 0', step=0, regime=name, img_s=100.0 + i,
+                              startup_s=1.0, restart_s=0.0, flops_per_img=4e11)
+                         for i, name in enumerate(regimes)],
+                  loader=dict(per_process=100.0, workers=8, with_workers=900.0),
+                  projection={name: (3600.0, 60.0) for name in regimes})
+    lines = bench.format_report(report).splitlines()
+    rows = [line for line in lines if line.startswith('fine-tuning, step 0 ')]
+    assert [line[27:46].rstrip() for line in rows] == list(regimes)
+    # the numbers stand in one column, whatever the regime's name
+    assert len({line.index('x ') for line in rows}) == 1
+    assert 'fast+compile (fp16)     104.0    1.04x' in rows[-1]
+    assert '  fast+compile (fp16) 1:00:00 (0:01:00 of it start-up' in '\n'.join(lines)
+
+
+@pytest.mark.parametrize('value, message', [
+    ('fp8', "--amp: unknown autocast dtype(s) 'fp8' (known: bfloat16, float16)"),
+    ('bfloat16,bf16', "--amp: unknown autocast dtype(s) 'bf16' (known: bfloat16, float16)"),
+    (',', '--amp: no dtype (known: bfloat16, float16)'),
+    ('float16,float16', '--amp names a dtype twice: float16,float16'),
+    ('float16', '--amp: autocast applies on a CUDA GPU only'),   # this test's machine: the CPU
+])
+def test_a_bad_or_cpu_amp_is_refused_in_one_line_before_any_measure(value, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench, 'training_device', lambda: 'cpu')
+    monkeypatch.setattr(bench, 'bench_dataset', lambda *a: pytest.fail('measured'))
+    assert main(['bench', '--amp', value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'cssbench: error: {message}')

@@ -1,9 +1,9 @@
 """The fast path on a GPU: bf16's and float16's losses track fp32's, float16's loss scaling
 skips an overflowed step, channels_last computes what the contiguous layout does, a compiled
 step matches the eager one, no method's training iteration waits for the GPU (bf16 or
-float16), a fast-path run completes (with whole-image evaluation too, and a cached step 0
-evaluated alone), and (with two GPUs) a torchrun run with NCCL and SyncBN. Skipped without
-CUDA."""
+float16), the bench compares bf16 with float16, a fast-path run completes (with whole-image
+evaluation too, and a cached step 0 evaluated alone), and (with two GPUs) a torchrun run
+with NCCL and SyncBN. Skipped without CUDA."""
 from __future__ import annotations
 
 import json
@@ -140,6 +140,20 @@ def test_a_fast_path_run_scores_whole_images_of_two_sizes(synth32, config32, tmp
     assert again[0]['iou'].keys() == steps[0]['iou'].keys()
     for c, v in steps[0]['iou'].items():
         assert again[0]['iou'][c] == (None if v is None else pytest.approx(v, abs=1e-3)), c
+
+
+def test_bench_compares_the_fast_path_in_bf16_and_float16_side_by_side(capsys):
+    from cssbench.cli import main
+    assert main(['bench', '--config', 'small', '--size', '64', '--batch', '8', '--iters', '2',
+                 '--warmup', '1', '--amp', 'bfloat16,float16']) == 0
+    out = capsys.readouterr().out
+    for case in ('fine-tuning, step 0', 'sdr, step 1 (+ teacher)', 'evaluation'):
+        rows = [line.split()[len(case.split()):] for line in out.splitlines()
+                if line.startswith(case + ' ')]
+        assert [' '.join(row[:-2] if case == 'evaluation' else row[:-5])
+                for row in rows] == ['fp32 eager', 'fast path (bf16)', 'fast path (fp16)'], out
+    assert '  fast path (fp16): float16, channels_last, cudnn benchmark on, eager' in out
+    assert 'bfloat16 matmul' in out   # the MFU against the first dtype's peak
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
