@@ -14,7 +14,8 @@
   image path and a mask path relative to VOC2012; list files are UTF-8 (a byte-order mark is
   dropped). No list may name an id twice, nor the train list a val id. ``<root>`` may also be
   the VOC2012 folder itself, or any folder holding ``JPEGImages`` as VOC2012 does: MiB's
-  ``PascalVOC12``, with its ``splits`` beside.
+  ``PascalVOC12``, with its ``splits`` beside, or the folder holding that ``PascalVOC12``
+  (what MiB's ``--data_root`` names).
 * ADE20K SceneParsing::
 
       <root>/ADEChallengeData2016/images/{training,validation}/<id>.jpg
@@ -72,13 +73,14 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def _voc2012_dir(root: Path) -> Path:
-    for candidate in (root / 'VOCdevkit' / 'VOC2012', root):
+    for candidate in (root / 'VOCdevkit' / 'VOC2012', root / 'PascalVOC12', root):
         if (candidate / 'JPEGImages').is_dir():
             return candidate
     if (root / 'ADEChallengeData2016').is_dir() or (root / 'images' / 'training').is_dir():
         raise DatasetError(f'{root}: this is an ADE20K tree, but the protocol needs Pascal VOC '
                            f'(VOCdevkit/VOC2012/JPEGImages)')
-    raise DatasetError(f'{root}: not a Pascal VOC root (no VOCdevkit/VOC2012/JPEGImages inside)')
+    raise DatasetError(f'{root}: not a Pascal VOC root (no VOCdevkit/VOC2012/JPEGImages, '
+                       f'PascalVOC12/JPEGImages or JPEGImages inside)')
 
 
 def _ade_dir(root: Path) -> Path:

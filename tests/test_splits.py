@@ -412,6 +412,9 @@ def test_mibs_download_layout(voc_root: Path, tmp_path: Path) -> None:
     assert list(index.label_sets['train']) == list(TRAIN_LABELS)
     assert list(index.label_sets['val']) == list(VAL_LABELS)
     assert index.samples['val'][0].mask == mib / 'SegmentationClassAug/v0.png'
+    # or the folder holding PascalVOC12, as the reference's --data_root names it
+    parent = index_dataset('voc', tmp_path, progress=False)
+    assert parent.samples == index.samples and parent.fingerprint == index.fingerprint
 
 
 def test_list_names_missing_image(voc_root: Path) -> None:
