@@ -275,8 +275,19 @@ def render_table(results: str, protocol: str, fmt: str, kind: str = 'leaderboard
 
 
 def _require_protocol_or_all(args, command: str) -> None:
+    """One of --protocol and --all; --all takes none of the options that choose what it
+    writes (table's: every protocol, in every format, every kind of table)."""
     if not args.all and not args.protocol:
         raise UserError(f'{command}: give --protocol P, or --all for every protocol')
+    if args.all:
+        given = [option for option, value in (
+            ('--protocol', args.protocol), ('--format', getattr(args, 'format', None)),
+            ('--per-step', getattr(args, 'per_step', False)),
+            ('--per-class', getattr(args, 'per_class', False))) if value]
+        if given:
+            what = ("writes every protocol's tables, in every format" if command == 'table'
+                    else 'plots every protocol')
+            raise UserError(f'{command} --all {what}: drop {" and ".join(given)}, or --all')
 
 
 def _tables_folder(args) -> Path:
@@ -301,8 +312,8 @@ def cmd_table(args) -> None:
         print(f'wrote {len(written)} files to {out}/')
         return
     kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
-    text = render_table(args.results, stored_protocol_name(args.protocol), args.format, kind,
-                        args.run, args.config)
+    text = render_table(args.results, stored_protocol_name(args.protocol), args.format or 'md',
+                        kind, args.run, args.config)
     if args.out:
         from .io import atomic_write_text
         if Path(args.out).is_dir():
@@ -456,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--protocol')
     p.add_argument('--all', action='store_true',
                    help="write every protocol's tables, in every format, to <results>/tables/")
-    p.add_argument('--format', choices=FORMATS, default='md', help='default: md')
+    p.add_argument('--format', choices=FORMATS, help='default: md (--all writes all three)')
     kind = p.add_mutually_exclusive_group()
     kind.add_argument('--per-step', action='store_true', help='old / new / all after every step')
     kind.add_argument('--per-class', action='store_true', help='forgetting of every old class')

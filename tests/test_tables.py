@@ -675,3 +675,22 @@ def test_cli_table_errors_name_what_is_wrong(store_19_1: Path, tmp_path: Path, c
         assert main([command, '--all', '--results', results, '--out', str(a_file)]) == 2
         assert f'{a_file}: a file, where a folder' in capsys.readouterr().err
     assert a_file.read_text() == 'kept' and sorted(os.listdir(tmp_path)) == ['results', 'table.md']
+
+
+@pytest.mark.parametrize('command, options, says', [
+    ('table', ['--protocol', VOC19], "table --all writes every protocol's tables, in every format: "
+                                     "drop --protocol, or --all"),
+    ('table', ['--format', 'csv', '--per-step'], "table --all writes every protocol's tables, in "
+                                                 "every format: drop --format and --per-step, or --all"),
+    ('table', ['--per-class'], "table --all writes every protocol's tables, in every format: "
+                               "drop --per-class, or --all"),
+    ('plot', ['--protocol', VOC19], 'plot --all plots every protocol: drop --protocol, or --all'),
+])
+def test_all_refuses_the_options_it_would_ignore(store_19_1: Path, capsys, command, options,
+                                                 says) -> None:
+    """--all writes every protocol in every format: a --protocol, --format or kind given with
+    it would be ignored (a second protocol's tables written, a csv asked for and not made)."""
+    out = store_19_1.parent / 'tables'
+    assert main([command, '--all', *options, '--results', str(store_19_1), '--out', str(out)]) == 2
+    assert capsys.readouterr().err == f'cssbench: error: {says}\n'
+    assert not out.exists()
