@@ -69,9 +69,13 @@ CONFIG_VALUES = {
 }
 
 
-# What a run reads from a config (a section may hold more): the model's parts, and the
-# settings whose values CONFIG_VALUES rules.
+# What a run reads from a config (the model section holds more, which the method checks):
+# the model's parts, and the settings whose values CONFIG_VALUES rules.
 CONFIG_SETTINGS = ('model.type', 'model.backbone', 'model.decode_head', *CONFIG_VALUES)
+# Every setting the data and schedule sections may hold: another is a typo a run would ignore.
+SECTION_SETTINGS = {section: (*(name.split('.')[1] for name in CONFIG_VALUES
+                                 if name.startswith(f'{section}.')), *more)
+                    for section, more in (('data', ()), ('schedule', ('epochs_by_dataset',)))}
 
 
 def _sets(cfg: Config, name: str) -> bool:
@@ -107,6 +111,12 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     if missing:
         raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
                         f"full one: _base_ = ['<path>/small.py'])")
+    for section, known in SECTION_SETTINGS.items():
+        unknown = sorted(set(cfg[section]) - set(known))
+        if unknown:
+            raise UserError(f'{path}: {", ".join(f"{section}.{key}" for key in unknown)} '
+                            f'{"is not a setting" if len(unknown) == 1 else "are not settings"} '
+                            f'of the {section} section (its settings: {", ".join(sorted(known))})')
     lr = cfg.schedule.lr
     if not (isinstance(lr, (list, tuple)) and len(lr) == 2):
         raise UserError(f'{path}: schedule.lr must be (step 0 lr, later steps lr), got {lr!r}')

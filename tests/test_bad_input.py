@@ -345,6 +345,11 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
     ('data = dict(batch_size=0)', 'data.batch_size must be a whole number >= 1, got 0'),
     ('data = dict(num_workers=-1)', 'data.num_workers must be a whole number >= 0, got -1'),
     ('data = dict(crop_size=32.5)', 'data.crop_size must be a whole number >= 1, got 32.5'),
+    # a misspelt setting, which a run would not read: the base's value would train unnoticed
+    ('schedule = dict(epoch=3)', 'schedule.epoch is not a setting of the schedule section (its '
+     'settings: epochs, epochs_by_dataset, lr, momentum, nesterov, poly_power, weight_decay)'),
+    ('data = dict(batchsize=4, workers=0)', 'data.batchsize, data.workers are not settings of the '
+     'data section (its settings: batch_size, crop_size, eval_batch_size, num_workers)'),
     ('schedule = dict(momentum=0.0)', 'schedule.nesterov needs a momentum > 0 (SGD refuses '
      'Nesterov without momentum); set nesterov=False for plain SGD'),
     ("model = dict(backbone=dict(type='Nope'))", "model.backbone.type: 'Nope' is not a registered "
