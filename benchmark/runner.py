@@ -45,21 +45,33 @@ from .registry import MODELS
 from .seeds import derive_seed
 from .speed import effective_speed, emulated_bf16_note, prepare_model, training_device
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
-from .store import (PLAIN_NAME, CorruptRun, is_plain_name, open_store, read_json_object,
-                    results_option, run_folder, run_folders)
+from .store import (DIRTY_REVISION, PLAIN_NAME, CorruptRun, is_plain_name, open_store,
+                    read_json_object, results_option, run_folder, run_folders)
 from .tables import format_step_table, steps_to_csv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_MARKER = 'cssbench-work.json'  # names the run whose checkpoints a work dir holds
 
 
+# What a run's code is: a change here (a method file being written, say) marks the revision.
+CODE_PATHS = ('benchmark', 'baselines', 'protocols', 'pyproject.toml')
+
+
 def git_revision() -> str:
+    """The commit the code is at, with ``DIRTY_REVISION`` appended where the code differs from it
+    (``CODE_PATHS``: changed, new or deleted files); 'unknown' outside a git checkout."""
     try:
-        out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or 'unknown'
+        head = _git('rev-parse', 'HEAD')
+        if not head:
+            return 'unknown'
+        return head + (DIRTY_REVISION if _git('status', '--porcelain', '--', *CODE_PATHS) else '')
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(['git', *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    return out.stdout.strip() if out.returncode == 0 else ''
 
 
 def environment() -> dict:

@@ -59,7 +59,7 @@ class StoredRun:
     started: str
     finished: str
     wall_time_s: float | None
-    git_revision: str
+    git_revision: str       # the commit, DIRTY_REVISION appended where the code differed from it
     cssbench_version: str
     dataset_fingerprint: str
     regime: str             # how it trained, in words (``run_regime``)
@@ -147,6 +147,7 @@ def _check_steps(steps, num_steps: int) -> list[dict]:
 
 
 UNKNOWN_REGIME = 'regime unknown'
+DIRTY_REVISION = '+dirty'   # appended to a run's git revision: its code had changes not committed
 
 
 def training_regime(speed) -> str:

@@ -31,7 +31,8 @@ from .io import atomic_write_text
 from .metrics import column_classes, mean_iou, range_label
 from .protocols import available_protocols, setting_notes
 from .published import incomparable, published_cells, published_methods
-from .store import UNKNOWN_REGIME, RowRuns, Store, StoredRun, results_option, select_runs
+from .store import (DIRTY_REVISION, UNKNOWN_REGIME, RowRuns, Store, StoredRun, results_option,
+                    select_runs)
 
 COLUMNS = ('old', 'new', 'all')
 FORMATS = ('md', 'csv', 'latex')
@@ -199,11 +200,17 @@ def _notes(store: Store, protocol: str, rows: list[RowRuns],
             *_provenance_notes(store, protocol, rows)]
 
 
+def short_revision(revision: str) -> str:
+    """A run's git revision as the notes give it: 8 hex digits, and the mark of code that
+    differed from that commit."""
+    return revision[:8] + (DIRTY_REVISION if revision.endswith(DIRTY_REVISION) else '')
+
+
 def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[str]:
     notes = []
     for row in rows:
-        used = ', '.join(f'{r.run} (seed {r.seed}, {r.finished}, {r.git_revision[:8]}, {r.regime})'
-                         for r in row.runs)
+        used = ', '.join(f'{r.run} (seed {r.seed}, {r.finished}, {short_revision(r.git_revision)}, '
+                         f'{r.regime})' for r in row.runs)
         notes.append(f'{row.method} ({row.setup}): {used}')
         regimes = sorted({r.regime for r in row.runs} - {UNKNOWN_REGIME})
         if len(regimes) > 1:

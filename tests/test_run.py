@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,6 +49,30 @@ def test_a_cpu_test_keeps_mmengine_on_the_cpu():
     Runner would move the model there, out of the bit-for-bit checks' reach."""
     from mmengine.device import get_device
     assert (torch.cuda.is_available(), get_device()) == (False, 'cpu')
+
+
+def test_the_git_revision_is_marked_where_the_code_differs_from_the_commit(tmp_path, monkeypatch):
+    from cssbench import runner
+    repo = tmp_path / 'repo'
+    (repo / 'baselines').mkdir(parents=True)
+    (repo / 'baselines' / 'ft.py').write_text('x = 1\n')
+    git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
+    for args in (['init', '-q'], ['add', '.'], ['commit', '-q', '-m', 'c']):
+        subprocess.run(git + args, check=True)
+    head = subprocess.run(git + ['rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(runner, 'REPO_ROOT', repo)
+    assert runner.git_revision() == head
+    (repo / 'results').mkdir()   # outside the code: results, caches
+    (repo / 'results' / 'run.json').write_text('{}')
+    assert runner.git_revision() == head
+    (repo / 'baselines' / 'anchor.py').write_text('y = 2\n')   # a method file not committed
+    assert runner.git_revision() == head + '+dirty'
+    (repo / 'baselines' / 'anchor.py').unlink()
+    (repo / 'baselines' / 'ft.py').write_text('x = 2\n')       # a change to a committed one
+    assert runner.git_revision() == head + '+dirty'
+    monkeypatch.setattr(runner, 'REPO_ROOT', tmp_path / 'elsewhere')   # no checkout
+    (tmp_path / 'elsewhere').mkdir()
+    assert runner.git_revision() == 'unknown'
 
 
 def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32, tmp_path, capsys):

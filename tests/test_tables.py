@@ -34,7 +34,8 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
               method: str = 'ft', run: str = 'small-seed0', seed: int = 0,
               finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small',
               dataset_fingerprint: str = 'fp', speed: dict | None = None,
-              joint: bool | None = None, config_name: str = 'small') -> Path:
+              joint: bool | None = None, config_name: str = 'small',
+              git_revision: str = '0123456789abcdef') -> Path:
     """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``:
     the method's flag, left out of run.json if None (as runs stored before it was written)."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
@@ -50,7 +51,7 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
     (run_dir / 'run.json').write_text(json.dumps(dict(
         protocol=p.to_dict(), method=method, run=run, seed=seed, config_name=config_name,
         config_digest=config_digest, status='complete', started='2026-01-01T00:00:00',
-        finished=finished, wall_time_s=12.5, git_revision='0123456789abcdef',
+        finished=finished, wall_time_s=12.5, git_revision=git_revision,
         environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint,
         **({'speed': speed} if speed else {}), **({} if joint is None else {'joint': joint}))))
     (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
@@ -481,6 +482,14 @@ def test_the_notes_name_each_runs_regime_and_warn_where_a_row_mixes_regimes(tmp_
     # a run whose record predates the regime's; one regime in a row: no warning
     assert 'lwf (small): small-seed0 (seed 0, 2026-01-01T00:00:00, 01234567, regime unknown)' in notes
     assert not any(n.startswith('  lwf averages') for n in notes)
+
+
+def test_the_notes_mark_a_run_whose_code_had_changes_not_committed(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.7), 20: 0.2}],
+              git_revision='0123456789abcdef+dirty')
+    notes = leaderboard(open_store(root), VOC19).notes
+    assert 'ft (small): small-seed0 (seed 0, 2026-01-01T00:00:00, 01234567+dirty, regime unknown)' in notes
 
 
 @pytest.mark.parametrize('speed', [None, dict(device='cuda', amp='bfloat16', world_size=None),
