@@ -219,7 +219,7 @@ def _command_of_one_run(args, given: str, seed: int, method: str, run_name: str 
     """The ``cssbench run`` of one run of a command of several: its protocol, method, seed and
     name, and every other option the command was given (they decide the run's folder, config
     and data), but --overwrite and --resume."""
-    defaults = vars(build_parser().parse_args(['run', '--protocol', given]))
+    defaults = vars(parse_arguments(['run', '--protocol', given]))
     one = dict(vars(args), seeds=None, run_name=run_name, overwrite=False, resume=False)
     words = ['cssbench', 'run', f'--protocol={given}', f'--method={method}', f'--seed={seed}']
     for dest, value in one.items():
@@ -487,7 +487,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
     p.add_argument('--out', help='folder for the PNGs (default: <results>/tables)')
     p.set_defaults(func=cmd_plot)
+    for command_parser in sub.choices.values():   # its usage, for an option it does not know
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's arguments; an option the command does not know (a typo) is refused
+    with that command's usage, where argparse would show the top-level one."""
+    args, unknown = build_parser().parse_known_args(argv)
+    command_parser = vars(args).pop('command_parser')
+    if unknown:
+        command_parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+    return args
 
 
 def one_line(error: Exception) -> str:
@@ -519,7 +531,7 @@ def send_stdout_nowhere() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stderr(io.StringIO()) if _is_other_process() else contextlib.nullcontext():
-        args = build_parser().parse_args(argv)   # a usage error: rank 0 prints it (torchrun)
+        args = parse_arguments(argv)   # a usage error: rank 0 prints it (torchrun)
     try:
         status = args.func(args) or 0   # None: done; run: 1 where it left runs to others
         if sys.stdout is not None:   # None: started with no stdout at all

@@ -79,6 +79,21 @@ def test_a_broken_pipe_that_is_not_stdouts_is_an_error(capsys, monkeypatch):
     assert capsys.readouterr().err == 'cssbench: error: [Errno 32] Broken pipe\n'
 
 
+@pytest.mark.parametrize('argv, usage', [
+    (['table', '--protocol', 'voc-15-1-overlap', '--per-stp'], 'usage: cssbench table '),
+    (['run', '--protocol', 'synth-15-1-overlap', '--bogus', 'x'], 'usage: cssbench run '),
+])
+def test_an_option_the_command_does_not_know_shows_that_commands_usage(argv, usage, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage), err
+    command = argv[0]
+    unknown = ' '.join(argv[3:])
+    assert err.splitlines()[-1] == f'cssbench {command}: error: unrecognized arguments: {unknown}'
+
+
 def test_missing_dataset_root(capsys, tmp_path):
     err = fails(capsys, 'splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(tmp_path / 'nope'))
     assert str(tmp_path / 'nope') in err and 'not found' in err
