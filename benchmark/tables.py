@@ -328,7 +328,7 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
         last = len(row.runs[0].protocol['steps']) - 1
         for t in range(num_steps):
             record = {'row': row.label, 'step': last if row.joint else t,
-                      'seeds': len(row.runs)}
+                      'method': row.method, 'setup': row.setup, 'seeds': len(row.runs)}
             for name in ('old', 'new'):
                 record[f'{name}_classes'] = _agreed_classes(row.runs, t, name, CLASSES_DIFFER)
             for name in COLUMNS:
@@ -451,7 +451,8 @@ def to_latex(table: Table) -> str:
 
 def to_csv(table: Table) -> str:
     frame = table.frame.copy()
-    # the leaderboard's frame has a 'method' column beside its row names
+    # a frame with a 'method' column beside its row names (the leaderboard's, the per-step
+    # table's): the names' column is the row's
     frame.index.names = ['row' if name in frame.columns else name for name in table.index_names]
     return frame.to_csv(float_format='%.2f')
 

@@ -202,8 +202,11 @@ def test_per_step_rows_name_the_classes_their_new_column_averages(tmp_path: Path
     assert 'method & step & seeds & old classes & new classes & old & new & all \\\\' in tex
     assert 'ft & 5 & 1 & 0-15 & 16-20 & 50.0 & 30.0 & 45.2 \\\\' in tex   # (8 + 1.5) / 21
     csv = pd.read_csv(io.StringIO(render(table, 'csv')), dtype={'new_classes': str})
-    assert list(csv.columns[:5]) == ['method', 'step', 'seeds', 'old_classes', 'new_classes']
+    # the row's name (a method, with its setup where rows differ), then the method and the setup
+    assert list(csv.columns[:7]) == ['row', 'step', 'method', 'setup', 'seeds', 'old_classes',
+                                     'new_classes']
     assert csv.loc[2, 'new_classes'] == '16-17' and csv.loc[2, 'new'] == 15.0
+    assert (csv.loc[2, 'row'], csv.loc[2, 'method'], csv.loc[2, 'setup']) == ('ft', 'ft', 'small')
 
 
 def test_per_step_rows_of_drawn_class_orders_say_their_classes_differ(tmp_path: Path) -> None:
