@@ -48,7 +48,13 @@ def cmd_splits(args) -> None:
     from .metrics import range_label
     from .protocols import load_protocol
     from .splits import index_dataset, protocol_splits, resolve_data_root
-    protocol = load_protocol(args.protocol).with_class_order(args.seed)
+    given = load_protocol(args.protocol)
+    protocol = given.with_class_order(0 if args.seed is None else args.seed)
+    if args.seed is not None and (given.ordering != 'random' or given.ordering_seed is not None):
+        why = ('its class order is fixed' if given.ordering != 'random' else
+               f'its class order is drawn with its class_order_seed, {given.ordering_seed}')
+        print(f"cssbench: note: --seed changes nothing in {given.name}'s splits: {why}",
+              file=sys.stderr)
     if args.out and Path(args.out).is_dir():
         raise UserError(f'--out {args.out}: a folder; give the lists a file name')
     root = resolve_data_root(protocol.dataset, args.data_root)
@@ -393,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--protocol', required=True)
     p.add_argument('--data-root', help=DATA_ROOT_HELP)
     p.add_argument('--out', help='write the per-step lists to this JSON file')
-    p.add_argument('--seed', type=seed_value, default=0,
-                   help="the run seed, which draws a random class order (class_order: random)")
+    p.add_argument('--seed', type=seed_value,
+                   help="the run seed, which draws a random class order (class_order: random; "
+                        "default 0)")
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser('make-synth', help='generate the synthetic dataset in the VOC layout')

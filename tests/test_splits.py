@@ -552,6 +552,27 @@ def test_splits_command_prints_the_classes_of_the_drawn_order(synth32, capsys):
     assert rows[0][-1] != '0-15' and rows[1][-1] == str(drawn.steps[1][0])
 
 
+def test_splits_says_when_its_seed_changes_nothing(synth32, tmp_path, capsys):
+    fixed = ['splits', '--protocol', 'synth-15-1-overlap', '--data-root', str(synth32)]
+    assert main(fixed) == 0
+    default = capsys.readouterr()
+    assert main([*fixed, '--seed', '3']) == 0
+    seeded = capsys.readouterr()
+    assert seeded.out == default.out and default.err == ''
+    assert seeded.err == ("cssbench: note: --seed changes nothing in synth-15-1-overlap's "
+                          "splits: its class order is fixed\n")
+    # a random order drawn with the protocol's own seed: the run seed is not used either
+    own = tmp_path / 'own.yaml'
+    own.write_text('name: own\ndataset: synth\nmode: overlap\nsteps: ["0-15", 16, 17, 18, 19, 20]\n'
+                   'class_order: random\nclass_order_seed: 7\n')
+    assert main(['splits', '--protocol', str(own), '--data-root', str(synth32), '--seed', '3']) == 0
+    assert capsys.readouterr().err.endswith('its class order is drawn with its class_order_seed, 7\n')
+    # where the seed draws the order, no note
+    assert main(['splits', '--protocol', 'synth-15-1-overlap-random', '--seed', '3',
+                 '--data-root', str(synth32)]) == 0
+    assert capsys.readouterr().err == ''
+
+
 def test_disjoint_keeps_an_image_holding_every_allowed_value() -> None:
     """The disjoint rule is L(img) ⊆ C ∪ O ∪ {0, 255}: a subset, not a proper subset. An
     image whose label set *is* that whole set (here {0, 3, 17, 255} with C = {17}, O = {0, 3})
