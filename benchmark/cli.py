@@ -50,7 +50,7 @@ def cmd_splits(args) -> None:
     from .splits import index_dataset, protocol_splits, resolve_data_root
     given = load_protocol(args.protocol)
     protocol = given.with_class_order(0 if args.seed is None else args.seed)
-    if args.seed is not None and (given.ordering != 'random' or given.ordering_seed is not None):
+    if args.seed is not None and not given.run_seed_draws_class_order:
         why = ('its class order is fixed' if given.ordering != 'random' else
                f'its class order is drawn with its class_order_seed, {given.ordering_seed}')
         print(f"cssbench: note: --seed changes nothing in {given.name}'s splits: {why}",

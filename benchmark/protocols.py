@@ -139,13 +139,19 @@ class Protocol:
         return replace(self, steps=(tuple(sorted(self.classes_seen(self.num_steps - 1))),),
                        description='')
 
+    @property
+    def run_seed_draws_class_order(self) -> bool:
+        """Whether ``with_class_order`` draws from the run's seed: a random order whose file
+        sets no ``class_order_seed``."""
+        return self.ordering == 'random' and self.ordering_seed is None
+
     def with_class_order(self, run_seed: int) -> 'Protocol':
         """The protocol a run with ``run_seed`` trains: itself, unless its class order is
         random; then the same step sizes holding a permutation of the non-background classes,
         drawn from ``class_order_seed`` (or ``run_seed``). Background stays in step 0."""
         if self.ordering != 'random':
             return self
-        seed = run_seed if self.ordering_seed is None else self.ordering_seed
+        seed = run_seed if self.run_seed_draws_class_order else self.ordering_seed
         classes = np.random.default_rng(seed).permutation(sorted(set(self.class_order) - {0}))
         sizes = [len(s) for s in self.steps]
         sizes[0] -= 1  # background stays in step 0
