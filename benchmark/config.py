@@ -2,6 +2,7 @@
 a run reads before anything is written."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -69,6 +70,8 @@ CONFIG_VALUES = {
 }
 
 
+# A config's sections; its other top-level names are the file's own helper values.
+CONFIG_SECTIONS = ('model', 'data', 'schedule', 'speed')
 # What a run reads from a config (the model section holds more, which the method checks):
 # the model's parts, and the settings whose values CONFIG_VALUES rules.
 CONFIG_SETTINGS = ('model.type', 'model.backbone', 'model.decode_head', *CONFIG_VALUES)
@@ -111,6 +114,11 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     if missing:
         raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
                         f"full one: _base_ = ['<path>/small.py'])")
+    for name, value in cfg.items():
+        section = misspelt_section(name) if isinstance(value, dict) else None
+        if section:
+            raise UserError(f'{path}: {name} is not a section of a config; did you mean '
+                            f'{section}? (its sections: {", ".join(CONFIG_SECTIONS)})')
     for section, known in SECTION_SETTINGS.items():
         unknown = sorted(set(cfg[section]) - set(known))
         if unknown:
@@ -131,6 +139,15 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     pretrained = cfg.model.backbone.get('pretrained')
     if pretrained and not Path(pretrained).expanduser().is_file():
         raise UserError(f'{path}: model.backbone.pretrained: {pretrained} is not a file')
+
+
+def misspelt_section(name: str) -> str | None:
+    """The section that ``name``, a config's top-level dict, misspells (``shedule``), if any:
+    a run would not read it, and the base's values would train unnoticed."""
+    if name in CONFIG_SECTIONS:
+        return None
+    close = difflib.get_close_matches(name.lower(), CONFIG_SECTIONS, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def config_digest(cfg: Config) -> str:

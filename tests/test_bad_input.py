@@ -365,6 +365,10 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
      'settings: epochs, epochs_by_dataset, lr, momentum, nesterov, poly_power, weight_decay)'),
     ('data = dict(batchsize=4, workers=0)', 'data.batchsize, data.workers are not settings of the '
      'data section (its settings: batch_size, crop_size, eval_batch_size, num_workers)'),
+    ('shedule = dict(epochs=3)', 'shedule is not a section of a config; did you mean schedule? '
+     '(its sections: model, data, schedule, speed)'),
+    ('Speed = dict(amp=None)', 'Speed is not a section of a config; did you mean speed? (its '
+     'sections: model, data, schedule, speed)'),
     ('schedule = dict(momentum=0.0)', 'schedule.nesterov needs a momentum > 0 (SGD refuses '
      'Nesterov without momentum); set nesterov=False for plain SGD'),
     ("model = dict(backbone=dict(type='Nope'))", "model.backbone.type: 'Nope' is not a registered "
@@ -379,6 +383,15 @@ def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
     assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(config),
                  '--results', str(results)) == f'cssbench: error: {config}: {says}'
     assert not results.exists()   # refused before a run folder is made
+
+
+def test_config_helper_values_beside_the_sections_are_kept(tmp_path):
+    from cssbench.config import load_config
+    config = tmp_path / 'helpers.py'   # top-level names of the file's own, not sections
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\ncrop = 48\nmode = 'fast'\n"
+                      "norm_cfg = dict(type='BN')\ndata = dict(crop_size=crop)\n")
+    cfg = load_config(str(config))
+    assert (cfg.data.crop_size, cfg.mode, cfg.norm_cfg.type) == (48, 'fast', 'BN')
 
 
 def test_epochs_are_checked_as_resolved_for_the_dataset(tmp_path):
