@@ -231,7 +231,7 @@ def _read_index(root: Path) -> dict:
     return runs if isinstance(runs, dict) else {}
 
 
-def open_store(root: str | Path, write_index: bool = True) -> Store:
+def open_store(root: str | Path) -> Store:
     """Every run under ``root``: complete ones from the index where its stamps still hold,
     read anew otherwise; the index is rewritten when anything changed, where it can be
     (``Store.index_not_written`` says why not)."""
@@ -261,7 +261,7 @@ def open_store(root: str | Path, write_index: bool = True) -> Store:
             continue
         store.runs.append(run)
         fresh[key] = dict(stamp=stamp, run=asdict(run))
-    if write_index and fresh != cached:
+    if fresh != cached:
         store.index_not_written = _write_index(root, fresh)
     return store
 
