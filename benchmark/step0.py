@@ -32,7 +32,7 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, seed: int, deterministic:
     key = dict(kind=kind, step0=steps.first_step_training(), config=config_digest(cfg),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
-    if speed['amp'] != 'float32':   # a step 0 trained under bf16 autocast is not the fp32 one
+    if speed['amp'] != 'float32':   # one trained under autocast (bf16, float16) is not the fp32 one
         key['amp'] = speed['amp']
     if speed['world_size'] > 1:   # nor one trained in shares of the batch (torchrun)
         key['processes'] = dict(world_size=speed['world_size'], sync_bn=speed['sync_bn'])
