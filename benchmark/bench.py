@@ -18,7 +18,8 @@ cache once) or on a dataset given with ``--data-root``:
   synchronised only around each round;
 * FLOPs per image (``torch.utils.flop_counter`` over one training step: forward, backward,
   teacher forward), the achieved TFLOP/s and the model FLOP utilisation against this
-  device's matmul peak as measured here (bf16 on GPU; the fp32 regime against the same);
+  device's matmul peak as measured here (on GPU bf16's, or float16's where the fast path's
+  first autocast dtype is float16; every regime against that one);
 * evaluation img/s in each regime;
 * the data loader: decoding and augmentation in one process, and the step's DataLoader with
   the config's workers, so that one sees whether it keeps up with the GPU;
