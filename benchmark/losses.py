@@ -1,6 +1,7 @@
 """Loss functions of the harness and the methods (plain, unbiased and distillation losses).
 
-Each function takes tensors and returns a scalar; the methods weight and combine them.
+Each loss takes tensors and returns a scalar; the methods weight and combine them (POD's
+helpers, ``local_pod_embedding`` and ``merge_new_into_background``, return tensors).
 Shapes: ``logits`` B x C x H x W (the model's outputs, upsampled to the input size, as the
 reference distils them), ``targets`` B x H x W int64 output-channel ids.
 
