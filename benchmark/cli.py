@@ -460,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='side of the synthetic images (default: 512 on GPU, 64 on CPU)')
     p.add_argument('--data-root', help='a VOC-layout dataset to read instead of the synthetic one')
     p.add_argument('--batch', type=int, help="training batch (default: the config's)")
-    p.add_argument('--iters', type=int, default=20, help='timed training iterations per case (default: 20)')
+    p.add_argument('--iters', type=int, default=20,
+                   help='timed iterations of each training case and of evaluation, in each '
+                        'regime (default: 20)')
     p.add_argument('--warmup', type=int, default=5, help='untimed iterations before them (default: 5)')
     p.add_argument('--workers', type=int, help="loader workers (default: the config's)")
     p.add_argument('--compile', action='store_true',
