@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser('splits', help="print a protocol's per-step image counts, write the lists")
-    p.add_argument('--protocol', required=True)
+    p.add_argument('--protocol', required=True, help='a protocol (a name `list` shows, or a .yaml file)')
     p.add_argument('--data-root', help=DATA_ROOT_HELP)
     p.add_argument('--out', help='write the per-step lists to this JSON file')
     p.add_argument('--seed', type=seed_value,
@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser('make-synth', help='generate the synthetic dataset in the VOC layout')
-    p.add_argument('--out', required=True)
+    p.add_argument('--out', required=True,
+                   help='the folder to write it into: new, empty, or holding a dataset of the same '
+                        'parameters (then reused as it is)')
     p.add_argument('--n-train', type=int, default=SYNTH_DEFAULTS['n_train'],
                    help='training images (default: %(default)s)')
     p.add_argument('--n-val', type=int, default=SYNTH_DEFAULTS['n_val'],
@@ -473,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser('table', help='methods side by side, from the results store')
-    p.add_argument('--protocol')
+    p.add_argument('--protocol', help='a protocol with stored runs (its name, or its .yaml file)')
     p.add_argument('--all', action='store_true',
                    help="write every protocol's tables, in every format, to <results>/tables/")
     p.add_argument('--format', choices=FORMATS, help='default: md (--all writes all three)')
@@ -489,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser('plot', help='mIoU-by-step and per-class IoU figures (PNG)')
-    p.add_argument('--protocol')
+    p.add_argument('--protocol', help='as for table')
     p.add_argument('--all', action='store_true', help='every protocol with results')
     p.add_argument('--run', help='as for table')
     p.add_argument('--config', help='as for table')
