@@ -107,9 +107,10 @@ def _check_config_value(path: Path, name: str, value, rule: str) -> None:
 
 
 def check_config_sections(cfg: Config, path: Path) -> None:
-    """Refuse a config that lacks a setting a run needs (naming every missing one), holds one
-    a run cannot train with (``CONFIG_VALUES``), or whose pretrained backbone checkpoint is
-    not a file."""
+    """Refuse a config that lacks a setting a run needs (naming every missing one), sets one
+    in its data or schedule section that no run reads (``SECTION_SETTINGS``: a typo), holds
+    one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), or whose
+    pretrained backbone checkpoint is not a file."""
     missing = [name for name in CONFIG_SETTINGS if not _sets(cfg, name)]
     if missing:
         raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
