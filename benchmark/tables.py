@@ -11,8 +11,8 @@ Three tables per protocol, each as markdown, CSV or LaTeX:
   after the last step).
 
 std is the sample standard deviation (n - 1) over the seeds a row aggregates; one run shows
-the mean alone. The best incremental method per column is bold (joint, the upper bound, and
-the published numbers are not ranked; nor is a method alone).
+the mean alone. In the leaderboard the best incremental method per score column is bold
+(joint, the upper bound, and the published numbers are not ranked; nor is a method alone).
 """
 from __future__ import annotations
 
