@@ -99,10 +99,6 @@ class Protocol:
     def num_steps(self) -> int:
         return len(self.steps)
 
-    @property
-    def num_classes(self) -> int:
-        return DATASET_INFO[self.dataset].num_classes
-
     def classes_seen(self, step: int) -> tuple[int, ...]:
         """Every class learned up to and including ``step`` (background included)."""
         return tuple(c for s in self.steps[:step + 1] for c in s)

@@ -41,7 +41,7 @@ def test_voc_15_1_overlap_steps() -> None:
     assert p.mode == 'overlap'
     assert p.dataset == 'voc'
     assert p.num_steps == 6
-    assert p.num_classes == 21
+    assert len(p.class_order) == 21
 
 
 def test_the_readmes_protocol_file_is_the_shipped_voc_15_1_overlap(tmp_path) -> None:
@@ -69,7 +69,7 @@ def test_voc_10_1_disjoint_steps() -> None:
 def test_ade_protocols() -> None:
     p = load_protocol('ade-100-10')
     assert p.num_steps == 6
-    assert p.num_classes == 151
+    assert len(p.class_order) == 151
     assert p.steps[0] == tuple(range(101))
     assert p.steps[1] == (101, 102, 103, 104, 105, 106, 107, 108, 109, 110)
     assert p.steps[5] == tuple(range(141, 151))
