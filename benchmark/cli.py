@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='torch.compile the backbone and the head (first iterations slower)')
     p.add_argument('--fp32', action='store_true',
                    help="the reference code's regime: fp32, no channels_last, no cudnn benchmark "
-                        "(default on GPU: bf16 autocast, channels_last, cudnn benchmark)")
+                        "(default on GPU: the config's speed section; unless it sets others, bf16 "
+                        "autocast, channels_last, cudnn benchmark)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser('bench', help='training and evaluation throughput, fp32 eager vs the fast '
