@@ -3,7 +3,8 @@
 Every process trains on its share of each batch (DDP); rank 0 alone decides what the run
 folder holds, holds the run's locks and writes results, weights, caches and logs. The others
 take rank 0's decisions (``decided_by_main``) and wait for its files at ``barrier()``.
-Without torchrun (or with one process) every function here is a no-op.
+With one process every function here does nothing (``decided_by_main`` calls its function
+as it is), but that one started by torchrun ends with torchrun's agent (``end_with_parent``).
 """
 from __future__ import annotations
 
