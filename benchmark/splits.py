@@ -203,7 +203,8 @@ def select(samples: list[Sample], ids: list[str]) -> list[Sample]:
 
 
 def resolve_data_root(dataset: str, data_root: str | None, progress: bool = True) -> Path:
-    """The dataset folder: ``data_root`` if given; for ``synth``, the generated default."""
+    """The dataset folder: ``data_root`` if given; for ``synth``, the generated default; else
+    the folder ``$CSSBENCH_<DATASET>_ROOT`` names (``$CSSBENCH_VOC_ROOT``, ``$CSSBENCH_ADE_ROOT``)."""
     if data_root is not None:
         return Path(data_root).expanduser()
     if dataset == 'synth':
