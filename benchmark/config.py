@@ -107,7 +107,8 @@ def _check_config_value(path: Path, name: str, value, rule: str) -> None:
 
 
 def check_config_sections(cfg: Config, path: Path) -> None:
-    """Refuse a config that lacks a setting a run needs (naming every missing one), sets one
+    """Refuse a config that lacks a setting a run needs (naming every missing one), holds a
+    top-level dict whose name misspells a section's (``misspelt_section``), sets one
     in its data or schedule section that no run reads (``SECTION_SETTINGS``: a typo), holds
     one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), or whose
     pretrained backbone checkpoint is not a file."""
