@@ -59,10 +59,11 @@ CODE_PATHS = ('benchmark', 'baselines', 'protocols', 'pyproject.toml')
 
 def git_revision() -> str:
     """The commit the code is at, with ``DIRTY_REVISION`` appended where the code differs from it
-    (``CODE_PATHS``: changed, new or deleted files); 'unknown' outside a git checkout."""
+    (``CODE_PATHS``: changed, new or deleted files); 'unknown' outside a checkout of cssbench
+    (installed from a wheel, whose site-packages may lie in another project's repository)."""
     try:
         head = _git('rev-parse', 'HEAD')
-        if not head:
+        if not head or Path(_git('rev-parse', '--show-toplevel')).resolve() != REPO_ROOT.resolve():
             return 'unknown'
         return head + (DIRTY_REVISION if _git('status', '--porcelain', '--', *CODE_PATHS) else '')
     except (OSError, subprocess.SubprocessError):

@@ -1,7 +1,11 @@
 """Tests of protocol loading and validation (benchmark/protocols.py)."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +25,22 @@ def test_shipped_protocol_list() -> None:
     assert len(SHIPPED) == 28
     assert available_protocols() == SHIPPED
     assert 'voc-15-1-overlap' in SHIPPED and 'ade-100-50' in SHIPPED
+
+
+def test_an_installed_wheel_ships_the_protocols(tmp_path) -> None:
+    """pip install . (not -e): the package alone, with no checkout beside it to read from."""
+    repo, source, site = Path(__file__).resolve().parent.parent, tmp_path / 'src', tmp_path / 'site'
+    for part in ('benchmark', 'baselines', 'protocols'):
+        shutil.copytree(repo / part, source / part, ignore=shutil.ignore_patterns('__pycache__'))
+    for part in ('pyproject.toml', 'README.md'):
+        shutil.copy(repo / part, source / part)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-index',
+                    '--no-build-isolation', '--target', str(site), str(source)], check=True)
+    listed = subprocess.run([sys.executable, '-m', 'cssbench', 'list'], cwd=tmp_path, check=True,
+                            env={**os.environ, 'PYTHONPATH': str(site)}, capture_output=True,
+                            text=True).stdout
+    assert (site / 'cssbench' / 'shipped_protocols' / 'voc-15-1-overlap.yaml').is_file()
+    assert [line.split()[0] for line in listed.split('methods:')[0].splitlines()[1:]] == SHIPPED
 
 
 @pytest.mark.parametrize('name', SHIPPED)

@@ -73,6 +73,11 @@ def test_the_git_revision_is_marked_where_the_code_differs_from_the_commit(tmp_p
     monkeypatch.setattr(runner, 'REPO_ROOT', tmp_path / 'elsewhere')   # no checkout
     (tmp_path / 'elsewhere').mkdir()
     assert runner.git_revision() == 'unknown'
+    # installed from a wheel into a venv inside another project's checkout: not its commit
+    site = repo / '.venv' / 'lib' / 'site-packages'
+    site.mkdir(parents=True)
+    monkeypatch.setattr(runner, 'REPO_ROOT', site)
+    assert runner.git_revision() == 'unknown'
 
 
 def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32, tmp_path, capsys):
