@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .synth import CLASS_NAMES as SYNTH_CLASS_NAMES
+# IGNORE_INDEX: the VOC layout's void label (255), which the synthetic masks hold too
+from .synth import CLASS_NAMES as SYNTH_CLASS_NAMES, IGNORE_INDEX
 
 VOC_CLASSES = (
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
@@ -13,8 +14,6 @@ VOC_CLASSES = (
 
 ADE_CLASSES = tuple(
     (Path(__file__).parent / 'data' / 'ade20k_classes.txt').read_text().split('\n')[:151])
-
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
