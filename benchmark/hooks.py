@@ -3,6 +3,7 @@ per-epoch seeding for exact resumes, and a step's training time kept across sess
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook, RuntimeInfoHook
 
 from .distributed import is_main_process, rank, world_size
+from .errors import UserError
 from .io import atomic_write_json, read_json_or_none
 from .registry import DATA_SAMPLERS, HOOKS
 from .seeds import derive_seed
@@ -43,16 +45,31 @@ class AveragedRuntimeInfoHook(RuntimeInfoHook):
         self._count += 1
         if (self.every_n_inner_iters(batch_idx, self.interval)
                 or self.end_of_epoch(runner.train_dataloader, batch_idx)):
-            self._publish(runner)
+            self._publish(runner, batch_idx)
 
-    def _publish(self, runner) -> None:
+    def _publish(self, runner, batch_idx: int) -> None:
         if not self._sums:
             return
         keys = list(self._sums)
         means = (torch.stack([self._sums[k] for k in keys]) / self._count).tolist()  # one sync
+        refuse_non_finite_losses(f'{runner.work_dir}: epoch {runner.epoch + 1} iters '
+                                 f'{batch_idx + 2 - self._count}-{batch_idx + 1}', dict(zip(keys, means)))
         for key, mean in zip(keys, means):
             runner.message_hub.update_scalar(f'train/{key}', mean)
         self._sums, self._count = {}, 0
+
+
+def refuse_non_finite_losses(where: str, means: dict[str, float]) -> None:
+    """Stop a step whose losses (their means over the iterations ``where`` names) went NaN or
+    infinite: its weights are NaN from then on, and a NaN model, which predicts class 0
+    everywhere, would be evaluated and tabled as a run like any other. Stopped here, before
+    the epoch's checkpoint, the step continues from its last finite one when rerun."""
+    bad = {key: mean for key, mean in means.items() if not math.isfinite(mean)}
+    terms = {key: mean for key, mean in bad.items() if key != 'loss'}   # 'loss' is their sum
+    if bad:
+        said = ', '.join(f'{key} {mean}' for key, mean in (terms or bad).items())
+        raise UserError(f'{where}: the loss is not finite (mean {said}): training stopped; a '
+                        f'rerun continues the step from its last epoch checkpoint, if any')
 
 
 @HOOKS.register_module()

@@ -1,17 +1,22 @@
 """The training hooks that make a resumed run repeat an uninterrupted one: the per-epoch
 reseed of torch's generator, the sampler that hands each item its epoch, and the clock that
-keeps a step's training time across sessions."""
+keeps a step's training time across sessions; and the loss logging that stops a step whose
+loss is not finite."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from mmengine.dataset import DefaultSampler
+from mmengine.logging import MessageHub
 
 import cssbench.hooks as hooks
-from cssbench.hooks import (EpochKeyedSampler, EpochSeedHook, StepClockHook, earlier_training_seconds,
-                            processes_training)
+from cssbench.errors import UserError
+from cssbench.hooks import (AveragedRuntimeInfoHook, EpochKeyedSampler, EpochSeedHook, StepClockHook,
+                            earlier_training_seconds, processes_training)
 
 
 def _draw_after_hook(hook, epoch: int, batch_idx: int) -> torch.Tensor:
@@ -84,3 +89,23 @@ def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypa
     assert (processes_training(tmp_path), earlier_training_seconds(tmp_path)) == (1, 105.0)
     (tmp_path / 'clock.json').write_text('{"train_seconds": ')   # cut short: counts as none
     assert earlier_training_seconds(tmp_path) == 0.0
+
+
+def _runner_at(epoch: int, iters_per_epoch: int) -> SimpleNamespace:
+    return SimpleNamespace(epoch=epoch, work_dir='work/step1', train_dataloader=range(iters_per_epoch),
+                           message_hub=MessageHub.get_instance('test_hooks_losses'))
+
+
+def test_a_non_finite_loss_stops_the_step_naming_the_term_and_the_iterations():
+    hook, runner = AveragedRuntimeInfoHook(interval=2), _runner_at(epoch=1, iters_per_epoch=4)
+    finite = dict(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.3), loss_kd=torch.tensor(0.2))
+    for batch_idx in range(2):   # a finite interval is published as before
+        hook.after_train_iter(runner, batch_idx, outputs=finite)
+    assert runner.message_hub.get_scalar('train/loss_kd').current() == pytest.approx(0.2)
+    hook.after_train_iter(runner, 2, outputs=finite)
+    with pytest.raises(UserError) as e:   # one NaN iteration makes its interval's mean NaN
+        hook.after_train_iter(runner, 3, outputs=dict(finite, loss=torch.tensor(math.nan),
+                                                     loss_kd=torch.tensor(math.nan)))
+    assert str(e.value) == ('work/step1: epoch 2 iters 3-4: the loss is not finite (mean loss_kd '
+                            "nan): training stopped; a rerun continues the step from its last epoch "
+                            'checkpoint, if any')
