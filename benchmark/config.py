@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from mmengine.config import Config
@@ -152,8 +152,11 @@ def misspelt_section(name: str) -> str | None:
     return close[0] if close else None
 
 
-def config_digest(cfg: Config) -> str:
-    """What the config computes; its speed section (how fast) is left out."""
-    text = json.dumps({k: v for k, v in cfg.to_dict().items() if k != 'speed'},
-                      sort_keys=True, default=str)
+def config_digest(cfg: Config, model_keys: Collection[str] | None = None) -> str:
+    """What the config computes; its speed section (how fast) is left out, and with
+    ``model_keys`` every setting of its model section but those."""
+    sections = {k: v for k, v in cfg.to_dict().items() if k != 'speed'}
+    if model_keys is not None:
+        sections['model'] = {k: v for k, v in sections['model'].items() if k in model_keys}
+    text = json.dumps(sections, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

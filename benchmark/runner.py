@@ -39,7 +39,7 @@ from .hooks import CLOCK_FILE, earlier_training_seconds, processes_training
 from .io import atomic_path, atomic_write_json, atomic_write_text, read_json_or_none
 from .methods import Method, get_method, registered_methods
 from .metrics import range_label, summarize_step
-from .models import read_state_dict
+from .models import IncrementalSegmentor, read_state_dict
 from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
 from .seeds import derive_seed
@@ -134,6 +134,13 @@ def model_settings(model_cls) -> set[str]:
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
     return names - {'self'}
+
+
+def shared_config_digest(cfg: Config) -> str:
+    """The config's digest without the method's own settings (those the base segmentor does
+    not take, e.g. lwf's ``loss_kd``): the same for every method's run of one model, data and
+    schedule, by which the tables find the joint training that a run compares with."""
+    return config_digest(cfg, model_settings(IncrementalSegmentor) | {'type'})
 
 
 def check_model_settings(cfg: Config, model_type: str) -> None:
@@ -488,7 +495,8 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
         atomic_write_json(paths.work / WORK_MARKER, identity)
     run = dict(protocol=protocol.to_dict(), method=method.name, joint=method.joint, run=run_name,
                seed=seed, deterministic=deterministic, config_name=config, config=cfg.to_dict(),
-               config_digest=identity['config_digest'], data_root=str(index.root),
+               config_digest=identity['config_digest'],
+               shared_config_digest=shared_config_digest(cfg), data_root=str(index.root),
                dataset_fingerprint=index.fingerprint, work_dir=str(paths.work.resolve()),
                git_revision=git_revision(), environment=environment(), speed=checked.speed,
                status='running', started=time.strftime('%Y-%m-%dT%H:%M:%S'))

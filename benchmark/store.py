@@ -25,8 +25,8 @@ from pathlib import Path
 from .io import atomic_write_json, file_stamp, read_json_or_none
 
 INDEX_FILE = 'index.json'
-INDEX_VERSION = 3   # 2: runs carry their training regime; 3: and whether they trained jointly,
-                    # stamped with file_stamp
+INDEX_VERSION = 4   # 2: runs carry their training regime; 3: and whether they trained jointly,
+                    # stamped with file_stamp; 4: and their shared config digest
 RUN_FILES = ('run.json', 'metrics.json')
 DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
@@ -56,6 +56,7 @@ class StoredRun:
     seed: int
     config_name: str
     config_digest: str
+    shared_config_digest: str   # the config's but for the method's own settings (runner's)
     started: str
     finished: str
     wall_time_s: float | None
@@ -199,6 +200,9 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         seed=_require(record, 'seed', int, 'run.json'),
         config_name=_require(record, 'config_name', str, 'run.json'),
         config_digest=_require(record, 'config_digest', str, 'run.json'),
+        # runs stored before it was recorded: the config's own (the same where the config
+        # sets no method's setting)
+        shared_config_digest=str(record.get('shared_config_digest') or record['config_digest']),
         started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),

@@ -224,6 +224,13 @@ def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[
     return notes
 
 
+def joint_key(row: RowRuns) -> tuple[str, str]:
+    """What a row shares with the joint training it is compared with: the config but for the
+    methods' own settings (a config setting lwf's ``loss_kd`` compares with joint training
+    on the config without it, which joint refuses), and the data."""
+    return row.runs[0].shared_config_digest, row.runs[0].dataset_fingerprint
+
+
 def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
                 config: str | None = None) -> Table:
     """Per method: old / new / all after the last step, avg, forgetting, gap to joint, and the
@@ -240,9 +247,11 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
             record[key], record[f'{key}_std'] = mean, std
         records.append(record)
     frame = pd.DataFrame(records).set_index('row')
-    # a joint method's all-class mIoU with the same config, on the same data (the first's)
-    joint_all = {row.setup: frame.at[row.label, 'all'] for row in reversed(rows) if row.joint}
-    frame['gap_joint'] = [joint_all.get(r['setup'], math.nan) - r['all'] for _, r in frame.iterrows()]
+    # a joint method's all-class mIoU with the same config but for the method's own settings,
+    # on the same data (the first's)
+    joint_all = {joint_key(row): frame.at[row.label, 'all'] for row in reversed(rows) if row.joint}
+    frame['gap_joint'] = [joint_all.get(joint_key(row), math.nan) - frame.at[row.label, 'all']
+                          for row in rows]
 
     columns = [Column('seeds', 'seeds'),
                Column(labels['old'], 'old', 'max'), Column(labels['new'], 'new', 'max'),

@@ -18,10 +18,12 @@ import pytest
 from PIL import Image
 
 from cssbench.cli import main
+from cssbench.config import CONFIGS_DIR, config_digest, load_config
 from cssbench.errors import UserError
 from cssbench.metrics import range_label, summarize_step
 from cssbench.plots import class_iou_figure, miou_by_step_figure
 from cssbench.protocols import Protocol, load_protocol
+from cssbench.runner import shared_config_digest
 from cssbench.store import INDEX_FILE, open_store, select_runs
 from cssbench.tables import (forgetting_per_class, leaderboard, mean_std, per_class_forgetting,
                              per_step, render)
@@ -35,9 +37,10 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
               finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small',
               dataset_fingerprint: str = 'fp', speed: dict | None = None,
               joint: bool | None = None, config_name: str = 'small',
-              git_revision: str = '0123456789abcdef') -> Path:
-    """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``:
-    the method's flag, left out of run.json if None (as runs stored before it was written)."""
+              git_revision: str = '0123456789abcdef', shared_config_digest: str | None = None) -> Path:
+    """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``
+    and ``shared_config_digest``: left out of run.json if None (as runs stored before they
+    were written)."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
     steps = []
     for t, iou in enumerate(step_ious):
@@ -53,7 +56,8 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
         config_digest=config_digest, status='complete', started='2026-01-01T00:00:00',
         finished=finished, wall_time_s=12.5, git_revision=git_revision,
         environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint,
-        **({'speed': speed} if speed else {}), **({} if joint is None else {'joint': joint}))))
+        **({'speed': speed} if speed else {}), **({} if joint is None else {'joint': joint}),
+        **({} if shared_config_digest is None else {'shared_config_digest': shared_config_digest}))))
     (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
     return run_dir
 
@@ -244,6 +248,36 @@ def test_latest_run_is_used_and_run_names_pick_others(tmp_path: Path) -> None:
     assert leaderboard(store, VOC19, runs=['a']).frame.at['ft', 'old'] == pytest.approx(60.0)
     with pytest.raises(UserError, match='no complete run matching'):
         leaderboard(store, VOC19, runs=['nope*'])
+
+
+def test_a_config_setting_a_methods_own_hyperparameter_compares_with_joint_on_the_config_without_it(
+        tmp_path: Path) -> None:
+    """Joint training refuses lwf's loss_kd: a config setting it can have no joint run of its
+    own, and is compared with joint's on the config it shares (the runner's shared digest)."""
+    root = tmp_path / 'results'
+    write_run(root, [uniform(range(21), 0.9)], method='joint', shared_config_digest='digest-small')
+    for run, config_name, shared in (('kd10', 'cfgs/kd10.py', 'digest-small'),
+                                     ('lr', 'cfgs/lr.py', 'digest-lr')):   # another schedule
+        write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], method='lwf',
+                  run=run, config_name=config_name, config_digest=f'digest-{run}',
+                  shared_config_digest=shared)
+    f = leaderboard(open_store(root), VOC19).frame
+    assert f.at['lwf (cfgs/kd10.py)', 'gap_joint'] == pytest.approx(90 - 100 * 12.3 / 21)
+    assert math.isnan(f.at['lwf (cfgs/lr.py)', 'gap_joint'])
+
+
+def test_the_shared_config_digest_leaves_out_the_methods_own_settings_only(tmp_path: Path) -> None:
+    small = load_config('small')
+    assert shared_config_digest(small) == config_digest(small)   # a config setting none
+
+    def digests(model_settings: str) -> tuple[str, str]:
+        config = tmp_path / 'c.py'
+        config.write_text(f"_base_ = ['{CONFIGS_DIR / 'small.py'}']\nmodel = dict({model_settings})\n")
+        cfg = load_config(str(config))
+        return config_digest(cfg), shared_config_digest(cfg)
+    own, shared = digests('loss_kd=10.0, temperature=2.0')   # settings of lwf's, of a method of one's own
+    assert own != config_digest(small) and shared == config_digest(small)
+    assert digests('classifier_dropout=0.2')[1] != config_digest(small)   # every method's setting
 
 
 def test_runs_of_different_configs_are_separate_rows(tmp_path: Path) -> None:
