@@ -1,7 +1,10 @@
 """The method registry: a method is a segmentor class registered under a short name."""
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import UserError, comma_list, refuse_repeats
 from .registry import MODELS
@@ -63,8 +66,23 @@ def registered_methods() -> dict[str, Method]:
 def get_method(name: str) -> Method:
     methods = registered_methods()
     if name not in methods:
-        raise UserError(f'unknown method {name!r} (known: {", ".join(sorted(methods))})')
+        unimported = unimported_file_registering(name)
+        advice = (f'; {unimported} registers it, but baselines/__init__.py does not import it '
+                  f'(add: from . import {unimported.stem})' if unimported else '')
+        raise UserError(f'unknown method {name!r} (known: {", ".join(sorted(methods))}){advice}')
     return methods[name]
+
+
+def unimported_file_registering(name: str) -> Path | None:
+    """A module file of the baselines package that registers method ``name`` but was never
+    imported (a new method whose import was forgotten), found by its text; None if none."""
+    import cssbench.baselines as package
+    registers = re.compile(rf"""register_method\(\s*['"]{re.escape(name)}['"]""")
+    for path in sorted(Path(package.__file__).parent.glob('*.py')):
+        if (f'{package.__name__}.{path.stem}' not in sys.modules
+                and registers.search(path.read_text(errors='replace'))):
+            return path
+    return None
 
 
 def method_names(spec: str) -> list[str]:

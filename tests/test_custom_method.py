@@ -80,3 +80,19 @@ def test_a_module_imported_again_registers_its_methods_again():
     finally:
         METHODS.pop('feature-anchor', None)
         MODELS._module_dict.pop('FeatureAnchor', None)
+
+
+def test_a_method_whose_module_is_not_imported_is_refused_naming_the_file_and_the_import(
+        tmp_path, monkeypatch):
+    import cssbench.baselines as package
+    monkeypatch.setattr(package, '__file__', str(tmp_path / '__init__.py'))
+    (tmp_path / 'mine.py').write_text(readme_example().replace("'feature-anchor'", "'mine'"))
+    with pytest.raises(UserError) as unknown:
+        get_method('mine')
+    assert str(unknown.value).endswith(f"; {tmp_path / 'mine.py'} registers it, but "
+                                       f"baselines/__init__.py does not import it (add: from . "
+                                       f"import mine)")
+    with pytest.raises(UserError) as unknown:   # no file registers it
+        get_method('yours')
+    assert str(unknown.value).startswith("unknown method 'yours' (known: ")
+    assert str(unknown.value).endswith(')')
