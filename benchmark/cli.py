@@ -100,7 +100,8 @@ def cmd_run(args) -> int:
             left_to_others[str(locate_run(given, method, args.results, run_name, args.config,
                                           seed)[-1])] = given
             continue
-        print(format_step_table(protocols[given].name, method, results))
+        _, _, name, _ = locate_run(given, method, args.results, run_name, args.config, seed)
+        print(format_step_table(protocols[given].name, method, name, results))
     if several and is_main_process():  # rank 0 reads the store
         for given, protocol in protocols.items():
             try:

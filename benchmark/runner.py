@@ -710,7 +710,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     ``step0_kind``, in any protocol whose step 0 trains alike; it is evaluated again only if it
     was never scored as this protocol scores.
     """
-    tag = f'[{protocol.name}/{method.name}]'
+    tag = f'[{protocol.name}/{method.name}/{paths.results.name}]'   # the run's name: its seed, config
     stored = _stored_step_result(paths, t)
     if stored is not None:
         log(f'{tag} step {t}: done before, reusing its weights and metrics')
@@ -747,7 +747,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
         _clear_step_work(paths.step_work(t), keep_epoch_checkpoints)
     barrier()  # the other processes load this step's weights, written by rank 0, next
     if last > 0:  # a run of one step (joint training) ends with this same table
-        log(format_step_table(protocol.name, method.name, [result]))
+        log(format_step_table(protocol.name, method.name, paths.results.name, [result]))
     return result
 
 

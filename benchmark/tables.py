@@ -62,9 +62,9 @@ def step_frame(step_results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index('step')
 
 
-def format_step_table(protocol: str, method: str, step_results: list[dict]) -> str:
+def format_step_table(protocol: str, method: str, run: str, step_results: list[dict]) -> str:
     frame = step_frame(step_results)
-    return f'{protocol} / {method} (mIoU %)\n' + frame.to_string(float_format='{:.1f}'.format, na_rep='-')
+    return f'{protocol} / {method} / {run} (mIoU %)\n' + frame.to_string(float_format='{:.1f}'.format, na_rep='-')
 
 
 def steps_to_csv(step_results: list[dict]) -> str:

@@ -629,7 +629,7 @@ def test_a_run_continued_in_another_work_dir_is_refused_before_it_writes(capsys,
     # Checkpoints moved: the run continues where they are, from step 0's epoch checkpoint
     trained_in.rename(other)
     assert main([*args, '--work-dir', str(other)]) == 0
-    assert (f'[synth-19-1-overlap/ft] step 0: trained, to be evaluated, from its epoch checkpoint '
+    assert (f'[synth-19-1-overlap/ft/{run_dir.name}] step 0: trained, to be evaluated, from its epoch checkpoint '
             f'in {other / "step0"}\n') in capsys.readouterr().out
     run = json.loads((run_dir / 'run.json').read_text())
     assert (run['status'], run['work_dir']) == ('complete', str(other.resolve()))
@@ -678,7 +678,7 @@ def test_a_run_folder_moved_away_from_its_work_dir_continues_in_it(capsys, tmp_p
     assert (run_dir / 'run.json').read_bytes() == record and not (run_dir / 'work').exists()
     # and continued in it, from step 1's epoch checkpoint, which the marker then names
     assert main([*args, '--work-dir', str(work)]) == 0
-    assert (f'[synth-19-1-overlap/ft] step 1: trained, to be evaluated, from its epoch checkpoint '
+    assert (f'[synth-19-1-overlap/ft/{run_dir.name}] step 1: trained, to be evaluated, from its epoch checkpoint '
             f'in {work / "step1"}\n') in capsys.readouterr().out
     assert json.loads((run_dir / 'run.json').read_text())['status'] == 'complete'
     assert json.loads((work / 'cssbench-work.json').read_text())['run'] == str(run_dir.resolve())

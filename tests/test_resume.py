@@ -75,7 +75,7 @@ def test_killed_run_resumes_to_the_same_metrics(setup, tmp_path):
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert 'step 0: done before' in out
-    assert re.search(rf'^\[{PROTOCOL}/ft\] step 1: continuing after epoch [12]/3, from its '
+    assert re.search(rf'^\[{PROTOCOL}/ft/r\] step 1: continuing after epoch [12]/3, from its '
                      rf'epoch checkpoint in {re.escape(str(work / "step1"))}$', out, re.M), out
     assert 'Loads checkpoint' not in out   # mmengine's line, said so instead
     assert final_metrics(results) == final_metrics(tmp_path / 'uninterrupted')

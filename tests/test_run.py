@@ -189,9 +189,11 @@ def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32,
         assert record['seed'] == seed and record['protocol'] == drawn.to_dict()
         steps = json.loads((results / 'rand' / 'ft' / f'small32-seed{seed}' / 'metrics.json').read_text())['steps']
         assert steps[1]['classes'] == list(drawn.steps[1])
-        # the log names each step's classes, drawn ones too: e.g. 'classes 0-3,5-9,11-14,16,19'
+        # the log names each step's run (its seed) and classes, drawn ones too: e.g.
+        # 'classes 0-3,5-9,11-14,16,19', and each run's table its run
         for t, classes in enumerate(drawn.steps):
-            assert f'step {t}/1: classes {range_label(classes)}, ' in log
+            assert f'[rand/ft/small32-seed{seed}] step {t}/1: classes {range_label(classes)}, ' in log
+        assert log.count(f'rand / ft / small32-seed{seed} (mIoU %)') == 3   # after each step, at its end
         orders.append(drawn.steps)
     assert orders[0] != orders[1]
     assert main(['table', '--protocol', 'rand', '--results', str(results)]) == 0
@@ -356,8 +358,8 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
     out = capsys.readouterr().out
     assert f'{ft_record.parent}: complete, kept (--overwrite trains it again)' in out
     # each run's table once: ft's kept one, and joint's (one step: no separate step table)
-    assert out.count('synth-15-5-overlap / ft (mIoU %)') == 1
-    assert out.count('synth-15-5-overlap / joint (mIoU %)') == 1
+    assert out.count('synth-15-5-overlap / ft / small32-seed0 (mIoU %)') == 1
+    assert out.count('synth-15-5-overlap / joint / small32-seed0 (mIoU %)') == 1
     assert ft_record.stat().st_mtime_ns == written
     joint = json.loads((results / 'synth-15-5-overlap' / 'joint' / 'small32-seed0' / 'run.json').read_text())
     assert joint['status'] == 'complete'
