@@ -31,17 +31,25 @@ class AveragedRuntimeInfoHook(RuntimeInfoHook):
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
-        self._sums: dict[str, torch.Tensor] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}        # of each loss's finite values
+        self._non_finite: dict[str, torch.Tensor] = {}  # each loss's count of the others
         self._count = 0
 
     def before_train_epoch(self, runner) -> None:
         super().before_train_epoch(runner)
-        self._sums, self._count = {}, 0
+        self._reset()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         for key, value in (outputs or {}).items():
             value = value.detach().double()
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            finite = torch.isfinite(value)
+            value, non_finite = torch.where(finite, value, 0.0), (~finite).double()
+            if key in self._sums:
+                value, non_finite = self._sums[key] + value, self._non_finite[key] + non_finite
+            self._sums[key], self._non_finite[key] = value, non_finite
         self._count += 1
         if (self.every_n_inner_iters(batch_idx, self.interval)
                 or self.end_of_epoch(runner.train_dataloader, batch_idx)):
@@ -51,25 +59,35 @@ class AveragedRuntimeInfoHook(RuntimeInfoHook):
         if not self._sums:
             return
         keys = list(self._sums)
-        means = (torch.stack([self._sums[k] for k in keys]) / self._count).tolist()  # one sync
+        sums, non_finite = torch.stack([torch.stack([self._sums[k] for k in keys]),
+                                        torch.stack([self._non_finite[k] for k in keys])]).tolist()  # one sync
+        non_finite = dict(zip(keys, map(int, non_finite)))
+        scaled = getattr(getattr(runner, 'optim_wrapper', None), 'loss_scaler', None) is not None
         refuse_non_finite_losses(f'{runner.work_dir}: epoch {runner.epoch + 1} iters '
-                                 f'{batch_idx + 2 - self._count}-{batch_idx + 1}', dict(zip(keys, means)))
-        for key, mean in zip(keys, means):
-            runner.message_hub.update_scalar(f'train/{key}', mean)
-        self._sums, self._count = {}, 0
+                                 f'{batch_idx + 2 - self._count}-{batch_idx + 1}', non_finite,
+                                 self._count, loss_scaled=scaled)
+        for key, total in zip(keys, sums):
+            finite = self._count - non_finite[key]
+            runner.message_hub.update_scalar(f'train/{key}', total / finite if finite else math.nan)
+        self._reset()
 
 
-def refuse_non_finite_losses(where: str, means: dict[str, float]) -> None:
-    """Stop a step whose losses (their means over the iterations ``where`` names) went NaN or
-    infinite: its weights are NaN from then on, and a NaN model, which predicts class 0
-    everywhere, would be evaluated and tabled as a run like any other. Stopped here, before
-    the epoch's checkpoint, the step continues from its last finite one when rerun."""
-    bad = {key: mean for key, mean in means.items() if not math.isfinite(mean)}
-    terms = {key: mean for key, mean in bad.items() if key != 'loss'}   # 'loss' is their sum
-    if bad:
-        said = ', '.join(f'{key} {mean}' for key, mean in (terms or bad).items())
-        raise UserError(f'{where}: the loss is not finite (mean {said}): training stopped; a '
-                        f'rerun continues the step from its last epoch checkpoint, if any')
+def refuse_non_finite_losses(where: str, non_finite: dict[str, int], iterations: int, *,
+                             loss_scaled: bool = False) -> None:
+    """Stop a step whose losses went NaN or infinite (``non_finite``: in how many of the
+    ``iterations`` that ``where`` names, by loss): its weights are NaN from then on, and a NaN
+    model, which predicts class 0 everywhere, would be evaluated and tabled as a run like any
+    other. Under float16's loss scaling (``loss_scaled``) an iteration whose loss overflowed
+    is one the scaler skips, its weights untouched; there only an interval none of whose
+    losses was finite stops the step (a method that returns NaN). Stopped here, before the
+    epoch's checkpoint, the step continues from its last finite one when rerun."""
+    if non_finite.get('loss', 0) <= (iterations - 1 if loss_scaled else 0):
+        return
+    bad = {key: n for key, n in non_finite.items() if n}
+    terms = {key: n for key, n in bad.items() if key != 'loss'} or bad   # 'loss' is their sum
+    said = ', '.join(f'{key} in {n} of {iterations} iterations' for key, n in terms.items())
+    raise UserError(f'{where}: the loss is not finite ({said}): training stopped; a rerun '
+                    f'continues the step from its last epoch checkpoint, if any')
 
 
 @HOOKS.register_module()

@@ -103,9 +103,26 @@ def test_a_non_finite_loss_stops_the_step_naming_the_term_and_the_iterations():
         hook.after_train_iter(runner, batch_idx, outputs=finite)
     assert runner.message_hub.get_scalar('train/loss_kd').current() == pytest.approx(0.2)
     hook.after_train_iter(runner, 2, outputs=finite)
-    with pytest.raises(UserError) as e:   # one NaN iteration makes its interval's mean NaN
+    with pytest.raises(UserError) as e:   # one NaN iteration: its weights are NaN from then on
         hook.after_train_iter(runner, 3, outputs=dict(finite, loss=torch.tensor(math.nan),
                                                      loss_kd=torch.tensor(math.nan)))
-    assert str(e.value) == ('work/step1: epoch 2 iters 3-4: the loss is not finite (mean loss_kd '
-                            "nan): training stopped; a rerun continues the step from its last epoch "
-                            'checkpoint, if any')
+    assert str(e.value) == ('work/step1: epoch 2 iters 3-4: the loss is not finite (loss_kd in 1 '
+                            'of 2 iterations): training stopped; a rerun continues the step from '
+                            'its last epoch checkpoint, if any')
+
+
+def test_under_loss_scaling_an_overflowed_iteration_is_skipped_and_one_never_finite_stops():
+    hook, runner = AveragedRuntimeInfoHook(interval=3), _runner_at(epoch=0, iters_per_epoch=6)
+    runner.optim_wrapper = SimpleNamespace(loss_scaler=object())   # float16's GradScaler
+    finite = dict(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.4))
+    overflowed = dict(loss=torch.tensor(math.inf), loss_ce=torch.tensor(math.inf))
+    for batch_idx, outputs in enumerate([finite, overflowed, dict(loss=torch.tensor(0.8),
+                                                                  loss_ce=torch.tensor(0.6))]):
+        hook.after_train_iter(runner, batch_idx, outputs=outputs)
+    # the scaler skipped the overflowed iteration: the means are over the two others
+    assert runner.message_hub.get_scalar('train/loss').current() == pytest.approx(0.65)
+    assert runner.message_hub.get_scalar('train/loss_ce').current() == pytest.approx(0.5)
+    hook.after_train_iter(runner, 3, outputs=overflowed)
+    hook.after_train_iter(runner, 4, outputs=overflowed)
+    with pytest.raises(UserError, match=r'iters 4-6: the loss is not finite \(loss_ce in 3 of 3 '):
+        hook.after_train_iter(runner, 5, outputs=dict(overflowed, loss_ce=torch.tensor(math.nan)))

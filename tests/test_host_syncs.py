@@ -97,7 +97,7 @@ def test_a_training_iteration_of_every_method_reads_nothing_back(name, amp):
 
 def test_loss_logging_reads_back_once_per_interval():
     class Runner:
-        train_dataloader = range(10)
+        train_dataloader, work_dir, epoch = range(10), 'work/step0', 0
 
         class message_hub:
             update_scalar = staticmethod(lambda key, value: None)
