@@ -227,7 +227,7 @@ def list_samples(info: DatasetInfo, root: str | Path) -> dict[str, list[Sample]]
         for s in samples[split]:
             for path, what in ((s.image, 'image'), (s.mask, 'mask')):
                 if not path.is_file():
-                    raise DatasetError(f'{path}: {what} of {s.id!r} ({split} list) not found')
+                    raise DatasetError(f'{path}: {what} of {s.id!r} ({split} split) not found')
     return samples
 
 
