@@ -48,7 +48,7 @@ def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | 
     return cfg
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -57,14 +57,14 @@ def _whole_number(least: int) -> tuple[str, Callable[[object], bool]]:
             lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least)
 
 
-_NON_NEGATIVE = ('a number >= 0', lambda v: _is_number(v) and v >= 0)
+_NON_NEGATIVE = ('a number >= 0', lambda v: is_number(v) and v >= 0)
 # What each setting a run reads must be: (said as, test). schedule.lr holds two of them.
 CONFIG_VALUES = {
     'data.crop_size': _whole_number(1), 'data.batch_size': _whole_number(1),
     'data.eval_batch_size': _whole_number(1), 'data.num_workers': _whole_number(0),
     'schedule.epochs': _whole_number(1),
-    'schedule.lr': ('a number > 0', lambda v: _is_number(v) and v > 0),
-    'schedule.momentum': ('a number in [0, 1)', lambda v: _is_number(v) and 0 <= v < 1),
+    'schedule.lr': ('a number > 0', lambda v: is_number(v) and v > 0),
+    'schedule.momentum': ('a number in [0, 1)', lambda v: is_number(v) and 0 <= v < 1),
     'schedule.nesterov': ('True or False', lambda v: isinstance(v, bool)),
     'schedule.weight_decay': _NON_NEGATIVE, 'schedule.poly_power': _NON_NEGATIVE,
 }

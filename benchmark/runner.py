@@ -30,7 +30,7 @@ from mmengine.config import Config, ConfigDict
 from mmengine.runner import set_random_seed
 
 from . import __version__, step0
-from .config import config_digest, load_config
+from .config import config_digest, is_number, load_config
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
@@ -125,15 +125,41 @@ class RunPaths:
 def model_settings(model_cls) -> set[str]:
     """The keyword arguments a segmentor class takes: its constructor's, then its bases' for
     as long as each constructor passes ``**kwargs`` on."""
-    names = set()
+    return set(model_setting_parameters(model_cls))
+
+
+def model_setting_parameters(model_cls) -> dict[str, inspect.Parameter]:
+    """``model_settings``, each with its parameter (default, annotation) in the most derived
+    constructor that takes it."""
+    found = {}
     for klass in model_cls.__mro__:
         if '__init__' not in vars(klass):
             continue
         params = inspect.signature(vars(klass)['__init__']).parameters.values()
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        for p in params:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != 'self':
+                found.setdefault(p.name, p)
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
-    return names - {'self'}
+    return found
+
+
+# What a method's setting must be, by the type of its default: (said as, test).
+_SETTING_KINDS = ((bool, ('True or False', lambda v: isinstance(v, bool))),
+                  (int, ('a whole number', lambda v: isinstance(v, int) and not isinstance(v, bool))),
+                  (float, ('a number', is_number)),
+                  (str, ('a string', lambda v: isinstance(v, str))))
+
+
+def setting_refusal(param: inspect.Parameter, value) -> str | None:
+    """What is wrong with ``value`` for a method's setting, judged by the kind of its default
+    (a bool, a whole number, a number, a string; None too where its annotation allows it);
+    None where nothing is, or its default is of no plain kind (a tuple, a dict)."""
+    kind = next((kind for types, kind in _SETTING_KINDS if isinstance(param.default, types)), None)
+    takes_none = 'None' in str(param.annotation) or 'Optional' in str(param.annotation)
+    if kind is None or kind[1](value) or (value is None and takes_none):
+        return None
+    return f'must be {kind[0]}{" or None" if takes_none else ""}, got {value!r}'
 
 
 def shared_config_digest(cfg: Config) -> str:
@@ -154,12 +180,18 @@ def check_model_settings(cfg: Config, model_type: str) -> None:
     model_cls = MODELS.get(model_type)
     # ``type`` is the method's own (build_model sets it)
     unknown = sorted(set(cfg.model) - {'type'} - model_settings(model_cls)) if model_cls else []
+    method = next((m.name for m in registered_methods().values()
+                   if m.model_type == model_type), model_type)
     if unknown:
-        method = next((m.name for m in registered_methods().values()
-                       if m.model_type == model_type), model_type)
         known = ', '.join(sorted(model_settings(model_cls) - {'step_sizes'}))
         raise UserError(f'{cfg.filename}: model.{unknown[0]} is not a setting of method '
                         f'{method!r} (its settings: {known})')
+    params = model_setting_parameters(model_cls) if model_cls else {}
+    for key in sorted(set(cfg.model) & set(params)):
+        refusal = setting_refusal(params[key], cfg.model[key])
+        if refusal:
+            raise UserError(f'{cfg.filename}: model.{key} of method {method!r} {refusal} (its '
+                            f'default: {params[key].default!r})')
 
 
 def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):

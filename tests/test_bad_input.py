@@ -418,6 +418,35 @@ def test_config_setting_what_a_method_does_not_take(capsys, tmp_path, tiny_run):
     assert not results.exists()  # refused before sdr, first in the list, trained
 
 
+@pytest.mark.parametrize('setting, says', [
+    ("loss_kd='10'", "model.loss_kd of method 'lwf' must be a number, got '10' (its default: 100.0)"),
+    ('overlapped=1', "model.overlapped of method 'lwf' must be True or False, got 1 (its default: "
+     'False)'),
+    ('ignore_index=255.0', "model.ignore_index of method 'lwf' must be a whole number, got 255.0 "
+     '(its default: 255)'),
+    ("pseudo=3", "model.pseudo of method 'plop' must be a string or None, got 3 (its default: "
+     "'entropy')"),
+])
+def test_config_setting_of_the_wrong_kind_for_a_method(capsys, tmp_path, tiny_run, setting, says):
+    config = tmp_path / 'wrong_kind.py'
+    config.write_text(f"_base_ = ['{tiny_run['config']}']\nmodel = dict({setting})\n")
+    results = tmp_path / 'results'
+    method = 'plop' if 'plop' in says else 'lwf'
+    err = fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', '--method', method,
+                '--config', str(config), '--results', str(results))
+    assert err == f'cssbench: error: {config}: {says}'
+    assert not results.exists()
+
+
+def test_config_settings_of_their_kind_are_taken(tmp_path, tiny_run):
+    from cssbench.config import load_config
+    from cssbench.runner import check_model_settings
+    config = tmp_path / 'kinds.py'   # an int for a float, None where the annotation takes it
+    config.write_text(f"_base_ = ['{tiny_run['config']}']\n"
+                      "model = dict(threshold=1, pseudo=None, pod_scales=[1, 2])\n")
+    check_model_settings(load_config(str(config)), 'cssbench.PLOP')
+
+
 def test_synthetic_dataset_too_small(capsys, tmp_path):
     err = fails(capsys, 'make-synth', '--size', '8', '--out', str(tmp_path / 'synth'))
     assert 'size >= 16' in err and '(got 2000, 300, 8)' in err
