@@ -18,6 +18,11 @@ from .registry import DATA_SAMPLERS, HOOKS
 from .seeds import derive_seed
 
 
+# Under float16's loss scaling an iteration whose loss overflowed is one the scaler skips;
+# this many in a row is a method whose loss is NaN, not an overflow now and then.
+NON_FINITE_IN_A_ROW_LIMIT = 16
+
+
 @HOOKS.register_module()
 class AveragedRuntimeInfoHook(RuntimeInfoHook):
     """mmengine's RuntimeInfoHook, but the losses reach the message hub as their mean over
@@ -26,11 +31,14 @@ class AveragedRuntimeInfoHook(RuntimeInfoHook):
     mmengine's hook turns every loss into a Python float each iteration, which waits for
     the GPU to finish the step. Here the losses are summed on the device and read back once
     per interval, when the LoggerHook and the StepProgressHook (set to multiples of the
-    interval) read them.
+    interval) read them. With them come what stops a step gone NaN (``refuse_non_finite``):
+    whether the model's weights and statistics are finite, and the longest run of iterations
+    in a row whose loss was not.
     """
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
+        self._in_a_row = self._most_in_a_row = None   # non-finite losses, on the device
         self._reset()
 
     def _reset(self) -> None:
@@ -43,51 +51,78 @@ class AveragedRuntimeInfoHook(RuntimeInfoHook):
         self._reset()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        for key, value in (outputs or {}).items():
+        outputs = outputs or {}
+        for key, value in outputs.items():
             value = value.detach().double()
             finite = torch.isfinite(value)
             value, non_finite = torch.where(finite, value, 0.0), (~finite).double()
             if key in self._sums:
                 value, non_finite = self._sums[key] + value, self._non_finite[key] + non_finite
             self._sums[key], self._non_finite[key] = value, non_finite
+        if 'loss' in outputs:
+            self._count_in_a_row((~torch.isfinite(outputs['loss'].detach())).double())
         self._count += 1
         if (self.every_n_inner_iters(batch_idx, self.interval)
                 or self.end_of_epoch(runner.train_dataloader, batch_idx)):
             self._publish(runner, batch_idx)
 
+    def _count_in_a_row(self, non_finite: torch.Tensor) -> None:
+        if self._in_a_row is None:
+            self._in_a_row = self._most_in_a_row = torch.zeros((), dtype=torch.double,
+                                                               device=non_finite.device)
+        self._in_a_row = (self._in_a_row + 1) * non_finite
+        self._most_in_a_row = torch.maximum(self._most_in_a_row, self._in_a_row)
+
     def _publish(self, runner, batch_idx: int) -> None:
         if not self._sums:
             return
         keys = list(self._sums)
-        sums, non_finite = torch.stack([torch.stack([self._sums[k] for k in keys]),
-                                        torch.stack([self._non_finite[k] for k in keys])]).tolist()  # one sync
-        non_finite = dict(zip(keys, map(int, non_finite)))
-        scaled = getattr(getattr(runner, 'optim_wrapper', None), 'loss_scaler', None) is not None
-        refuse_non_finite_losses(f'{runner.work_dir}: epoch {runner.epoch + 1} iters '
-                                 f'{batch_idx + 2 - self._count}-{batch_idx + 1}', non_finite,
-                                 self._count, loss_scaled=scaled)
+        state_norm = torch.nn.utils.get_total_norm(
+            [t.detach() for t in (*runner.model.parameters(), *runner.model.buffers())
+             if t.is_floating_point()])
+        most_in_a_row = (self._most_in_a_row if self._most_in_a_row is not None
+                         else torch.zeros_like(state_norm))
+        read = torch.cat([torch.stack([self._sums[k] for k in keys]),
+                          torch.stack([self._non_finite[k] for k in keys]),
+                          torch.stack([most_in_a_row.double(), torch.isfinite(state_norm).double()])])
+        values = read.tolist()   # one sync
+        sums, non_finite = values[:len(keys)], dict(zip(keys, map(int, values[len(keys):-2])))
+        refuse_non_finite(f'{runner.work_dir}: epoch {runner.epoch + 1} iters '
+                          f'{batch_idx + 2 - self._count}-{batch_idx + 1}', non_finite,
+                          self._count, most_in_a_row=int(values[-2]), state_finite=bool(values[-1]),
+                          loss_scaled=getattr(runner.optim_wrapper, 'loss_scaler', None) is not None)
         for key, total in zip(keys, sums):
             finite = self._count - non_finite[key]
             runner.message_hub.update_scalar(f'train/{key}', total / finite if finite else math.nan)
         self._reset()
 
 
-def refuse_non_finite_losses(where: str, non_finite: dict[str, int], iterations: int, *,
-                             loss_scaled: bool = False) -> None:
-    """Stop a step whose losses went NaN or infinite (``non_finite``: in how many of the
-    ``iterations`` that ``where`` names, by loss): its weights are NaN from then on, and a NaN
-    model, which predicts class 0 everywhere, would be evaluated and tabled as a run like any
-    other. Under float16's loss scaling (``loss_scaled``) an iteration whose loss overflowed
-    is one the scaler skips, its weights untouched; there only an interval none of whose
-    losses was finite stops the step (a method that returns NaN). Stopped here, before the
-    epoch's checkpoint, the step continues from its last finite one when rerun."""
-    if non_finite.get('loss', 0) <= (iterations - 1 if loss_scaled else 0):
-        return
+def refuse_non_finite(where: str, non_finite: dict[str, int], iterations: int, *,
+                      most_in_a_row: int, state_finite: bool, loss_scaled: bool) -> None:
+    """Stop a step gone NaN: a NaN model, which predicts class 0 everywhere, would be evaluated
+    and tabled as a run like any other. ``non_finite``: in how many of the ``iterations`` that
+    ``where`` names each loss was NaN or infinite; ``most_in_a_row``: the most iterations in a
+    row whose loss was, so far in the step. It stops where the model's weights or batch-norm
+    statistics are not finite (``state_finite``, false), or, without loss scaling, any loss
+    was not (its update made the weights NaN); under float16's loss scaling an overflowed
+    iteration is one the scaler skips, and only ``NON_FINITE_IN_A_ROW_LIMIT`` in a row stop
+    it. Checked at each interval's end, the epoch's last included, so before the epoch's
+    checkpoint: under torchrun every process sees the same weights and stops there."""
     bad = {key: n for key, n in non_finite.items() if n}
     terms = {key: n for key, n in bad.items() if key != 'loss'} or bad   # 'loss' is their sum
     said = ', '.join(f'{key} in {n} of {iterations} iterations' for key, n in terms.items())
-    raise UserError(f'{where}: the loss is not finite ({said}): training stopped; a rerun '
-                    f'continues the step from its last epoch checkpoint, if any')
+    if not state_finite:
+        what = f"the model's weights are not finite{f' (losses not finite: {said})' if said else ''}"
+    elif bad and not loss_scaled:
+        what = f'the loss is not finite ({said})'
+    elif most_in_a_row >= NON_FINITE_IN_A_ROW_LIMIT:
+        what = (f'the loss was not finite in {most_in_a_row} iterations in a row (the float16 '
+                f'loss scaler skipped each; here {said})')
+    else:
+        return
+    raise UserError(f'{where}: {what}: training stopped. Fix the method (a rerun continues the '
+                    f'step from its last epoch checkpoint), or change the config (a lower lr or '
+                    f'loss weight) and rerun with --overwrite or another --run-name')
 
 
 @HOOKS.register_module()

@@ -15,8 +15,9 @@ from mmengine.logging import MessageHub
 
 import cssbench.hooks as hooks
 from cssbench.errors import UserError
-from cssbench.hooks import (AveragedRuntimeInfoHook, EpochKeyedSampler, EpochSeedHook, StepClockHook,
-                            earlier_training_seconds, processes_training)
+from cssbench.hooks import (NON_FINITE_IN_A_ROW_LIMIT, AveragedRuntimeInfoHook, EpochKeyedSampler,
+                            EpochSeedHook, StepClockHook, earlier_training_seconds,
+                            processes_training)
 
 
 def _draw_after_hook(hook, epoch: int, batch_idx: int) -> torch.Tensor:
@@ -91,9 +92,16 @@ def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypa
     assert earlier_training_seconds(tmp_path) == 0.0
 
 
-def _runner_at(epoch: int, iters_per_epoch: int) -> SimpleNamespace:
+def _runner_at(epoch: int, iters_per_epoch: int, loss_scaled: bool = False) -> SimpleNamespace:
     return SimpleNamespace(epoch=epoch, work_dir='work/step1', train_dataloader=range(iters_per_epoch),
+                           model=torch.nn.BatchNorm1d(2), optim_wrapper=SimpleNamespace(
+                               loss_scaler=object() if loss_scaled else None),  # float16's GradScaler
                            message_hub=MessageHub.get_instance('test_hooks_losses'))
+
+
+AFTER = ('training stopped. Fix the method (a rerun continues the step from its last epoch '
+         'checkpoint), or change the config (a lower lr or loss weight) and rerun with '
+         '--overwrite or another --run-name')
 
 
 def test_a_non_finite_loss_stops_the_step_naming_the_term_and_the_iterations():
@@ -103,17 +111,26 @@ def test_a_non_finite_loss_stops_the_step_naming_the_term_and_the_iterations():
         hook.after_train_iter(runner, batch_idx, outputs=finite)
     assert runner.message_hub.get_scalar('train/loss_kd').current() == pytest.approx(0.2)
     hook.after_train_iter(runner, 2, outputs=finite)
-    with pytest.raises(UserError) as e:   # one NaN iteration: its weights are NaN from then on
+    with pytest.raises(UserError) as e:   # one NaN iteration: its update makes the weights NaN
         hook.after_train_iter(runner, 3, outputs=dict(finite, loss=torch.tensor(math.nan),
                                                      loss_kd=torch.tensor(math.nan)))
     assert str(e.value) == ('work/step1: epoch 2 iters 3-4: the loss is not finite (loss_kd in 1 '
-                            'of 2 iterations): training stopped; a rerun continues the step from '
-                            'its last epoch checkpoint, if any')
+                            f'of 2 iterations): {AFTER}')
 
 
-def test_under_loss_scaling_an_overflowed_iteration_is_skipped_and_one_never_finite_stops():
-    hook, runner = AveragedRuntimeInfoHook(interval=3), _runner_at(epoch=0, iters_per_epoch=6)
-    runner.optim_wrapper = SimpleNamespace(loss_scaler=object())   # float16's GradScaler
+def test_non_finite_weights_or_statistics_stop_the_step_whatever_the_loss():
+    hook = AveragedRuntimeInfoHook(interval=2)
+    runner = _runner_at(epoch=0, iters_per_epoch=4, loss_scaled=True)
+    runner.model.running_var[1] = math.inf   # e.g. a float16 overflow before a batch norm
+    hook.after_train_iter(runner, 0, outputs=dict(loss=torch.tensor(0.5)))
+    with pytest.raises(UserError) as e:
+        hook.after_train_iter(runner, 1, outputs=dict(loss=torch.tensor(0.4)))
+    assert str(e.value) == f"work/step1: epoch 1 iters 1-2: the model's weights are not finite: {AFTER}"
+
+
+def test_under_loss_scaling_overflowed_iterations_are_skipped_until_too_many_in_a_row():
+    hook = AveragedRuntimeInfoHook(interval=3)
+    runner = _runner_at(epoch=0, iters_per_epoch=40, loss_scaled=True)
     finite = dict(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.4))
     overflowed = dict(loss=torch.tensor(math.inf), loss_ce=torch.tensor(math.inf))
     for batch_idx, outputs in enumerate([finite, overflowed, dict(loss=torch.tensor(0.8),
@@ -122,7 +139,16 @@ def test_under_loss_scaling_an_overflowed_iteration_is_skipped_and_one_never_fin
     # the scaler skipped the overflowed iteration: the means are over the two others
     assert runner.message_hub.get_scalar('train/loss').current() == pytest.approx(0.65)
     assert runner.message_hub.get_scalar('train/loss_ce').current() == pytest.approx(0.5)
-    hook.after_train_iter(runner, 3, outputs=overflowed)
-    hook.after_train_iter(runner, 4, outputs=overflowed)
-    with pytest.raises(UserError, match=r'iters 4-6: the loss is not finite \(loss_ce in 3 of 3 '):
-        hook.after_train_iter(runner, 5, outputs=dict(overflowed, loss_ce=torch.tensor(math.nan)))
+    # a whole interval overflowed, over an interval's end: 15 in a row go on
+    for batch_idx in range(3, 3 + NON_FINITE_IN_A_ROW_LIMIT - 1):
+        hook.after_train_iter(runner, batch_idx, outputs=overflowed)
+    assert math.isnan(runner.message_hub.get_scalar('train/loss').current())  # no finite one
+    hook.after_train_iter(runner, 18, outputs=finite)   # a finite one ends the run of them
+    for batch_idx in range(19, 19 + NON_FINITE_IN_A_ROW_LIMIT - 1):
+        hook.after_train_iter(runner, batch_idx, outputs=overflowed)
+    hook.after_train_iter(runner, 34, outputs=dict(overflowed, loss_ce=torch.tensor(math.nan)))
+    with pytest.raises(UserError) as e:   # the 16th in a row, read at its interval's end
+        hook.after_train_iter(runner, 35, outputs=finite)
+    assert str(e.value) == ('work/step1: epoch 1 iters 34-36: the loss was not finite in 16 '
+                            'iterations in a row (the float16 loss scaler skipped each; here '
+                            f'loss_ce in 2 of 3 iterations): {AFTER}')

@@ -98,6 +98,7 @@ def test_a_training_iteration_of_every_method_reads_nothing_back(name, amp):
 def test_loss_logging_reads_back_once_per_interval():
     class Runner:
         train_dataloader, work_dir, epoch = range(10), 'work/step0', 0
+        model, optim_wrapper = torch.nn.BatchNorm1d(2), None
 
         class message_hub:
             update_scalar = staticmethod(lambda key, value: None)
