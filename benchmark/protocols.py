@@ -28,12 +28,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import shipped_protocols
 from .datasets_info import DATASET_INFO
 from .errors import UserError
 from .store import PLAIN_NAME, is_plain_name
 
-PROTOCOLS_DIR = Path(shipped_protocols.__file__).resolve().parent
+try:
+    from . import shipped_protocols
+    PROTOCOLS_DIR = Path(shipped_protocols.__file__).resolve().parent
+except ImportError:   # an editable install made before protocols/ was a package: the checkout's
+    PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / 'protocols'
 MODES = ('overlap', 'disjoint')
 CLASS_ORDERS = ('fixed', 'random')  # in a file; a run's protocol with a drawn order says 'drawn'
 TRAIN_IGNORE_CHOICES = ('ignore', 'background')

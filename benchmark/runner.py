@@ -50,6 +50,7 @@ from .store import (DIRTY_REVISION, PLAIN_NAME, CorruptRun, is_plain_name, open_
 from .tables import format_step_table, steps_to_csv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+THIS_FILE_IN_REPO = Path(__file__).resolve().relative_to(REPO_ROOT)   # benchmark/runner.py
 WORK_MARKER = 'cssbench-work.json'  # names the run whose checkpoints a work dir holds
 
 
@@ -59,11 +60,11 @@ CODE_PATHS = ('benchmark', 'baselines', 'protocols', 'pyproject.toml')
 
 def git_revision() -> str:
     """The commit the code is at, with ``DIRTY_REVISION`` appended where the code differs from it
-    (``CODE_PATHS``: changed, new or deleted files); 'unknown' outside a checkout of cssbench
-    (installed from a wheel, whose site-packages may lie in another project's repository)."""
+    (``CODE_PATHS``: changed, new or deleted files); 'unknown' where git does not track this
+    file (installed from a wheel, into a site-packages that may lie in another repository)."""
     try:
         head = _git('rev-parse', 'HEAD')
-        if not head or Path(_git('rev-parse', '--show-toplevel')).resolve() != REPO_ROOT.resolve():
+        if not head or not _git('ls-files', '--error-unmatch', '--', str(THIS_FILE_IN_REPO)):
             return 'unknown'
         return head + (DIRTY_REVISION if _git('status', '--porcelain', '--', *CODE_PATHS) else '')
     except (OSError, subprocess.SubprocessError):

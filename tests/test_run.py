@@ -54,8 +54,11 @@ def test_a_cpu_test_keeps_mmengine_on_the_cpu():
 def test_the_git_revision_is_marked_where_the_code_differs_from_the_commit(tmp_path, monkeypatch):
     from cssbench import runner
     repo = tmp_path / 'repo'
-    (repo / 'baselines').mkdir(parents=True)
+    for folder in ('baselines', 'benchmark', 'vendor/cssbench/benchmark'):
+        (repo / folder).mkdir(parents=True)
     (repo / 'baselines' / 'ft.py').write_text('x = 1\n')
+    for code in ('benchmark', 'vendor/cssbench/benchmark'):
+        (repo / code / 'runner.py').write_text('# cssbench\n')
     git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
     for args in (['init', '-q'], ['add', '.'], ['commit', '-q', '-m', 'c']):
         subprocess.run(git + args, check=True)
@@ -75,9 +78,13 @@ def test_the_git_revision_is_marked_where_the_code_differs_from_the_commit(tmp_p
     assert runner.git_revision() == 'unknown'
     # installed from a wheel into a venv inside another project's checkout: not its commit
     site = repo / '.venv' / 'lib' / 'site-packages'
-    site.mkdir(parents=True)
+    (site / 'cssbench').mkdir(parents=True)
+    (site / 'cssbench' / 'runner.py').write_text('# cssbench\n')
     monkeypatch.setattr(runner, 'REPO_ROOT', site)
     assert runner.git_revision() == 'unknown'
+    # a copy committed inside another project: that project's commit holds this code
+    monkeypatch.setattr(runner, 'REPO_ROOT', repo / 'vendor' / 'cssbench')
+    assert runner.git_revision() == head
 
 
 def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32, tmp_path, capsys):
