@@ -145,22 +145,38 @@ def model_setting_parameters(model_cls) -> dict[str, inspect.Parameter]:
     return found
 
 
-# What a method's setting must be, by the type of its default: (said as, test).
-_SETTING_KINDS = ((bool, ('True or False', lambda v: isinstance(v, bool))),
-                  (int, ('a whole number', lambda v: isinstance(v, int) and not isinstance(v, bool))),
-                  (float, ('a number', is_number)),
-                  (str, ('a string', lambda v: isinstance(v, str))))
+# What a method's setting may be, by the name of its annotation's type: (said as, test).
+_SETTING_KINDS = {
+    'bool': ('True or False', lambda v: isinstance(v, bool)),
+    'int': ('a whole number', lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    'float': ('a number', is_number),
+    'str': ('a string', lambda v: isinstance(v, str)),
+    'None': ('None', lambda v: v is None),
+}
+
+
+def _setting_kinds(param: inspect.Parameter) -> list[str] | None:
+    """The kinds a method's setting may be: its annotation's types (``float | None``), or
+    without one its default's (an int default taking any number); None where they are not
+    all plain kinds (a tuple, a class, a type left generic): anything goes."""
+    annotation = param.annotation
+    if annotation is inspect.Parameter.empty:
+        if isinstance(param.default, bool):
+            return ['bool']
+        if isinstance(param.default, (int, float)):
+            return ['float']
+        return ['str'] if isinstance(param.default, str) else None
+    written = str(getattr(annotation, '__name__', annotation)).strip('\'"')   # 'float | None'
+    names = [n.strip() for n in written.split('|')]
+    return names if all(n in _SETTING_KINDS for n in names) else None
 
 
 def setting_refusal(param: inspect.Parameter, value) -> str | None:
-    """What is wrong with ``value`` for a method's setting, judged by the kind of its default
-    (a bool, a whole number, a number, a string; None too where its annotation allows it);
-    None where nothing is, or its default is of no plain kind (a tuple, a dict)."""
-    kind = next((kind for types, kind in _SETTING_KINDS if isinstance(param.default, types)), None)
-    takes_none = 'None' in str(param.annotation) or 'Optional' in str(param.annotation)
-    if kind is None or kind[1](value) or (value is None and takes_none):
+    """What is wrong with ``value`` for a method's setting (``_setting_kinds``), or None."""
+    kinds = _setting_kinds(param)
+    if kinds is None or any(_SETTING_KINDS[k][1](value) for k in kinds):
         return None
-    return f'must be {kind[0]}{" or None" if takes_none else ""}, got {value!r}'
+    return f'must be {" or ".join(_SETTING_KINDS[k][0] for k in kinds)}, got {value!r}'
 
 
 def shared_config_digest(cfg: Config) -> str:

@@ -438,6 +438,24 @@ def test_config_setting_of_the_wrong_kind_for_a_method(capsys, tmp_path, tiny_ru
     assert not results.exists()
 
 
+def test_a_method_settings_kind_is_its_annotations_or_else_its_defaults():
+    import inspect
+    from cssbench.runner import setting_refusal
+
+    def __init__(self, weight: float = 1, mode: 'float | str' = 0.5, plain=1, bins: int = 3,
+                 scales: 'tuple[int, ...]' = (1,), flag=True):
+        pass
+    params = inspect.signature(__init__).parameters
+    assert setting_refusal(params['weight'], 0.5) is None        # annotated float, int default
+    assert setting_refusal(params['mode'], 'auto') is None
+    assert setting_refusal(params['mode'], None) == "must be a number or a string, got None"
+    assert setting_refusal(params['plain'], 0.5) is None          # no annotation: a number
+    assert setting_refusal(params['plain'], '1') == "must be a number, got '1'"
+    assert setting_refusal(params['bins'], 2.5) == 'must be a whole number, got 2.5'
+    assert setting_refusal(params['scales'], 'any') is None       # no plain kind: not checked
+    assert setting_refusal(params['flag'], 1) == 'must be True or False, got 1'
+
+
 def test_config_settings_of_their_kind_are_taken(tmp_path, tiny_run):
     from cssbench.config import load_config
     from cssbench.runner import check_model_settings
