@@ -2,7 +2,6 @@
 a run reads before anything is written."""
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from collections.abc import Callable, Collection, Iterator
@@ -112,15 +111,15 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     in its data or schedule section that no run reads (``SECTION_SETTINGS``: a typo), holds
     one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), or whose
     pretrained backbone checkpoint is not a file."""
-    missing = [name for name in CONFIG_SETTINGS if not _sets(cfg, name)]
-    if missing:
-        raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
-                        f"full one: _base_ = ['<path>/small.py'])")
     for name, value in cfg.items():
         section = misspelt_section(name) if isinstance(value, dict) else None
         if section:
             raise UserError(f'{path}: {name} is not a section of a config; did you mean '
                             f'{section}? (its sections: {", ".join(CONFIG_SECTIONS)})')
+    missing = [name for name in CONFIG_SETTINGS if not _sets(cfg, name)]
+    if missing:
+        raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
+                        f"full one: _base_ = ['<path>/small.py'])")
     for section, known in SECTION_SETTINGS.items():
         unknown = sorted(set(cfg[section]) - set(known))
         if unknown:
@@ -144,12 +143,30 @@ def check_config_sections(cfg: Config, path: Path) -> None:
 
 
 def misspelt_section(name: str) -> str | None:
-    """The section that ``name``, a config's top-level dict, misspells (``shedule``), if any:
-    a run would not read it, and the base's values would train unnoticed."""
-    if name in CONFIG_SECTIONS:
-        return None
-    close = difflib.get_close_matches(name.lower(), CONFIG_SECTIONS, n=1, cutoff=0.75)
-    return close[0] if close else None
+    """The section that ``name``, a config's top-level dict, misspells, if any: written in
+    other case (``Speed``), or one letter off before its end: one changed, left out or added
+    (``spead``, ``shedule``), or two neighbours swapped (``modle``). One off at the end reads
+    as a name of its own (``mode``, ``modes``, ``schedules``), as a helper's may. A run would
+    not read it, and the base's values would train unnoticed."""
+    lower = name.lower()
+    return next((section for section in CONFIG_SECTIONS
+                 if name != section and (lower == section or _one_letter_inside(lower, section))),
+                None)
+
+
+def _one_letter_inside(a: str, b: str) -> bool:
+    """Whether ``a`` is ``b`` with one letter changed, left out or added before its end, or
+    two neighbours swapped."""
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        return (len(diff) == 1 and diff[0] < len(a) - 1) or (
+            len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+            and a[diff[1]] == b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    if len(long) - len(short) != 1:
+        return False
+    first = next((i for i, (x, y) in enumerate(zip(short, long)) if x != y), len(short))
+    return first < len(short) and short[first:] == long[first + 1:]
 
 
 def config_digest(cfg: Config, model_keys: Collection[str] | None = None) -> str:

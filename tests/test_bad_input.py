@@ -385,13 +385,35 @@ def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
     assert not results.exists()   # refused before a run folder is made
 
 
+@pytest.mark.parametrize('name, section', [
+    ('shedule', 'schedule'), ('scheduel', 'schedule'), ('Schedule', 'schedule'), ('modle', 'model'),
+    ('spead', 'speed'), ('daata', 'data'),
+    # one letter off at the end, or more than one: names of their own, as a helper's may be
+    ('mode', None), ('modes', None), ('schedules', None), ('scheduler', None), ('date', None),
+    ('sched', None), ('norm_cfg', None), ('model', None),
+])
+def test_which_top_level_names_misspell_a_section(name, section):
+    from cssbench.config import misspelt_section
+    assert misspelt_section(name) == section
+
+
+def test_a_misspelt_section_is_named_before_the_settings_it_leaves_missing(capsys, tmp_path):
+    config = tmp_path / 'own.py'   # no _base_: its schedule is missing, under another name
+    config.write_text((CONFIGS / 'small.py').read_text().replace('schedule = dict(', 'shedule = dict('))
+    assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(config),
+                 '--results', str(tmp_path / 'results')) == (
+        f'cssbench: error: {config}: shedule is not a section of a config; did you mean schedule? '
+        '(its sections: model, data, schedule, speed)')
+
+
 def test_config_helper_values_beside_the_sections_are_kept(tmp_path):
     from cssbench.config import load_config
     config = tmp_path / 'helpers.py'   # top-level names of the file's own, not sections
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\ncrop = 48\nmode = 'fast'\n"
-                      "norm_cfg = dict(type='BN')\ndata = dict(crop_size=crop)\n")
+                      "norm_cfg = dict(type='BN')\nschedules = dict(voc=30)\n"
+                      "data = dict(crop_size=crop)\n")
     cfg = load_config(str(config))
-    assert (cfg.data.crop_size, cfg.mode, cfg.norm_cfg.type) == (48, 'fast', 'BN')
+    assert (cfg.data.crop_size, cfg.mode, cfg.norm_cfg.type, cfg.schedules.voc) == (48, 'fast', 'BN', 30)
 
 
 def test_epochs_are_checked_as_resolved_for_the_dataset(tmp_path):
