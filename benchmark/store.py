@@ -56,7 +56,8 @@ class StoredRun:
     seed: int
     config_name: str
     config_digest: str
-    shared_config_digest: str   # the config's but for the method's own settings (runner's)
+    # the config's but for the method's own settings (runner's); None: not recorded (older)
+    shared_config_digest: str | None
     started: str
     finished: str
     wall_time_s: float | None
@@ -202,7 +203,7 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         config_digest=_require(record, 'config_digest', str, 'run.json'),
         # runs stored before it was recorded: the config's own (the same where the config
         # sets no method's setting)
-        shared_config_digest=str(record.get('shared_config_digest') or record['config_digest']),
+        shared_config_digest=record.get('shared_config_digest') or None,
         started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),

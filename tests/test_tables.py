@@ -266,6 +266,19 @@ def test_a_config_setting_a_methods_own_hyperparameter_compares_with_joint_on_th
     assert math.isnan(f.at['lwf (cfgs/lr.py)', 'gap_joint'])
 
 
+def test_a_row_of_runs_stored_before_and_after_the_shared_digest_finds_joint_whatever_its_order(
+        tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_run(root, [uniform(range(21), 0.9)], method='joint', shared_config_digest='digest-small')
+    for seed, shared in ((0, None), (1, 'digest-small')):   # seed 0's run.json lacks the field
+        write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], method='lwf',
+                  run=f'kd10-seed{seed}', seed=seed, config_name='cfgs/kd10.py',
+                  config_digest='digest-kd10', shared_config_digest=shared)
+    f = leaderboard(open_store(root), VOC19).frame
+    assert f.at['lwf (cfgs/kd10.py)', 'seeds'] == 2
+    assert f.at['lwf (cfgs/kd10.py)', 'gap_joint'] == pytest.approx(90 - 100 * 12.3 / 21)
+
+
 def test_the_shared_config_digest_leaves_out_the_methods_own_settings_only(tmp_path: Path) -> None:
     small = load_config('small')
     assert shared_config_digest(small) == config_digest(small)   # a config setting none
