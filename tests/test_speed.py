@@ -117,7 +117,9 @@ def test_bf16_on_a_gpu_that_emulates_it_is_noted_with_the_way_to_float16(monkeyp
 
 def test_logged_losses_are_the_means_over_each_interval_and_the_epoch_tail():
     hub = MessageHub.get_instance('test_logged_losses')
-    runner = SimpleNamespace(message_hub=hub, train_dataloader=list(range(7)), epoch=0)
+    runner = SimpleNamespace(message_hub=hub, train_dataloader=list(range(7)), epoch=0,
+                             work_dir='work/step0', model=torch.nn.Linear(2, 2),
+                             optim_wrapper=SimpleNamespace(loss_scaler=None))
     hook = AveragedRuntimeInfoHook(interval=3)
     hook.before_train_epoch(runner)
     losses = [0.5, 1.0, 3.0, 2.0, 4.0, 0.25, 0.75]
