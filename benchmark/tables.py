@@ -234,6 +234,14 @@ def joint_key(row: RowRuns) -> tuple[str, str]:
     return (recorded[0] if recorded else row.runs[0].config_digest), row.runs[0].dataset_fingerprint
 
 
+def joint_mious(rows: list[RowRuns]) -> dict[tuple[str, str], float]:
+    """Each joint row's all-class mIoU (%, its mean over seeds) by ``joint_key``: what a row
+    of the same config but for the method's own settings, on the same data, compares with
+    (the first row of a key)."""
+    return {joint_key(row): mean_std([100 * run_summary(r)['all'] for r in row.runs])[0]
+            for row in reversed(rows) if row.joint}
+
+
 def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
                 config: str | None = None) -> Table:
     """Per method: old / new / all after the last step, avg, forgetting, gap to joint, and the
@@ -250,9 +258,8 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
             record[key], record[f'{key}_std'] = mean, std
         records.append(record)
     frame = pd.DataFrame(records).set_index('row')
-    # a joint method's all-class mIoU with the same config but for the method's own settings,
-    # on the same data (the first's)
-    joint_all = {joint_key(row): frame.at[row.label, 'all'] for row in reversed(rows) if row.joint}
+    # from every run of the protocol: a table chosen by --run or --config still compares
+    joint_all = joint_mious(select_runs(store, protocol))
     frame['gap_joint'] = [joint_all.get(joint_key(row), math.nan) - frame.at[row.label, 'all']
                           for row in rows]
 

@@ -264,6 +264,10 @@ def test_a_config_setting_a_methods_own_hyperparameter_compares_with_joint_on_th
     f = leaderboard(open_store(root), VOC19).frame
     assert f.at['lwf (cfgs/kd10.py)', 'gap_joint'] == pytest.approx(90 - 100 * 12.3 / 21)
     assert math.isnan(f.at['lwf (cfgs/lr.py)', 'gap_joint'])
+    # a table of that config alone, whose runs joint's are not, still compares with joint
+    chosen = leaderboard(open_store(root), VOC19, config='cfgs/kd10.py').frame
+    assert list(chosen.index) == ['lwf']
+    assert chosen.at['lwf', 'gap_joint'] == pytest.approx(90 - 100 * 12.3 / 21)
 
 
 def test_a_row_of_runs_stored_before_and_after_the_shared_digest_finds_joint_whatever_its_order(
