@@ -51,16 +51,15 @@ class AveragedRuntimeInfoHook(RuntimeInfoHook):
         self._reset()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        outputs = outputs or {}
-        for key, value in outputs.items():
+        for key, value in (outputs or {}).items():
             value = value.detach().double()
             finite = torch.isfinite(value)
             value, non_finite = torch.where(finite, value, 0.0), (~finite).double()
+            if key == 'loss':   # the sum of the terms
+                self._count_in_a_row(non_finite)
             if key in self._sums:
                 value, non_finite = self._sums[key] + value, self._non_finite[key] + non_finite
             self._sums[key], self._non_finite[key] = value, non_finite
-        if 'loss' in outputs:
-            self._count_in_a_row((~torch.isfinite(outputs['loss'].detach())).double())
         self._count += 1
         if (self.every_n_inner_iters(batch_idx, self.interval)
                 or self.end_of_epoch(runner.train_dataloader, batch_idx)):
