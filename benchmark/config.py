@@ -51,9 +51,12 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _whole_number(least: int) -> tuple[str, Callable[[object], bool]]:
-    return (f'a whole number >= {least}',
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least)
+    return f'a whole number >= {least}', lambda v: is_whole_number(v) and v >= least
 
 
 _NON_NEGATIVE = ('a number >= 0', lambda v: is_number(v) and v >= 0)

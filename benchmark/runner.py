@@ -30,7 +30,7 @@ from mmengine.config import Config, ConfigDict
 from mmengine.runner import set_random_seed
 
 from . import __version__, step0
-from .config import config_digest, is_number, load_config
+from .config import config_digest, is_number, is_whole_number, load_config
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
@@ -123,15 +123,10 @@ class RunPaths:
         return self.results / 'steps' / f'step{step}.json'
 
 
-def model_settings(model_cls) -> set[str]:
-    """The keyword arguments a segmentor class takes: its constructor's, then its bases' for
-    as long as each constructor passes ``**kwargs`` on."""
-    return set(model_setting_parameters(model_cls))
-
-
 def model_setting_parameters(model_cls) -> dict[str, inspect.Parameter]:
-    """``model_settings``, each with its parameter (default, annotation) in the most derived
-    constructor that takes it."""
+    """The keyword arguments a segmentor class takes (its constructor's, then its bases' for
+    as long as each constructor passes ``**kwargs`` on), each with its parameter (default,
+    annotation) in the most derived constructor that takes it."""
     found = {}
     for klass in model_cls.__mro__:
         if '__init__' not in vars(klass):
@@ -148,7 +143,7 @@ def model_setting_parameters(model_cls) -> dict[str, inspect.Parameter]:
 # What a method's setting may be, by the name of its annotation's type: (said as, test).
 _SETTING_KINDS = {
     'bool': ('True or False', lambda v: isinstance(v, bool)),
-    'int': ('a whole number', lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    'int': ('a whole number', is_whole_number),
     'float': ('a number', is_number),
     'str': ('a string', lambda v: isinstance(v, str)),
     'None': ('None', lambda v: v is None),
@@ -183,27 +178,30 @@ def shared_config_digest(cfg: Config) -> str:
     """The config's digest without the method's own settings (those the base segmentor does
     not take, e.g. lwf's ``loss_kd``): the same for every method's run of one model, data and
     schedule, by which the tables find the joint training that a run compares with."""
-    return config_digest(cfg, model_settings(IncrementalSegmentor) | {'type'})
+    return config_digest(cfg, {*model_setting_parameters(IncrementalSegmentor), 'type'})
 
 
 def check_model_settings(cfg: Config, model_type: str) -> None:
     """Refuse a config whose ``model`` section sets what this method's segmentor does not
-    take (e.g. SDR's ``loss_kd`` given to fine-tuning), before anything is built."""
+    take (e.g. SDR's ``loss_kd`` given to fine-tuning), or a value not of a setting's kind
+    (``setting_refusal``), before anything is built."""
     for part in ('backbone', 'decode_head'):
         part_type = cfg.model[part].get('type') if isinstance(cfg.model[part], dict) else None
         if not isinstance(part_type, str) or MODELS.get(part_type) is None:
             raise UserError(f'{cfg.filename}: model.{part}.type: {part_type!r} is not a '
                             f'registered model (cssbench registers its own as cssbench.<Name>)')
     model_cls = MODELS.get(model_type)
-    # ``type`` is the method's own (build_model sets it)
-    unknown = sorted(set(cfg.model) - {'type'} - model_settings(model_cls)) if model_cls else []
+    if model_cls is None:
+        return
+    params = model_setting_parameters(model_cls)
     method = next((m.name for m in registered_methods().values()
                    if m.model_type == model_type), model_type)
+    # ``type`` is the method's own (build_model sets it)
+    unknown = sorted(set(cfg.model) - {'type'} - set(params))
     if unknown:
-        known = ', '.join(sorted(model_settings(model_cls) - {'step_sizes'}))
+        known = ', '.join(sorted(set(params) - {'step_sizes'}))
         raise UserError(f'{cfg.filename}: model.{unknown[0]} is not a setting of method '
                         f'{method!r} (its settings: {known})')
-    params = model_setting_parameters(model_cls) if model_cls else {}
     for key in sorted(set(cfg.model) & set(params)):
         refusal = setting_refusal(params[key], cfg.model[key])
         if refusal:

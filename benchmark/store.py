@@ -201,8 +201,7 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         seed=_require(record, 'seed', int, 'run.json'),
         config_name=_require(record, 'config_name', str, 'run.json'),
         config_digest=_require(record, 'config_digest', str, 'run.json'),
-        # runs stored before it was recorded: the config's own (the same where the config
-        # sets no method's setting)
+        # None for runs stored before it was recorded (tables.joint_key falls back)
         shared_config_digest=record.get('shared_config_digest') or None,
         started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
