@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import mmengine.device.utils
+from mmengine.logging import MessageHub
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,17 @@ def mount_read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[Path]
     monkeypatch.setattr(os, 'access', guarded_access)
     monkeypatch.setattr(os, 'statvfs', guarded_statvfs)
     return refused
+
+
+def hook_runner(iters_per_epoch: int, *, epoch: int = 0, loss_scaled: bool = False,
+                hub: str = 'test_hooks') -> SimpleNamespace:
+    """What AveragedRuntimeInfoHook reads of mmengine's Runner: its epoch, work dir, loader,
+    model (a batch norm: weights and statistics), optimizer wrapper (``loss_scaled``: with
+    float16's GradScaler) and message hub (``hub``: its name)."""
+    return SimpleNamespace(epoch=epoch, work_dir='work/step1', train_dataloader=range(iters_per_epoch),
+                           model=torch.nn.BatchNorm1d(2),
+                           optim_wrapper=SimpleNamespace(loss_scaler=object() if loss_scaled else None),
+                           message_hub=MessageHub.get_instance(hub))
 
 
 LOCK_AND_WAIT = ('import fcntl, pathlib, sys, time; folder = pathlib.Path(sys.argv[1]); '

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from mmengine.dataset import DefaultSampler
-from mmengine.logging import MessageHub
 
 import cssbench.hooks as hooks
 from cssbench.errors import UserError
 from cssbench.hooks import (NON_FINITE_IN_A_ROW_LIMIT, AveragedRuntimeInfoHook, EpochKeyedSampler,
                             EpochSeedHook, StepClockHook, earlier_training_seconds,
                             processes_training)
+from conftest import hook_runner
 
 
 def _draw_after_hook(hook, epoch: int, batch_idx: int) -> torch.Tensor:
@@ -92,20 +92,13 @@ def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypa
     assert earlier_training_seconds(tmp_path) == 0.0
 
 
-def _runner_at(epoch: int, iters_per_epoch: int, loss_scaled: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(epoch=epoch, work_dir='work/step1', train_dataloader=range(iters_per_epoch),
-                           model=torch.nn.BatchNorm1d(2), optim_wrapper=SimpleNamespace(
-                               loss_scaler=object() if loss_scaled else None),  # float16's GradScaler
-                           message_hub=MessageHub.get_instance('test_hooks_losses'))
-
-
 AFTER = ('training stopped. Fix the method (a rerun continues the step from its last epoch '
          'checkpoint), or change the config (a lower lr or loss weight) and rerun with '
          '--overwrite or another --run-name')
 
 
 def test_a_non_finite_loss_stops_the_step_naming_the_term_and_the_iterations():
-    hook, runner = AveragedRuntimeInfoHook(interval=2), _runner_at(epoch=1, iters_per_epoch=4)
+    hook, runner = AveragedRuntimeInfoHook(interval=2), hook_runner(4, epoch=1)
     finite = dict(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.3), loss_kd=torch.tensor(0.2))
     for batch_idx in range(2):   # a finite interval is published as before
         hook.after_train_iter(runner, batch_idx, outputs=finite)
@@ -120,7 +113,7 @@ def test_a_non_finite_loss_stops_the_step_naming_the_term_and_the_iterations():
 
 def test_non_finite_weights_or_statistics_stop_the_step_whatever_the_loss():
     hook = AveragedRuntimeInfoHook(interval=2)
-    runner = _runner_at(epoch=0, iters_per_epoch=4, loss_scaled=True)
+    runner = hook_runner(4, loss_scaled=True)
     runner.model.running_var[1] = math.inf   # e.g. a float16 overflow before a batch norm
     hook.after_train_iter(runner, 0, outputs=dict(loss=torch.tensor(0.5)))
     with pytest.raises(UserError) as e:
@@ -130,7 +123,7 @@ def test_non_finite_weights_or_statistics_stop_the_step_whatever_the_loss():
 
 def test_under_loss_scaling_overflowed_iterations_are_skipped_until_too_many_in_a_row():
     hook = AveragedRuntimeInfoHook(interval=3)
-    runner = _runner_at(epoch=0, iters_per_epoch=40, loss_scaled=True)
+    runner = hook_runner(40, loss_scaled=True)
     finite = dict(loss=torch.tensor(0.5), loss_ce=torch.tensor(0.4))
     overflowed = dict(loss=torch.tensor(math.inf), loss_ce=torch.tensor(math.inf))
     for batch_idx, outputs in enumerate([finite, overflowed, dict(loss=torch.tensor(0.8),

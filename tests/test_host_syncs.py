@@ -18,7 +18,7 @@ from cssbench.config import load_config
 from cssbench.hooks import AveragedRuntimeInfoHook
 from cssbench.methods import method_names
 from cssbench.speed import SPEED_DEFAULTS
-from conftest import random_batch
+from conftest import hook_runner, random_batch
 
 aten = torch.ops.aten
 
@@ -96,17 +96,10 @@ def test_a_training_iteration_of_every_method_reads_nothing_back(name, amp):
 
 
 def test_loss_logging_reads_back_once_per_interval():
-    class Runner:
-        train_dataloader, work_dir, epoch = range(10), 'work/step0', 0
-        model, optim_wrapper = torch.nn.BatchNorm1d(2), None
-
-        class message_hub:
-            update_scalar = staticmethod(lambda key, value: None)
-
-    hook = AveragedRuntimeInfoHook(interval=4)
+    runner, hook = hook_runner(10, hub='test_host_syncs'), AveragedRuntimeInfoHook(interval=4)
     reads = []
     for i in range(8):
         with HostReads() as detector:
-            hook.after_train_iter(Runner, i, outputs=dict(loss=torch.tensor(float(i))))
+            hook.after_train_iter(runner, i, outputs=dict(loss=torch.tensor(float(i))))
         reads.append(len(detector.found))
     assert reads == [0, 0, 0, 1, 0, 0, 0, 1]

@@ -9,7 +9,6 @@ import pytest
 import torch
 from mmengine.config import ConfigDict
 from mmengine.evaluator import Evaluator
-from mmengine.logging import MessageHub
 from mmengine.optim import build_optim_wrapper
 from torch.utils.data import DataLoader, default_collate
 
@@ -25,7 +24,7 @@ from cssbench.registry import LOOPS
 from cssbench.runner import build_model, speed_record
 from cssbench.speed import (REFERENCE_SPEED, Speed, emulated_bf16_note, optim_wrapper_config,
                             prepare_model, resolve_speed, val_loop_config)
-from conftest import float16_steps_by_hand
+from conftest import float16_steps_by_hand, hook_runner
 
 SMALL_DIGEST = '4b660a8be0305c19'  # the digest stored runs of the small config carry
 
@@ -116,10 +115,8 @@ def test_bf16_on_a_gpu_that_emulates_it_is_noted_with_the_way_to_float16(monkeyp
 
 
 def test_logged_losses_are_the_means_over_each_interval_and_the_epoch_tail():
-    hub = MessageHub.get_instance('test_logged_losses')
-    runner = SimpleNamespace(message_hub=hub, train_dataloader=list(range(7)), epoch=0,
-                             work_dir='work/step0', model=torch.nn.Linear(2, 2),
-                             optim_wrapper=SimpleNamespace(loss_scaler=None))
+    runner = hook_runner(7, hub='test_logged_losses')
+    hub = runner.message_hub
     hook = AveragedRuntimeInfoHook(interval=3)
     hook.before_train_epoch(runner)
     losses = [0.5, 1.0, 3.0, 2.0, 4.0, 0.25, 0.75]
