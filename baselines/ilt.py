@@ -20,6 +20,8 @@ from .lwf import LwF
 class ILT(LwF):
     """ILT: cross-entropy + output distillation + L2 distillation of the backbone's features."""
 
+    settings_unused_at_step0 = (*LwF.settings_unused_at_step0, 'loss_de')
+
     def __init__(self, *args, loss_kd: float = 100.0, loss_de: float = 100.0, **kwargs) -> None:
         super().__init__(*args, loss_kd=loss_kd, **kwargs)
         self.loss_de = float(loss_de)     # reference argparser.py: ILT -> loss_de = 100

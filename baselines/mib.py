@@ -22,6 +22,8 @@ from .lwf import LwF
 class MiB(LwF):
     """MiB: unbiased cross-entropy + unbiased distillation + background-based init."""
 
+    settings_unused_at_step0 = (*LwF.settings_unused_at_step0, 'init_balanced')
+
     def __init__(self, *args, loss_kd: float = 10.0, init_balanced: bool = True, **kwargs) -> None:
         super().__init__(*args, loss_kd=loss_kd, **kwargs)
         self.init_balanced = bool(init_balanced)

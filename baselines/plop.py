@@ -159,6 +159,10 @@ class PLOP(IncrementalSegmentor):
     """PLOP: local POD on features and logits + entropy-filtered pseudo-labels (Douillard et al.)."""
 
     step0_kind = 'fine-tuning'  # step 0: plain cross-entropy, exactly fine-tuning
+    settings_unused_at_step0 = ('pod_factor', 'pod_logits_factor', 'pod_logits', 'pod_scales',
+                                'pod_schedule', 'pseudo', 'threshold', 'entropy_bins',
+                                'classif_adaptive_factor', 'classif_adaptive_min_factor',
+                                'init_balanced')
     # The reference's ADE20K scripts (scripts/ade/plop_ade_*.sh): --pod_factor 0.001 and
     # pod_options switch.after.factor 0.00001; the signature's defaults are its VOC ones.
     dataset_defaults = {'ade': dict(pod_factor=0.001, pod_logits_factor=1e-5)}

@@ -234,6 +234,9 @@ class SDR(LwF):
     """
 
     step0_kind = 'fine-tuning+prototypes'
+    # Not the prototype terms' weights: whether any is on decides whether step 0 gathers
+    # prototypes; nor the sparsification's, which featspars_at_step0 applies at step 0.
+    settings_unused_at_step0 = (*LwF.settings_unused_at_step0, 'lfc_divide_in_loop')
     class_indexed_buffers = ('prototypes', 'prototype_counts')
 
     def __init__(self, *args, loss_kd: float = 100.0, loss_de_prototypes: float = 0.01,
@@ -305,6 +308,8 @@ class SDRMiB(SDR, MiB):
     without ``init_balanced``; ``init_balanced=True`` (MiB's) is the default here, as the
     method is SDR on top of MiB, and MiB initialises its new classifiers so.
     """
+
+    settings_unused_at_step0 = (*SDR.settings_unused_at_step0, 'init_balanced')
 
     def __init__(self, *args, loss_kd: float = 100.0, init_balanced: bool = True, **kwargs) -> None:
         super().__init__(*args, loss_kd=loss_kd, init_balanced=init_balanced, **kwargs)

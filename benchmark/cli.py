@@ -8,6 +8,7 @@ import os
 import select
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,7 +90,9 @@ def cmd_run(args) -> int:
     if several:
         _check_runs_before_training(args, runs)
     left_to_others = {}   # run folder: protocol given
+    stopped = {}          # run folder: protocol given (an error stopped it, reported above)
     for given, seed, method, run_name in runs:
+        *_, name, folder = locate_run(given, method, args.results, run_name, args.config, seed)
         try:
             results = _run_one(args, several, given, seed, method, run_name)
         except RunHeldElsewhere as e:   # every process of a torchrun gets it, from rank 0
@@ -97,26 +100,51 @@ def cmd_run(args) -> int:
                 raise
             if is_main_process():
                 print(f'cssbench: note: {e}; left to it', file=sys.stderr)
-            left_to_others[str(locate_run(given, method, args.results, run_name, args.config,
-                                          seed)[-1])] = given
+            left_to_others[str(folder)] = given
             continue
-        _, _, name, _ = locate_run(given, method, args.results, run_name, args.config, seed)
+        except Exception as e:
+            if not (several and _goes_on_after(e)):
+                raise
+            _report_stopped_run(e, folder)
+            stopped[str(folder)] = given
+            continue
         print(format_step_table(protocols[given].name, method, name, results))
     if several and is_main_process():  # rank 0 reads the store
+        unfinished = {*left_to_others.values(), *stopped.values()}
         for given, protocol in protocols.items():
             try:
                 print(render_table(args.results, protocol.name, 'md'))
-            except UserError:   # none complete: every run of it left to others, maybe
-                if given not in left_to_others.values():
+            except UserError:   # none complete: every run of it left to others or stopped
+                if given not in unfinished:
                     raise
                 print(f'cssbench: note: no leaderboard of {protocol.name}: no run of it is '
                       f'complete yet', file=sys.stderr)
-    if not left_to_others:
-        return 0
     if is_main_process():
-        print(f'cssbench: runs left to other cssbench processes, which the leaderboards may '
-              f'lack: {", ".join(left_to_others)}', file=sys.stderr)
-    return 1
+        if left_to_others:
+            print(f'cssbench: runs left to other cssbench processes, which the leaderboards may '
+                  f'lack: {", ".join(left_to_others)}', file=sys.stderr)
+        if stopped:
+            print(f'cssbench: error: runs stopped by an error (above), which the leaderboards '
+                  f'lack: {", ".join(stopped)}', file=sys.stderr)
+    return 2 if stopped else 1 if left_to_others else 0
+
+
+def _goes_on_after(error: Exception) -> bool:
+    """Whether a command of several runs goes on with its other runs after ``error`` stopped
+    one (a step gone NaN, a method's bug): in one process only, where nothing of the stopped
+    run is left running (under torchrun an error can be one process's alone, the others still
+    in the run's collectives), and not after the machine's errors (a full disk, stdout's
+    reader gone, no memory left on the host), which the next run would meet too."""
+    return not _under_torchrun() and not isinstance(error, (OSError, MemoryError))
+
+
+def _report_stopped_run(error: Exception, folder: Path) -> None:
+    if isinstance(error, UserError):
+        print(f'cssbench: error: {one_line(error)}', file=sys.stderr)
+    else:   # not the user's: the traceback, as the command would have ended with
+        traceback.print_exc()
+    print(f"cssbench: note: {folder} stopped; going on with the command's other runs",
+          file=sys.stderr)
 
 
 def _run_one(args, several: bool, given: str, seed: int, method: str,

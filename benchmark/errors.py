@@ -1,6 +1,7 @@
 """Errors that are the user's to fix (the CLI prints their one-line message and exits with 2;
-a command of several runs leaves a run held elsewhere and exits with 1 at its end), and the
-small checks of command-line input that raise them."""
+a command of several runs leaves a run held elsewhere and exits with 1 at its end, and goes on
+after a run stopped by an error and exits with 2 at its end), and the small checks of
+command-line input that raise them."""
 from __future__ import annotations
 
 import errno

@@ -249,6 +249,11 @@ class IncrementalSegmentor(BaseModel):
     # stands in for training it (step0.cache_key); None: always train step 0.
     step0_kind: str | None = 'fine-tuning'
 
+    # The method's own settings (constructor arguments) that its step 0 never reads, e.g.
+    # distillation weights: configs that differ only in them share a cached step 0. Every
+    # setting not named counts, a subclass's new ones too.
+    settings_unused_at_step0: tuple[str, ...] = ()
+
     # Hyperparameters (constructor arguments) that differ by dataset from the defaults in the
     # signature, which are the VOC ones: {'ade': dict(...)}. A config's values win over both.
     dataset_defaults: dict[str, dict] = {}
@@ -298,6 +303,18 @@ class IncrementalSegmentor(BaseModel):
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.encode_decode(inputs)['logits']
         return dict(loss_ce=cross_entropy(logits, targets, self.ignore_index))
+
+    def parse_losses(self, losses: dict) -> tuple[torch.Tensor, dict]:
+        """mmengine's sum of the terms named ``loss*`` (others are only logged), refusing a
+        term that is not one number: mmengine would average a per-pixel map, ignored pixels
+        included, and fail on a float with a traceback."""
+        for name, value in losses.items():
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                what = (f'a tensor of shape {tuple(value.shape)}' if isinstance(value, torch.Tensor)
+                        else f'a {type(value).__name__}')
+                raise UserError(f'{type(self).__name__}.loss returned {name!r} as {what}: each '
+                                f'term is one number, a tensor reduced as the method means it')
+        return super().parse_losses(losses)
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> list[dict]:

@@ -472,8 +472,9 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         if started is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
             return read_json(results_dir / 'metrics.json')['steps']
-        step0_key = (step0.cache_key(steps_of(protocol, method), method.step0_kind, cfg, seed,
-                                     deterministic, started['run']['dataset_fingerprint'],
+        step0_key = (step0.cache_key(steps_of(protocol, method), method.step0_kind, cfg,
+                                     MODELS.get(method.model_type).settings_unused_at_step0,
+                                     seed, deterministic, started['run']['dataset_fingerprint'],
                                      started['run']['speed'])
                      if step0_cache and method.step0_kind else None)
         step_results = [run_step(cfg, method, protocol, t, started['splits'][t], paths, seed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -23,13 +24,16 @@ from .io import (atomic_copy, atomic_write_json, cache_root, copy_if_absent, fil
 from .protocols import Protocol
 
 
-def cache_key(steps: Protocol, kind: str, cfg: Config, seed: int, deterministic: bool,
-              dataset_fingerprint: str, speed: dict) -> str:
+def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collection[str],
+              seed: int, deterministic: bool, dataset_fingerprint: str, speed: dict) -> str:
     """Everything a step-0 model depends on. Methods of the same ``step0_kind`` share it, and
     so do protocols whose step 0 trains alike (``Protocol.first_step_training``): their later
-    steps and how they score are not part of it. ``steps``: the steps the method trains;
-    ``speed``: the run's speed record (``runner.speed_record``)."""
-    key = dict(kind=kind, step0=steps.first_step_training(), config=config_digest(cfg),
+    steps and how they score are not part of it, nor the method's settings that its step 0
+    never reads (``unused_settings``: a config setting LwF's ``loss_kd`` shares fine-tuning's
+    step 0). ``steps``: the steps the method trains; ``speed``: the run's speed record
+    (``runner.speed_record``)."""
+    config = config_digest(cfg, set(cfg.model) - set(unused_settings))
+    key = dict(kind=kind, step0=steps.first_step_training(), config=config,
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
     if speed['amp'] != 'float32':   # one trained under autocast (bf16, float16) is not the fp32 one
@@ -54,7 +58,8 @@ def _read_record(path: Path, digest: str) -> dict | None:
 
 
 def _loads(weights: Path) -> bool:
-    """Whether ``weights`` exist and load: a cached model cut short or damaged does not."""
+    """Whether ``weights`` exist and load, every number finite: a cached model cut short or
+    damaged does not, nor one gone NaN (cached before a step gone NaN was stopped)."""
     if not weights.is_file():
         return False
     try:
@@ -63,7 +68,9 @@ def _loads(weights: Path) -> bool:
         raise   # the machine's trouble, not the file's
     except Exception:  # whatever else stops it loading is the file's
         return False
-    return isinstance(state, dict) and len(state) > 0
+    return (isinstance(state, dict) and len(state) > 0
+            and all(torch.isfinite(t).all() for t in state.values()
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()))
 
 
 @decided_by_main

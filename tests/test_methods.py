@@ -162,3 +162,53 @@ def test_kd_alpha_from_the_config_reaches_the_distillation(name):
     expected = weight * kd(new, old, 2.0)
     torch.testing.assert_close(losses['loss_kd'].detach(), expected)
     assert not torch.isclose(expected, weight * kd(new, old, 1.0))
+
+
+def _another_value(value):
+    """A valid setting other than ``value`` (a default of a method's constructor)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, tuple):
+        return value[:-1]
+    return None   # PLOP's pseudo: 'entropy' or None
+
+
+def _step0_after_one_backward(name: str, settings: dict) -> tuple[dict, list, dict]:
+    """A method's step-0 losses on a batch, its gradients, and its state after the forward."""
+    cfg = load_config('small')
+    cfg.model.update(settings)
+    torch.manual_seed(0)
+    model = build_model(cfg, get_method(name).model_type, load_protocol('voc-15-5-overlap'), 0)
+    model.train().init_new_classifier()
+    losses = model(**model.data_preprocessor(batch(num_classes=16), True), mode='loss')
+    sum(losses.values()).backward()
+    return ({k: v.detach() for k, v in losses.items()}, [p.grad for p in model.parameters()],
+            model.state_dict())
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+@pytest.mark.parametrize('name', ['lwf', 'ilt', 'mib', 'plop', 'sdr', 'sdr+mib'])
+def test_the_settings_a_method_names_unused_at_step0_change_nothing_there(name):
+    """A config setting only these shares the cached step 0 of the method's defaults: each set
+    otherwise leaves step 0's losses, gradients and state (SDR's prototypes) bit for bit."""
+    from cssbench.registry import MODELS
+    from cssbench.runner import model_setting_parameters
+    model_cls = MODELS.get(get_method(name).model_type)
+    params = model_setting_parameters(model_cls)
+    unused = model_cls.settings_unused_at_step0
+    assert unused and set(unused) <= set(params)
+    changed = {k: _another_value(params[k].default) for k in unused}
+    assert all(v != params[k].default for k, v in changed.items())
+    assert _same(_step0_after_one_backward(name, {}), _step0_after_one_backward(name, changed))
+    if name == 'sdr':   # and the comparison sees a setting that step 0 reads
+        assert not _same(_step0_after_one_backward(name, {}),
+                         _step0_after_one_backward(name, dict(featspars_at_step0=True)))

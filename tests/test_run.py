@@ -439,6 +439,69 @@ def test_a_command_of_several_runs_leaves_the_runs_other_processes_run_to_them(
                              f'leaderboards may lack: {ft}, {joint}')
 
 
+@pytest.fixture
+def methods_that_stop_at_step1():
+    """Three methods that train step 0 as fine-tuning and stop at step 1's first iteration:
+    their loss NaN (the step is stopped), one loss a per-pixel map (refused), a bug."""
+    from cssbench.baselines.ft import FineTuning
+    from cssbench.methods import METHODS, register_method
+    from cssbench.registry import MODELS
+
+    def at_step1(change):
+        def loss(self, inputs, targets):
+            losses = FineTuning.loss(self, inputs, targets)
+            return change(losses, inputs) if self.step == 1 else losses
+        return loss
+
+    def bug(losses, inputs):
+        raise ValueError('a bug in the method')
+    changes = {'goes-nan': lambda losses, inputs: dict(loss_ce=losses['loss_ce'] * float('nan')),
+               'per-pixel': lambda losses, inputs: dict(losses, loss_map=inputs[:, 0].abs()),
+               'has-a-bug': bug}
+    classes = [register_method(name)(type(name.title().replace('-', ''), (FineTuning,),
+                                          dict(loss=at_step1(change))))
+               for name, change in changes.items()]
+    yield list(changes)
+    for name, cls in zip(changes, classes):
+        METHODS.pop(name)
+        MODELS._module_dict.pop(cls.__name__)
+
+
+def test_a_command_of_several_runs_goes_on_after_one_stops_and_ends_naming_it(
+        synth32, config32, tmp_path, capsys, methods_that_stop_at_step1):
+    """A run stopped by an error (a step gone NaN, a refused loss, a method's bug) is reported
+    as a command of one run reports it, and the command goes on with its other runs, prints
+    the leaderboard of those complete, and ends with status 2 naming the runs stopped."""
+    results = tmp_path / 'results'
+    runs = results / 'synth-15-5-overlap'
+    nan, per_pixel, bug = methods_that_stop_at_step1
+    status = main(['run', '--protocol', 'synth-15-5-overlap', '--method', f'{nan},{per_pixel},{bug},ft',
+                   '--config', str(config32), '--data-root', str(synth32), '--epochs', '1',
+                   '--results', str(results)])
+    out, err = capsys.readouterr()
+    assert status == 2
+    folder = {method: runs / method / 'small32-seed0' for method in (nan, per_pixel, bug, 'ft')}
+    status_of = {m: json.loads((f / 'run.json').read_text())['status'] for m, f in folder.items()}
+    assert status_of['ft'] == 'complete' and all(status_of[m] != 'complete' for m in (nan, per_pixel, bug))
+    leaderboard = out[out.index('### synth-15-5-overlap: mIoU'):]
+    assert '| ft |' in leaderboard and not any(f'| {m} |' in leaderboard for m in (nan, per_pixel, bug))
+    assert re.search(rf'^cssbench: error: {re.escape(str(folder[nan]))}/work/step1: epoch 1 .*'
+                     rf'losses not finite: loss_ce', err, re.M)
+    assert (f"cssbench: error: PerPixel.loss returned 'loss_map' as a tensor of shape (16, 32, 32): "
+            f"each term is one number, a tensor reduced as the method means it\n") in err
+    assert 'Traceback (most recent call last)' in err and 'ValueError: a bug in the method\n' in err
+    for m in (nan, per_pixel, bug):
+        assert f"cssbench: note: {folder[m]} stopped; going on with the command's other runs\n" in err
+    assert err.splitlines()[-1] == (f'cssbench: error: runs stopped by an error (above), which the '
+                                    f'leaderboards lack: {folder[nan]}, {folder[per_pixel]}, {folder[bug]}')
+
+    # A command of one run ends at its error, as before.
+    assert main(['run', '--protocol', 'synth-15-5-overlap', '--method', per_pixel, '--config',
+                 str(config32), '--data-root', str(synth32), '--epochs', '1', '--results',
+                 str(results)]) == 2
+    assert capsys.readouterr().err.startswith("cssbench: error: PerPixel.loss returned 'loss_map'")
+
+
 def test_a_protocol_whose_runs_were_all_left_to_others_has_no_leaderboard_yet(
         synth32, config32, tmp_path, capsys):
     results = tmp_path / 'results'
@@ -567,6 +630,25 @@ def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(
     assert longer[0]['step0_cache'] is None
     assert (runs / 'lwf' / 'e2' / 'work' / 'step0' / 'model.pth').read_bytes() != ft_weights
 
+    # A config setting only what the method's step 0 never reads (LwF's distillation) shares
+    # it; one setting what step 0 does read (SDR's sparsification there) does not.
+    def config_setting(name: str, settings: str) -> str:
+        path = tmp_path / f'{name}.py'
+        path.write_text(f"_base_ = ['{config32}']\nmodel = dict({settings})\n")
+        return str(path)
+    tuned = run_protocol('synth-15-5-overlap', 'lwf', **dict(
+        kwargs, config=config_setting('kd10', 'loss_kd=10.0, kd_alpha=0.5')))
+    assert tuned[0]['step0_cache'] and tuned[0]['iou'] == ft[0]['iou']
+    sdr = run_protocol('synth-15-5-overlap', 'sdr', **kwargs)
+    sdr_kd = run_protocol('synth-15-5-overlap', 'sdr', **dict(
+        kwargs, config=config_setting('sdr-kd10', 'loss_kd=10.0, lfc_divide_in_loop=False')))
+    assert sdr[0]['step0_cache'] is None and sdr_kd[0]['step0_cache']
+    sparse = run_protocol('synth-15-5-overlap', 'sdr', **dict(
+        kwargs, config=config_setting('sparse', 'featspars_at_step0=True')))
+    assert sparse[0]['step0_cache'] is None
+    step0_of = lambda name: (runs / 'sdr' / name / 'work' / 'step0' / 'model.pth').read_bytes()
+    assert step0_of('sparse-seed0') != step0_of('small32-seed0') == step0_of('sdr-kd10-seed0')
+
 
 def test_protocols_sharing_their_first_step_share_its_model_and_score_it_their_own_way(
         synth32, config32, tmp_path):
@@ -645,6 +727,8 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
     reused = step0.reuse('k', whole, weights(c))
     assert (reused['iou'], reused['run'], weight_of(c)) == (None, str(b), 2.0)
     torch.save(['not', 'weights'], entry / 'model.pth')           # a whole zip, but no weights
+    assert step0.reuse('k', protocol, weights(c)) is None
+    torch.save({'w': torch.tensor([1.0, float('nan')])}, entry / 'model.pth')   # gone NaN
     assert step0.reuse('k', protocol, weights(c)) is None
     step0.store('k', protocol, weights(a), a, 1.0, {0: 0.5}, messages.append)
     assert step0.reuse('k', protocol, weights(c))['run'] == str(a) and weight_of(c) == 1.0
