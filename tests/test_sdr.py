@@ -346,6 +346,22 @@ def test_step1_terms_are_the_weighted_losses_on_the_backbone_output(name):
         assert v.item() > 0, k
 
 
+def test_step1_of_a_disjoint_protocol_leaves_the_background_prototype_alone():
+    # Reference train.py: _update_running_stats drops background when ``overlapped or (not
+    # sequential and incremental_step > 0)``: at step > 0 of a *disjoint* protocol too, where
+    # the step-1 background holds old classes. (The other step-1 tests run overlapped, where
+    # the protocol alone already leaves it out.)
+    model = method_model('sdr', 1, protocol='voc-15-5-disjoint', prepare_old=random_prototypes)
+    assert not model.overlapped
+    model.eval()
+    before = model.prototypes[0].clone()
+    data = model.data_preprocessor(batch([0, 16, 18], seed=4), False)
+    model(**data, mode='loss')
+    assert model.prototype_counts[0].item() == 7            # as step 0 left it
+    torch.testing.assert_close(model.prototypes[0], before)
+    assert model.prototype_counts[16] > 0 and model.prototype_counts[18] > 0
+
+
 @pytest.mark.parametrize('name', ['sdr', 'sdr+mib'])
 def test_step1_backward_reaches_only_the_student(name):
     model = model_at(name, 1).train()
