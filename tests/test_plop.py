@@ -195,6 +195,15 @@ def test_defaults_are_the_references_voc_settings():
     assert (method_model('plop', 1, cfg).pod_factor, method_model('plop', 1, cfg).threshold) == (0.5, 0.2)
 
 
+def test_entropies_are_scaled_by_the_log_of_every_class_seen_so_far():
+    # Reference train.py: find_median's ``max_value = log(nb_current_classes)``, the old and
+    # the new classes (21 at step 1 of 15-5, 16 + 5), which ``train`` divides by too; not the
+    # teacher's 16 channels.
+    assert method_model('plop', 1).max_entropy == pytest.approx(math.log(21))
+    assert method_model('plop', 1, protocol='voc-19-1-overlap').max_entropy == pytest.approx(math.log(21))
+    assert method_model('plop', 0).max_entropy == pytest.approx(math.log(16))
+
+
 def test_step0_is_plain_cross_entropy():
     model = method_model('plop', 0).eval()
     model.init_new_classifier()  # no-op
