@@ -51,6 +51,9 @@ Known differences from the reference, kept explicit:
 * Epochs: ``scripts/voc/plop_10-1.sh`` trains the incremental steps of 10-1 for 10 epochs
   (its other VOC scripts, 30). The harness trains every step of every method for the
   config's epochs, so that the methods compare on one schedule.
+* Under torchrun the entropy histograms are summed over the processes before the thresholds
+  are taken, so every process thresholds with the whole step's data; the reference's
+  ``find_median`` runs on each process's shard alone. One process: the same.
 """
 from __future__ import annotations
 
