@@ -807,7 +807,7 @@ def _cached_step0_ious(cached: dict, key: str, cfg: Config, method: Method, prot
     trained = (f'; trained in {cached["trained_in_s"]:.0f} s by {cached["run"]}'
                if cached['run'] else '')
     log(f'{tag} step 0: reusing the cached step-0 model {key} (same first step, data, '
-        f'config and seed{trained})')
+        f'config as step 0 reads it, and seed{trained})')
     if cached['iou'] is not None:
         return {int(c): (math.nan if v is None else v) for c, v in cached['iou'].items()}
     settings = ', '.join(f'{k}: {v}' for k, v in protocol.evaluation.items())
