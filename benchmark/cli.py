@@ -134,8 +134,16 @@ def _goes_on_after(error: Exception) -> bool:
     one (a step gone NaN, a method's bug): in one process only, where nothing of the stopped
     run is left running (under torchrun an error can be one process's alone, the others still
     in the run's collectives), and not after the machine's errors (a full disk, stdout's
-    reader gone, no memory left on the host), which the next run would meet too."""
-    return not _under_torchrun() and not isinstance(error, (OSError, MemoryError))
+    reader gone, no memory left on the host: a loader worker killed, as the kernel's OOM
+    killer kills it, or out of shared memory), which the next run would meet too."""
+    return not (_under_torchrun() or isinstance(error, (OSError, MemoryError))
+                or _lost_loader_worker(error))
+
+
+def _lost_loader_worker(error: Exception) -> bool:
+    """Whether ``error`` is torch's RuntimeError for a DataLoader worker that died (killed by
+    a signal, or exited unexpectedly), not a Python error raised in the worker."""
+    return isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker (pid')
 
 
 def _report_stopped_run(error: Exception, folder: Path) -> None:

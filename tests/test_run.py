@@ -502,6 +502,37 @@ def test_a_command_of_several_runs_goes_on_after_one_stops_and_ends_naming_it(
     assert capsys.readouterr().err.startswith("cssbench: error: PerPixel.loss returned 'loss_map'")
 
 
+def test_a_command_of_several_runs_stops_after_a_loader_worker_is_killed(synth32, tmp_path,
+                                                                      capsys):
+    """A loader worker killed (as the kernel's OOM killer kills one: no memory left on the
+    host) is the machine's error, which the next run would meet too: it stops the command."""
+    import multiprocessing
+    import signal
+    from cssbench.baselines.ft import FineTuning
+    from cssbench.methods import METHODS, register_method
+    from cssbench.registry import MODELS
+
+    def loss(self, inputs, targets):
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGKILL)
+        return FineTuning.loss(self, inputs, targets)
+    cls = register_method('workers-killed')(type('WorkersKilled', (FineTuning,), dict(loss=loss)))
+    config = tmp_path / 'workers.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "data = dict(crop_size=32, batch_size=8, num_workers=1)\n")
+    results = tmp_path / 'results'
+    try:
+        with pytest.raises(RuntimeError, match=r'^DataLoader worker \(pid'):
+            main(['run', '--protocol', 'synth-15-5-overlap', '--method', 'workers-killed,ft',
+                  '--config', str(config), '--data-root', str(synth32), '--epochs', '1',
+                  '--results', str(results), '--no-step0-cache'])
+    finally:
+        METHODS.pop('workers-killed')
+        MODELS._module_dict.pop(cls.__name__)
+    assert not (results / 'synth-15-5-overlap' / 'ft').exists()
+    assert 'going on' not in capsys.readouterr().err
+
+
 def test_a_protocol_whose_runs_were_all_left_to_others_has_no_leaderboard_yet(
         synth32, config32, tmp_path, capsys):
     results = tmp_path / 'results'
