@@ -103,7 +103,7 @@ def cmd_run(args) -> int:
             left_to_others[str(folder)] = given
             continue
         except Exception as e:
-            if not (several and _goes_on_after(e)):
+            if not (several and _goes_on_after(e, method)):
                 raise
             _report_stopped_run(e, folder)
             stopped[str(folder)] = given
@@ -129,21 +129,42 @@ def cmd_run(args) -> int:
     return 2 if stopped else 1 if left_to_others else 0
 
 
-def _goes_on_after(error: Exception) -> bool:
+def _goes_on_after(error: Exception, method: str) -> bool:
     """Whether a command of several runs goes on with its other runs after ``error`` stopped
-    one (a step gone NaN, a method's bug): in one process only, where nothing of the stopped
-    run is left running (under torchrun an error can be one process's alone, the others still
-    in the run's collectives), and not after the machine's errors (a full disk, stdout's
-    reader gone, no memory left on the host: a loader worker killed, as the kernel's OOM
-    killer kills it, or out of shared memory), which the next run would meet too."""
-    return not (_under_torchrun() or isinstance(error, (OSError, MemoryError))
-                or _lost_loader_worker(error))
+    one of ``method``: after a refusal (a step gone NaN, a loss term refused) or an error
+    raised in the method's own code (``_raised_in_method_code``: a bug the other methods do
+    not share), unless it is the machine's (``_machine_error``), which the next run would meet
+    too. In one process only: under torchrun an error can be one process's alone, the others
+    still in the run's collectives."""
+    if _under_torchrun() or _machine_error(error):
+        return False
+    return isinstance(error, UserError) or _raised_in_method_code(error, method)
 
 
-def _lost_loader_worker(error: Exception) -> bool:
-    """Whether ``error`` is torch's RuntimeError for a DataLoader worker that died (killed by
-    a signal, or exited unexpectedly), not a Python error raised in the worker."""
-    return isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker (pid')
+def _machine_error(error: Exception) -> bool:
+    """A full disk, stdout's reader gone (OSError), no memory left on the host (MemoryError,
+    or a loader worker that the kernel's OOM killer killed: torch raises that from its
+    SIGCHLD handler, in whatever code runs then, the method's too), a CUDA error."""
+    import torch
+    lost_loader_worker = (isinstance(error, RuntimeError)
+                          and str(error).startswith('DataLoader worker (pid'))
+    return lost_loader_worker or isinstance(
+        error, (OSError, MemoryError, getattr(torch, 'AcceleratorError', ())))
+
+
+def _raised_in_method_code(error: Exception, method: str) -> bool:
+    """Whether ``error``'s traceback passes through the files that define ``method``'s
+    segmentor and its bases up to ``IncrementalSegmentor`` (so not plain fine-tuning's)."""
+    from .methods import get_method
+    from .models import IncrementalSegmentor
+    from .registry import MODELS
+    model_cls = MODELS.get(get_method(method).model_type)
+    files = {getattr(sys.modules.get(klass.__module__), '__file__', None)
+             for klass in model_cls.__mro__
+             if issubclass(klass, IncrementalSegmentor) and klass is not IncrementalSegmentor}
+    files.discard(None)
+    return any(frame.f_code.co_filename in files
+               for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def _report_stopped_run(error: Exception, folder: Path) -> None:
@@ -582,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stderr(io.StringIO()) if _is_other_process() else contextlib.nullcontext():
         args = parse_arguments(argv)   # a usage error: rank 0 prints it (torchrun)
     try:
-        status = args.func(args) or 0   # None: done; run: 1 where it left runs to others
+        # None: done; run: 1 where it left runs to others, 2 where some stopped on an error
+        status = args.func(args) or 0
         if sys.stdout is not None:   # None: started with no stdout at all
             sys.stdout.flush()   # here, where a reader that left is handled, rather than at exit
     except RaisedByMainProcess as e:   # torchrun: rank 0 reports it

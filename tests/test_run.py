@@ -455,14 +455,22 @@ def methods_that_stop_at_step1():
 
     def bug(losses, inputs):
         raise ValueError('a bug in the method')
-    changes = {'goes-nan': lambda losses, inputs: dict(loss_ce=losses['loss_ce'] * float('nan')),
-               'per-pixel': lambda losses, inputs: dict(losses, loss_map=inputs[:, 0].abs()),
-               'has-a-bug': bug}
-    classes = [register_method(name)(type(name.title().replace('-', ''), (FineTuning,),
-                                          dict(loss=at_step1(change))))
-               for name, change in changes.items()]
-    yield list(changes)
-    for name, cls in zip(changes, classes):
+
+    # class statements, not type(): a class's module is where its statement is
+    @register_method('goes-nan')
+    class GoesNan(FineTuning):
+        loss = at_step1(lambda losses, inputs: dict(loss_ce=losses['loss_ce'] * float('nan')))
+
+    @register_method('per-pixel')
+    class PerPixel(FineTuning):
+        loss = at_step1(lambda losses, inputs: dict(losses, loss_map=inputs[:, 0].abs()))
+
+    @register_method('has-a-bug')
+    class HasABug(FineTuning):
+        loss = at_step1(bug)
+    classes = {'goes-nan': GoesNan, 'per-pixel': PerPixel, 'has-a-bug': HasABug}
+    yield list(classes)
+    for name, cls in classes.items():
         METHODS.pop(name)
         MODELS._module_dict.pop(cls.__name__)
 
@@ -512,11 +520,12 @@ def test_a_command_of_several_runs_stops_after_a_loader_worker_is_killed(synth32
     from cssbench.methods import METHODS, register_method
     from cssbench.registry import MODELS
 
-    def loss(self, inputs, targets):
-        for worker in multiprocessing.active_children():
-            os.kill(worker.pid, signal.SIGKILL)
-        return FineTuning.loss(self, inputs, targets)
-    cls = register_method('workers-killed')(type('WorkersKilled', (FineTuning,), dict(loss=loss)))
+    @register_method('workers-killed')
+    class WorkersKilled(FineTuning):
+        def loss(self, inputs, targets):   # the error comes from the loader, not from here
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal.SIGKILL)
+            return super().loss(inputs, targets)
     config = tmp_path / 'workers.py'
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
                       "data = dict(crop_size=32, batch_size=8, num_workers=1)\n")
@@ -528,8 +537,26 @@ def test_a_command_of_several_runs_stops_after_a_loader_worker_is_killed(synth32
                   '--results', str(results), '--no-step0-cache'])
     finally:
         METHODS.pop('workers-killed')
-        MODELS._module_dict.pop(cls.__name__)
+        MODELS._module_dict.pop(WorkersKilled.__name__)
     assert not (results / 'synth-15-5-overlap' / 'ft').exists()
+    assert 'going on' not in capsys.readouterr().err
+
+
+def test_a_command_of_several_runs_stops_after_an_error_outside_the_methods_code(
+        synth32, config32, tmp_path, capsys, monkeypatch):
+    """An error that is no refusal and not raised in the method's code (torch.save on a full
+    disk raises a RuntimeError) is the machine's: the command ends there, as before."""
+    from cssbench import runner
+
+    def full_disk(model, path):
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64')
+    monkeypatch.setattr(runner, 'save_weights', full_disk)
+    results = tmp_path / 'results'
+    with pytest.raises(RuntimeError, match='unexpected pos'):
+        main(['run', '--protocol', 'synth-15-5-overlap', '--method', 'lwf,mib', '--config',
+              str(config32), '--data-root', str(synth32), '--epochs', '1', '--results',
+              str(results)])
+    assert not (results / 'synth-15-5-overlap' / 'mib').exists()
     assert 'going on' not in capsys.readouterr().err
 
 
