@@ -110,15 +110,7 @@ def cmd_run(args) -> int:
             continue
         print(format_step_table(protocols[given].name, method, name, results))
     if several and is_main_process():  # rank 0 reads the store
-        unfinished = {*left_to_others.values(), *stopped.values()}
-        for given, protocol in protocols.items():
-            try:
-                print(render_table(args.results, protocol.name, 'md'))
-            except UserError:   # none complete: every run of it left to others or stopped
-                if given not in unfinished:
-                    raise
-                print(f'cssbench: note: no leaderboard of {protocol.name}: no run of it is '
-                      f'complete yet', file=sys.stderr)
+        _print_leaderboards(args.results, protocols, {*left_to_others.values(), *stopped.values()})
     if is_main_process():
         if left_to_others:
             print(f'cssbench: runs left to other cssbench processes, which the leaderboards may '
@@ -127,6 +119,19 @@ def cmd_run(args) -> int:
             print(f'cssbench: error: runs stopped by an error (above), which the leaderboards '
                   f'lack: {", ".join(stopped)}', file=sys.stderr)
     return 2 if stopped else 1 if left_to_others else 0
+
+
+def _print_leaderboards(results: str, protocols: dict[str, Protocol], unfinished: set[str]) -> None:
+    """Each protocol's leaderboard; a note instead for one of the protocols ``unfinished``
+    (some run of it left to another process or stopped) of which no run is complete."""
+    for given, protocol in protocols.items():
+        try:
+            print(render_table(results, protocol.name, 'md'))
+        except UserError:   # none complete
+            if given not in unfinished:
+                raise
+            print(f'cssbench: note: no leaderboard of {protocol.name}: no run of it is '
+                  f'complete yet', file=sys.stderr)
 
 
 def _goes_on_after(error: Exception, method: str) -> bool:
