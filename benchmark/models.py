@@ -307,13 +307,18 @@ class IncrementalSegmentor(BaseModel):
     def parse_losses(self, losses: dict) -> tuple[torch.Tensor, dict]:
         """mmengine's sum of the terms named ``loss*`` (others are only logged), refusing a
         term that is not one number: mmengine would average a per-pixel map, ignored pixels
-        included, and fail on a float with a traceback."""
+        included, and fail on a float, or an integer or boolean tensor, with a traceback."""
         for name, value in losses.items():
-            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
-                what = (f'a tensor of shape {tuple(value.shape)}' if isinstance(value, torch.Tensor)
-                        else f'a {type(value).__name__}')
-                raise UserError(f'{type(self).__name__}.loss returned {name!r} as {what}: each '
-                                f'term is one number, a tensor reduced as the method means it')
+            if not isinstance(value, torch.Tensor):
+                what = f'a {type(value).__name__}'
+            elif value.numel() != 1:
+                what = f'a tensor of shape {tuple(value.shape)}'
+            elif not value.is_floating_point():   # a count, say: mmengine's mean() fails on it
+                what = f'a tensor of dtype {value.dtype}, not a floating-point one'
+            else:
+                continue
+            raise UserError(f'{type(self).__name__}.loss returned {name!r} as {what}: each '
+                            f'term is one number, a tensor reduced as the method means it')
         return super().parse_losses(losses)
 
     @torch.no_grad()

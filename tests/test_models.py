@@ -1,6 +1,8 @@
 """The incremental segmentor: builds from both configs through mmseg's registry, grows, loads."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,21 @@ def test_bilinear_weights_rows_sum_to_one_with_two_neighbours_at_most():
     assert ((w > 0).sum(1) <= 2).all()
     # output 0 reads input position (0 + 0.5) * 7 / 23 - 0.5 < 0: clamped to input 0
     assert w[0, 0] == 1
+
+
+@pytest.mark.parametrize('value, what', [
+    (torch.tensor(3), 'a tensor of dtype torch.int64, not a floating-point one'),
+    (torch.tensor(True), 'a tensor of dtype torch.bool, not a floating-point one'),
+    (torch.ones(2, 2), 'a tensor of shape (2, 2)'),
+    (0.5, 'a float'),
+])
+def test_a_loss_term_that_is_not_one_floating_point_number_is_refused(value, what):
+    """An integer count among the logged terms is refused in one line (a refusal: a command
+    of several runs goes on), not left to fail in mmengine's mean() with a traceback."""
+    protocol = load_protocol('voc-19-1-overlap')
+    model = build_model(load_config('small'), 'cssbench.IncrementalSegmentor', protocol, 1)
+    loss, log_vars = model.parse_losses(dict(loss_ce=torch.tensor(1.5), acc=torch.tensor(0.25)))
+    assert float(loss) == 1.5 and dict(log_vars)['acc'] == 0.25
+    with pytest.raises(UserError, match=r"IncrementalSegmentor\.loss returned 'count' as "
+                       + re.escape(what) + ': each term is one number'):
+        model.parse_losses(dict(loss_ce=torch.tensor(1.5), count=value))
