@@ -10,3 +10,5 @@ from cssbench.models import IncrementalSegmentor
 @register_method('ft')
 class FineTuning(IncrementalSegmentor):
     """Fine-tuning: cross-entropy on the current step's labels (lower bound)."""
+
+    step0_kind = 'fine-tuning'

@@ -20,6 +20,7 @@ from .lwf import LwF
 class ILT(LwF):
     """ILT: cross-entropy + output distillation + L2 distillation of the backbone's features."""
 
+    step0_kind = 'fine-tuning'
     settings_unused_at_step0 = (*LwF.settings_unused_at_step0, 'loss_de')
 
     def __init__(self, *args, loss_kd: float = 100.0, loss_de: float = 100.0, **kwargs) -> None:

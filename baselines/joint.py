@@ -6,3 +6,5 @@ from cssbench.models import IncrementalSegmentor
 @register_method('joint', joint=True)
 class Joint(IncrementalSegmentor):
     """Joint training on all classes at once (offline upper bound)."""
+
+    step0_kind = 'fine-tuning'   # its one step: cross-entropy on every class

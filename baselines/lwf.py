@@ -21,7 +21,8 @@ from cssbench.models import IncrementalSegmentor
 class LwF(IncrementalSegmentor):
     """LwF: cross-entropy + distillation of the old classes' outputs (Li & Hoiem)."""
 
-    settings_unused_at_step0 = ('loss_kd', 'kd_alpha')   # no teacher: no distillation
+    step0_kind = 'fine-tuning'   # no teacher at step 0: plain cross-entropy
+    settings_unused_at_step0 = ('loss_kd', 'kd_alpha')
 
     def __init__(self, *args, loss_kd: float = 100.0, kd_alpha: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -22,6 +22,7 @@ from .lwf import LwF
 class MiB(LwF):
     """MiB: unbiased cross-entropy + unbiased distillation + background-based init."""
 
+    step0_kind = 'fine-tuning'   # the unbiased cross-entropy without old classes is the plain one
     settings_unused_at_step0 = (*LwF.settings_unused_at_step0, 'init_balanced')
 
     def __init__(self, *args, loss_kd: float = 10.0, init_balanced: bool = True, **kwargs) -> None:

@@ -317,6 +317,7 @@ class SDRMiB(SDR, MiB):
     method is SDR on top of MiB, and MiB initialises its new classifiers so.
     """
 
+    step0_kind = SDR.step0_kind
     settings_unused_at_step0 = (*SDR.settings_unused_at_step0, 'init_balanced')
 
     def __init__(self, *args, loss_kd: float = 100.0, init_balanced: bool = True, **kwargs) -> None:

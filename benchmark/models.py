@@ -214,6 +214,11 @@ class IncrementalSegmentor(BaseModel):
     mode, kept out of this module's parameters and checkpoints), ``None`` at step 0.
     """
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if 'step0_kind' not in vars(cls):   # not inherited
+            cls.step0_kind = None
+
     def __init__(self, backbone: dict, decode_head: dict, step_sizes: list[int],
                  data_preprocessor: dict | None = None, ignore_index: int = IGNORE_INDEX,
                  overlapped: bool = False, classifier_dropout: float = 0.0) -> None:
@@ -246,8 +251,9 @@ class IncrementalSegmentor(BaseModel):
 
     # What step 0 trains. Methods of one kind train the same step-0 model (weights and any
     # extra state), so a cached one of the same kind, first step, data, config and seed
-    # stands in for training it (step0.cache_key); None: always train step 0.
-    step0_kind: str | None = 'fine-tuning'
+    # stands in for training it (step0.cache_key); None: always train step 0. Each method
+    # class states its own (__init_subclass__): a subclass may train step 0 otherwise.
+    step0_kind: str | None = None
 
     # The method's own settings (constructor arguments) that its step 0 never reads, e.g.
     # distillation weights: configs that differ only in them share a cached step 0. Every

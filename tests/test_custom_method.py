@@ -96,3 +96,24 @@ def test_a_method_whose_module_is_not_imported_is_refused_naming_the_file_and_th
         get_method('yours')
     assert str(unknown.value).startswith("unknown method 'yours' (known: ")
     assert str(unknown.value).endswith(')')
+
+
+def test_a_method_shares_a_cached_step0_only_by_the_kind_its_own_class_states():
+    """A subclass may train step 0 otherwise than its base (a term without a teacher): it does
+    not inherit the base's step-0 kind, and trains its own step 0 unless it states one."""
+    from cssbench.baselines.lwf import LwF
+
+    class AddsAStep0Term(LwF):
+        pass
+
+    class StatesItsKind(LwF):
+        step0_kind = 'fine-tuning'
+    assert (LwF.step0_kind, AddsAStep0Term.step0_kind, StatesItsKind.step0_kind) == \
+        ('fine-tuning', None, 'fine-tuning')
+    namespace: dict = {'__name__': 'readme_example'}
+    try:
+        exec(compile(readme_example(), 'README.md', 'exec'), namespace)
+        assert get_method('feature-anchor').step0_kind == 'fine-tuning'   # the README's states it
+    finally:
+        METHODS.pop('feature-anchor', None)
+        MODELS._module_dict.pop('FeatureAnchor', None)
