@@ -229,12 +229,13 @@ def _planned_runs(args) -> tuple[dict[str, Protocol], list[tuple]]:
 def _checked_methods(args, protocols: dict[str, Protocol]) -> list[str]:
     """``--method``'s methods; refused first, a --data-root for protocols on several
     datasets, and after, a config that does not load for a protocol's dataset, sets what a
-    method does not take, or has a batch that torchrun's processes cannot share."""
+    method, its backbone or its head does not take, builds no model, or has a batch that
+    torchrun's processes cannot share."""
     from .config import load_config
     from .distributed import world_size
     from .engine import per_process_batch
     from .methods import get_method, method_names
-    from .runner import check_model_settings
+    from .runner import check_model_builds
     datasets = sorted({p.dataset for p in protocols.values()})
     if args.data_root and len(datasets) > 1:
         raise UserError(f'--data-root is the folder of one dataset, and these protocols are on '
@@ -244,8 +245,9 @@ def _checked_methods(args, protocols: dict[str, Protocol]) -> list[str]:
         cfg = load_config(args.config, args.epochs, dataset=dataset, compile=args.compile,
                           fp32=args.fp32)
         per_process_batch(cfg.data.batch_size, world_size())
+        protocol = next(p for p in protocols.values() if p.dataset == dataset)
         for method in methods:
-            check_model_settings(cfg, get_method(method).model_type)
+            check_model_builds(cfg, get_method(method).model_type, protocol)
     return methods
 
 

@@ -190,23 +190,55 @@ def check_model_settings(cfg: Config, model_type: str) -> None:
         if not isinstance(part_type, str) or MODELS.get(part_type) is None:
             raise UserError(f'{cfg.filename}: model.{part}.type: {part_type!r} is not a '
                             f'registered model (cssbench registers its own as cssbench.<Name>)')
+        # in_channels: the backbone's, set by the segmentor
+        _check_settings(cfg, f'model.{part}', cfg.model[part], MODELS.get(part_type), part_type,
+                        ignored={'type', 'in_channels'})
     model_cls = MODELS.get(model_type)
     if model_cls is None:
         return
-    params = model_setting_parameters(model_cls)
     method = next((m.name for m in registered_methods().values()
                    if m.model_type == model_type), model_type)
-    # ``type`` is the method's own (build_model sets it)
-    unknown = sorted(set(cfg.model) - {'type'} - set(params))
+    # ``type`` is the method's own (build_model sets it); step_sizes, the protocol's
+    _check_settings(cfg, 'model', cfg.model, model_cls, f'method {method!r}',
+                    ignored={'type', 'step_sizes'})
+
+
+def _check_settings(cfg: Config, where: str, settings: dict, cls, what: str,
+                    ignored: set[str]) -> None:
+    """Refuse a setting at ``where`` that ``cls``'s constructor does not take, or a value not
+    of its kind; ``ignored``: keys set otherwise than by the config."""
+    params = model_setting_parameters(cls)
+    unknown = sorted(set(settings) - ignored - set(params))
     if unknown:
-        known = ', '.join(sorted(set(params) - {'step_sizes'}))
-        raise UserError(f'{cfg.filename}: model.{unknown[0]} is not a setting of method '
-                        f'{method!r} (its settings: {known})')
-    for key in sorted(set(cfg.model) & set(params)):
-        refusal = setting_refusal(params[key], cfg.model[key])
+        known = ', '.join(sorted(set(params) - ignored))
+        raise UserError(f'{cfg.filename}: {where}.{unknown[0]} is not a setting of {what} (its '
+                        f'settings: {known})')
+    for key in sorted(set(settings) & set(params) - ignored):
+        refusal = setting_refusal(params[key], settings[key])
         if refusal:
-            raise UserError(f'{cfg.filename}: model.{key} of method {method!r} {refusal} (its '
-                            f'default: {params[key].default!r})')
+            raise UserError(f'{cfg.filename}: {where}.{key} of {what} {refusal} (its default: '
+                            f'{params[key].default!r})')
+
+
+def check_model_builds(cfg: Config, model_type: str, protocol: Protocol) -> None:
+    """Refuse a config whose model does not build (a value out of its range: a dropout of 2,
+    an output stride of 12) or whose parts do not fit (a backbone's widths and strides of
+    other lengths), before anything is written: built and run on one crop on the meta device,
+    which allocates and computes nothing, without its pretrained weights (config.py checks
+    their file)."""
+    check_model_settings(cfg, model_type)
+    trial = cfg.copy()
+    if 'pretrained' in trial.model.backbone:
+        trial.model.backbone.pretrained = None
+    crop = cfg.data.crop_size
+    try:
+        with torch.device('meta'):
+            build_model(trial, model_type, protocol, 0).eval()(torch.empty(1, 3, crop, crop))
+    except UserError:
+        raise
+    except Exception as e:   # whatever a constructor raises about its arguments
+        raise UserError(f'{cfg.filename}: the model does not build with these settings '
+                        f'({type(e).__name__}: {e})') from None
 
 
 def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):

@@ -375,6 +375,13 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
      "model (cssbench registers its own as cssbench.<Name>)"),
     ("model = dict(decode_head=dict(_delete_=True, channels=8))", "model.decode_head.type: None is "
      "not a registered model (cssbench registers its own as cssbench.<Name>)"),
+    # the backbone's and the head's settings, and a model that does not build or fit together
+    ('model = dict(backbone=dict(widthz=(8, 8, 8, 8)))', 'model.backbone.widthz is not a setting '
+     'of cssbench.SmallResNet (its settings: dilations, strides, widths)'),
+    ("model = dict(decode_head=dict(channels='64'))", "model.decode_head.channels of "
+     "cssbench.ASPPHead must be a whole number, got '64' (its default: 256)"),
+    ('model = dict(classifier_dropout=2.0)', 'the model does not build with these settings '
+     '(ValueError: dropout probability has to be between 0 and 1, but got 2.0)'),
 ])
 def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
     config = tmp_path / 'bad.py'
@@ -383,6 +390,21 @@ def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
     assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(config),
                  '--results', str(results)) == f'cssbench: error: {config}: {says}'
     assert not results.exists()   # refused before a run folder is made
+
+
+def test_a_config_whose_model_parts_do_not_fit_is_refused_before_anything_is_written(
+        capsys, tmp_path):
+    """Two stages of strides for four of widths: the backbone gives other channels than the
+    head takes. Found running the model on the meta device, before the run's folder is made
+    (it failed at the first iteration, a run folder left behind)."""
+    config = tmp_path / 'misfit.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "model = dict(backbone=dict(strides=(1, 2)))\n")
+    results = tmp_path / 'results'
+    assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,lwf',
+                 '--config', str(config), '--results', str(results)).startswith(
+        f'cssbench: error: {config}: the model does not build with these settings (RuntimeError: ')
+    assert not results.exists()
 
 
 @pytest.mark.parametrize('name, section', [
