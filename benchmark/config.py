@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | 
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or a float, finite (a NaN weight would turn its term off unnoticed: NaN > 0
+    is false), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_whole_number(value) -> bool:

@@ -355,6 +355,7 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
     ('schedule = dict(epochs_by_dataset=dict(synth=0))',
      'schedule.epochs_by_dataset.synth must be a whole number >= 1, got 0'),
     ('schedule = dict(lr=(0.01, -1))', 'schedule.lr[1] must be a number > 0, got -1'),
+    ("schedule = dict(lr=(float('inf'), 0.001))", 'schedule.lr[0] must be a number > 0, got inf'),
     ('schedule = dict(momentum=1.5)', 'schedule.momentum must be a number in [0, 1), got 1.5'),
     ('schedule = dict(nesterov=1)', 'schedule.nesterov must be True or False, got 1'),
     ('data = dict(batch_size=0)', 'data.batch_size must be a whole number >= 1, got 0'),
@@ -464,6 +465,8 @@ def test_config_setting_what_a_method_does_not_take(capsys, tmp_path, tiny_run):
 
 @pytest.mark.parametrize('setting, says', [
     ("loss_kd='10'", "model.loss_kd of method 'lwf' must be a number, got '10' (its default: 100.0)"),
+    ("loss_kd=float('nan')", "model.loss_kd of method 'lwf' must be a number, got nan (its default: "
+     "100.0)"),
     ('overlapped=1', "model.overlapped of method 'lwf' must be True or False, got 1 (its default: "
      'False)'),
     ('ignore_index=255.0', "model.ignore_index of method 'lwf' must be a whole number, got 255.0 "
