@@ -641,8 +641,11 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
     previous = read_json(run_file) if run_file.exists() and not overwrite else None
     if previous is not None:
         if previous.get('config_digest') != digest:
-            raise UserError(f'{paths.results}: a run with another config is stored there; pass '
-                            f'--overwrite to replace it or --run-name to keep both')
+            # named: two config files of one stem name their runs alike
+            stored = previous.get('config_name')
+            which = f' ({stored}, as it was then)' if stored else ''
+            raise UserError(f'{paths.results}: a run with another config{which} is stored '
+                            f'there; give --run-name to keep both, or --overwrite to replace it')
         if previous.get('deterministic', False) != deterministic:
             flag = 'with' if previous.get('deterministic') else 'without'
             raise UserError(f'{paths.results}: this run was started {flag} --deterministic; '

@@ -267,7 +267,7 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
     with pytest.raises(UserError, match=r'step0/model.pth: cannot read these weights \('):
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
     # A run continued otherwise than it started is refused too: another config, or determinism.
-    with pytest.raises(UserError, match='a run with another config is stored there'):
+    with pytest.raises(UserError, match='a run with another config .* is stored there'):
         run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, epochs=2))
     with pytest.raises(UserError, match='this run was started without --deterministic'):
         run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, deterministic=True))
@@ -396,12 +396,12 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
     alone = (f'cssbench run --protocol=synth-15-5-overlap --method=ft --seed=0 --config={config32} '
              f'--data-root={synth32} --epochs=2 --results={results}')
     assert err == (
-        f'cssbench: error: {ft_record.parent}: a run with another config is stored there; pass '
-        f'--overwrite to replace it or --run-name to keep both (with several runs, --overwrite '
-        f'would train every one again and --work-dir is refused: give what this advises to the '
-        f'command of this run alone, {alone})\n')
+        f'cssbench: error: {ft_record.parent}: a run with another config ({config32}, as it was '
+        f'then) is stored there; give --run-name to keep both, or --overwrite to replace it '
+        f'(with several runs, --overwrite would train every one again and --work-dir is refused: '
+        f'give what this advises to the command of this run alone, {alone})\n')
     assert main([*run, '--method', 'ft', '--epochs', '2']) == 2   # one run: the advice as it is
-    assert capsys.readouterr().err.endswith('--overwrite to replace it or --run-name to keep both\n')
+    assert capsys.readouterr().err.endswith('give --run-name to keep both, or --overwrite to replace it\n')
     assert ft_record.stat().st_mtime_ns == written
     joint_record = results / 'synth-15-5-overlap' / 'joint' / 'small32-seed0' / 'run.json'
     joint_written = joint_record.stat().st_mtime_ns
@@ -620,7 +620,7 @@ def test_a_command_runs_several_protocols_which_share_their_step0(synth32, confi
     # A later run's stored one, of another config (2 epochs, not 1), is refused before an
     # earlier run trains; and a command whose runs are complete keeps them without their data.
     assert main([*run, '--protocol', 'synth-15-5-overlap', '--seeds', '1,0', '--epochs', '2']) == 2
-    assert 'small32-seed0: a run with another config is stored there' in capsys.readouterr().err
+    assert 'small32-seed0: a run with another config (' in capsys.readouterr().err
     assert not (results / 'synth-15-5-overlap' / 'ft' / 'small32-seed1').exists()
     assert main([*run, '--protocol', f'synth-15-5-overlap,{three}', '--data-root', str(none)]) == 0
     assert out.index('### synth-15-5-overlap: mIoU') < out.index('### three: mIoU')
