@@ -28,12 +28,12 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
               seed: int, deterministic: bool, dataset_fingerprint: str, speed: dict) -> str:
     """Everything a step-0 model depends on. Methods of the same ``step0_kind`` share it, and
     so do protocols whose step 0 trains alike (``Protocol.first_step_training``): their later
-    steps and how they score are not part of it, nor the method's settings that its step 0
-    never reads (``unused_settings``: a config setting LwF's ``loss_kd`` shares fine-tuning's
-    step 0). ``steps``: the steps the method trains; ``speed``: the run's speed record
+    steps and how they score are not part of it, nor what of the config step 0 never reads
+    (``_as_step0_reads_it``). ``steps``: the steps the method trains; ``unused_settings``: the
+    method's ``settings_unused_at_step0``; ``speed``: the run's speed record
     (``runner.speed_record``)."""
-    config = config_digest(cfg, set(cfg.model) - set(unused_settings))
-    key = dict(kind=kind, step0=steps.first_step_training(), config=config,
+    key = dict(kind=kind, step0=steps.first_step_training(),
+               config=config_digest(_as_step0_reads_it(cfg, unused_settings)),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
     if speed['amp'] != 'float32':   # one trained under autocast (bf16, float16) is not the fp32 one
@@ -41,6 +41,18 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
     if speed['world_size'] > 1:   # nor one trained in shares of the batch (torchrun)
         key['processes'] = dict(world_size=speed['world_size'], sync_bn=speed['sync_bn'])
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _as_step0_reads_it(cfg: Config, unused_settings: Collection[str]) -> Config:
+    """The config without what step 0 never reads: the later steps' learning rate, the
+    loader's worker count (data order and augmentation do not depend on it), and the
+    method's ``unused_settings`` (a config setting LwF's ``loss_kd`` shares fine-tuning's
+    step 0). A config setting none of them is the same config."""
+    sections = cfg.to_dict()
+    sections['schedule']['lr'] = sections['schedule']['lr'][:1]
+    sections['data'].pop('num_workers', None)
+    sections['model'] = {k: v for k, v in sections['model'].items() if k not in unused_settings}
+    return Config(sections)
 
 
 def _entry(key: str) -> Path:

@@ -697,6 +697,13 @@ def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(
     tuned = run_protocol('synth-15-5-overlap', 'lwf', **dict(
         kwargs, config=config_setting('kd10', 'loss_kd=10.0, kd_alpha=0.5')))
     assert tuned[0]['step0_cache'] and tuned[0]['iou'] == ft[0]['iou']
+    # nor the later steps' learning rate, nor the loader's workers
+    later_lr = tmp_path / 'later-lr.py'
+    later_lr.write_text(f"_base_ = ['{config32}']\nschedule = dict(lr=(0.05, 0.123))\n"
+                        "data = dict(num_workers=1)\n")
+    assert load_config(str(later_lr)).schedule.lr[0] == load_config(str(config32)).schedule.lr[0]
+    swept = run_protocol('synth-15-5-overlap', 'lwf', **dict(kwargs, config=str(later_lr)))
+    assert swept[0]['step0_cache'] and swept[0]['iou'] == ft[0]['iou']
     sdr = run_protocol('synth-15-5-overlap', 'sdr', **kwargs)
     sdr_kd = run_protocol('synth-15-5-overlap', 'sdr', **dict(
         kwargs, config=config_setting('sdr-kd10', 'loss_kd=10.0, lfc_divide_in_loop=False')))
