@@ -117,3 +117,24 @@ def test_a_method_shares_a_cached_step0_only_by_the_kind_its_own_class_states():
     finally:
         METHODS.pop('feature-anchor', None)
         MODELS._module_dict.pop('FeatureAnchor', None)
+
+
+def test_a_model_that_the_meta_device_cannot_build_is_not_refused_for_it():
+    """The config check builds each method's model on the meta device; a constructor doing
+    what meta tensors cannot (reading a number back) is the check's limit, not the config's."""
+    import torch
+    from cssbench.baselines.ft import FineTuning
+    from cssbench.config import load_config
+    from cssbench.protocols import load_protocol
+    from cssbench.runner import check_model_builds
+
+    @register_method('reads-back')
+    class ReadsBack(FineTuning):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale = torch.ones(()).item()
+    try:
+        check_model_builds(load_config('small'), 'cssbench.ReadsBack', load_protocol('voc-15-1-overlap'))
+    finally:
+        METHODS.pop('reads-back')
+        MODELS._module_dict.pop('ReadsBack')
