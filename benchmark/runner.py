@@ -511,10 +511,15 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
                                      seed, deterministic, started['run']['dataset_fingerprint'],
                                      started['run']['speed'])
                      if step0_cache and method.step0_kind else None)
-        step_results = [run_step(cfg, method, protocol, t, started['splits'][t], paths, seed,
-                                 deterministic, keep_epoch_checkpoints, log,
-                                 step0_key=step0_key if t == 0 else None)
-                        for t in range(len(started['splits']))]
+        try:
+            step_results = [run_step(cfg, method, protocol, t, started['splits'][t], paths, seed,
+                                     deterministic, keep_epoch_checkpoints, log,
+                                     step0_key=step0_key if t == 0 else None)
+                            for t in range(len(started['splits']))]
+        except BaseException as e:
+            if is_main_process():
+                _record_stopped(results_dir, started['run'], e)
+            raise
         if not is_main_process():
             return step_results  # rank 0 writes the run's files
         write_run_tables(results_dir, step_results)
@@ -527,6 +532,16 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
     if index_note:   # the run is stored; the next reader that can write the index updates it
         log(index_note)
     return step_results
+
+
+def _record_stopped(results_dir: Path, run: dict, error: BaseException) -> None:
+    """Mark the run stopped in its run.json, with what stopped it (the tables name it); a
+    run killed outright stays 'running'. What cannot be written leaves the error as it is."""
+    stopped_by = type(error).__name__ + (f': {error}' if str(error) else '')
+    with contextlib.suppress(OSError):
+        atomic_write_json(results_dir / 'run.json', dict(
+            run, status='stopped', stopped_by=stopped_by.splitlines()[0][:300],
+            stopped=time.strftime('%Y-%m-%dT%H:%M:%S')))
 
 
 def locate_run(protocol_name: str, method_name: str, results_root: str | Path,

@@ -184,7 +184,9 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
     status = record.get('status')
     if status != 'complete':
         done = len(list((run_dir / 'steps').glob('step*.json')))
-        raise CorruptRun(f'unfinished (status {status!r}, {done} step(s) done)')
+        how = (f'stopped by {record["stopped_by"]}' if status == 'stopped' and record.get('stopped_by')
+               else f'status {status!r}')
+        raise CorruptRun(f'unfinished ({how}, {done} step(s) done)')
     protocol = _require(record, 'protocol', dict, 'run.json')
     protocol_steps = _require(protocol, 'steps', list, "run.json's protocol")
     _require(protocol, 'name', str, "run.json's protocol")

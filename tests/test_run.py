@@ -489,10 +489,14 @@ def test_a_command_of_several_runs_goes_on_after_one_stops_and_ends_naming_it(
     out, err = capsys.readouterr()
     assert status == 2
     folder = {method: runs / method / 'small32-seed0' for method in (nan, per_pixel, bug, 'ft')}
-    status_of = {m: json.loads((f / 'run.json').read_text())['status'] for m, f in folder.items()}
-    assert status_of['ft'] == 'complete' and all(status_of[m] != 'complete' for m in (nan, per_pixel, bug))
+    record = {m: json.loads((f / 'run.json').read_text()) for m, f in folder.items()}
+    assert record['ft']['status'] == 'complete'
+    assert all(record[m]['status'] == 'stopped' for m in (nan, per_pixel, bug))
+    assert record[bug]['stopped_by'] == 'ValueError: a bug in the method'
     leaderboard = out[out.index('### synth-15-5-overlap: mIoU'):]
     assert '| ft |' in leaderboard and not any(f'| {m} |' in leaderboard for m in (nan, per_pixel, bug))
+    assert (f'- skipped synth-15-5-overlap/{bug}/small32-seed0: unfinished (stopped by ValueError: '
+            f'a bug in the method, 1 step(s) done)') in leaderboard
     assert re.search(rf'^cssbench: error: {re.escape(str(folder[nan]))}/work/step1: epoch 1 .*'
                      rf'losses not finite: loss_ce', err, re.M)
     assert (f"cssbench: error: PerPixel.loss returned 'loss_map' as a tensor of shape (16, 32, 32): "
