@@ -202,6 +202,16 @@ def stop_run_in_step(run_dir: Path, work: Path, t: int, steps: int = 2) -> None:
     (run_dir / 'run.json').write_text(json.dumps(dict(run, status='running')))
 
 
+def unregister_methods(*names: str) -> None:
+    """Undo a test's ``register_method``: each method, and its class in the MODELS registry."""
+    from cssbench.methods import METHODS
+    from cssbench.registry import MODELS
+    for name in names:
+        method = METHODS.pop(name, None)
+        if method is not None:
+            MODELS._module_dict.pop(method.model_type.removeprefix('cssbench.'), None)
+
+
 @pytest.fixture
 def voc_tree() -> Callable[..., Path]:
     """The ``make_voc_tree`` helper as a fixture."""

@@ -11,6 +11,7 @@ from cssbench.methods import METHODS, get_method, register_method
 from cssbench.registry import MODELS
 from cssbench.runner import run_protocol
 from cssbench.synth import make_synth
+from conftest import unregister_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,8 +41,7 @@ def test_readme_method_registers_and_runs_two_steps(tmp_path):
         assert [s['step'] for s in steps] == [0, 1]
         assert steps[1]['columns']['new']['label'] == '16-20'
     finally:
-        METHODS.pop('feature-anchor', None)
-        MODELS._module_dict.pop('FeatureAnchor', None)
+        unregister_methods('feature-anchor')
 
 
 def test_a_method_or_class_name_taken_by_another_class_is_refused_naming_both():
@@ -78,8 +78,7 @@ def test_a_module_imported_again_registers_its_methods_again():
             exec(compile(readme_example(), 'README.md', 'exec'), dict(namespace))
         assert get_method('feature-anchor').defined_in == 'readme_example.FeatureAnchor'
     finally:
-        METHODS.pop('feature-anchor', None)
-        MODELS._module_dict.pop('FeatureAnchor', None)
+        unregister_methods('feature-anchor')
 
 
 def test_a_method_whose_module_is_not_imported_is_refused_naming_the_file_and_the_import(
@@ -115,8 +114,7 @@ def test_a_method_shares_a_cached_step0_only_by_the_kind_its_own_class_states():
         exec(compile(readme_example(), 'README.md', 'exec'), namespace)
         assert get_method('feature-anchor').step0_kind == 'fine-tuning'   # the README's states it
     finally:
-        METHODS.pop('feature-anchor', None)
-        MODELS._module_dict.pop('FeatureAnchor', None)
+        unregister_methods('feature-anchor')
 
 
 def test_a_model_that_the_meta_device_cannot_build_is_not_refused_for_it():
@@ -136,5 +134,4 @@ def test_a_model_that_the_meta_device_cannot_build_is_not_refused_for_it():
     try:
         check_model_builds(load_config('small'), 'cssbench.ReadsBack', load_protocol('voc-15-1-overlap'))
     finally:
-        METHODS.pop('reads-back')
-        MODELS._module_dict.pop('ReadsBack')
+        unregister_methods('reads-back')

@@ -33,7 +33,7 @@ from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
 from cssbench.transforms import EvalTransform
 from conftest import (join_val_images_in_pairs, locked_by_another_process, mount_read_only,
-                      stop_run_in_step)
+                      stop_run_in_step, unregister_methods)
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
@@ -444,8 +444,7 @@ def methods_that_stop_at_step1():
     """Three methods that train step 0 as fine-tuning and stop at step 1's first iteration:
     their loss NaN (the step is stopped), one loss a per-pixel map (refused), a bug."""
     from cssbench.baselines.ft import FineTuning
-    from cssbench.methods import METHODS, register_method
-    from cssbench.registry import MODELS
+    from cssbench.methods import register_method
 
     def at_step1(change):
         def loss(self, inputs, targets):
@@ -468,11 +467,9 @@ def methods_that_stop_at_step1():
     @register_method('has-a-bug')
     class HasABug(FineTuning):
         loss = at_step1(bug)
-    classes = {'goes-nan': GoesNan, 'per-pixel': PerPixel, 'has-a-bug': HasABug}
-    yield list(classes)
-    for name, cls in classes.items():
-        METHODS.pop(name)
-        MODELS._module_dict.pop(cls.__name__)
+    names = ['goes-nan', 'per-pixel', 'has-a-bug']
+    yield names
+    unregister_methods(*names)
 
 
 def test_a_command_of_several_runs_goes_on_after_one_stops_and_ends_naming_it(
@@ -521,8 +518,7 @@ def test_a_command_of_several_runs_stops_after_a_loader_worker_is_killed(synth32
     import multiprocessing
     import signal
     from cssbench.baselines.ft import FineTuning
-    from cssbench.methods import METHODS, register_method
-    from cssbench.registry import MODELS
+    from cssbench.methods import register_method
 
     @register_method('workers-killed')
     class WorkersKilled(FineTuning):
@@ -540,8 +536,7 @@ def test_a_command_of_several_runs_stops_after_a_loader_worker_is_killed(synth32
                   '--config', str(config), '--data-root', str(synth32), '--epochs', '1',
                   '--results', str(results), '--no-step0-cache'])
     finally:
-        METHODS.pop('workers-killed')
-        MODELS._module_dict.pop(WorkersKilled.__name__)
+        unregister_methods('workers-killed')
     assert not (results / 'synth-15-5-overlap' / 'ft').exists()
     assert 'going on' not in capsys.readouterr().err
 
