@@ -259,7 +259,7 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
         records.append(record)
     frame = pd.DataFrame(records).set_index('row')
     # from every run of the protocol: a table chosen by --run or --config still compares
-    joint_all = joint_mious(select_runs(store, protocol))
+    joint_all = joint_mious(rows if runs is None and config is None else select_runs(store, protocol))
     frame['gap_joint'] = [joint_all.get(joint_key(row), math.nan) - frame.at[row.label, 'all']
                           for row in rows]
 
