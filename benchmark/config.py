@@ -2,14 +2,13 @@
 a run reads before anything is written."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mmengine.config import Config
 
+from .digests import sections_digest, shared_sections_digest
 from .errors import UserError
 from .speed import resolve_speed
 
@@ -175,11 +174,11 @@ def _one_letter_inside(a: str, b: str) -> bool:
     return first < len(short) and short[first:] == long[first + 1:]
 
 
-def config_digest(cfg: Config, model_keys: Collection[str] | None = None) -> str:
-    """What the config computes; its speed section (how fast) is left out, and with
-    ``model_keys`` every setting of its model section but those."""
-    sections = {k: v for k, v in cfg.to_dict().items() if k != 'speed'}
-    if model_keys is not None:
-        sections['model'] = {k: v for k, v in sections['model'].items() if k in model_keys}
-    text = json.dumps(sections, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def config_digest(cfg: Config) -> str:
+    """What the config computes (``digests.sections_digest``): how fast is left out."""
+    return sections_digest(cfg.to_dict())
+
+
+def shared_config_digest(cfg: Config) -> str:
+    """The config's digest without the method's own settings (``digests.shared_sections_digest``)."""
+    return shared_sections_digest(cfg.to_dict())

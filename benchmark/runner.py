@@ -30,7 +30,8 @@ from mmengine.config import Config, ConfigDict
 from mmengine.runner import set_random_seed
 
 from . import __version__, step0
-from .config import config_digest, is_number, is_whole_number, load_config
+from .config import config_digest, is_number, is_whole_number, load_config, shared_config_digest
+from .digests import stored_digests
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
@@ -39,7 +40,7 @@ from .hooks import CLOCK_FILE, earlier_training_seconds, processes_training
 from .io import atomic_path, atomic_write_json, atomic_write_text, read_json_or_none
 from .methods import Method, get_method, registered_methods
 from .metrics import range_label, summarize_step
-from .models import IncrementalSegmentor, read_state_dict
+from .models import read_state_dict
 from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
 from .seeds import derive_seed
@@ -172,13 +173,6 @@ def setting_refusal(param: inspect.Parameter, value) -> str | None:
     if kinds is None or any(_SETTING_KINDS[k][1](value) for k in kinds):
         return None
     return f'must be {" or ".join(_SETTING_KINDS[k][0] for k in kinds)}, got {value!r}'
-
-
-def shared_config_digest(cfg: Config) -> str:
-    """The config's digest without the method's own settings (those the base segmentor does
-    not take, e.g. lwf's ``loss_kd``): the same for every method's run of one model, data and
-    schedule, by which the tables find the joint training that a run compares with."""
-    return config_digest(cfg, {*model_setting_parameters(IncrementalSegmentor), 'type'})
 
 
 def check_model_settings(cfg: Config, model_type: str) -> None:
@@ -383,11 +377,12 @@ def _marks_this_run(marked_run: str | None, work: Path, identity: dict, record: 
     return trained_in == str(work.resolve()) and not (Path(marked_run) / 'run.json').exists()
 
 
-def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
+def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool, previous: dict | None) -> None:
     """Refuse a work dir whose marker names another run (a ``--work-dir`` given twice), or
     this run with another protocol, method, config or seed (an earlier start) unless
     ``overwrite``, which clears it next. The default work dir, inside the run folder, is the
-    run's own; so is one that a moved run folder trained in (``_marks_this_run``)."""
+    run's own; so is one that a moved run folder trained in (``_marks_this_run``).
+    ``previous``: the stored record this run continues (None if none)."""
     marker = paths.work / WORK_MARKER
     if not marker.exists():
         return
@@ -395,6 +390,10 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool) -> None:
         stored = read_json_object(marker)
     except CorruptRun:
         stored = {}
+    if previous is not None and stored.get('config_digest') == previous.get('config_digest'):
+        # Written with the record this run continues, whose config is this one's: its digest
+        # may be by an older rule (digests.stored_digests).
+        stored['config_digest'] = identity['config_digest']
     owned = (paths.work.resolve().parent == paths.results.resolve()   # a moved run folder too
              or _marks_this_run(stored.get('run'), paths.work, identity,
                                 read_json_or_none(paths.results / 'run.json',
@@ -637,7 +636,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
         _check_same_data(paths, previous, index)
     identity = dict(run=str(paths.results.resolve()), protocol=protocol.to_dict(),
                     method=method.name, config_digest=digest, seed=seed)
-    _check_work_dir(paths, identity, overwrite)
+    _check_work_dir(paths, identity, overwrite, previous)
     num_steps = steps_of(protocol, method).num_steps
     if continued:
         _check_trained_work_dir(paths, previous, identity)
@@ -657,7 +656,7 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
     run_file = paths.results / 'run.json'
     previous = read_json(run_file) if run_file.exists() and not overwrite else None
     if previous is not None:
-        if previous.get('config_digest') != digest:
+        if stored_digests(previous)[0] != digest:
             # named: two config files of one stem name their runs alike
             stored = previous.get('config_name')
             which = f' ({stored}, as it was then)' if stored else ''

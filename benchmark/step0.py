@@ -44,13 +44,11 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
 
 
 def _as_step0_reads_it(cfg: Config, unused_settings: Collection[str]) -> Config:
-    """The config without what step 0 never reads: the later steps' learning rate, the
-    loader's worker count (data order and augmentation do not depend on it), and the
+    """The config without what step 0 never reads: the later steps' learning rate and the
     method's ``unused_settings`` (a config setting LwF's ``loss_kd`` shares fine-tuning's
     step 0). A config setting none of them is the same config."""
     sections = cfg.to_dict()
     sections['schedule']['lr'] = sections['schedule']['lr'][:1]
-    sections['data'].pop('num_workers', None)
     sections['model'] = {k: v for k, v in sections['model'].items() if k not in unused_settings}
     return Config(sections)
 

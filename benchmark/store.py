@@ -22,11 +22,13 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .digests import stored_digests
 from .io import atomic_write_json, file_stamp, read_json_or_none
 
 INDEX_FILE = 'index.json'
-INDEX_VERSION = 4   # 2: runs carry their training regime; 3: and whether they trained jointly,
-                    # stamped with file_stamp; 4: and their shared config digest
+INDEX_VERSION = 5   # 2: runs carry their training regime; 3: and whether they trained jointly,
+                    # stamped with file_stamp; 4: and their shared config digest; 5: digests
+                    # computed from the stored config (digests.stored_digests)
 RUN_FILES = ('run.json', 'metrics.json')
 DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
@@ -55,8 +57,9 @@ class StoredRun:
     run: str
     seed: int
     config_name: str
+    # the config's digests (digests.stored_digests): its whole, and but for the method's own
+    # settings (None: a run stored with no config nor a shared digest)
     config_digest: str
-    # the config's but for the method's own settings (runner's); None: not recorded (older)
     shared_config_digest: str | None
     started: str
     finished: str
@@ -196,15 +199,16 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
     num_steps = 1 if joint else len(protocol_steps)
     steps = _check_steps(read_json_object(run_dir / 'metrics.json').get('steps'), num_steps)
     env = record.get('environment') if isinstance(record.get('environment'), dict) else {}
+    digest, shared_digest = stored_digests(record)
+    if not isinstance(digest, str):
+        raise CorruptRun("run.json lacks a valid 'config' and 'config_digest'")
     return StoredRun(
         path=run_dir.relative_to(root).as_posix(), protocol=protocol,
         method=_require(record, 'method', str, 'run.json'), joint=joint,
         run=_require(record, 'run', str, 'run.json'),
         seed=_require(record, 'seed', int, 'run.json'),
         config_name=_require(record, 'config_name', str, 'run.json'),
-        config_digest=_require(record, 'config_digest', str, 'run.json'),
-        # None for runs stored before it was recorded (tables.joint_key falls back)
-        shared_config_digest=record.get('shared_config_digest') or None,
+        config_digest=digest, shared_config_digest=shared_digest,
         started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),

@@ -4,6 +4,7 @@ These run the real mmengine training loop on CPU, on small synthetic datasets at
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from cssbench.io import file_sha256
 from cssbench.methods import get_method
 from cssbench.metrics import confusion_matrix, iou_per_class, range_label
 from cssbench.protocols import load_protocol
-from cssbench.runner import build_model, run_protocol
+from cssbench.runner import WORK_MARKER, build_model, run_protocol
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
@@ -293,6 +294,48 @@ def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
         else:
             with pytest.raises(UserError, match=f'fingerprint {legacy}'):
                 run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+
+
+def test_a_run_continues_with_other_loader_workers_and_from_a_digest_of_the_older_rule(
+        synth32, config32, tmp_path):
+    results = tmp_path / 'results'
+    kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1, results_root=results,
+                  run_name='r', log=lambda *a: None)
+    first = run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+    run_dir = results / 'synth-15-5-overlap' / 'ft' / 'r'
+    marker = run_dir / 'work' / WORK_MARKER
+    complete = json.loads((run_dir / 'run.json').read_text())
+    digest = complete['config_digest']
+
+    def stopped_after_step0(recorded_digest: str) -> None:
+        (run_dir / 'steps' / 'step1.json').unlink()
+        (run_dir / 'run.json').write_text(json.dumps(dict(complete, status='running',
+                                                          config_digest=recorded_digest)))
+        marker.write_text(json.dumps(dict(json.loads(marker.read_text()),
+                                          config_digest=recorded_digest)))
+
+    # other loader workers and evaluation batch: the same run
+    faster = tmp_path / 'faster.py'
+    faster.write_text(f"_base_ = ['{config32}']\ndata = dict(num_workers=1, eval_batch_size=3)\n")
+    stopped_after_step0(digest)
+    again = run_protocol('synth-15-5-overlap', 'ft', **dict(kwargs, config=str(faster)))
+    assert [s['iou'] for s in again] == [s['iou'] for s in first]   # the same numbers, too
+    # Stored by code whose digest counted them: continued, its record and marker brought to
+    # today's digest, and tabled as its config's.
+    sections = {k: v for k, v in complete['config'].items() if k != 'speed'}
+    older_rule = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+    assert older_rule != digest
+    stopped_after_step0(older_rule)
+    assert len(run_protocol('synth-15-5-overlap', 'ft', **kwargs)) == 2
+    assert json.loads((run_dir / 'run.json').read_text())['config_digest'] == digest
+    assert json.loads(marker.read_text())['config_digest'] == digest
+    (run_dir / 'run.json').write_text(json.dumps(dict(complete, config_digest=older_rule)))
+    assert [r.config_digest for r in open_store(results).runs] == [digest]
+    # a marker of another config is still refused, whatever rule its digest is by
+    stopped_after_step0(older_rule)
+    marker.write_text(json.dumps(dict(json.loads(marker.read_text()), config_digest='0' * 16)))
+    with pytest.raises(UserError, match='holds checkpoints of this run with another config_digest'):
+        run_protocol('synth-15-5-overlap', 'ft', **kwargs)
 
 
 def test_a_run_records_its_data_folder_absolute_however_it_was_given(synth32, config32, tmp_path,

@@ -18,12 +18,11 @@ import pytest
 from PIL import Image
 
 from cssbench.cli import main
-from cssbench.config import CONFIGS_DIR, config_digest, load_config
+from cssbench.config import CONFIGS_DIR, config_digest, load_config, shared_config_digest
 from cssbench.errors import UserError
 from cssbench.metrics import range_label, summarize_step
 from cssbench.plots import class_iou_figure, miou_by_step_figure
 from cssbench.protocols import Protocol, load_protocol
-from cssbench.runner import shared_config_digest
 from cssbench.store import INDEX_FILE, open_store, select_runs
 from cssbench.tables import (forgetting_per_class, leaderboard, mean_std, per_class_forgetting,
                              per_step, render)
@@ -295,6 +294,28 @@ def test_the_shared_config_digest_leaves_out_the_methods_own_settings_only(tmp_p
     own, shared = digests('loss_kd=10.0, temperature=2.0')   # settings of lwf's, of a method of one's own
     assert own != config_digest(small) and shared == config_digest(small)
     assert digests('classifier_dropout=0.2')[1] != config_digest(small)   # every method's setting
+
+
+def test_the_store_reads_the_shared_settings_that_the_base_segmentor_takes() -> None:
+    from cssbench.digests import SHARED_MODEL_SETTINGS
+    from cssbench.models import IncrementalSegmentor
+    from cssbench.runner import model_setting_parameters
+    assert set(SHARED_MODEL_SETTINGS) == {*model_setting_parameters(IncrementalSegmentor), 'type'}
+
+
+def test_how_fast_a_config_loads_and_scores_is_not_part_of_its_digest(tmp_path: Path) -> None:
+    small = load_config('small')
+
+    def with_data(settings: str):
+        config = tmp_path / 'c.py'
+        config.write_text(f"_base_ = ['{CONFIGS_DIR / 'small.py'}']\ndata = dict({settings})\n")
+        return load_config(str(config))
+    for settings in ('num_workers=7', 'eval_batch_size=3'):
+        cfg = with_data(settings)
+        assert cfg.data != small.data
+        assert config_digest(cfg) == config_digest(small)
+        assert shared_config_digest(cfg) == shared_config_digest(small)
+    assert config_digest(with_data('batch_size=4')) != config_digest(small)
 
 
 def test_runs_of_different_configs_are_separate_rows(tmp_path: Path) -> None:
