@@ -451,8 +451,17 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser taking every option by its whole name only: an abbreviation
+    (``--proto``) that a later option made ambiguous would break the scripts using it. The
+    commands' parsers are of the top-level parser's class (``add_subparsers``' default)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog='cssbench', description='Class-incremental semantic segmentation benchmark: run '
         'methods through protocols, tabulate and plot the results.')
     sub = parser.add_subparsers(dest='command', required=True)

@@ -1,6 +1,7 @@
 """Bad input: one line on stderr that names the file and what is wrong, exit status 2."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import cssbench.runner as runner
-from cssbench.cli import main
+from cssbench.cli import build_parser, main
 from cssbench.synth import make_synth
 from conftest import locked_by_another_process, make_voc_tree, mask_with, stop_run_in_step
 
@@ -92,6 +93,27 @@ def test_an_option_the_command_does_not_know_shows_that_commands_usage(argv, usa
     command = argv[0]
     unknown = ' '.join(argv[3:])
     assert err.splitlines()[-1] == f'cssbench {command}: error: unrecognized arguments: {unknown}'
+
+
+@pytest.mark.parametrize('argv, error', [
+    (['run', '--proto', 'nope'], 'the following arguments are required: --protocol'),
+    (['run', '--protocol', 'nope', '--epoch', '3'], 'unrecognized arguments: --epoch 3'),
+    (['table', '--proto', 'nope'], 'unrecognized arguments: --proto nope'),
+])   # (a protocol that does not exist: taken, the command fails at once)
+def test_an_abbreviated_option_is_refused(argv, error, capsys):
+    # argparse would take --proto for --protocol: an option added later (--protocol-file)
+    # would make it ambiguous, and the scripts using it fail
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f'cssbench {argv[0]}: error: {error}'
+
+
+def test_no_command_takes_abbreviated_options():
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert not parser.allow_abbrev
+    assert not [name for name, p in commands.choices.items() if p.allow_abbrev]
 
 
 def test_missing_dataset_root(capsys, tmp_path):
