@@ -845,7 +845,7 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
         atomic_write_json(paths.step_metrics(t), result)
         _clear_step_work(paths.step_work(t), keep_epoch_checkpoints)
     barrier()  # the other processes load this step's weights, written by rank 0, next
-    if last > 0:  # a run of one step (joint training) ends with this same table
+    if t < last:  # the run ends with its table (cmd_run prints it), the last step's row last
         log(format_step_table(protocol.name, method.name, paths.results.name, [result]))
     return result
 

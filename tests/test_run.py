@@ -5,6 +5,7 @@ These run the real mmengine training loop on CPU, on small synthetic datasets at
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -201,7 +202,8 @@ def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32,
         # 'classes 0-3,5-9,11-14,16,19', and each run's table its run
         for t, classes in enumerate(drawn.steps):
             assert f'[rand/ft/small32-seed{seed}] step {t}/1: classes {range_label(classes)}, ' in log
-        assert log.count(f'rand / ft / small32-seed{seed} (mIoU %)') == 3   # after each step, at its end
+        # after step 0 and at the run's end (step_tables_of_the_output)
+        assert log.count(f'rand / ft / small32-seed{seed} (mIoU %)') == 2
         orders.append(drawn.steps)
     assert orders[0] != orders[1]
     assert main(['table', '--protocol', 'rand', '--results', str(results)]) == 0
@@ -370,6 +372,30 @@ def test_a_run_records_its_data_folder_absolute_however_it_was_given(synth32, co
         f'{run_dir}: the data in {synth32.resolve()} changed since this run started on it '
         f'(fingerprint {"0" * 16}, now {fingerprint}: an image or mask, a list, or the mask folder '
         f'read); continue it on the data it started on, or --overwrite it')
+
+
+def step_tables_of_the_output(out: str, header: str) -> list[list[str]]:
+    """The steps each table of a run printed in ``out`` lists, in print order: a table is
+    its header, a line of column names, one of the index's name, then a row per step."""
+    tables = out.split(header + '\n')[1:]
+    return [[row.split()[0] for row in itertools.takewhile(lambda line: line[:1].isdigit(),
+                                                          table.splitlines()[2:])]
+            for table in tables]
+
+
+def test_a_run_prints_each_step_table_as_it_ends_and_the_last_step_only_in_its_own(
+        synth32, config32, tmp_path, capsys):
+    run = ['run', '--protocol', 'synth-15-5-overlap', '--config', str(config32),
+           '--data-root', str(synth32), '--epochs', '1', '--results', str(tmp_path / 'results')]
+    header = 'synth-15-5-overlap / ft / small32-seed0 (mIoU %)'
+    assert main(run) == 0
+    # step 0's as it ends; the run's, whose last row is step 1's, with nothing of step 1's before
+    assert step_tables_of_the_output(capsys.readouterr().out, header) == [['0'], ['0', '1']]
+    # continued after step 0: step 0 reused, step 1 trained; the run's table holds both
+    run_dir = tmp_path / 'results' / 'synth-15-5-overlap' / 'ft' / 'small32-seed0'
+    stop_run_in_step(run_dir, run_dir / 'work', 1)
+    assert main(run) == 0
+    assert step_tables_of_the_output(capsys.readouterr().out, header) == [['0', '1']]
 
 
 def test_a_copied_run_folder_continues_in_its_own_work_dir(synth32, config32, tmp_path):
