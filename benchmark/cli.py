@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .errors import (RaisedByMainProcess, RunHeldElsewhere, UserError, comma_list,
                      refuse_repeats, refuse_unwritable_folder)
+from .interrupts import noting_interrupts, raise_if_interrupted
 from .store import DEFAULT_RESULTS, Store
 
 if TYPE_CHECKING:
@@ -79,6 +80,12 @@ def cmd_make_synth(args) -> None:
 
 
 def cmd_run(args) -> int:
+    # A Ctrl-C stops it even where Python swallowed the KeyboardInterrupt (in a finalizer)
+    with noting_interrupts():
+        return _run_command(args)
+
+
+def _run_command(args) -> int:
     parent = os.getppid()   # before the imports (seconds): under torchrun, its agent
     from .distributed import decided_by_main, is_main_process, start_from_env
     from .runner import locate_run
@@ -92,6 +99,7 @@ def cmd_run(args) -> int:
     left_to_others = {}   # run folder: protocol given
     stopped = {}          # run folder: protocol given (an error stopped it, reported above)
     for given, seed, method, run_name in runs:
+        raise_if_interrupted()
         *_, name, folder = locate_run(given, method, args.results, run_name, args.config, seed)
         try:
             results = _run_one(args, several, given, seed, method, run_name)

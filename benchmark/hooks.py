@@ -1,5 +1,6 @@
 """Runner pieces: loss logging without host syncs, a compact console progress line,
-per-epoch seeding for exact resumes, and a step's training time kept across sessions."""
+per-epoch seeding for exact resumes, a step's training time kept across sessions, and a
+Ctrl-C that stops training whatever swallowed it."""
 from __future__ import annotations
 
 import datetime
@@ -13,6 +14,7 @@ from mmengine.hooks import Hook, RuntimeInfoHook
 
 from .distributed import is_main_process, rank, world_size
 from .errors import UserError
+from .interrupts import raise_if_interrupted
 from .io import atomic_write_json, read_json_or_none
 from .registry import DATA_SAMPLERS, HOOKS
 from .seeds import derive_seed
@@ -179,6 +181,21 @@ class EpochSeedHook(Hook):
         if batch_idx == 0:
             keys = [self.seed, runner.epoch] + ([rank()] if world_size() > 1 else [])
             torch.manual_seed(derive_seed(*keys))
+
+
+@HOOKS.register_module()
+class InterruptHook(Hook):
+    """Stops training or evaluation at the next iteration after a Ctrl-C whose
+    KeyboardInterrupt Python swallowed (``interrupts``). In every process: under torchrun
+    each got the SIGINT, and one that went on would wait for the others forever."""
+
+    priority = 'VERY_HIGH'
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        raise_if_interrupted()
+
+    def before_val_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        raise_if_interrupted()
 
 
 CLOCK_FILE = 'clock.json'
