@@ -12,6 +12,7 @@ import torch
 
 from cssbench.losses import feature_distillation
 from cssbench.methods import register_method
+from cssbench.models import LossWeight
 
 from .lwf import LwF
 
@@ -23,7 +24,8 @@ class ILT(LwF):
     step0_kind = 'fine-tuning'
     settings_unused_at_step0 = (*LwF.settings_unused_at_step0, 'loss_de')
 
-    def __init__(self, *args, loss_kd: float = 100.0, loss_de: float = 100.0, **kwargs) -> None:
+    def __init__(self, *args, loss_kd: LossWeight = 100.0,
+                 loss_de: LossWeight = 100.0, **kwargs) -> None:
         super().__init__(*args, loss_kd=loss_kd, **kwargs)
         self.loss_de = float(loss_de)     # reference argparser.py: ILT -> loss_de = 100
 

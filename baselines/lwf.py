@@ -14,7 +14,7 @@ import torch
 
 from cssbench.losses import cross_entropy, knowledge_distillation
 from cssbench.methods import register_method
-from cssbench.models import IncrementalSegmentor
+from cssbench.models import IncrementalSegmentor, LossWeight
 
 
 @register_method('lwf')
@@ -24,7 +24,7 @@ class LwF(IncrementalSegmentor):
     step0_kind = 'fine-tuning'   # no teacher at step 0: plain cross-entropy
     settings_unused_at_step0 = ('loss_kd', 'kd_alpha')
 
-    def __init__(self, *args, loss_kd: float = 100.0, kd_alpha: float = 1.0, **kwargs) -> None:
+    def __init__(self, *args, loss_kd: LossWeight = 100.0, kd_alpha: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_kd = float(loss_kd)     # reference argparser.py: LWF/ILT -> loss_kd = 100
         self.kd_alpha = float(kd_alpha)   # reference argparser.py: --alpha, default 1.

@@ -13,7 +13,7 @@ import torch
 
 from cssbench.losses import unbiased_cross_entropy, unbiased_knowledge_distillation
 from cssbench.methods import register_method
-from cssbench.models import init_classifier_from_background
+from cssbench.models import LossWeight, init_classifier_from_background
 
 from .lwf import LwF
 
@@ -25,7 +25,7 @@ class MiB(LwF):
     step0_kind = 'fine-tuning'   # the unbiased cross-entropy without old classes is the plain one
     settings_unused_at_step0 = (*LwF.settings_unused_at_step0, 'init_balanced')
 
-    def __init__(self, *args, loss_kd: float = 10.0, init_balanced: bool = True, **kwargs) -> None:
+    def __init__(self, *args, loss_kd: LossWeight = 10.0, init_balanced: bool = True, **kwargs) -> None:
         super().__init__(*args, loss_kd=loss_kd, **kwargs)
         self.init_balanced = bool(init_balanced)
 

@@ -66,7 +66,8 @@ from cssbench.distributed import sum_over_processes
 from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, merge_new_into_background,
                              pod_distillation)
 from cssbench.methods import register_method
-from cssbench.models import IncrementalSegmentor, init_classifier_from_background, upsample_logits
+from cssbench.models import (IncrementalSegmentor, LossWeight, init_classifier_from_background,
+                             upsample_logits)
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -170,7 +171,8 @@ class PLOP(IncrementalSegmentor):
     # pod_options switch.after.factor 0.00001; the signature's defaults are its VOC ones.
     dataset_defaults = {'ade': dict(pod_factor=0.001, pod_logits_factor=1e-5)}
 
-    def __init__(self, *args, pod_factor: float = 0.01, pod_logits_factor: float = 0.0005,
+    def __init__(self, *args, pod_factor: LossWeight = 0.01,
+                 pod_logits_factor: LossWeight = 0.0005,
                  pod_logits: bool = True, pod_scales=(1, 2, 4), pod_schedule: bool = True,
                  pseudo: str | None = 'entropy',
                  threshold: float = 0.001, entropy_bins: int = 100,

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 
 from cssbench.distributed import sum_over_processes
 from cssbench.methods import register_method
+from cssbench.models import LossWeight
 
 from .lwf import LwF
 from .mib import MiB
@@ -247,8 +248,9 @@ class SDR(LwF):
     settings_unused_at_step0 = (*LwF.settings_unused_at_step0, 'lfc_divide_in_loop')
     class_indexed_buffers = ('prototypes', 'prototype_counts')
 
-    def __init__(self, *args, loss_kd: float = 100.0, loss_de_prototypes: float = 0.01,
-                 loss_fc: float = 1e-3, lfc_sep_clust: float = 1e-3, loss_featspars: float = 1e-3,
+    def __init__(self, *args, loss_kd: LossWeight = 100.0, loss_de_prototypes: LossWeight = 0.01,
+                 loss_fc: LossWeight = 1e-3, lfc_sep_clust: LossWeight = 1e-3,
+                 loss_featspars: LossWeight = 1e-3,
                  lfc_divide_in_loop: bool = True,
                  featspars_at_step0: bool = False, **kwargs) -> None:
         super().__init__(*args, loss_kd=loss_kd, **kwargs)
@@ -320,5 +322,6 @@ class SDRMiB(SDR, MiB):
     step0_kind = SDR.step0_kind
     settings_unused_at_step0 = (*SDR.settings_unused_at_step0, 'init_balanced')
 
-    def __init__(self, *args, loss_kd: float = 100.0, init_balanced: bool = True, **kwargs) -> None:
+    def __init__(self, *args, loss_kd: LossWeight = 100.0, init_balanced: bool = True,
+                 **kwargs) -> None:
         super().__init__(*args, loss_kd=loss_kd, init_balanced=init_balanced, **kwargs)

@@ -61,7 +61,7 @@ def _whole_number(least: int) -> tuple[str, Callable[[object], bool]]:
     return f'a whole number >= {least}', lambda v: is_whole_number(v) and v >= least
 
 
-_NON_NEGATIVE = ('a number >= 0', lambda v: is_number(v) and v >= 0)
+NON_NEGATIVE = ('a number >= 0', lambda v: is_number(v) and v >= 0)
 # What each setting a run reads must be: (said as, test). schedule.lr holds two of them.
 CONFIG_VALUES = {
     'data.crop_size': _whole_number(1), 'data.batch_size': _whole_number(1),
@@ -70,7 +70,7 @@ CONFIG_VALUES = {
     'schedule.lr': ('a number > 0', lambda v: is_number(v) and v > 0),
     'schedule.momentum': ('a number in [0, 1)', lambda v: is_number(v) and 0 <= v < 1),
     'schedule.nesterov': ('True or False', lambda v: isinstance(v, bool)),
-    'schedule.weight_decay': _NON_NEGATIVE, 'schedule.poly_power': _NON_NEGATIVE,
+    'schedule.weight_decay': NON_NEGATIVE, 'schedule.poly_power': NON_NEGATIVE,
 }
 
 

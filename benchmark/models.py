@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NewType
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,11 @@ from .datasets_info import IGNORE_INDEX
 from .errors import UserError
 from .losses import cross_entropy
 from .registry import MODELS
+
+# The annotation of a method's setting that weighs a loss term (``loss_kd: LossWeight = 100.0``):
+# a config's value must be a number >= 0 (runner._SETTING_KINDS). The methods test ``weight >
+# 0``, so a negative one would turn its term off as 0 does, unnoticed.
+LossWeight = NewType('LossWeight', float)
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)

@@ -30,7 +30,8 @@ from mmengine.config import Config, ConfigDict
 from mmengine.runner import set_random_seed
 
 from . import __version__, step0
-from .config import config_digest, is_number, is_whole_number, load_config, shared_config_digest
+from .config import (NON_NEGATIVE, config_digest, is_number, is_whole_number, load_config,
+                     shared_config_digest)
 from .digests import stored_digests
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
@@ -40,7 +41,7 @@ from .hooks import CLOCK_FILE, earlier_training_seconds, processes_training
 from .io import atomic_path, atomic_write_json, atomic_write_text, read_json_or_none
 from .methods import Method, get_method, registered_methods
 from .metrics import range_label, summarize_step
-from .models import read_state_dict
+from .models import LossWeight, read_state_dict
 from .protocols import FILE_DEFAULTS, Protocol, load_protocol
 from .registry import MODELS
 from .seeds import derive_seed
@@ -146,15 +147,16 @@ _SETTING_KINDS = {
     'bool': ('True or False', lambda v: isinstance(v, bool)),
     'int': ('a whole number', is_whole_number),
     'float': ('a number', is_number),
+    LossWeight.__name__: NON_NEGATIVE,
     'str': ('a string', lambda v: isinstance(v, str)),
     'None': ('None', lambda v: v is None),
 }
 
 
 def _setting_kinds(param: inspect.Parameter) -> list[str] | None:
-    """The kinds a method's setting may be: its annotation's types (``float | None``), or
-    without one its default's (an int default taking any number); None where they are not
-    all plain kinds (a tuple, a class, a type left generic): anything goes."""
+    """The kinds a method's setting may be: its annotation's types (``float | None``,
+    ``LossWeight``), or without one its default's (an int default taking any number); None
+    where they are not all plain kinds (a tuple, a class, a type left generic): anything goes."""
     annotation = param.annotation
     if annotation is inspect.Parameter.empty:
         if isinstance(param.default, bool):
@@ -163,7 +165,7 @@ def _setting_kinds(param: inspect.Parameter) -> list[str] | None:
             return ['float']
         return ['str'] if isinstance(param.default, str) else None
     written = str(getattr(annotation, '__name__', annotation)).strip('\'"')   # 'float | None'
-    names = [n.strip() for n in written.split('|')]
+    names = [n.strip().rsplit('.', 1)[-1] for n in written.split('|')]   # models.LossWeight too
     return names if all(n in _SETTING_KINDS for n in names) else None
 
 

@@ -486,9 +486,10 @@ def test_config_setting_what_a_method_does_not_take(capsys, tmp_path, tiny_run):
 
 
 @pytest.mark.parametrize('setting, says', [
-    ("loss_kd='10'", "model.loss_kd of method 'lwf' must be a number, got '10' (its default: 100.0)"),
-    ("loss_kd=float('nan')", "model.loss_kd of method 'lwf' must be a number, got nan (its default: "
+    ("loss_kd='10'", "model.loss_kd of method 'lwf' must be a number >= 0, got '10' (its default: "
      "100.0)"),
+    ("loss_kd=float('nan')", "model.loss_kd of method 'lwf' must be a number >= 0, got nan (its "
+     "default: 100.0)"),
     ('overlapped=1', "model.overlapped of method 'lwf' must be True or False, got 1 (its default: "
      'False)'),
     ('ignore_index=255.0', "model.ignore_index of method 'lwf' must be a whole number, got 255.0 "
@@ -507,14 +508,49 @@ def test_config_setting_of_the_wrong_kind_for_a_method(capsys, tmp_path, tiny_ru
     assert not results.exists()
 
 
+# Every shipped method's loss weights, inherited ones included (ft and joint have none).
+LOSS_WEIGHTS = {'lwf': ['loss_kd'], 'ilt': ['loss_kd', 'loss_de'], 'mib': ['loss_kd'],
+                'sdr': ['loss_kd', 'loss_de_prototypes', 'loss_fc', 'lfc_sep_clust',
+                        'loss_featspars'],
+                'sdr+mib': ['loss_kd', 'loss_de_prototypes', 'loss_fc', 'lfc_sep_clust',
+                            'loss_featspars'],
+                'plop': ['pod_factor', 'pod_logits_factor']}
+
+
+@pytest.mark.parametrize('method, weight', [(m, w) for m, ws in LOSS_WEIGHTS.items() for w in ws])
+def test_a_negative_loss_weight_is_refused_before_anything_is_written(capsys, tmp_path, tiny_run,
+                                                                      method, weight):
+    from cssbench.config import load_config
+    from cssbench.methods import get_method
+    from cssbench.protocols import load_protocol
+    from cssbench.runner import check_model_builds
+    config = tmp_path / 'negative.py'   # -1 would turn the term off, as 0 does, unnoticed
+    config.write_text(f"_base_ = ['{tiny_run['config']}']\nmodel = dict({weight}=-1)\n")
+    results = tmp_path / 'results'
+    err = fails(capsys, 'run', '--protocol', 'synth-15-5-overlap', '--method', method,
+                '--config', str(config), '--results', str(results))
+    assert err.startswith(f"cssbench: error: {config}: model.{weight} of method {method!r} must "
+                          f"be a number >= 0, got -1 (its default: ")
+    assert not results.exists()
+    config.write_text(f"_base_ = ['{tiny_run['config']}']\nmodel = dict({weight}=0)\n")
+    check_model_builds(load_config(str(config)), get_method(method).model_type,
+                       load_protocol('synth-15-5-overlap'))
+
+
 def test_a_method_settings_kind_is_its_annotations_or_else_its_defaults():
     import inspect
     from cssbench.runner import setting_refusal
 
+    from cssbench.models import LossWeight
+
     def __init__(self, weight: float = 1, mode: 'float | str' = 0.5, plain=1, bins: int = 3,
-                 scales: 'tuple[int, ...]' = (1,), flag=True):
+                 scales: 'tuple[int, ...]' = (1,), flag=True, kd: LossWeight = 1.0,
+                 written: 'models.LossWeight | None' = None):
         pass
     params = inspect.signature(__init__).parameters
+    assert setting_refusal(params['kd'], -0.5) == 'must be a number >= 0, got -0.5'
+    assert setting_refusal(params['kd'], 0) is None
+    assert setting_refusal(params['written'], -1) == 'must be a number >= 0 or None, got -1'
     assert setting_refusal(params['weight'], 0.5) is None        # annotated float, int default
     assert setting_refusal(params['mode'], 'auto') is None
     assert setting_refusal(params['mode'], None) == "must be a number or a string, got None"
