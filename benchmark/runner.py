@@ -591,9 +591,11 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     if read_json_or_none(paths.work / WORK_MARKER) != identity:   # absent, or a moved run's
         atomic_write_json(paths.work / WORK_MARKER, identity)
-    run = dict(protocol=protocol.to_dict(), method=method.name, joint=method.joint, run=run_name,
-               seed=seed, deterministic=deterministic, config_name=config, config=cfg.to_dict(),
-               config_digest=identity['config_digest'],
+    # config: the file's, as its digest hashes it (its model.type the base segmentor, which
+    # build_model replaces by the method's class, model_type)
+    run = dict(protocol=protocol.to_dict(), method=method.name, model_type=method.model_type,
+               joint=method.joint, run=run_name, seed=seed, deterministic=deterministic,
+               config_name=config, config=cfg.to_dict(), config_digest=identity['config_digest'],
                shared_config_digest=shared_config_digest(cfg), data_root=str(index.root),
                dataset_fingerprint=index.fingerprint, work_dir=str(paths.work.resolve()),
                git_revision=git_revision(), environment=environment(), speed=checked.speed,

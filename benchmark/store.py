@@ -1,7 +1,7 @@
 """The results store: one folder per run, and the index the tables read.
 
 ``cssbench run`` writes each run to ``<results>/<protocol>/<method>/<run>/`` (``run.json``:
-protocol, method, seed, resolved config, code version, dataset fingerprint, dates, wall time;
+protocol, method and the class it built, seed, resolved config, code version, dataset fingerprint, dates, wall time;
 ``metrics.json``: per-step metrics and per-class IoU). ``<results>/index.json`` holds every
 complete run's record and metrics, keyed by its folder and stamped with the size, times and
 inode of those two files (``io.file_stamp``). Reading the store checks the stamps against the folders

@@ -34,8 +34,8 @@ from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
 from cssbench.transforms import EvalTransform
-from conftest import (join_val_images_in_pairs, locked_by_another_process, mount_read_only,
-                      stop_run_in_step, unregister_methods)
+from conftest import (SMALL_DIGEST, join_val_images_in_pairs, locked_by_another_process,
+                      mount_read_only, stop_run_in_step, unregister_methods)
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'benchmark' / 'configs'
 
@@ -140,6 +140,27 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
     metrics.write_text(metrics.read_text()[:40])
     with pytest.raises(UserError, match=f'{metrics}: cannot read it .*--overwrite the run'):
         run_protocol('synth-15-5-overlap', 'ft', **kwargs)
+
+
+def test_run_json_names_the_class_that_trained_the_run_and_its_config_keeps_its_digest(
+        synth32, tmp_path, monkeypatch):
+    """run.json's config is the file's, whose model.type (the base segmentor) the digest
+    hashes: stored runs of it continue. ``model_type`` names the class the method built."""
+    import cssbench.runner as runner
+
+    def stop_before_training(*args, **kwargs):
+        raise RuntimeError('stopped before training')
+    monkeypatch.setattr(runner, 'run_step', stop_before_training)
+    results = tmp_path / 'results'
+    for method, model_type in (('ft', 'cssbench.FineTuning'), ('sdr+mib', 'cssbench.SDRMiB')):
+        with pytest.raises(RuntimeError, match='stopped before training'):
+            run_protocol('synth-15-5-overlap', method, config='small', data_root=str(synth32),
+                         results_root=results, log=lambda *a: None)
+        record = json.loads((results / 'synth-15-5-overlap' / method / 'small-seed0' /
+                             'run.json').read_text())
+        assert record['model_type'] == model_type
+        assert record['config']['model']['type'] == 'cssbench.IncrementalSegmentor'
+        assert record['config_digest'] == SMALL_DIGEST
 
 
 def test_whole_image_evaluation_scores_every_pixel_of_images_of_any_size(synth32, config32,

@@ -24,10 +24,7 @@ from cssbench.registry import LOOPS
 from cssbench.runner import build_model, speed_record
 from cssbench.speed import (REFERENCE_SPEED, Speed, emulated_bf16_note, optim_wrapper_config,
                             prepare_model, resolve_speed, val_loop_config)
-from conftest import float16_steps_by_hand, hook_runner
-
-SMALL_DIGEST = '32e30451df041122'  # the small config's (stored runs' are computed anew: the
-                                   # older rule's 4b660a8be0305c19 counted its loader workers)
+from conftest import SMALL_DIGEST, float16_steps_by_hand, hook_runner
 
 
 def test_defaults_config_section_and_run_flags():
