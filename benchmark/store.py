@@ -28,7 +28,7 @@ from .io import atomic_write_json, file_stamp, read_json_or_none
 INDEX_FILE = 'index.json'
 INDEX_VERSION = 5   # 2: runs carry their training regime; 3: and whether they trained jointly,
                     # stamped with file_stamp; 4: and their shared config digest; 5: digests
-                    # computed from the stored config (digests.stored_digests)
+                    # computed from the stored config (digests.stored_digests), and epochs
 RUN_FILES = ('run.json', 'metrics.json')
 DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
@@ -61,6 +61,7 @@ class StoredRun:
     # settings (None: a run stored with no config nor a shared digest)
     config_digest: str
     shared_config_digest: str | None
+    epochs: int | None      # each step's (the resolved config's schedule.epochs); None: unknown
     started: str
     finished: str
     wall_time_s: float | None
@@ -209,11 +210,21 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         seed=_require(record, 'seed', int, 'run.json'),
         config_name=_require(record, 'config_name', str, 'run.json'),
         config_digest=digest, shared_config_digest=shared_digest,
+        epochs=recorded_epochs(record),
         started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),
         dataset_fingerprint=str(record.get('dataset_fingerprint', '')),
         regime=run_regime(record), steps=steps)
+
+
+def recorded_epochs(record: dict) -> int | None:
+    """The epochs each step of a run trained: its resolved config's ``schedule.epochs``
+    (``--epochs``, else the dataset's, else the config's); None where run.json does not say."""
+    config = record.get('config')
+    schedule = config.get('schedule') if isinstance(config, dict) else None
+    epochs = schedule.get('epochs') if isinstance(schedule, dict) else None
+    return epochs if type(epochs) is int else None
 
 
 def run_folder(root: str | Path, protocol: str, method: str, run: str) -> Path:
@@ -295,8 +306,9 @@ def _matches(run: StoredRun, patterns: list[str] | None) -> bool:
 class RowRuns:
     """The runs one table row aggregates: one per seed, and the ones it left out."""
     method: str
-    setup: str              # the config's name (with its digest where two share a name) and,
-                            # where runs trained on several datasets, the data's fingerprint
+    setup: str              # the config's name (with its epochs or digest where two configs
+                            # share a name: ``config_labels``) and, where runs trained on
+                            # several datasets, the data's fingerprint
     runs: list[StoredRun]
     passed_over: list[StoredRun]
     label: str              # the row's name: the method, with its setup where rows differ in it
@@ -315,6 +327,28 @@ def _config_matches(config_name: str, config: str) -> bool:
                                      and bare(config_name) == bare(config))
 
 
+def config_labels(runs: list[StoredRun]) -> dict[tuple[str, str], str]:
+    """How a table names each config of ``runs`` (by name and digest): its name, where no
+    other config shares it; else with its epochs (``small, 3 epochs``), where they alone tell
+    the configs of that name apart (runs of one config file given other --epochs); else with
+    its digest (``small@2f0f28``)."""
+    epochs_by_name: dict[str, dict[str, set[int | None]]] = {}
+    for r in runs:
+        epochs_by_name.setdefault(r.config_name, {}).setdefault(r.config_digest, set()).add(r.epochs)
+    labels = {}
+    for name, epochs_by_digest in epochs_by_name.items():
+        epochs = {digest: e.pop() if len(e) == 1 else None for digest, e in epochs_by_digest.items()}
+        by_epochs = None not in epochs.values() and len(set(epochs.values())) == len(epochs)
+        for digest, e in epochs.items():
+            if len(epochs) == 1:
+                labels[name, digest] = name
+            elif by_epochs:
+                labels[name, digest] = f'{name}, {e} epoch{"s" if e != 1 else ""}'
+            else:
+                labels[name, digest] = f'{name}@{digest[:6]}'
+    return labels
+
+
 def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
                 config: str | None = None) -> list[RowRuns]:
     """One row per (method, config, dataset): for each seed, the latest finished complete run
@@ -322,13 +356,11 @@ def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
     data (another dataset fingerprint: other images or labels) are never averaged together."""
     candidates = [r for r in store.runs if r.protocol_name == protocol and _matches(r, runs)
                   and (config is None or _config_matches(r.config_name, config))]
-    digests_by_name: dict[str, set[str]] = {}
-    for r in candidates:
-        digests_by_name.setdefault(r.config_name, set()).add(r.config_digest)
+    configs = config_labels(candidates)
     several_datasets = len({r.dataset_fingerprint for r in candidates}) > 1
 
     def setup(config_name: str, digest: str, data: str) -> str:
-        name = config_name if len(digests_by_name[config_name]) == 1 else f'{config_name}@{digest[:6]}'
+        name = configs[config_name, digest]
         return f'{name}, data {data[:6]}' if several_datasets else name
 
     groups: dict[tuple[str, str, str, str], list[StoredRun]] = {}

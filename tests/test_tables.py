@@ -36,10 +36,12 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
               finished: str = '2026-01-01T00:00:00', config_digest: str = 'digest-small',
               dataset_fingerprint: str = 'fp', speed: dict | None = None,
               joint: bool | None = None, config_name: str = 'small',
-              git_revision: str = '0123456789abcdef', shared_config_digest: str | None = None) -> Path:
+              git_revision: str = '0123456789abcdef', shared_config_digest: str | None = None,
+              epochs: int | None = None) -> Path:
     """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``
     and ``shared_config_digest``: left out of run.json if None (as runs stored before they
-    were written)."""
+    were written); ``epochs``: its config's ``schedule.epochs``, the only setting of its
+    config written (none if None)."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
     steps = []
     for t, iou in enumerate(step_ious):
@@ -56,7 +58,8 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
         finished=finished, wall_time_s=12.5, git_revision=git_revision,
         environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint,
         **({'speed': speed} if speed else {}), **({} if joint is None else {'joint': joint}),
-        **({} if shared_config_digest is None else {'shared_config_digest': shared_config_digest}))))
+        **({} if shared_config_digest is None else {'shared_config_digest': shared_config_digest}),
+        **({} if epochs is None else {'config': dict(schedule=dict(epochs=epochs))}))))
     (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
     return run_dir
 
@@ -326,6 +329,33 @@ def test_runs_of_different_configs_are_separate_rows(tmp_path: Path) -> None:
         ('ft (small@d1)', ['x']), ('ft (small@d2)', ['y'])]
     fig = miou_by_step_figure(VOC19, rows)
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ['ft (small@d1)', 'ft (small@d2)']
+
+
+def test_configs_of_one_name_that_differ_in_epochs_alone_are_named_by_their_epochs(
+        tmp_path: Path, capsys) -> None:
+    root = tmp_path / 'results'
+    common = dict(config_name='cfgs/base.py')
+    write_two_ft_runs(root, dict(run='x', config_digest='d1', epochs=3, **common),
+                      dict(run='y', config_digest='d2', epochs=1, **common))
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.5), 20: 0.3}], run='s')  # small
+    rows = select_runs(open_store(root), VOC19)
+    assert [(r.label, [x.run for x in r.runs]) for r in rows] == [
+        ('ft (cfgs/base.py, 3 epochs)', ['x']), ('ft (cfgs/base.py, 1 epoch)', ['y']),
+        ('ft (small)', ['s'])]
+    assert main(['table', '--protocol', VOC19, '--results', str(root)]) == 0
+    assert '| ft (cfgs/base.py, 3 epochs) |' in capsys.readouterr().out
+    # another config of that name and of 3 epochs too: something else differs, the digests say
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.4), 20: 0.3}], run='z',
+              config_digest='d3', epochs=3, **common)
+    assert [r.label for r in select_runs(open_store(root), VOC19)] == [
+        'ft (cfgs/base.py@d1)', 'ft (cfgs/base.py@d2)', 'ft (cfgs/base.py@d3)', 'ft (small)']
+    # and so where a run's record does not say its epochs
+    assert [r.label for r in select_runs(open_store(root), VOC19, runs=['s', 'x', 'y'])] == [
+        'ft (cfgs/base.py, 3 epochs)', 'ft (cfgs/base.py, 1 epoch)', 'ft (small)']
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.4), 20: 0.3}], run='u',
+              config_digest='d4', **common)
+    assert [r.label for r in select_runs(open_store(root), VOC19, runs=['x', 'u'])] == [
+        'ft (cfgs/base.py@d1)', 'ft (cfgs/base.py@d4)']
 
 
 def test_config_chooses_a_config_files_runs_by_its_bare_name_too(tmp_path: Path, capsys) -> None:
