@@ -49,3 +49,17 @@ def stored_digests(record: dict) -> tuple[str | None, str | None]:
     if isinstance(config, dict):
         return sections_digest(config), shared_sections_digest(config)
     return record.get('config_digest'), record.get('shared_config_digest') or None
+
+
+def epochs_and_the_rest(record: dict) -> tuple[int | None, str | None]:
+    """A run.json record's epochs per step (its resolved config's ``schedule.epochs``:
+    ``--epochs``, else the dataset's, else the config's) and the digest of its config without
+    them, by which the tables see configs that differ in their epochs alone; (None, None)
+    where the record does not hold them."""
+    config = record.get('config')
+    schedule = config.get('schedule') if isinstance(config, dict) else None
+    epochs = schedule.get('epochs') if isinstance(schedule, dict) else None
+    if type(epochs) is not int:
+        return None, None
+    rest = dict(config, schedule={k: v for k, v in schedule.items() if k != 'epochs'})
+    return epochs, sections_digest(rest)

@@ -22,7 +22,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .digests import stored_digests
+from .digests import epochs_and_the_rest, stored_digests
 from .io import atomic_write_json, file_stamp, read_json_or_none
 
 INDEX_FILE = 'index.json'
@@ -61,7 +61,8 @@ class StoredRun:
     # settings (None: a run stored with no config nor a shared digest)
     config_digest: str
     shared_config_digest: str | None
-    epochs: int | None      # each step's (the resolved config's schedule.epochs); None: unknown
+    epochs: int | None      # each step's, and the config's digest without them
+    digest_but_epochs: str | None   # (digests.epochs_and_the_rest; None: not recorded)
     started: str
     finished: str
     wall_time_s: float | None
@@ -201,6 +202,7 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
     steps = _check_steps(read_json_object(run_dir / 'metrics.json').get('steps'), num_steps)
     env = record.get('environment') if isinstance(record.get('environment'), dict) else {}
     digest, shared_digest = stored_digests(record)
+    epochs, digest_but_epochs = epochs_and_the_rest(record)
     if not isinstance(digest, str):
         raise CorruptRun("run.json lacks a valid 'config' and 'config_digest'")
     return StoredRun(
@@ -210,21 +212,12 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         seed=_require(record, 'seed', int, 'run.json'),
         config_name=_require(record, 'config_name', str, 'run.json'),
         config_digest=digest, shared_config_digest=shared_digest,
-        epochs=recorded_epochs(record),
+        epochs=epochs, digest_but_epochs=digest_but_epochs,
         started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),
         dataset_fingerprint=str(record.get('dataset_fingerprint', '')),
         regime=run_regime(record), steps=steps)
-
-
-def recorded_epochs(record: dict) -> int | None:
-    """The epochs each step of a run trained: its resolved config's ``schedule.epochs``
-    (``--epochs``, else the dataset's, else the config's); None where run.json does not say."""
-    config = record.get('config')
-    schedule = config.get('schedule') if isinstance(config, dict) else None
-    epochs = schedule.get('epochs') if isinstance(schedule, dict) else None
-    return epochs if type(epochs) is int else None
 
 
 def run_folder(root: str | Path, protocol: str, method: str, run: str) -> Path:
@@ -329,21 +322,22 @@ def _config_matches(config_name: str, config: str) -> bool:
 
 def config_labels(runs: list[StoredRun]) -> dict[tuple[str, str], str]:
     """How a table names each config of ``runs`` (by name and digest): its name, where no
-    other config shares it; else with its epochs (``small, 3 epochs``), where they alone tell
-    the configs of that name apart (runs of one config file given other --epochs); else with
-    its digest (``small@2f0f28``)."""
-    epochs_by_name: dict[str, dict[str, set[int | None]]] = {}
-    for r in runs:
-        epochs_by_name.setdefault(r.config_name, {}).setdefault(r.config_digest, set()).add(r.epochs)
+    other config shares it; else with its epochs (``small, 3 epochs``), where the configs of
+    that name differ in their epochs alone (runs of one config file given other --epochs);
+    else with its digest (``small@2f0f28``)."""
+    by_name: dict[str, dict[str, StoredRun]] = {}
+    for r in runs:   # a config's runs share its epochs and the rest: the digest hashes them
+        by_name.setdefault(r.config_name, {})[r.config_digest] = r
     labels = {}
-    for name, epochs_by_digest in epochs_by_name.items():
-        epochs = {digest: e.pop() if len(e) == 1 else None for digest, e in epochs_by_digest.items()}
-        by_epochs = None not in epochs.values() and len(set(epochs.values())) == len(epochs)
-        for digest, e in epochs.items():
-            if len(epochs) == 1:
+    for name, configs in by_name.items():
+        epochs = [r.epochs for r in configs.values()]
+        by_epochs = (len({r.digest_but_epochs for r in configs.values()}) == 1
+                     and None not in epochs and len(set(epochs)) == len(epochs))
+        for digest, r in configs.items():
+            if len(configs) == 1:
                 labels[name, digest] = name
             elif by_epochs:
-                labels[name, digest] = f'{name}, {e} epoch{"s" if e != 1 else ""}'
+                labels[name, digest] = f'{name}, {r.epochs} epoch{"s" if r.epochs != 1 else ""}'
             else:
                 labels[name, digest] = f'{name}@{digest[:6]}'
     return labels

@@ -37,11 +37,11 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
               dataset_fingerprint: str = 'fp', speed: dict | None = None,
               joint: bool | None = None, config_name: str = 'small',
               git_revision: str = '0123456789abcdef', shared_config_digest: str | None = None,
-              epochs: int | None = None) -> Path:
+              config: dict | None = None) -> Path:
     """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``
     and ``shared_config_digest``: left out of run.json if None (as runs stored before they
-    were written); ``epochs``: its config's ``schedule.epochs``, the only setting of its
-    config written (none if None)."""
+    were written); ``config``: the config it holds (none if None; the store computes its digests
+    from it, and reads ``config_digest`` where there is none)."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
     steps = []
     for t, iou in enumerate(step_ious):
@@ -59,7 +59,7 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
         environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint,
         **({'speed': speed} if speed else {}), **({} if joint is None else {'joint': joint}),
         **({} if shared_config_digest is None else {'shared_config_digest': shared_config_digest}),
-        **({} if epochs is None else {'config': dict(schedule=dict(epochs=epochs))}))))
+        **({} if config is None else {'config': config}))))
     (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
     return run_dir
 
@@ -335,8 +335,11 @@ def test_configs_of_one_name_that_differ_in_epochs_alone_are_named_by_their_epoc
         tmp_path: Path, capsys) -> None:
     root = tmp_path / 'results'
     common = dict(config_name='cfgs/base.py')
-    write_two_ft_runs(root, dict(run='x', config_digest='d1', epochs=3, **common),
-                      dict(run='y', config_digest='d2', epochs=1, **common))
+    base = dict(model=dict(type='cssbench.IncrementalSegmentor'), schedule=dict(lr=[0.01, 0.001]))
+    of_epochs = lambda epochs, **schedule: dict(base, schedule=dict(base['schedule'], epochs=epochs,
+                                                                    **schedule))
+    write_two_ft_runs(root, dict(run='x', config=of_epochs(3), **common),
+                      dict(run='y', config=of_epochs(1), **common))
     write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.5), 20: 0.3}], run='s')  # small
     rows = select_runs(open_store(root), VOC19)
     assert [(r.label, [x.run for x in r.runs]) for r in rows] == [
@@ -346,16 +349,19 @@ def test_configs_of_one_name_that_differ_in_epochs_alone_are_named_by_their_epoc
     assert '| ft (cfgs/base.py, 3 epochs) |' in capsys.readouterr().out
     # another config of that name and of 3 epochs too: something else differs, the digests say
     write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.4), 20: 0.3}], run='z',
-              config_digest='d3', epochs=3, **common)
-    assert [r.label for r in select_runs(open_store(root), VOC19)] == [
-        'ft (cfgs/base.py@d1)', 'ft (cfgs/base.py@d2)', 'ft (cfgs/base.py@d3)', 'ft (small)']
-    # and so where a run's record does not say its epochs
-    assert [r.label for r in select_runs(open_store(root), VOC19, runs=['s', 'x', 'y'])] == [
-        'ft (cfgs/base.py, 3 epochs)', 'ft (cfgs/base.py, 1 epoch)', 'ft (small)']
+              config=of_epochs(3, lr=[0.02, 0.001]), **common)
+    digests = {r.run: r.config_digest[:6] for r in open_store(root).runs}
+    labels = [r.label for r in select_runs(open_store(root), VOC19)]
+    assert sorted(labels) == sorted([*(f'ft (cfgs/base.py@{digests[run]})' for run in 'xyz'),
+                                     'ft (small)'])
+    # and so where they differ in their epochs and more (another lr), or where a run's
+    # record does not say its epochs (stored without its config)
+    assert sorted(r.label for r in select_runs(open_store(root), VOC19, runs=['y', 'z'])) == sorted([
+        f'ft (cfgs/base.py@{digests["y"]})', f'ft (cfgs/base.py@{digests["z"]})'])
     write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.4), 20: 0.3}], run='u',
               config_digest='d4', **common)
-    assert [r.label for r in select_runs(open_store(root), VOC19, runs=['x', 'u'])] == [
-        'ft (cfgs/base.py@d1)', 'ft (cfgs/base.py@d4)']
+    assert sorted(r.label for r in select_runs(open_store(root), VOC19, runs=['x', 'u'])) == sorted([
+        'ft (cfgs/base.py@d4)', f'ft (cfgs/base.py@{digests["x"]})'])
 
 
 def test_config_chooses_a_config_files_runs_by_its_bare_name_too(tmp_path: Path, capsys) -> None:
