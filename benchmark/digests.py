@@ -31,7 +31,10 @@ def sections_digest(sections: dict, model_keys: Collection[str] | None = None) -
         kept['data'] = {k: v for k, v in kept['data'].items() if k not in SPEED_ONLY_DATA_SETTINGS}
     if model_keys is not None and isinstance(kept.get('model'), dict):
         kept['model'] = {k: v for k, v in kept['model'].items() if k in model_keys}
-    text = json.dumps(kept, sort_keys=True, default=str)
+    # As run.json holds them first (keys strings, tuples lists), then sorted: a dict keyed by
+    # numbers sorts by its keys' text, as the stored config's does, not by their value.
+    plain = json.loads(json.dumps(kept, default=str))
+    text = json.dumps(plain, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import math
@@ -814,3 +815,19 @@ def test_all_refuses_the_options_it_would_ignore(store_19_1: Path, capsys, comma
     assert main([command, '--all', *options, '--results', str(store_19_1), '--out', str(out)]) == 2
     assert capsys.readouterr().err == f'cssbench: error: {says}\n'
     assert not out.exists()
+
+
+def test_a_stored_runs_digest_is_its_configs_for_a_dict_keyed_by_numbers(tmp_path: Path) -> None:
+    from cssbench.digests import stored_digests
+    config = tmp_path / 'c.py'
+    config.write_text(f"_base_ = ['{CONFIGS_DIR / 'small.py'}']\n"
+                      "class_weight = {2: 1.0, 10: 2.0, -1: 0.5}\nmarks = {True: 1, 'x': 2}\n")
+    cfg = load_config(str(config))
+    record = json.loads(json.dumps(dict(config=cfg.to_dict()), indent=1))   # as run.json holds it
+    assert stored_digests(record) == (config_digest(cfg), shared_config_digest(cfg))
+    small = load_config('small')   # a config whose keys are all names: its digest as before
+    sections = {k: v for k, v in small.to_dict().items() if k != 'speed'}
+    sections['data'] = {k: v for k, v in sections['data'].items()
+                        if k not in ('num_workers', 'eval_batch_size')}
+    assert config_digest(small) == hashlib.sha256(
+        json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
