@@ -74,6 +74,9 @@ CONFIG_VALUES = {
 }
 
 
+# A config's model.type: every method's class takes its settings (and build_model puts the
+# method's own class in its place), so a config names no method of its own.
+BASE_MODEL_TYPE = 'cssbench.IncrementalSegmentor'
 # A config's sections; its other top-level names are the file's own helper values.
 CONFIG_SECTIONS = ('model', 'data', 'schedule', 'speed')
 # What a run reads from a config (the model section holds more, which the method checks):
@@ -114,7 +117,8 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     """Refuse a config that lacks a setting a run needs (naming every missing one), holds a
     top-level dict whose name misspells a section's (``misspelt_section``), sets one
     in its data or schedule section that no run reads (``SECTION_SETTINGS``: a typo), holds
-    one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), or whose
+    one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), names a
+    model type but the base segmentor's (a method's class, which --method chooses), or whose
     pretrained backbone checkpoint is not a file."""
     for name, value in cfg.items():
         section = misspelt_section(name) if isinstance(value, dict) else None
@@ -125,6 +129,9 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     if missing:
         raise UserError(f'{path}: this config does not set {", ".join(missing)} (start from a '
                         f"full one: _base_ = ['<path>/small.py'])")
+    if cfg.model.type != BASE_MODEL_TYPE:
+        raise UserError(f'{path}: model.type must be {BASE_MODEL_TYPE!r}, got {cfg.model.type!r}: '
+                        f'the method (run --method) chooses the class that trains')
     for section, known in SECTION_SETTINGS.items():
         unknown = sorted(set(cfg[section]) - set(known))
         if unknown:

@@ -394,6 +394,9 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
      'sections: model, data, schedule, speed)'),
     ('schedule = dict(momentum=0.0)', 'schedule.nesterov needs a momentum > 0 (SGD refuses '
      'Nesterov without momentum); set nesterov=False for plain SGD'),
+    # a method's class: --method chooses it, and the config's was replaced unnoticed
+    ("model = dict(type='cssbench.LwF')", "model.type must be 'cssbench.IncrementalSegmentor', got "
+     "'cssbench.LwF': the method (run --method) chooses the class that trains"),
     ("model = dict(backbone=dict(type='Nope'))", "model.backbone.type: 'Nope' is not a registered "
      "model (cssbench registers its own as cssbench.<Name>)"),
     ("model = dict(decode_head=dict(_delete_=True, channels=8))", "model.decode_head.type: None is "
