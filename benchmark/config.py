@@ -117,9 +117,11 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     """Refuse a config that lacks a setting a run needs (naming every missing one), holds a
     top-level dict whose name misspells a section's (``misspelt_section``), sets one
     in its data or schedule section that no run reads (``SECTION_SETTINGS``: a typo), holds
-    one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), names a
+    one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), holds a value
+    that run.json cannot (``_check_storable``), names a
     model type but the base segmentor's (a method's class, which --method chooses), or whose
     pretrained backbone checkpoint is not a file."""
+    _check_storable(cfg.to_dict(), path)
     for name, value in cfg.items():
         section = misspelt_section(name) if isinstance(value, dict) else None
         if section:
@@ -152,6 +154,28 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     pretrained = cfg.model.backbone.get('pretrained')
     if pretrained and not Path(pretrained).expanduser().is_file():
         raise UserError(f'{path}: model.backbone.pretrained: {pretrained} is not a file')
+
+
+_PLAIN_VALUES = (str, int, float, bool, type(None))
+
+
+def _check_storable(value, path: Path, name: str = '') -> None:
+    """Refuse a config holding what run.json (JSON) cannot hold as it is, naming where: a
+    set, an object, a dict keyed by other than strings and numbers. Found only when run.json
+    is written, it stopped the run after --overwrite had deleted the stored one."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, _PLAIN_VALUES):
+                raise UserError(f'{path}: {name or "the config"} has the key {key!r}, which '
+                                f'run.json cannot hold: a dict\'s keys are strings or numbers')
+            _check_storable(item, path, f'{name}.{key}' if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_storable(item, path, f'{name}[{i}]')
+    elif not isinstance(value, _PLAIN_VALUES):
+        raise UserError(f'{path}: {name} is {value!r}, a {type(value).__name__}, which run.json '
+                        f'cannot hold (a config holds numbers, strings, True, False, None, '
+                        f'lists, tuples and dicts)')
 
 
 def misspelt_section(name: str) -> str | None:

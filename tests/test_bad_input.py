@@ -394,6 +394,14 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
      'sections: model, data, schedule, speed)'),
     ('schedule = dict(momentum=0.0)', 'schedule.nesterov needs a momentum > 0 (SGD refuses '
      'Nesterov without momentum); set nesterov=False for plain SGD'),
+    # what run.json cannot hold: found as it was written, after --overwrite deleted the run
+    ('extra = {1, 2}', 'extra is {1, 2}, a set, which run.json cannot hold (a config holds '
+     'numbers, strings, True, False, None, lists, tuples and dicts)'),
+    ("model = dict(backbone=dict(widths=[32, 64, {96}, 128]))", 'model.backbone.widths[2] is '
+     '{96}, a set, which run.json cannot hold (a config holds numbers, strings, True, False, '
+     'None, lists, tuples and dicts)'),
+    ('extra = {(1, 2): 3}', "extra has the key (1, 2), which run.json cannot hold: a dict's "
+     'keys are strings or numbers'),
     # a method's class: --method chooses it, and the config's was replaced unnoticed
     ("model = dict(type='cssbench.LwF')", "model.type must be 'cssbench.IncrementalSegmentor', got "
      "'cssbench.LwF': the method (run --method) chooses the class that trains"),
