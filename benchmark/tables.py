@@ -228,8 +228,10 @@ def joint_key(row: RowRuns) -> tuple[str, str]:
     """What a row shares with the joint training it is compared with: the config but for the
     methods' own settings (a config setting lwf's ``loss_kd`` compares with joint training
     on the config without it, which joint refuses), and the data. The row's runs share
-    their config; one stored before runs recorded that digest counts as its whole config's
-    (the same where it sets no method's own setting), unless another of the row's did."""
+    their config; the digest is computed from the config each run.json holds
+    (``digests.stored_digests``), and where no run of the row has one (a record holding
+    neither its config nor that digest), its whole config's counts (the same where it sets
+    no method's own setting)."""
     recorded = [r.shared_config_digest for r in row.runs if r.shared_config_digest]
     return (recorded[0] if recorded else row.runs[0].config_digest), row.runs[0].dataset_fingerprint
 
