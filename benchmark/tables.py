@@ -260,8 +260,11 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
             record[key], record[f'{key}_std'] = mean, std
         records.append(record)
     frame = pd.DataFrame(records).set_index('row')
-    # from every run of the protocol: a table chosen by --run or --config still compares
-    joint_all = joint_mious(rows if runs is None and config is None else select_runs(store, protocol))
+    # a joint row the table shows is the level its rows compare with; a table chosen by --run
+    # or --config without one still compares, with the protocol's joint runs
+    joint_all = joint_mious(rows)
+    if runs is not None or config is not None:
+        joint_all = {**joint_mious(select_runs(store, protocol)), **joint_all}
     frame['gap_joint'] = [joint_all.get(joint_key(row), math.nan) - frame.at[row.label, 'all']
                           for row in rows]
 

@@ -831,3 +831,21 @@ def test_a_stored_runs_digest_is_its_configs_for_a_dict_keyed_by_numbers(tmp_pat
                         if k not in ('num_workers', 'eval_batch_size')}
     assert config_digest(small) == hashlib.sha256(
         json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_a_table_chosen_by_run_takes_the_gap_to_the_joint_row_it_shows(tmp_path: Path) -> None:
+    """--run choosing joint's seed-0 run shows that run: every gap is to that row's all (and
+    joint's own gap is 0), not to the mean over every joint seed stored; a choice without a
+    joint run still compares with the protocol's."""
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}])
+    write_run(root, [uniform(range(21), 0.9)], method='joint', run='j-seed0')
+    write_run(root, [uniform(range(21), 0.7)], method='joint', run='j-seed1', seed=1)
+    ft_all = 100 * 12.3 / 21
+    store = open_store(root)
+    chosen = leaderboard(store, VOC19, runs=['small-seed0', 'j-seed0']).frame
+    assert chosen.at['joint', 'all'] == pytest.approx(90.0)
+    assert chosen.at['joint', 'gap_joint'] == 0
+    assert chosen.at['ft', 'gap_joint'] == pytest.approx(90 - ft_all)
+    ft_only = leaderboard(store, VOC19, runs=['small-seed0']).frame
+    assert list(ft_only.index) == ['ft'] and ft_only.at['ft', 'gap_joint'] == pytest.approx(80 - ft_all)
