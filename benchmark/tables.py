@@ -165,11 +165,16 @@ def chosen_by(runs, config) -> str:
 
 
 def configs_of_runs(store: Store, protocols: Sequence[str], runs, config) -> str:
-    """For an error where ``--config`` chose no run: the configs of the complete runs of
-    ``protocols`` (those ``--run`` chose), the names it can give; '' if none or no --config."""
-    names = sorted({r.config_name for protocol in protocols
-                    for row in select_runs(store, protocol, runs) for r in row.runs}) if config else []
-    return f'the configs of its runs: {", ".join(names)}' if names else ''
+    """For an error where ``--run``/``--config`` chose no run: the configs of the complete runs
+    of ``protocols`` that ``--run`` chose, the names ``--config`` can give; where ``--run`` chose
+    none (or no --config was given), the names of the complete runs of ``protocols`` (older
+    ones too), which ``--run`` can give; '' if neither option was given, or none is stored."""
+    configs = sorted({r.config_name for protocol in protocols
+                      for row in select_runs(store, protocol, runs) for r in row.runs}) if config else []
+    if configs:
+        return f'the configs of its runs: {", ".join(configs)}'
+    names = sorted({r.run for r in store.runs if r.protocol_name in protocols}) if runs else []
+    return f'the names of its runs: {", ".join(names)}' if names else ''
 
 
 def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:

@@ -849,3 +849,24 @@ def test_a_table_chosen_by_run_takes_the_gap_to_the_joint_row_it_shows(tmp_path:
     assert chosen.at['ft', 'gap_joint'] == pytest.approx(90 - ft_all)
     ft_only = leaderboard(store, VOC19, runs=['small-seed0']).frame
     assert list(ft_only.index) == ['ft'] and ft_only.at['ft', 'gap_joint'] == pytest.approx(80 - ft_all)
+
+
+def test_a_run_name_that_chooses_no_run_is_refused_with_the_names_stored(store_19_1: Path,
+                                                                          capsys) -> None:
+    """--run naming no stored run lists the run names there are, as --config lists the configs,
+    where it advised storing a run with `cssbench run`, whose run would not bear that name."""
+    results = str(store_19_1)
+    for command in (['table', '--protocol', VOC19], ['plot', '--protocol', VOC19], ['table', '--all'],
+                    ['plot', '--all']):
+        assert main([*command, '--results', results, '--run', 'smal-seed0']) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and 'cssbench run' not in err
+        assert err.endswith('; the names of its runs: small-seed0, small-seed1\n')
+    # --run and --config: the configs of the runs --run chose, where it chose some
+    assert main(['table', '--protocol', VOC19, '--results', results, '--run', 'small-seed1',
+                 '--config', 'nope']) == 2
+    assert capsys.readouterr().err.endswith('; the configs of its runs: small\n')
+    assert main(['table', '--protocol', VOC19, '--results', results, '--run', 'nope',
+                 '--config', 'small']) == 2
+    assert capsys.readouterr().err.endswith('; the names of its runs: small-seed0, small-seed1\n')
+    assert not (store_19_1 / 'tables').exists()
