@@ -324,6 +324,12 @@ def _add_published(frame: pd.DataFrame, columns: list[Column], rows: list[RowRun
                                variant_stated=f'paper_{name}_variant_stated'),
                         Column(f'diff {labels[name]}', f'diff_{name}', signed=True)]
     if notes:
+        # the rows beside them whose paper columns are empty for want of a published number
+        without = sorted({row.method for row in rows if not published_cells(protocol, row.method)})
+        if without:
+            notes.append(f'no published numbers for {", ".join(without)} in this setting '
+                         f'(data/paper_tables.csv has them for '
+                         f'{", ".join(published_methods(protocol))} only)')
         return notes + ([UNSTATED_VARIANT] if unstated_variant else [])
     reason = incomparable(protocol)
     if reason:

@@ -870,3 +870,17 @@ def test_a_run_name_that_chooses_no_run_is_refused_with_the_names_stored(store_1
                  '--config', 'small']) == 2
     assert capsys.readouterr().err.endswith('; the names of its runs: small-seed0, small-seed1\n')
     assert not (store_19_1 / 'tables').exists()
+
+
+def test_rows_without_published_numbers_beside_rows_with_them_are_named(tmp_path: Path) -> None:
+    """Where sdr has published numbers and ft none, a note says that ft's '-' in the paper
+    columns is for want of a published number, as the note does where no row has one."""
+    root = tmp_path / 'results'
+    p = load_protocol('voc-15-1-overlap')
+    for method in ('ft', 'sdr', 'lwf'):
+        write_run(root, _steps_at(p, 0.5), protocol=p, method=method)
+    table = leaderboard(open_store(root), p.name)
+    assert math.isnan(table.frame.at['ft', 'paper_all']) and table.frame.at['sdr', 'paper_all'] == 48.7
+    assert ('no published numbers for ft, lwf in this setting (data/paper_tables.csv has them '
+            'for sdr only)') in table.notes
+    assert '- no published numbers for ft, lwf in this setting' in render(table, 'md')
