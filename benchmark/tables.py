@@ -272,15 +272,31 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
         joint_all = {**joint_mious(select_runs(store, protocol)), **joint_all}
     frame['gap_joint'] = [joint_all.get(joint_key(row), math.nan) - frame.at[row.label, 'all']
                           for row in rows]
+    gap_notes = _no_gap_notes([row.label for row in rows if row.label not in
+                               {r.label for r in rows if joint_key(r) in joint_all}],
+                              any(r.joint for r in store.runs if r.protocol_name == protocol))
 
     columns = [Column('seeds', 'seeds'),
                Column(labels['old'], 'old', 'max'), Column(labels['new'], 'new', 'max'),
                Column('all', 'all', 'max'), Column('avg', 'avg', 'max'),
                Column('forgetting', 'forgetting', 'min'), Column('gap to joint', 'gap_joint', 'min')]
-    notes = _notes(store, protocol, rows, published=_add_published(frame, columns, rows, labels))
+    notes = _notes(store, protocol, rows,
+                   published=[*_add_published(frame, columns, rows, labels), *gap_notes])
     return Table(title=f'{protocol}: mIoU (%) after the last step, mean ± std over seeds',
                  frame=frame, columns=columns, index_names=['method'],
                  unranked={r.label for r in rows if r.joint}, notes=notes)
+
+
+def _no_gap_notes(labels: list[str], joint_stored: bool) -> list[str]:
+    """Why the rows ``labels`` have no gap to joint: no joint run of the protocol at all
+    (``joint_stored`` False), or none of their config and data."""
+    if not labels:
+        return []
+    if not joint_stored:
+        return ['no gap to joint: no joint run of this protocol is stored']
+    return [f'no gap to joint for {", ".join(labels)}: no joint run of '
+            f'{"its" if len(labels) == 1 else "their"} config (but for the method\'s own '
+            f'settings) on the same data']
 
 
 UNSTATED_VARIANT = '* the source does not state whether the setting is overlapped or disjoint'

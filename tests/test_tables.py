@@ -884,3 +884,21 @@ def test_rows_without_published_numbers_beside_rows_with_them_are_named(tmp_path
     assert ('no published numbers for ft, lwf in this setting (data/paper_tables.csv has them '
             'for sdr only)') in table.notes
     assert '- no published numbers for ft, lwf in this setting' in render(table, 'md')
+
+
+def test_rows_without_a_joint_run_to_compare_with_are_named(tmp_path: Path) -> None:
+    """A row's gap to joint left '-' is explained in the notes: no joint run stored, or none of
+    the row's config and data."""
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}])
+    notes = leaderboard(open_store(root), VOC19).notes
+    assert 'no gap to joint: no joint run of this protocol is stored' in notes
+    write_run(root, [uniform(range(21), 0.9)], method='joint', shared_config_digest='digest-small')
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], method='lwf',
+              run='lr', config_name='cfgs/lr.py', config_digest='digest-lr',
+              shared_config_digest='digest-lr')
+    table = leaderboard(open_store(root), VOC19)
+    assert math.isnan(table.frame.at['lwf (cfgs/lr.py)', 'gap_joint'])
+    assert not math.isnan(table.frame.at['ft (small)', 'gap_joint'])
+    assert ('no gap to joint for lwf (cfgs/lr.py): no joint run of its config (but for the '
+            "method's own settings) on the same data") in table.notes
