@@ -2,7 +2,8 @@
 
 * ``<protocol>-miou.png``: mIoU of all / old / new classes against the step, one line per
   row of the tables (a method and setup: the mean over its seeds, a band of ± one std);
-  joint, trained in one step, is a dashed horizontal line at its value.
+  joint, trained in one step, is a dashed black horizontal line at its value (each joint row
+  dashed otherwise where several setups have one).
 * ``<protocol>-<method>-<run>-iou.png``: for each row, one run's per-class IoU, class x step,
   as a heat map (blank where a class is not yet learned or not in the evaluation set).
 """
@@ -24,16 +25,22 @@ from .store import RowRuns, StoredRun  # noqa: E402
 from .tables import column_labels, step_miou  # noqa: E402
 
 
+JOINT_LINESTYLES = ['--', ':', '-.', (0, (5, 2, 1, 2, 1, 2)), (0, (1, 4))]
+
+
 def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
     """Three panels (all, old, new), one line per row (method, and its setup where rows differ)."""
     labels = column_labels(rows)
     num_steps = max(len(row.runs[0].protocol['steps']) for row in rows)
+    # each joint row's level in black, dashed; several (one per setup) each dashed otherwise
+    dashes = dict(zip((row.label for row in rows if row.joint), JOINT_LINESTYLES * len(rows)))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True, layout='constrained')
     for ax, column in zip(axes, ('all', 'old', 'new')):
         for row in rows:
             if row.joint:
                 mean, _ = step_miou(row, 0, column)
-                ax.axhline(mean, color='black', linestyle='--', linewidth=1, label=row.label)
+                ax.axhline(mean, color='black', linestyle=dashes[row.label], linewidth=1,
+                           label=row.label)
                 continue
             stats = [step_miou(row, t, column) for t in range(len(row.runs[0].steps))]
             mean, std = np.array(stats).T

@@ -902,3 +902,25 @@ def test_rows_without_a_joint_run_to_compare_with_are_named(tmp_path: Path) -> N
     assert not math.isnan(table.frame.at['ft (small)', 'gap_joint'])
     assert ('no gap to joint for lwf (cfgs/lr.py): no joint run of its config (but for the '
             "method's own settings) on the same data") in table.notes
+
+
+def test_joint_levels_of_several_setups_are_told_apart_in_the_mIoU_figure(tmp_path: Path) -> None:
+    """Two configs, each with its joint run: their black levels differ in their dashes, as
+    their legend entries must; one joint row alone is dashed."""
+    root = tmp_path / 'results'
+    for digest, level in (('d1', 0.9), ('d2', 0.6)):
+        write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.5), 20: 0.3}], run=f'ft-{digest}',
+                  config_digest=digest)
+        write_run(root, [uniform(range(21), level)], method='joint', run=f'joint-{digest}',
+                  config_digest=digest)
+    fig = miou_by_step_figure(VOC19, select_runs(open_store(root), VOC19))
+    joints = [line for line in fig.axes[0].get_lines() if line.get_label().startswith('joint')]
+    assert [line.get_label() for line in joints] == ['joint (small@d1)', 'joint (small@d2)']
+    assert all(line.get_color() == 'black' for line in joints)
+    assert joints[0].get_linestyle() != joints[1].get_linestyle()
+    legend = fig.axes[-1].get_legend()
+    handles = {text.get_text(): handle for text, handle in zip(legend.get_texts(), legend.legend_handles)}
+    assert handles['joint (small@d1)'].get_linestyle() != handles['joint (small@d2)'].get_linestyle()
+    one = miou_by_step_figure(VOC19, select_runs(open_store(root), VOC19, runs=['*-d1']))
+    (joint,) = [line for line in one.axes[0].get_lines() if line.get_label() == 'joint']
+    assert joint.get_color() == 'black' and joint.get_linestyle() == '--'
