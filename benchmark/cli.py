@@ -407,14 +407,16 @@ def cmd_table(args) -> None:
 def cmd_plot(args) -> None:
     from .plots import write_protocol_plots
     from .store import select_runs
-    from .tables import chosen_by
+    from .tables import chosen_by, runs_of_protocol
     _require_protocol_or_all(args, 'plot')
     store = read_store(args.results)
     protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol)]
     out = _tables_folder(args)
     written = []
     for protocol in protocols:
-        rows = select_runs(store, protocol, _patterns(args.run), args.config)
+        # one protocol: refused as table refuses it, saying what is stored or how to store it
+        rows = (select_runs(store, protocol, _patterns(args.run), args.config) if args.all
+                else runs_of_protocol(store, protocol, _patterns(args.run), args.config))
         if rows:
             written += write_protocol_plots(protocol, rows, out)
     if not written:

@@ -177,7 +177,9 @@ def configs_of_runs(store: Store, protocols: Sequence[str], runs, config) -> str
     return f'the names of its runs: {", ".join(names)}' if names else ''
 
 
-def _rows_or_error(store: Store, protocol: str, runs, config) -> list[RowRuns]:
+def runs_of_protocol(store: Store, protocol: str, runs, config) -> list[RowRuns]:
+    """The rows of ``protocol``'s runs (chosen by ``--run``/``--config``); a UserError saying what
+    is stored, or how to store one, where there is none."""
     rows = select_runs(store, protocol, runs, config)
     if rows:
         return rows
@@ -253,7 +255,7 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
                 config: str | None = None) -> Table:
     """Per method: old / new / all after the last step, avg, forgetting, gap to joint, and the
     published numbers of the same method and setting."""
-    rows = _rows_or_error(store, protocol, runs, config)
+    rows = runs_of_protocol(store, protocol, runs, config)
     labels = column_labels(rows)
     records = []
     for row in rows:
@@ -372,7 +374,7 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
     """Per method and step: old / new / all after that step (joint: its single step, shown
     as the last), and the classes the row's old and new average: new grows with the steps,
     so no header could name its classes for every row."""
-    rows = _rows_or_error(store, protocol, runs, config)
+    rows = runs_of_protocol(store, protocol, runs, config)
     records = []
     for row in rows:
         num_steps = len(row.runs[0].steps)
@@ -397,7 +399,7 @@ def per_step(store: Store, protocol: str, runs: list[str] | None = None,
 def per_class_forgetting(store: Store, protocol: str, runs: list[str] | None = None,
                          config: str | None = None) -> Table:
     """Per old class and method: its forgetting (best earlier IoU minus final IoU)."""
-    rows = [r for r in _rows_or_error(store, protocol, runs, config) if not r.joint]
+    rows = [r for r in runs_of_protocol(store, protocol, runs, config) if not r.joint]
     if not rows:
         raise UserError(f'protocol {protocol!r}: only joint runs stored; forgetting needs steps')
     per_row = {row.label: [forgetting_per_class(r.steps) for r in row.runs]

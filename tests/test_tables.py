@@ -924,3 +924,18 @@ def test_joint_levels_of_several_setups_are_told_apart_in_the_mIoU_figure(tmp_pa
     one = miou_by_step_figure(VOC19, select_runs(open_store(root), VOC19, runs=['*-d1']))
     (joint,) = [line for line in one.axes[0].get_lines() if line.get_label() == 'joint']
     assert joint.get_color() == 'black' and joint.get_linestyle() == '--'
+
+
+def test_plot_of_a_protocol_without_runs_says_what_is_stored_as_table_does(store_19_1: Path,
+                                                                          tmp_path: Path, capsys) -> None:
+    for results, says in ((store_19_1, f"no complete run stored for protocol 'voc-19-1-overlpa'; "
+                                        f"stored protocols: {VOC19}\n"),
+                          (tmp_path / 'none', f"no complete run stored for protocol 'voc-19-1-overlpa'; "
+                                              f"stored protocols: none\n")):
+        for command in ('table', 'plot'):
+            assert main([command, '--protocol', 'voc-19-1-overlpa', '--results', str(results)]) == 2
+            assert capsys.readouterr().err == f'cssbench: error: {results}: {says}'
+    assert main(['plot', '--protocol', 'voc-15-1-overlap', '--results', str(store_19_1)]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"`cssbench run --protocol voc-15-1-overlap --results {store_19_1}` makes one\n")
+    assert not (store_19_1 / 'tables').exists()
