@@ -274,8 +274,7 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
         joint_all = {**joint_mious(select_runs(store, protocol)), **joint_all}
     frame['gap_joint'] = [joint_all.get(joint_key(row), math.nan) - frame.at[row.label, 'all']
                           for row in rows]
-    gap_notes = _no_gap_notes([row.label for row in rows if row.label not in
-                               {r.label for r in rows if joint_key(r) in joint_all}],
+    gap_notes = _no_gap_notes([row.label for row in rows if joint_key(row) not in joint_all],
                               any(r.joint for r in store.runs if r.protocol_name == protocol))
 
     columns = [Column('seeds', 'seeds'),
