@@ -343,6 +343,13 @@ def config_labels(runs: list[StoredRun]) -> dict[tuple[str, str], str]:
     return labels
 
 
+def _row_order(group: tuple[tuple[str, str, str, str], list[StoredRun]]) -> tuple:
+    """Rows by method, then config name, then epochs (a config's runs share them: its
+    digest hashes them), then digest and data."""
+    (method, config_name, digest, data), runs = group
+    return method, config_name, runs[0].epochs or 0, digest, data
+
+
 def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
                 config: str | None = None) -> list[RowRuns]:
     """One row per (method, config, dataset): for each seed, the latest finished complete run
@@ -362,7 +369,7 @@ def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
         groups.setdefault((r.method, r.config_name, r.config_digest, r.dataset_fingerprint), []).append(r)
     several_setups = len({key[1:] for key in groups}) > 1
     rows = []
-    for (method, *setup_key), group in sorted(groups.items()):
+    for (method, *setup_key), group in sorted(groups.items(), key=_row_order):
         setup_label = setup(*setup_key)
         latest: dict[int, StoredRun] = {}
         for r in sorted(group, key=lambda r: (r.finished, r.path)):

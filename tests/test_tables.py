@@ -343,8 +343,8 @@ def test_configs_of_one_name_that_differ_in_epochs_alone_are_named_by_their_epoc
                       dict(run='y', config=of_epochs(1), **common))
     write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.5), 20: 0.3}], run='s')  # small
     rows = select_runs(open_store(root), VOC19)
-    assert [(r.label, [x.run for x in r.runs]) for r in rows] == [
-        ('ft (cfgs/base.py, 3 epochs)', ['x']), ('ft (cfgs/base.py, 1 epoch)', ['y']),
+    assert [(r.label, [x.run for x in r.runs]) for r in rows] == [   # in order of epochs
+        ('ft (cfgs/base.py, 1 epoch)', ['y']), ('ft (cfgs/base.py, 3 epochs)', ['x']),
         ('ft (small)', ['s'])]
     assert main(['table', '--protocol', VOC19, '--results', str(root)]) == 0
     assert '| ft (cfgs/base.py, 3 epochs) |' in capsys.readouterr().out
