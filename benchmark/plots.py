@@ -75,7 +75,9 @@ def class_iou_figure(run: StoredRun) -> Figure:
     fig, ax = plt.subplots(figsize=(1.0 * len(run.steps) + 3.5, height), layout='constrained')
     image = ax.imshow(np.ma.masked_invalid(grid), aspect='auto', cmap='viridis', vmin=0, vmax=100,
                       interpolation='nearest')
-    ax.set_xticks(range(len(run.steps)), [str(s['step']) for s in run.steps])
+    # joint's one step trains every class: not the protocol's step 0, whose classes are fewer
+    ax.set_xticks(range(len(run.steps)),
+                  ['all classes'] if run.joint else [str(s['step']) for s in run.steps])
     if len(classes) <= 60:
         ax.set_yticks(range(len(classes)), [f'{c} {names[c]}' for c in classes], fontsize=7)
         for (i, t), value in np.ndenumerate(grid):

@@ -423,6 +423,8 @@ def _pm(mean: float, std: float, signed: bool = False, latex: bool = False) -> s
     if math.isnan(mean):
         return '-'
     text = f'{mean:+.1f}' if signed else f'{mean:.1f}'
+    if latex and text.startswith('-'):
+        text = '$-$' + text[1:]   # a minus sign: LaTeX sets a bare '-' as a hyphen
     if not math.isnan(std):
         text += f' $\\pm$ {std:.1f}' if latex else f' ± {std:.1f}'
     return text

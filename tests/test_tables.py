@@ -169,6 +169,16 @@ def test_latex_is_a_booktabs_tabular_with_the_best_bold(store_19_1: Path) -> Non
     assert all(line.startswith('%') for line in tex[:tex.index('\\begin')].splitlines())
 
 
+def test_latex_sets_a_negative_number_with_a_minus_sign(tmp_path: Path) -> None:
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.95), {**uniform(OLD19, 0.95), 20: 0.95}])   # above joint
+    write_run(root, [uniform(range(21), 0.9)], method='joint')
+    table = leaderboard(open_store(root), VOC19)
+    assert table.frame.at['ft', 'gap_joint'] == pytest.approx(-5.0)
+    assert '| 0.0 | -5.0 |' in render(table, 'md')
+    assert '& $-$5.0' in render(table, 'latex') and '& -5.0' not in render(table, 'latex')
+
+
 def test_csv_keeps_means_and_stds_as_numbers(store_19_1: Path) -> None:
     lines = render(leaderboard(open_store(store_19_1), VOC19), 'csv').splitlines()
     header = lines[0].split(',')
@@ -727,6 +737,10 @@ def test_class_heat_map_is_class_by_step(store_19_1: Path) -> None:
     assert grid.shape == (21, 2)
     assert grid[3, 0] == pytest.approx(80.0) and grid[20, 1] == pytest.approx(30.0)
     assert grid.mask[20, 0] and not grid.mask[20, 1]     # class 20 unseen at step 0
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ['0', '1']
+    joint = next(r for r in open_store(store_19_1).runs if r.joint)
+    ticks = class_iou_figure(joint).axes[0].get_xticklabels()
+    assert [t.get_text() for t in ticks] == ['all classes']   # one step, not the protocol's 0
 
 
 def test_the_cli_keeps_true_copies_of_the_table_formats_and_the_synth_defaults() -> None:
