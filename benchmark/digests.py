@@ -24,18 +24,50 @@ SHARED_MODEL_SETTINGS = ('type', 'backbone', 'decode_head', 'step_sizes', 'data_
 
 def sections_digest(sections: dict, model_keys: Collection[str] | None = None) -> str:
     """The digest of a config's sections (``Config.to_dict()``, or as run.json holds them):
-    the speed section and ``SPEED_ONLY_DATA_SETTINGS`` left out, and with ``model_keys``
-    every setting of the model section but those."""
+    what ``_what_it_computes`` keeps, and with ``model_keys`` every setting of the model
+    section but those."""
+    kept = _what_it_computes(sections)
+    if model_keys is not None and isinstance(kept.get('model'), dict):
+        kept['model'] = {k: v for k, v in kept['model'].items() if k in model_keys}
+    text = json.dumps(kept, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _what_it_computes(sections: dict) -> dict:
+    """The sections but the speed section and ``SPEED_ONLY_DATA_SETTINGS``, as run.json holds
+    them (keys strings, tuples lists): sorted, a dict keyed by numbers sorts by its keys'
+    text, as the stored config's does, not by their value."""
     kept = {k: v for k, v in sections.items() if k != 'speed'}
     if isinstance(kept.get('data'), dict):
         kept['data'] = {k: v for k, v in kept['data'].items() if k not in SPEED_ONLY_DATA_SETTINGS}
-    if model_keys is not None and isinstance(kept.get('model'), dict):
-        kept['model'] = {k: v for k, v in kept['model'].items() if k in model_keys}
-    # As run.json holds them first (keys strings, tuples lists), then sorted: a dict keyed by
-    # numbers sorts by its keys' text, as the stored config's does, not by their value.
-    plain = json.loads(json.dumps(kept, default=str))
-    text = json.dumps(plain, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json.loads(json.dumps(kept, default=str))
+
+
+def config_differences(before: dict, now: dict, most: int = 3) -> str:
+    """What differs between two configs' sections, as their digests see it, in words:
+    ``schedule.epochs was 1, now 2`` (at most ``most`` settings named)."""
+    was, now = _settings(_what_it_computes(before)), _settings(_what_it_computes(now))
+    names = sorted(k for k in was.keys() | now.keys() if was.get(k, _NONE) != now.get(k, _NONE))
+    said = [f'{k} was {_said(was.get(k, _NONE))}, now {_said(now.get(k, _NONE))}'
+            for k in names[:most]]
+    return '; '.join(said) + (f'; and {len(names) - most} more' if len(names) > most else '')
+
+
+_NONE = object()   # a setting a config does not hold
+
+
+def _said(value) -> str:
+    return 'unset' if value is _NONE else json.dumps(value)
+
+
+def _settings(sections: dict, prefix: str = '') -> dict:
+    """Every setting of ``sections`` by its dotted name (``schedule.epochs``); a list is one."""
+    found = {}
+    for key, value in sections.items():
+        name = f'{prefix}{key}'
+        found.update(_settings(value, f'{name}.') if isinstance(value, dict) and value
+                     else {name: value})
+    return found
 
 
 def shared_sections_digest(sections: dict) -> str:

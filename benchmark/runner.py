@@ -32,7 +32,7 @@ from mmengine.runner import set_random_seed
 from . import __version__, step0
 from .config import (NON_NEGATIVE, config_digest, is_number, is_whole_number, load_config,
                      shared_config_digest)
-from .digests import stored_digests
+from .digests import config_differences, stored_digests
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
@@ -630,7 +630,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     data is not read)."""
     _check_protocol_name(paths.store_root, protocol)
     digest = config_digest(cfg)
-    previous = _check_stored_run(paths, digest, deterministic, overwrite, resume, keep_complete)
+    previous = _check_stored_run(paths, cfg, deterministic, overwrite, resume, keep_complete)
     if previous is not None and previous.get('status') == 'complete':
         return None
     continued = previous is not None
@@ -652,7 +652,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     return _CheckedRun(previous, identity, speed, index, splits)
 
 
-def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwrite: bool,
+def _check_stored_run(paths: RunPaths, cfg: Config, deterministic: bool, overwrite: bool,
                       resume: bool, keep_complete: bool) -> dict | None:
     """Refuse a run folder that holds a run this one does not continue (another config,
     ``--deterministic`` the other way, a complete run unless kept), or none with ``resume``;
@@ -660,10 +660,12 @@ def _check_stored_run(paths: RunPaths, digest: str, deterministic: bool, overwri
     run_file = paths.results / 'run.json'
     previous = read_json(run_file) if run_file.exists() and not overwrite else None
     if previous is not None:
-        if stored_digests(previous)[0] != digest:
+        if stored_digests(previous)[0] != config_digest(cfg):
             # named: two config files of one stem name their runs alike
             stored = previous.get('config_name')
-            which = f' ({stored}, as it was then)' if stored else ''
+            differing = (f': {config_differences(previous["config"], cfg.to_dict())}'
+                         if isinstance(previous.get('config'), dict) else '')
+            which = f' ({stored}, as it was then{differing})' if stored else ''
             raise UserError(f'{paths.results}: a run with another config{which} is stored '
                             f'there; give --run-name to keep both, or --overwrite to replace it')
         if previous.get('deterministic', False) != deterministic:

@@ -487,7 +487,8 @@ def test_a_command_of_several_runs_keeps_the_finished_ones_and_trains_the_rest(
              f'--data-root={synth32} --epochs=2 --results={results}')
     assert err == (
         f'cssbench: error: {ft_record.parent}: a run with another config ({config32}, as it was '
-        f'then) is stored there; give --run-name to keep both, or --overwrite to replace it '
+        f'then: schedule.epochs was 1, now 2) is stored there; give --run-name to keep both, or '
+        f'--overwrite to replace it '
         f'(with several runs, --overwrite would train every one again and --work-dir is refused: '
         f'give what this advises to the command of this run alone, {alone})\n')
     assert main([*run, '--method', 'ft', '--epochs', '2']) == 2   # one run: the advice as it is

@@ -317,6 +317,24 @@ def test_the_store_reads_the_shared_settings_that_the_base_segmentor_takes() -> 
     assert set(SHARED_MODEL_SETTINGS) == {*model_setting_parameters(IncrementalSegmentor), 'type'}
 
 
+def test_what_differs_between_two_configs_is_said_setting_by_setting() -> None:
+    from cssbench.digests import config_differences
+    small = load_config('small').to_dict()
+    assert config_differences(small, small) == ''
+
+    def changed(**sections) -> dict:
+        return {name: {**small[name], **sections.get(name, {})} for name in small}
+    assert config_differences(small, changed(schedule=dict(epochs=3, lr=(0.05, 0.001)))) == (
+        f'schedule.epochs was {small["schedule"]["epochs"]}, now 3; '
+        f'schedule.lr was {json.dumps(list(small["schedule"]["lr"]))}, now [0.05, 0.001]')
+    # what decides only how fast is no difference; a setting one config lacks is unset there
+    assert config_differences(small, changed(data=dict(num_workers=7), speed=dict(amp=None))) == ''
+    assert config_differences(small, changed(model=dict(loss_kd=10.0))) == (
+        'model.loss_kd was unset, now 10.0')
+    many = changed(schedule=dict(momentum=0.5, nesterov=False, weight_decay=0.0, poly_power=1.0))
+    assert config_differences(small, many).endswith('; and 1 more')
+
+
 def test_how_fast_a_config_loads_and_scores_is_not_part_of_its_digest(tmp_path: Path) -> None:
     small = load_config('small')
 
