@@ -47,7 +47,9 @@ def config_differences(before: dict, now: dict, most: int = 3) -> str:
     """What differs between two configs' sections, as their digests see it, in words:
     ``schedule.epochs was 1, now 2`` (at most ``most`` settings named)."""
     was, now = _settings(_what_it_computes(before)), _settings(_what_it_computes(now))
-    names = sorted(k for k in was.keys() | now.keys() if was.get(k, _NONE) != now.get(k, _NONE))
+    # compared as the digests see them, as sorted JSON: 1 and 1.0 (or 0 and False) differ
+    names = sorted(k for k in was.keys() | now.keys()
+                   if _said(was.get(k, _NONE)) != _said(now.get(k, _NONE)))
     said = [f'{k} was {_said(was.get(k, _NONE))}, now {_said(now.get(k, _NONE))}'
             for k in names[:most]]
     return '; '.join(said) + (f'; and {len(names) - most} more' if len(names) > most else '')
@@ -57,7 +59,7 @@ _NONE = object()   # a setting a config does not hold
 
 
 def _said(value) -> str:
-    return 'unset' if value is _NONE else json.dumps(value)
+    return 'unset' if value is _NONE else json.dumps(value, sort_keys=True)
 
 
 def _settings(sections: dict, prefix: str = '') -> dict:

@@ -318,7 +318,7 @@ def test_the_store_reads_the_shared_settings_that_the_base_segmentor_takes() -> 
 
 
 def test_what_differs_between_two_configs_is_said_setting_by_setting() -> None:
-    from cssbench.digests import config_differences
+    from cssbench.digests import config_differences, sections_digest
     small = load_config('small').to_dict()
     assert config_differences(small, small) == ''
 
@@ -333,6 +333,11 @@ def test_what_differs_between_two_configs_is_said_setting_by_setting() -> None:
         'model.loss_kd was unset, now 10.0')
     many = changed(schedule=dict(momentum=0.5, nesterov=False, weight_decay=0.0, poly_power=1.0))
     assert config_differences(small, many).endswith('; and 1 more')
+    # values Python finds equal but the digest does not (1.0 and 1) are named, not left out
+    linear = changed(schedule=dict(poly_power=1.0))
+    assert sections_digest(linear) != sections_digest(changed(schedule=dict(poly_power=1)))
+    assert config_differences(linear, changed(schedule=dict(poly_power=1))) == (
+        'schedule.poly_power was 1.0, now 1')
 
 
 def test_how_fast_a_config_loads_and_scores_is_not_part_of_its_digest(tmp_path: Path) -> None:
