@@ -172,6 +172,10 @@ def _check_storable(value, path: Path, name: str = '') -> None:
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_storable(item, path, f'{name}[{i}]')
+    elif isinstance(value, type):
+        raise UserError(f'{path}: {name} is the class {value.__name__}, which run.json cannot '
+                        f'hold: give its registered name as a string (e.g. \'cssbench.'
+                        f'{value.__name__}\')')
     elif not isinstance(value, _PLAIN_VALUES):
         raise UserError(f'{path}: {name} is {value!r}, a {type(value).__name__}, which run.json '
                         f'cannot hold (a config holds numbers, strings, True, False, None, '

@@ -47,9 +47,11 @@ def config_differences(before: dict, now: dict, most: int = 3) -> str:
     """What differs between two configs' sections, as their digests see it, in words:
     ``schedule.epochs was 1, now 2`` (at most ``most`` settings named)."""
     was, now = _settings(_what_it_computes(before)), _settings(_what_it_computes(now))
-    # compared as the digests see them, as sorted JSON: 1 and 1.0 (or 0 and False) differ
-    names = sorted(k for k in was.keys() | now.keys()
-                   if _said(was.get(k, _NONE)) != _said(now.get(k, _NONE)))
+    # compared as the digests see them, as sorted JSON: 1 and 1.0 (or 0 and False) differ;
+    # a part's type first: another backbone's other settings follow from it
+    names = sorted((k for k in was.keys() | now.keys()
+                    if _as_json(was.get(k, _NONE)) != _as_json(now.get(k, _NONE))),
+                   key=lambda k: (k.rsplit('.', 1)[-1] != 'type', k))
     said = [f'{k} was {_said(was.get(k, _NONE))}, now {_said(now.get(k, _NONE))}'
             for k in names[:most]]
     return '; '.join(said) + (f'; and {len(names) - most} more' if len(names) > most else '')
@@ -58,8 +60,14 @@ def config_differences(before: dict, now: dict, most: int = 3) -> str:
 _NONE = object()   # a setting a config does not hold
 
 
-def _said(value) -> str:
+def _as_json(value) -> str:
     return 'unset' if value is _NONE else json.dumps(value, sort_keys=True)
+
+
+def _said(value, most: int = 60) -> str:
+    """A setting's value as JSON, cut to ``most`` characters (a long list stays one line)."""
+    text = _as_json(value)
+    return text if len(text) <= most else text[:most - 3] + '...'
 
 
 def _settings(sections: dict, prefix: str = '') -> dict:

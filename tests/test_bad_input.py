@@ -402,6 +402,9 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
      'None, lists, tuples and dicts)'),
     ('extra = {(1, 2): 3}', "extra has the key (1, 2), which run.json cannot hold: a dict's "
      'keys are strings or numbers'),
+    ('from pathlib import Path\nmodel = dict(backbone=dict(type=Path))', 'model.backbone.type '
+     "is the class Path, which run.json cannot hold: give its registered name as a string (e.g. "
+     "'cssbench.Path')"),
     # a method's class: --method chooses it, and the config's was replaced unnoticed
     ("model = dict(type='cssbench.LwF')", "model.type must be 'cssbench.IncrementalSegmentor', got "
      "'cssbench.LwF': the method (run --method) chooses the class that trains"),

@@ -333,6 +333,14 @@ def test_what_differs_between_two_configs_is_said_setting_by_setting() -> None:
         'model.loss_kd was unset, now 10.0')
     many = changed(schedule=dict(momentum=0.5, nesterov=False, weight_decay=0.0, poly_power=1.0))
     assert config_differences(small, many).endswith('; and 1 more')
+    # a part's type first, and a long value cut (compared whole: they differ at the end)
+    other = changed(model=dict(backbone=dict(type='cssbench.Other', depth=101, layers=[7] * 40)))
+    longer = changed(model=dict(backbone=dict(type='cssbench.Other', depth=101,
+                                              layers=[7] * 39 + [8])))
+    said = config_differences(small, other)
+    assert said.startswith("model.backbone.type was \"cssbench.SmallResNet\", now \"cssbench.Other\"; ")
+    assert 'now [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,...; and 1 more' in said
+    assert config_differences(other, longer).startswith('model.backbone.layers was [7, 7')
     # values Python finds equal but the digest does not (1.0 and 1) are named, not left out
     linear = changed(schedule=dict(poly_power=1.0))
     assert sections_digest(linear) != sections_digest(changed(schedule=dict(poly_power=1)))
