@@ -276,6 +276,11 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
                           for row in rows]
     gap_notes = _no_gap_notes([row.label for row in rows if joint_key(row) not in joint_all],
                               any(r.joint for r in store.runs if r.protocol_name == protocol))
+    shown = joint_mious(rows)
+    unshown = [row.label for row in rows if joint_key(row) in joint_all.keys() - shown.keys()]
+    if unshown:
+        gap_notes.append(f'gap to joint for {", ".join(unshown)}: from joint runs of the '
+                         f'protocol that this table does not show (same config and data)')
 
     columns = [Column('seeds', 'seeds'),
                Column(labels['old'], 'old', 'max'), Column(labels['new'], 'new', 'max'),
