@@ -118,9 +118,9 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     top-level dict whose name misspells a section's (``misspelt_section``), sets one
     in its data or schedule section that no run reads (``SECTION_SETTINGS``: a typo), holds
     one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), holds a value
-    that run.json cannot (``_check_storable``), names a
-    model type but the base segmentor's (a method's class, which --method chooses), or whose
-    pretrained backbone checkpoint is not a file."""
+    that run.json cannot (``_check_storable``), names a model type but the base segmentor's
+    (a method's class, which --method chooses), or whose pretrained backbone checkpoint is
+    not a file."""
     _check_storable(cfg.to_dict(), path)
     for name, value in cfg.items():
         section = misspelt_section(name) if isinstance(value, dict) else None
