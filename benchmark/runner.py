@@ -630,7 +630,8 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     data is not read)."""
     _check_protocol_name(paths.store_root, protocol)
     digest = config_digest(cfg)
-    previous = _check_stored_run(paths, cfg, deterministic, overwrite, resume, keep_complete)
+    previous = _check_stored_run(paths, cfg, digest, deterministic, overwrite, resume,
+                                 keep_complete)
     if previous is not None and previous.get('status') == 'complete':
         return None
     continued = previous is not None
@@ -652,15 +653,15 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     return _CheckedRun(previous, identity, speed, index, splits)
 
 
-def _check_stored_run(paths: RunPaths, cfg: Config, deterministic: bool, overwrite: bool,
-                      resume: bool, keep_complete: bool) -> dict | None:
-    """Refuse a run folder that holds a run this one does not continue (another config,
-    ``--deterministic`` the other way, a complete run unless kept), or none with ``resume``;
-    returns the stored record (None if none, or with ``overwrite``)."""
+def _check_stored_run(paths: RunPaths, cfg: Config, digest: str, deterministic: bool,
+                      overwrite: bool, resume: bool, keep_complete: bool) -> dict | None:
+    """Refuse a run folder that holds a run this one does not continue (another config than
+    ``cfg``, of ``digest``; ``--deterministic`` the other way, a complete run unless kept), or
+    none with ``resume``; returns the stored record (None if none, or with ``overwrite``)."""
     run_file = paths.results / 'run.json'
     previous = read_json(run_file) if run_file.exists() and not overwrite else None
     if previous is not None:
-        if stored_digests(previous)[0] != config_digest(cfg):
+        if stored_digests(previous)[0] != digest:
             # named: two config files of one stem name their runs alike
             stored = previous.get('config_name')
             differing = (f': {config_differences(previous["config"], cfg.to_dict())}'
