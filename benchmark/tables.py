@@ -269,14 +269,13 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
     frame = pd.DataFrame(records).set_index('row')
     # a joint row the table shows is the level its rows compare with; a table chosen by --run
     # or --config without one still compares, with the protocol's joint runs
-    joint_all = joint_mious(rows)
-    if runs is not None or config is not None:
-        joint_all = {**joint_mious(select_runs(store, protocol)), **joint_all}
+    shown = joint_mious(rows)
+    joint_all = (shown if runs is None and config is None
+                 else {**joint_mious(select_runs(store, protocol)), **shown})
     frame['gap_joint'] = [joint_all.get(joint_key(row), math.nan) - frame.at[row.label, 'all']
                           for row in rows]
     gap_notes = _no_gap_notes([row.label for row in rows if joint_key(row) not in joint_all],
                               any(r.joint for r in store.runs if r.protocol_name == protocol))
-    shown = joint_mious(rows)
     unshown = [row.label for row in rows if joint_key(row) in joint_all.keys() - shown.keys()]
     if unshown:
         gap_notes.append(f'gap to joint for {", ".join(unshown)}: from joint runs of the '
