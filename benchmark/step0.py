@@ -17,7 +17,7 @@ import torch
 from mmengine.config import Config
 
 from . import __version__
-from .config import config_digest
+from .digests import sections_digest
 from .distributed import decided_by_main
 from .io import (atomic_copy, atomic_write_json, cache_root, copy_if_absent, file_sha256,
                  read_json_or_none)
@@ -33,7 +33,7 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
     method's ``settings_unused_at_step0``; ``speed``: the run's speed record
     (``runner.speed_record``)."""
     key = dict(kind=kind, step0=steps.first_step_training(),
-               config=config_digest(_as_step0_reads_it(cfg, unused_settings)),
+               config=sections_digest(_as_step0_reads_it(cfg, unused_settings)),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
     if speed['amp'] != 'float32':   # one trained under autocast (bf16, float16) is not the fp32 one
@@ -43,14 +43,14 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _as_step0_reads_it(cfg: Config, unused_settings: Collection[str]) -> Config:
-    """The config without what step 0 never reads: the later steps' learning rate and the
-    method's ``unused_settings`` (a config setting LwF's ``loss_kd`` shares fine-tuning's
-    step 0). A config setting none of them is the same config."""
+def _as_step0_reads_it(cfg: Config, unused_settings: Collection[str]) -> dict:
+    """The config's sections without what step 0 never reads: the later steps' learning rate
+    and the method's ``unused_settings`` (a config setting LwF's ``loss_kd`` shares
+    fine-tuning's step 0). A config setting none of them is the same config."""
     sections = cfg.to_dict()
     sections['schedule']['lr'] = sections['schedule']['lr'][:1]
     sections['model'] = {k: v for k, v in sections['model'].items() if k not in unused_settings}
-    return Config(sections)
+    return sections
 
 
 def _entry(key: str) -> Path:
