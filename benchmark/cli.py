@@ -383,12 +383,15 @@ def cmd_table(args) -> None:
     if args.all:
         out = _tables_folder(args)
         store = read_store(args.results)
-        written = write_all_tables(store, out, _patterns(args.run), args.config)
+        written, not_written = write_all_tables(store, out, _patterns(args.run), args.config)
         if not written:
             raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} '
                             f'stored; nothing to tabulate'
                             + _configs_advice(store, store.protocols(), args))
-        print(f'wrote {len(written)} files to {out}/')
+        for line in not_written:
+            print(line)
+        _remove_unwritten(out, 'table', written, every_protocol=True)
+        print(f'wrote {sum(map(len, written.values()))} files to {out}/')
         return
     kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
     text = render_table(args.results, stored_protocol_name(args.protocol), args.format or 'md',
@@ -412,21 +415,31 @@ def cmd_plot(args) -> None:
     store = read_store(args.results)
     protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol)]
     out = _tables_folder(args)
-    written = []
+    written = {}
     for protocol in protocols:
         # one protocol: refused as table refuses it, saying what is stored or how to store it
         rows = (select_runs(store, protocol, _patterns(args.run), args.config) if args.all
                 else runs_of_protocol(store, protocol, _patterns(args.run), args.config))
         if rows:
-            written += write_protocol_plots(protocol, rows, out)
+            written[protocol] = write_protocol_plots(protocol, rows, out)
     if not written:
         raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} stored '
                         f'for {", ".join(protocols) or "any protocol"}'
                         + _configs_advice(store, protocols, args))
     for skipped in (s for protocol in protocols for s in store.skipped_in(protocol)):
         print(f'cssbench: skipped {skipped.path}: {skipped.reason}', file=sys.stderr)
-    for path in written:
+    for path in (path for paths in written.values() for path in paths):
         print(f'wrote {path}')
+    _remove_unwritten(out, 'plot', written, every_protocol=args.all)
+
+
+def _remove_unwritten(out: Path, command: str, written: dict[str, list[Path]],
+                      every_protocol: bool) -> None:
+    """Deletes the files an earlier ``command`` wrote into ``out`` that this one did not write
+    (io.replace_written), saying so."""
+    from .io import replace_written
+    for path in replace_written(out, command, written, every_protocol):
+        print(f'removed {path}: an earlier `cssbench {command}` wrote it, this one did not')
 
 
 def _configs_advice(store: Store, protocols: list[str], args) -> str:

@@ -1,4 +1,4 @@
-"""Atomic file writes and the cache folder."""
+"""Atomic file writes, the cache folder, and the list of the files a command generated."""
 from __future__ import annotations
 
 import contextlib
@@ -167,3 +167,41 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + '\n')
+
+
+# In a folder of tables and plots: per command, the files it wrote there for each protocol.
+WRITTEN_LIST = '.cssbench-written.json'
+
+
+def _file_name(name: str) -> str:
+    if not isinstance(name, str) or name in ('', '.', '..') or Path(name).name != name:
+        raise ValueError(f'not a file name: {name!r}')
+    return name
+
+
+def _written_list(stored) -> dict[str, dict[str, list[str]]]:
+    return {command: {protocol: [_file_name(name) for name in names]
+                      for protocol, names in protocols.items()}
+            for command, protocols in stored.items()}
+
+
+def replace_written(folder: str | Path, command: str, written: dict[str, list[Path]],
+                    every_protocol: bool) -> list[Path]:
+    """Note which files ``command`` wrote into ``folder`` for each protocol, and delete the
+    ones it wrote there last time, for the protocols written now (for every protocol it wrote,
+    with ``every_protocol``), that it did not write again: the table or heat map of a run since
+    deleted or no longer chosen. A file the list does not name is never touched. The deleted
+    files, in order."""
+    folder = Path(folder)
+    listed = read_json_or_none(folder / WRITTEN_LIST, _written_list) or {}
+    before = listed.get(command, {})
+    now = {protocol: sorted(path.name for path in paths) for protocol, paths in written.items()}
+    rewritten = before if every_protocol else now
+    kept = {name for names in now.values() for name in names}
+    stale = sorted({folder / name for protocol in rewritten for name in before.get(protocol, ())
+                    if name not in kept and (folder / name).is_file()})
+    for path in stale:   # before the list is written: a list naming a file gone does no harm
+        path.unlink(missing_ok=True)
+    listed[command] = now if every_protocol else {**before, **now}
+    atomic_write_json(folder / WRITTEN_LIST, listed)
+    return stale

@@ -524,20 +524,26 @@ def render(table: Table, fmt: str) -> str:
 TABLES = dict(leaderboard=leaderboard, per_step=per_step, per_class=per_class_forgetting)
 
 
-def write_all_tables(store: Store, out_dir: str | Path, runs=None, config=None) -> list[Path]:
+def write_all_tables(store: Store, out_dir: str | Path, runs=None,
+                     config=None) -> tuple[dict[str, list[Path]], list[str]]:
     """Every protocol's tables in every format under ``out_dir``: ``<protocol>.<ext>``,
-    ``<protocol>-per-step.<ext>``, ``<protocol>-per-class.<ext>``."""
+    ``<protocol>-per-step.<ext>``, ``<protocol>-per-class.<ext>``. The files written, per
+    protocol; and a line for each table not written, saying why."""
     out_dir = Path(out_dir)
-    written = []
+    written, not_written = {}, []
     for protocol in store.protocols():
+        if not select_runs(store, protocol, runs, config):
+            not_written.append(f'no tables for {protocol}: no complete run{chosen_by(runs, config)}')
+            continue
         for kind, build in TABLES.items():
             try:
                 table = build(store, protocol, runs, config)
-            except UserError:
-                continue  # e.g. no run matches the filter, or only joint for per-class
+            except UserError as e:   # the per-class table, where only joint runs are chosen
+                not_written.append(f'no {kind.replace("_", "-")} table: {e}')
+                continue
             suffix = '' if kind == 'leaderboard' else '-' + kind.replace('_', '-')
             for fmt in FORMATS:
                 path = out_dir / f'{protocol}{suffix}.{EXTENSIONS[fmt]}'
                 atomic_write_text(path, render(table, fmt))
-                written.append(path)
-    return written
+                written.setdefault(protocol, []).append(path)
+    return written, not_written

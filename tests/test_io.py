@@ -167,3 +167,28 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_write_beside_them(
     assert sorted(os.listdir(tmp_path)) == sorted(['.hidden', 'x.json', *alive, *young])
     writer.stdin.close()
     assert writer.wait() == 0 and not set(alive) & set(os.listdir(tmp_path))   # removed by it
+
+
+def test_replace_written_removes_only_what_the_command_wrote_before_and_not_now(tmp_path: Path) -> None:
+    def write(*names: str) -> list[Path]:
+        for name in names:
+            (tmp_path / name).write_text(name)
+        return [tmp_path / name for name in names]
+
+    assert cio.replace_written(tmp_path, 'plot', {'a': write('a-1', 'a-2'), 'b': write('b-1')},
+                               every_protocol=True) == []
+    # one protocol rewritten: only its own stale files go; the other protocol's stay listed
+    assert cio.replace_written(tmp_path, 'plot', {'a': write('a-1')}, every_protocol=False) == \
+        [tmp_path / 'a-2']
+    # every protocol rewritten: b's, not written this time, goes too; table's list is its own
+    write('t-1')
+    cio.replace_written(tmp_path, 'table', {'b': [tmp_path / 't-1']}, every_protocol=True)
+    assert cio.replace_written(tmp_path, 'plot', {'a': write('a-1')}, every_protocol=True) == \
+        [tmp_path / 'b-1']
+    assert sorted(os.listdir(tmp_path)) == ['.cssbench-written.json', 'a-1', 't-1']
+    # a list naming a path outside the folder is not trusted: nothing is removed
+    outside = tmp_path.parent / 'outside'
+    outside.write_text('kept')
+    (tmp_path / cio.WRITTEN_LIST).write_text(json.dumps({'plot': {'a': ['../outside', 'a-1']}}))
+    assert cio.replace_written(tmp_path, 'plot', {}, every_protocol=True) == []
+    assert outside.read_text() == 'kept' and (tmp_path / 'a-1').is_file()

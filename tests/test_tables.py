@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -506,7 +507,6 @@ def test_index_is_rebuilt_when_missing_or_stale(store_19_1: Path) -> None:
     assert leaderboard(open_store(store_19_1), VOC19).frame.at['lwf', 'old'] == pytest.approx(78.9)
 
     # A run folder removed: gone from the index too; index deleted: rebuilt the same.
-    import shutil
     shutil.rmtree(store_19_1 / VOC19 / 'ft' / 'small-seed1')
     open_store(store_19_1)
     assert f'{VOC19}/ft/small-seed1' not in json.loads((store_19_1 / INDEX_FILE).read_text())['runs']
@@ -790,7 +790,8 @@ def test_cli_table_all_and_plot_write_valid_files(store_19_1: Path, capsys) -> N
     assert main(['table', '--all', '--results', results]) == 0
     tables = store_19_1 / 'tables'
     assert sorted(p.name for p in tables.iterdir()) == sorted(
-        f'{VOC19}{kind}.{ext}' for kind in ('', '-per-step', '-per-class') for ext in ('md', 'csv', 'tex'))
+        [f'{VOC19}{kind}.{ext}' for kind in ('', '-per-step', '-per-class') for ext in ('md', 'csv', 'tex')]
+        + ['.cssbench-written.json'])
     assert main(['plot', '--protocol', VOC19, '--results', results]) == 0
     pngs = sorted(p.name for p in tables.glob('*.png'))
     assert pngs == [f'{VOC19}-ft-small-seed0-iou.png', f'{VOC19}-joint-small-seed0-iou.png',
@@ -800,6 +801,40 @@ def test_cli_table_all_and_plot_write_valid_files(store_19_1: Path, capsys) -> N
             im.verify()
             assert im.format == 'PNG' and im.size[0] > 300
     assert not [f for f in os.listdir(tables) if f.endswith('.tmp')]
+
+
+def test_tables_and_plots_of_runs_gone_are_removed_and_nothing_else(store_19_1: Path, capsys) -> None:
+    """The tables folder shows what the store holds: a heat map or table that the last command
+    did not write again (its run deleted, or not chosen) is removed, saying so; a file it did
+    not write is kept."""
+    results, tables = str(store_19_1), store_19_1 / 'tables'
+    tables.mkdir()
+    mine = tables / f'{VOC19}-ft-mine-iou.png'   # the user's, named like ours
+    mine.write_text('kept')
+    for command in ('table', 'plot'):
+        assert main([command, '--all', '--results', results]) == 0
+    lwf_map = tables / f'{VOC19}-lwf-small-seed0-iou.png'
+    assert lwf_map.is_file() and (tables / f'{VOC19}-per-class.md').is_file()
+    capsys.readouterr()
+
+    shutil.rmtree(store_19_1 / VOC19 / 'lwf')
+    assert main(['plot', '--protocol', VOC19, '--results', results]) == 0
+    out = capsys.readouterr().out
+    assert f'removed {lwf_map}: an earlier `cssbench plot` wrote it, this one did not\n' in out
+    assert not lwf_map.exists() and (tables / f'{VOC19}-ft-small-seed0-iou.png').is_file()
+
+    # only joint left: no per-class table, saying why; the per-class files removed
+    shutil.rmtree(store_19_1 / VOC19 / 'ft')
+    assert main(['table', '--all', '--results', results]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"no per-class table: protocol '{VOC19}': only joint runs stored; "
+                      f"forgetting needs steps")
+    assert sorted(out[1:4]) == [f'removed {tables / f"{VOC19}-per-class.{ext}"}: an earlier '
+                                f'`cssbench table` wrote it, this one did not'
+                                for ext in ('csv', 'md', 'tex')]
+    assert out[4:] == [f'wrote 6 files to {tables}/']
+    assert not list(tables.glob('*-per-class.*')) and (tables / f'{VOC19}.md').is_file()
+    assert mine.read_text() == 'kept'
 
 
 def test_cli_table_errors(tmp_path: Path, capsys, monkeypatch) -> None:
