@@ -179,9 +179,14 @@ def _file_name(name: str) -> str:
     return name
 
 
+def _file_names(names: list[str]) -> list[str]:
+    if not isinstance(names, list):
+        raise TypeError(f'not a list of file names: {names!r}')
+    return [_file_name(name) for name in names]
+
+
 def _written_list(stored) -> dict[str, dict[str, list[str]]]:
-    return {command: {protocol: [_file_name(name) for name in names]
-                      for protocol, names in protocols.items()}
+    return {command: {protocol: _file_names(names) for protocol, names in protocols.items()}
             for command, protocols in stored.items()}
 
 

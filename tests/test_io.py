@@ -192,3 +192,7 @@ def test_replace_written_removes_only_what_the_command_wrote_before_and_not_now(
     (tmp_path / cio.WRITTEN_LIST).write_text(json.dumps({'plot': {'a': ['../outside', 'a-1']}}))
     assert cio.replace_written(tmp_path, 'plot', {}, every_protocol=True) == []
     assert outside.read_text() == 'kept' and (tmp_path / 'a-1').is_file()
+    write('a')   # nor one whose names are a text, not a list of names
+    (tmp_path / cio.WRITTEN_LIST).write_text(json.dumps({'plot': {'a': 'a-1'}}))
+    assert cio.replace_written(tmp_path, 'plot', {}, every_protocol=True) == []
+    assert (tmp_path / 'a').is_file() and (tmp_path / 'a-1').is_file()
