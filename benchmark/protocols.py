@@ -261,6 +261,11 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
         steps.append(tuple(classes))
     if 0 not in steps[0]:
         raise ProtocolError(f'{src}: field steps[0]: must contain the background class 0')
+    # Background is output channel 0 wherever step 0 lists it, as in the reference (SDR/MiB
+    # dataset/voc.py strips 0 from the labels and orders the channels [0] + labels_old +
+    # labels): the targets' background value, the unbiased losses and MiB's init all read
+    # channel 0 as background.
+    steps[0] = (0, *(c for c in steps[0] if c != 0))
     missing = sorted(set(range(num_classes)) - set(first_step_of))
     if missing:
         shown = ', '.join(map(str, missing[:10])) + (' ...' if len(missing) > 10 else '')

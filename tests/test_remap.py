@@ -183,3 +183,25 @@ def test_dataset_rgb_mask_rejected(tmp_path: Path, p15_1) -> None:
     with pytest.raises(DatasetError) as e:
         ds[0]
     assert str(mask) in str(e.value) and 'RGB' in str(e.value)
+
+
+@pytest.mark.parametrize('dataset, first, later', [('voc', '1-15', '16-20'),
+                                                   ('ade', '1-100', '101-150')])
+def test_background_is_channel_0_wherever_step_0_lists_it(dataset, first, later) -> None:
+    """The reference orders the channels [0] + labels_old + labels whatever the task's list
+    order: a step 0 written with background last trains and scores as one written with it first."""
+    last = parse_protocol(dict(name='x', dataset=dataset, mode='overlap', steps=[[first, 0], later]))
+    usual = parse_protocol(dict(name='x', dataset=dataset, mode='overlap', steps=[f'0-{first[2:]}', later]))
+    assert last.class_order[0] == 0
+    for step in (0, 1):
+        assert train_lut(last, step).tolist() == train_lut(usual, step).tolist()
+        assert eval_lut(last, step).tolist() == eval_lut(usual, step).tolist()
+    # step 1: an old class (3) and the 255 band are background (channel 0), not class 1
+    lut = train_lut(last, 1)
+    assert lut[3] == 0 and lut[0] == 0
+    n_first = len(last.steps[0])
+    assert sorted(np.unique(lut).tolist()) == [0, *range(n_first, len(last.class_order))]
+    # evaluation: class 1 is scored at channel 1; on ADE class 0 alone is ignored
+    scored = eval_lut(last, 0)
+    assert scored[1] == 1
+    assert scored[0] == (255 if dataset == 'ade' else 0)
