@@ -1,3 +1,3 @@
-from .cli import main
+from .cli import command_main
 
-raise SystemExit(main())
+raise SystemExit(command_main())

@@ -7,6 +7,7 @@ import io
 import os
 import select
 import shlex
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -670,6 +671,16 @@ def main(argv: list[str] | None = None) -> int:
         print('cssbench: error: another process of this run stopped (its message is above); '
               'rerun the same command to resume', file=sys.stderr)
         return 1
+    return status
+
+
+def command_main() -> int:
+    """The ``cssbench`` command (``main`` is its body, also called in-process by tests). Once a
+    Ctrl-C has stopped it, a second one is ignored: the command is ending, and it would only
+    break into Python's shutdown (torch's exit handlers) with a traceback."""
+    status = main()
+    if status == 130:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return status
 
 

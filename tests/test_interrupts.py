@@ -115,3 +115,12 @@ def test_an_interrupt_swallowed_after_the_last_iteration_leaves_the_run_complete
     assert main(run) == 0
     run_file = tmp_path / 'results' / 'synth-15-5-overlap' / 'ft' / 'small32-seed0' / 'run.json'
     assert json.loads(run_file.read_text())['status'] == 'complete'
+
+
+def test_the_command_ignores_a_second_interrupt_once_one_stopped_it(default_sigint_handler,
+                                                                     monkeypatch):
+    from cssbench import cli
+    monkeypatch.setattr(cli, 'main', lambda: 0)
+    assert cli.command_main() == 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(cli, 'main', lambda: 130)
+    assert cli.command_main() == 130 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
