@@ -223,7 +223,7 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     if not is_plain_name(str(data['name'])):
         raise ProtocolError(f'{src}: field name: {data["name"]!r} is not {PLAIN_NAME}')
     dataset = data['dataset']
-    if dataset not in DATASET_INFO:
+    if not isinstance(dataset, str) or dataset not in DATASET_INFO:   # a list: no dict key
         raise ProtocolError(f'{src}: field dataset: unknown dataset {dataset!r} '
                             f'(known: {", ".join(DATASET_INFO)})')
     mode = _choice(data, 'mode', MODES, src)
