@@ -220,7 +220,10 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
                            'class_order_seed'}
     if unknown:
         raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
-    if not is_plain_name(str(data['name'])):
+    if not isinstance(data['name'], str):   # YAML's number, date, yes/no or empty value
+        raise ProtocolError(f'{src}: field name: {data["name"]!r} is not text; quote it '
+                            f'(YAML reads an unquoted 1.50, 2024-01-01, yes or nothing otherwise)')
+    if not is_plain_name(data['name']):
         raise ProtocolError(f'{src}: field name: {data["name"]!r} is not {PLAIN_NAME}')
     dataset = data['dataset']
     if not isinstance(dataset, str) or dataset not in DATASET_INFO:   # a list: no dict key
@@ -272,7 +275,7 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
         noun = 'class' if len(missing) == 1 else 'classes'
         raise ProtocolError(f'{src}: field steps: {noun} {shown} of dataset {dataset!r} in no '
                             f'step (the steps must cover 0..{num_classes - 1})')
-    return Protocol(name=str(data['name']), dataset=dataset, mode=mode, steps=tuple(steps),
+    return Protocol(name=data['name'], dataset=dataset, mode=mode, steps=tuple(steps),
                     train_ignore=train_ignore, eval_unseen=eval_unseen, eval_crop=eval_crop,
                     ordering=class_order, ordering_seed=order_seed,
                     description=str(data.get('description', '')),

@@ -310,6 +310,18 @@ def test_malformed_yaml_names_file(tmp_path: Path) -> None:
         load_protocol(str(path))
 
 
+@pytest.mark.parametrize('value, read', [('', 'None'), ('yes', 'True'), ('1.50', '1.5'),
+                                         ('2024-01-01', 'datetime.date(2024, 1, 1)')])
+def test_a_name_that_yaml_reads_as_no_text_is_refused(tmp_path, value, read) -> None:
+    # taken as str() of it, the protocol would be stored under another name than the file's
+    path = tmp_path / 'p.yaml'
+    path.write_text(f'name: {value}\ndataset: voc\nmode: overlap\nsteps: ["0-15", "16-20"]\n')
+    with pytest.raises(ProtocolError, match=re.escape(f'{path}: field name: {read} is not text')):
+        load_protocol_file(path)
+    path.write_text(f'name: "{value or "p"}"\ndataset: voc\nmode: overlap\nsteps: ["0-15", "16-20"]\n')
+    assert load_protocol_file(path).name == (value or 'p')
+
+
 def test_protocol_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / 'latin1.yaml'
     path.write_bytes('name: caf\xe9\n'.encode('latin-1'))
