@@ -60,6 +60,8 @@ def cmd_splits(args) -> None:
               file=sys.stderr)
     if args.out and Path(args.out).is_dir():
         raise UserError(f'--out {args.out}: a folder; give the lists a file name')
+    if args.out:   # before the scan, not after it
+        refuse_unwritable_folder('--out', args.out, Path(args.out).expanduser().absolute().parent)
     root = resolve_data_root(protocol.dataset, args.data_root)
     index = index_dataset(protocol.dataset, root)
     steps = protocol_splits(protocol, index)

@@ -248,6 +248,16 @@ def test_an_output_file_that_is_a_folder_or_a_worker_count_below_one(capsys, tmp
     assert not (tmp_path / 'synth').exists()
 
 
+def test_splits_out_under_a_file_is_refused_before_the_scan(capsys, voc_root, tmp_path):
+    (tmp_path / 'afile').write_text('')
+    out = tmp_path / 'afile' / 'splits.json'
+    assert main(['splits', '--protocol', 'voc-15-1-overlap', '--data-root', str(voc_root),
+                 '--out', str(out)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ''   # no table first: refused before the scan
+    assert printed.err == f'cssbench: error: --out {out}: {tmp_path / "afile"} is not a folder\n'
+
+
 def test_tables_of_no_run(capsys, tmp_path):
     results = tmp_path / 'results'
     results.mkdir()
