@@ -77,6 +77,9 @@ def cmd_splits(args) -> None:
 
 def cmd_make_synth(args) -> None:
     from .synth import make_synth
+    out = Path(args.out).expanduser().absolute()
+    if not out.exists() or out.is_dir() and not any(out.iterdir()):   # to be written: from beside it
+        refuse_unwritable_folder('--out', args.out, out.parent)
     path = make_synth(args.out, n_train=args.n_train, n_val=args.n_val, size=args.size,
                       seed=args.seed, workers=args.workers)
     print(f'synthetic dataset at {path}')

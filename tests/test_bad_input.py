@@ -258,6 +258,14 @@ def test_splits_out_under_a_file_is_refused_before_the_scan(capsys, voc_root, tm
     assert printed.err == f'cssbench: error: --out {out}: {tmp_path / "afile"} is not a folder\n'
 
 
+def test_make_synth_out_under_a_file(capsys, tmp_path):
+    (tmp_path / 'afile').write_text('')
+    out = tmp_path / 'afile' / 'synth'
+    assert fails(capsys, 'make-synth', '--out', str(out), '--n-train', '2', '--n-val', '2',
+                 '--size', '16') == \
+        f'cssbench: error: --out {out}: {tmp_path / "afile"} is not a folder'
+
+
 def test_tables_of_no_run(capsys, tmp_path):
     results = tmp_path / 'results'
     results.mkdir()
