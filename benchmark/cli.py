@@ -400,7 +400,7 @@ def cmd_table(args) -> None:
         print(f'wrote {sum(map(len, written.values()))} files to {out}/')
         return
     kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
-    text = render_table(args.results, stored_protocol_name(args.protocol), args.format or 'md',
+    text = render_table(args.results, stored_protocol_name(args.protocol, args.results), args.format or 'md',
                         kind, args.run, args.config)
     if args.out:
         from .io import atomic_write_text
@@ -419,7 +419,7 @@ def cmd_plot(args) -> None:
     from .tables import chosen_by, runs_of_protocol
     _require_protocol_or_all(args, 'plot')
     store = read_store(args.results)
-    protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol)]
+    protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol, args.results)]
     out = _tables_folder(args)
     written = {}
     for protocol in protocols:
@@ -454,11 +454,16 @@ def _configs_advice(store: Store, protocols: list[str], args) -> str:
     return f'; {advice}' if advice else ''
 
 
-def stored_protocol_name(text: str) -> str:
-    """Results are stored under the protocol's name; a protocol file's path gives its name."""
+def stored_protocol_name(text: str, results: str) -> str:
+    """Results are stored under the protocol's name; a protocol file's path gives its name,
+    refused where the runs stored under it are of another protocol (as ``run`` refuses it)."""
     if text.endswith(('.yaml', '.yml')):
         from .protocols import load_protocol
-        return load_protocol(text).name
+        from .runner import _check_protocol_name
+        protocol = load_protocol(text)
+        _check_protocol_name(Path(results), protocol.with_class_order(0),
+                             'their tables are not of this one')
+        return protocol.name
     return text
 
 

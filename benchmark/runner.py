@@ -422,7 +422,8 @@ def _protocol_definition(protocol: dict) -> dict:
     return d
 
 
-def _check_protocol_name(store_root: Path, protocol: Protocol) -> None:
+def _check_protocol_name(store_root: Path, protocol: Protocol,
+                         advice: str = 'give this one another name') -> None:
     """The store keeps runs by protocol name: refuse a protocol (a file of one's own) that
     takes the name of another whose runs are stored, rather than mix the two in its tables."""
     mine = _protocol_definition(protocol.to_dict())
@@ -434,8 +435,7 @@ def _check_protocol_name(store_root: Path, protocol: Protocol) -> None:
             continue   # the store names unreadable runs where it reads them
         if not isinstance(stored, dict) or _protocol_definition(stored) != mine:
             raise UserError(f'{protocol.source or protocol.name}: another protocol named '
-                            f'{protocol.name!r} has runs stored ({folder}); give this '
-                            f'one another name')
+                            f'{protocol.name!r} has runs stored ({folder}); {advice}')
 
 
 def read_json(path: Path) -> dict:

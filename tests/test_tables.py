@@ -1025,3 +1025,31 @@ def test_plot_of_a_protocol_without_runs_says_what_is_stored_as_table_does(store
     assert capsys.readouterr().err.endswith(
         f"`cssbench run --protocol voc-15-1-overlap --results {store_19_1}` makes one\n")
     assert not (store_19_1 / 'tables').exists()
+
+
+def test_a_protocol_file_naming_runs_of_another_protocol_is_refused_by_table_and_plot(
+        tmp_path: Path, capsys) -> None:
+    # the same name, other modes: the stored runs are of the overlapped one
+    files = {}
+    for mode in ('overlap', 'disjoint'):
+        files[mode] = tmp_path / f'mine-{mode}.yaml'
+        files[mode].write_text(f'name: mine-19-1\ndataset: voc\nmode: {mode}\nsteps: ["0-19", 20]\n')
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}],
+              protocol=load_protocol(str(files['overlap'])))
+    assert main(['table', '--protocol', str(files['overlap']), '--results', str(root)]) == 0
+    assert '| ft | 1 |' in capsys.readouterr().out
+    for command in ('table', 'plot'):
+        assert main([command, '--protocol', str(files['disjoint']), '--results', str(root)]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == ''
+        assert printed.err == (f"cssbench: error: {files['disjoint']}: another protocol named "
+                               f"'mine-19-1' has runs stored ({root / 'mine-19-1' / 'ft' / 'small-seed0'}); "
+                               f"their tables are not of this one\n")
+    assert not (root / 'tables').exists()
+    drawn = tmp_path / 'drawn.yaml'   # its runs' orders, drawn by their seeds, are its own
+    drawn.write_text('name: drawn-19-1\ndataset: voc\nmode: overlap\nclass_order: random\n'
+                     'steps: ["0-19", 20]\n')
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}],
+              protocol=load_protocol(str(drawn)).with_class_order(3), seed=3, run='small-seed3')
+    assert main(['table', '--protocol', str(drawn), '--results', str(root)]) == 0
