@@ -64,7 +64,10 @@ def _whole_number(least: int) -> tuple[str, Callable[[object], bool]]:
 NON_NEGATIVE = ('a number >= 0', lambda v: is_number(v) and v >= 0)
 # What each setting a run reads must be: (said as, test). schedule.lr holds two of them.
 CONFIG_VALUES = {
-    'data.crop_size': _whole_number(1), 'data.batch_size': _whole_number(1),
+    # batch 1 fails in training: the head's image-pooling batch norm sees one value a channel
+    'data.crop_size': _whole_number(1),
+    'data.batch_size': ('a whole number >= 2 (batch norm trains on 2 images a batch at least)',
+                        lambda v: is_whole_number(v) and v >= 2),
     'data.eval_batch_size': _whole_number(1), 'data.num_workers': _whole_number(0),
     'schedule.epochs': _whole_number(1),
     'schedule.lr': ('a number > 0', lambda v: is_number(v) and v > 0),

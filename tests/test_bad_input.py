@@ -398,7 +398,10 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
     ("schedule = dict(lr=(float('inf'), 0.001))", 'schedule.lr[0] must be a number > 0, got inf'),
     ('schedule = dict(momentum=1.5)', 'schedule.momentum must be a number in [0, 1), got 1.5'),
     ('schedule = dict(nesterov=1)', 'schedule.nesterov must be True or False, got 1'),
-    ('data = dict(batch_size=0)', 'data.batch_size must be a whole number >= 1, got 0'),
+    ('data = dict(batch_size=0)', 'data.batch_size must be a whole number >= 2 (batch norm '
+     'trains on 2 images a batch at least), got 0'),
+    ('data = dict(batch_size=1)', 'data.batch_size must be a whole number >= 2 (batch norm '
+     'trains on 2 images a batch at least), got 1'),
     ('data = dict(num_workers=-1)', 'data.num_workers must be a whole number >= 0, got -1'),
     ('data = dict(crop_size=32.5)', 'data.crop_size must be a whole number >= 1, got 32.5'),
     # a misspelt setting, which a run would not read: the base's value would train unnoticed
