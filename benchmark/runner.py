@@ -755,7 +755,8 @@ def _check_unfinished_step_processes(paths: RunPaths, num_steps: int, epochs: in
 def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: str | None,
                   progress: bool) -> tuple[DatasetIndex, list[dict]]:
     """Refuse a run whose data does not index, or with a step of fewer training images than a
-    batch; returns its index and the per-step splits, with the samples of each."""
+    batch, or of no evaluation image; returns its index and the per-step splits, with the
+    samples of each."""
     root = resolve_data_root(protocol.dataset, data_root, progress=progress)
     index = index_dataset(protocol.dataset, root, progress=progress)
     splits = protocol_splits(steps_of(protocol, method), index)
@@ -771,6 +772,12 @@ def _checked_data(protocol: Protocol, method: Method, cfg: Config, data_root: st
             raise UserError(f'{root}: step {t} of {protocol.name} has {images} training images, '
                             f'fewer than a batch ({cfg.data.batch_size}): it would train '
                             f'nothing; use a config with a smaller data.batch_size')
+    for t, split in enumerate(splits):
+        if not split['val_samples']:   # scored on none, the step's evaluation would fail
+            seen = sorted({c for s in splits[:t + 1] for c in s['classes']} - {0})
+            raise UserError(f'{root}: step {t} of {protocol.name} has no evaluation images: the '
+                            f'val list has none holding a class learned by then '
+                            f'({range_label(seen)})')
     return index, splits
 
 

@@ -677,6 +677,17 @@ def test_a_step_with_no_training_image_is_refused_naming_its_classes(capsys, tmp
                    f'the train list has none that the step keeps for its classes (20)')
 
 
+def test_a_step_with_no_evaluation_image_is_refused_before_training(capsys, tmp_path):
+    voc = make_voc_tree(tmp_path / 'voc', train={f't{i}': mask_with({0, 1, 20}) for i in range(8)},
+                        val={'v0': mask_with({0, 20})})   # no val image holds a class of step 0
+    results = tmp_path / 'results'
+    err = fails(capsys, 'run', '--protocol', 'voc-19-1-overlap', '--data-root', str(voc),
+                '--results', str(results), '--epochs', '1')
+    assert err == (f'cssbench: error: {voc}: step 0 of voc-19-1-overlap has no evaluation images: '
+                   f'the val list has none holding a class learned by then (1-19)')
+    assert not results.exists()
+
+
 def test_finished_run_is_not_overwritten_without_flag(capsys, tmp_path, tiny_run):
     data = make_synth(tmp_path / 'synth', n_train=30, n_val=8, size=32, progress=False)
     work = tmp_path / 'shared-work'
