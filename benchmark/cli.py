@@ -458,11 +458,9 @@ def stored_protocol_name(text: str, results: str) -> str:
     """Results are stored under the protocol's name; a protocol file's path gives its name,
     refused where the runs stored under it are of another protocol (as ``run`` refuses it)."""
     if text.endswith(('.yaml', '.yml')):
-        from .protocols import load_protocol
-        from .runner import _check_protocol_name
+        from .protocols import check_stored_protocol_name, load_protocol
         protocol = load_protocol(text)
-        _check_protocol_name(Path(results), protocol.with_class_order(0),
-                             'their tables are not of this one')
+        check_stored_protocol_name(Path(results), protocol, 'their tables are not of this one')
         return protocol.name
     return text
 

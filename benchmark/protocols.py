@@ -30,7 +30,7 @@ import yaml
 
 from .datasets_info import DATASET_INFO
 from .errors import UserError
-from .store import PLAIN_NAME, is_plain_name
+from .store import PLAIN_NAME, CorruptRun, is_plain_name, read_json_object, run_folders
 
 try:
     from . import shipped_protocols
@@ -341,3 +341,28 @@ def load_protocol(name_or_path: str) -> Protocol:
     if protocol.name != name_or_path:
         raise ProtocolError(f'{path}: field name: {protocol.name!r} differs from the file name')
     return protocol
+
+
+def _protocol_definition(protocol: dict) -> dict:
+    """What two runs of one protocol share: a drawn class order differs by seed, its step
+    sizes do not (a file's ``random`` order, not yet drawn, is compared the same way)."""
+    d = dict(FILE_DEFAULTS, **protocol)   # a stored record leaves out what is the default
+    d.pop('class_order_seed', None)
+    if d['class_order'] in ('random', 'drawn'):
+        d.update(class_order='drawn', steps=[len(s) for s in d['steps']])
+    return d
+
+
+def check_stored_protocol_name(store_root: Path, protocol: Protocol,
+                               advice: str = 'give this one another name') -> None:
+    """The store keeps runs by protocol name: refuse a protocol (a file of one's own) that
+    takes the name of another whose runs are stored, rather than mix the two in its tables."""
+    mine = _protocol_definition(protocol.to_dict())
+    for folder in run_folders(store_root, protocol.name):
+        try:
+            stored = read_json_object(folder / 'run.json')['protocol']
+        except (CorruptRun, KeyError):
+            continue   # the store names unreadable runs where it reads them
+        if not isinstance(stored, dict) or _protocol_definition(stored) != mine:
+            raise UserError(f'{protocol.source or protocol.name}: another protocol named '
+                            f'{protocol.name!r} has runs stored ({folder}); {advice}')

@@ -42,13 +42,13 @@ from .io import atomic_path, atomic_write_json, atomic_write_text, read_json_or_
 from .methods import Method, get_method, registered_methods
 from .metrics import range_label, summarize_step
 from .models import LossWeight, read_state_dict
-from .protocols import FILE_DEFAULTS, Protocol, load_protocol
+from .protocols import Protocol, check_stored_protocol_name, load_protocol
 from .registry import MODELS
 from .seeds import derive_seed
 from .speed import effective_speed, emulated_bf16_note, prepare_model, training_device
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
 from .store import (DIRTY_REVISION, PLAIN_NAME, CorruptRun, is_plain_name, open_store,
-                    read_json_object, results_option, run_folder, run_folders)
+                    read_json_object, results_option, run_folder)
 from .tables import format_step_table, steps_to_csv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -412,32 +412,6 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool, previous: 
                         f'--overwrite clears them, or choose another --work-dir')
 
 
-def _protocol_definition(protocol: dict) -> dict:
-    """What two runs of one protocol share: a drawn class order differs by seed, its step
-    sizes do not."""
-    d = dict(FILE_DEFAULTS, **protocol)   # a stored record leaves out what is the default
-    d.pop('class_order_seed', None)
-    if d['class_order'] == 'drawn':
-        d['steps'] = [len(s) for s in d['steps']]
-    return d
-
-
-def _check_protocol_name(store_root: Path, protocol: Protocol,
-                         advice: str = 'give this one another name') -> None:
-    """The store keeps runs by protocol name: refuse a protocol (a file of one's own) that
-    takes the name of another whose runs are stored, rather than mix the two in its tables."""
-    mine = _protocol_definition(protocol.to_dict())
-    for folder in run_folders(store_root, protocol.name):
-        run_file = folder / 'run.json'
-        try:
-            stored = read_json_object(run_file)['protocol']
-        except (CorruptRun, KeyError):
-            continue   # the store names unreadable runs where it reads them
-        if not isinstance(stored, dict) or _protocol_definition(stored) != mine:
-            raise UserError(f'{protocol.source or protocol.name}: another protocol named '
-                            f'{protocol.name!r} has runs stored ({folder}); {advice}')
-
-
 def read_json(path: Path) -> dict:
     """A results file this run wrote; one damaged since is refused, naming it."""
     try:
@@ -628,7 +602,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     """Every check of a run's inputs, none of which writes: they come before --overwrite
     deletes anything, so a bad input loses nothing. None for a complete run to keep (its
     data is not read)."""
-    _check_protocol_name(paths.store_root, protocol)
+    check_stored_protocol_name(paths.store_root, protocol)
     digest = config_digest(cfg)
     previous = _check_stored_run(paths, cfg, digest, deterministic, overwrite, resume,
                                  keep_complete)
