@@ -457,8 +457,8 @@ def _configs_advice(store: Store, protocols: list[str], args) -> str:
 def stored_protocol_name(text: str, results: str) -> str:
     """Results are stored under the protocol's name; a protocol file's path gives its name,
     refused where the runs stored under it are of another protocol (as ``run`` refuses it)."""
-    if text.endswith(('.yaml', '.yml')):
-        from .protocols import check_stored_protocol_name, load_protocol
+    from .protocols import check_stored_protocol_name, is_protocol_path, load_protocol
+    if is_protocol_path(text):
         protocol = load_protocol(text)
         check_stored_protocol_name(Path(results), protocol, 'their tables are not of this one')
         return protocol.name

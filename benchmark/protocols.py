@@ -324,9 +324,15 @@ def available_protocols() -> list[str]:
     return sorted(p.stem for p in PROTOCOLS_DIR.glob('*.yaml'))
 
 
+def is_protocol_path(name_or_path: str) -> bool:
+    """Whether ``--protocol`` was given a file (a name has no suffix): ``.yaml`` or ``.yml``,
+    in any case."""
+    return name_or_path.lower().endswith(('.yaml', '.yml'))
+
+
 def load_protocol(name_or_path: str) -> Protocol:
     """A shipped protocol by name (``voc-15-1-overlap``) or any protocol YAML by path."""
-    if name_or_path.endswith(('.yaml', '.yml')):
+    if is_protocol_path(name_or_path):
         protocol = load_protocol_file(name_or_path)
         shipped = PROTOCOLS_DIR / f'{protocol.name}.yaml'
         if shipped.is_file() and load_protocol_file(shipped).fingerprint != protocol.fingerprint:

@@ -354,6 +354,9 @@ def test_custom_yaml_path_loads(tmp_path: Path) -> None:
     assert p.to_dict() == dict(name='my-protocol', dataset='voc', mode='disjoint',
                                steps=[list(range(11)), [11, 12, 13, 14, 15], [16, 17, 18, 19, 20]],
                                train_ignore='ignore')
+    upper = tmp_path / 'MINE.YAML'   # the suffix in any case
+    upper.write_text(path.read_text())
+    assert load_protocol(str(upper)).to_dict() == p.to_dict()
 
 
 def test_custom_yaml_with_errors_names_file(tmp_path: Path) -> None:
