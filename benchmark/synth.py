@@ -414,14 +414,17 @@ def _reuse_or_refuse(out: Path, params: dict) -> Path:
     existing = _read_params(out)
     if existing == params:
         return _voc_dir(out)
-    if existing is None:
+    if not isinstance(existing, dict):
         raise FileExistsError(
             f"{out} exists and is not a complete synthetic dataset (no readable "
             f"VOCdevkit/VOC2012/synth.json); remove it or choose another folder"
         )
+    # named as make-synth's options: n_train is --n-train
+    differing = "; ".join(f"{key.replace('_', '-')} {existing.get(key)!r}, wanted {value!r}"
+                          for key, value in params.items() if existing.get(key) != value)
     raise FileExistsError(
-        f"{out} holds a synthetic dataset with other parameters ({existing}); "
-        f"wanted {params}. Remove it or choose another folder"
+        f"{out} holds a synthetic dataset with other parameters ({differing}); "
+        f"remove it or choose another folder"
     )
 
 

@@ -100,9 +100,12 @@ def test_existing_dataset_is_reused_and_other_params_refused(tmp_path: Path) -> 
     assert make_synth(out, progress=False, **SMALL) == voc_dir
     assert {p: p.stat().st_mtime_ns for p in voc_dir.rglob("*")} == stamps
 
-    with pytest.raises(FileExistsError, match="other parameters"):
-        make_synth(out, progress=False, **{**SMALL, "seed": 3})
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as e:
+        make_synth(out, progress=False, **{**SMALL, "seed": 3, "n_val": SMALL["n_val"] + 1})
+    assert str(e.value) == (f"{out} holds a synthetic dataset with other parameters (seed "
+                            f"{SMALL['seed']!r}, wanted 3; n-val {SMALL['n_val']!r}, wanted "
+                            f"{SMALL['n_val'] + 1}); remove it or choose another folder")
+    with pytest.raises(FileExistsError, match=f"size {SMALL['size']!r}, wanted 32"):
         make_synth(out, progress=False, **{**SMALL, "size": 32})
 
 
