@@ -69,6 +69,12 @@ def cmd_splits(args) -> None:
     print(f'{"step":>4} {"train":>7} {"val":>6}  classes')
     for s in steps:
         print(f'{s["step"]:>4} {len(s["train"]):>7} {len(s["val"]):>6}  {range_label(s["classes"])}')
+    for s in steps:
+        empty = ' or '.join(kind for kind, key in (('training', 'train'), ('evaluation', 'val'))
+                            if not s[key])
+        if empty:
+            print(f'cssbench: note: step {s["step"]} has no {empty} images: `cssbench run` '
+                  f'refuses this protocol on this data', file=sys.stderr)
     if args.out:
         atomic_write_json(args.out, dict(protocol=protocol.name, dataset_fingerprint=index.fingerprint,
                                          steps=steps))

@@ -344,6 +344,17 @@ def test_cli_splits(tmp_path: Path, voc_root: Path, mode: str, capsys) -> None:
     assert f'three-{mode}' in printed
 
 
+def test_cli_splits_notes_a_step_with_no_images(tmp_path: Path, voc_root: Path, capsys) -> None:
+    from cssbench.cli import main
+    path = tmp_path / 'no-18.yaml'   # no image, train or val, holds class 18
+    path.write_text('name: no-18\ndataset: voc\nmode: overlap\nsteps: [[0, 18], "1-17", "19-20"]\n')
+    assert main(['splits', '--protocol', str(path), '--data-root', str(voc_root)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[2].split() == ['0', '0', '0', '0,18']
+    assert printed.err == ('cssbench: note: step 0 has no training or evaluation images: '
+                           '`cssbench run` refuses this protocol on this data\n')
+
+
 def test_cli_splits_bad_root_exits_2(tmp_path: Path, capsys) -> None:
     from cssbench.cli import main
     rc = main(['splits', '--protocol', str(write_protocol(tmp_path, 'overlap')),
