@@ -225,10 +225,7 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
                             f'(YAML reads an unquoted 1.50, 2024-01-01, yes or nothing otherwise)')
     if not is_plain_name(data['name']):
         raise ProtocolError(f'{src}: field name: {data["name"]!r} is not {PLAIN_NAME}')
-    dataset = data['dataset']
-    if not isinstance(dataset, str) or dataset not in DATASET_INFO:   # a list: no dict key
-        raise ProtocolError(f'{src}: field dataset: unknown dataset {dataset!r} '
-                            f'(known: {", ".join(DATASET_INFO)})')
+    dataset = _choice(data, 'dataset', tuple(DATASET_INFO), src)
     mode = _choice(data, 'mode', MODES, src)
     train_ignore = _choice(data, 'train_ignore', TRAIN_IGNORE_CHOICES, src)
     eval_unseen = _choice(data, 'eval_unseen', EVAL_UNSEEN_CHOICES, src)

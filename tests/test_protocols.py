@@ -241,8 +241,9 @@ def test_eval_crop_is_recorded_only_where_it_is_not_the_default() -> None:
 
 @pytest.mark.parametrize('over, field, detail', [
     (dict(dataset='cityscapes'), 'dataset', 'cityscapes'),
-    (dict(dataset=['voc']), 'dataset', "unknown dataset ['voc']"),
-    (dict(dataset={'voc': 1}), 'dataset', "unknown dataset {'voc': 1}"),
+    (dict(dataset=['voc']), 'dataset', "['voc'] is not one of ('voc', 'ade', 'synth')"),
+    (dict(dataset={'voc': 1}), 'dataset', "{'voc': 1} is not one of"),
+    (dict(dataset=False), 'dataset', 'YAML reads an unquoted yes, no'),
     (dict(steps=['0-15', '16-21']), 'steps[1]', '21'),
     (dict(steps=['0-15', '16-20', 21]), 'steps[2]', '21'),
     (dict(steps=['0-15', '15-20']), 'steps[1]', 'class 15 is already in steps[0]'),
