@@ -656,6 +656,11 @@ def send_stdout_nowhere() -> None:
 def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stderr(io.StringIO()) if _is_other_process() else contextlib.nullcontext():
         args = parse_arguments(argv)   # a usage error: rank 0 prints it (torchrun)
+    if _under_torchrun() and args.command != 'run':   # each process would print and write it
+        if not _is_other_process():
+            print(f'cssbench: error: {args.command} runs in one process: only `cssbench run` '
+                  f'runs under torchrun', file=sys.stderr)
+        return 2
     try:
         # None: done; run: 1 where it left runs to others, 2 where some stopped on an error
         status = args.func(args) or 0

@@ -934,3 +934,20 @@ def test_a_work_dir_marker_is_a_runs_own_by_its_run_or_its_runs_record(tmp_path)
     assert _marks_this_run(None, work, identity, {}) and _marks_this_run(None, work, identity, names_work)
     assert not _marks_this_run(None, work, identity, dict(work_dir=str(tmp_path / 'x')))
     assert not _marks_this_run(None, work, identity, None)   # a new run
+
+
+@pytest.mark.parametrize('command', [['list'], ['table', '--protocol', 'synth-15-1-overlap'],
+                                     ['make-synth', '--out', 'synth']])
+def test_only_run_runs_under_torchrun(capsys, monkeypatch, tmp_path, command):
+    """torchrun starts every command in each of its processes: any other than `run` would
+    print (and write) once per process; it is refused, rank 0 saying why."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('RANK', '0')
+    assert main(command) == 2
+    assert capsys.readouterr() == ('', f'cssbench: error: {command[0]} runs in one process: only '
+                                       f'`cssbench run` runs under torchrun\n')
+    monkeypatch.setenv('RANK', '1')
+    assert main(command) == 2
+    assert capsys.readouterr() == ('', '')
+    assert not list(tmp_path.iterdir())
