@@ -227,15 +227,17 @@ def run_folder(root: str | Path, protocol: str, method: str, run: str) -> Path:
 
 def run_folders(root: Path, protocol: str = '*') -> list[Path]:
     """Every run folder under ``root`` (of ``protocol``, a plain name, if given) holding
-    anything but a lock."""
+    anything but a lock, or that cannot be listed (its reader names it skipped, and why)."""
     return sorted(d for d in root.glob(f'{protocol}/*/*') if d.is_dir() and _holds_a_run(d))
 
 
 def _holds_a_run(folder: Path) -> bool:
     try:
         return any(child.name != '.lock' for child in folder.iterdir())
-    except OSError:   # unreadable, or removed meanwhile
+    except FileNotFoundError:   # removed meanwhile
         return False
+    except OSError:   # unreadable (another user's, mode 000): a run its reader cannot see
+        return True
 
 
 def _read_index(root: Path) -> dict:

@@ -478,6 +478,41 @@ def test_corrupt_and_partial_run_folders_are_reported_and_skipped(store_19_1: Pa
     assert f'skipped {VOC19}/mib/garbled: run.json is not readable JSON' in md
 
 
+def test_a_run_folder_its_reader_cannot_list_is_reported_and_skipped(
+        store_19_1: Path, monkeypatch) -> None:
+    """A run folder of mode 000 (a colleague's, copied in): named under the table as skipped,
+    not left out unsaid. Tests run as root here, which a chmod would not stop: refused by hand."""
+    hidden = store_19_1 / VOC19 / 'ft' / 'small-seed1'
+    real_iterdir, real_read_text, real_stat = Path.iterdir, Path.read_text, Path.stat
+
+    def refused(path: Path) -> None:
+        if path == hidden or path.parent == hidden:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def guarded_iterdir(self):
+        refused(self)
+        return real_iterdir(self)
+
+    def guarded_read_text(self, *args, **kwargs):
+        refused(self)
+        return real_read_text(self, *args, **kwargs)
+
+    def guarded_stat(self, *args, **kwargs):
+        if self.parent == hidden:
+            refused(self)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, 'iterdir', guarded_iterdir)
+    monkeypatch.setattr(Path, 'read_text', guarded_read_text)
+    monkeypatch.setattr(Path, 'stat', guarded_stat)
+    store = open_store(store_19_1)
+    assert [r.run for r in store.runs if r.method == 'ft'] == ['small-seed0']
+    reasons = {s.path: s.reason for s in store.skipped}
+    assert 'Permission denied' in reasons[f'{VOC19}/ft/small-seed1']
+    assert f'skipped {VOC19}/ft/small-seed1: run.json is not readable' in render(
+        leaderboard(store, VOC19), 'md')
+
+
 def test_index_is_rebuilt_when_missing_or_stale(store_19_1: Path) -> None:
     open_store(store_19_1)
     index = json.loads((store_19_1 / INDEX_FILE).read_text())
