@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -26,9 +27,10 @@ from .digests import epochs_and_the_rest, stored_digests
 from .io import atomic_write_json, file_stamp, read_json_or_none
 
 INDEX_FILE = 'index.json'
-INDEX_VERSION = 5   # 2: runs carry their training regime; 3: and whether they trained jointly,
+INDEX_VERSION = 6   # 2: runs carry their training regime; 3: and whether they trained jointly,
                     # stamped with file_stamp; 4: and their shared config digest; 5: digests
-                    # computed from the stored config (digests.stored_digests), and epochs
+                    # computed from the stored config (digests.stored_digests), and epochs;
+                    # 6: metrics whose numbers are not IoUs (an edit by hand) refused
 RUN_FILES = ('run.json', 'metrics.json')
 DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
@@ -150,7 +152,25 @@ def _check_steps(steps, num_steps: int) -> list[dict]:
                                                  for c in ('old', 'new', 'all'))
                 or not isinstance(step.get('iou'), dict)):
             raise CorruptRun(f'metrics.json: step {t} lacks its columns or per-class IoU')
+        if type(step.get('step')) is not int:
+            raise CorruptRun(f"metrics.json: step {t} lacks a valid 'step'")
+        for c in ('old', 'new', 'all'):
+            if not isinstance(columns[c].get('label'), str):
+                raise CorruptRun(f'metrics.json: step {t}: {c} lacks its label')
+            if not _is_fraction(columns[c].get('mIoU')):
+                raise CorruptRun(f'metrics.json: step {t}: {c} mIoU {columns[c].get("mIoU")!r} '
+                                 f'is not a fraction in [0, 1] (or null)')
+        for c, iou in step['iou'].items():
+            if not c.isdigit() or not _is_fraction(iou):
+                raise CorruptRun(f'metrics.json: step {t}: IoU {iou!r} of class {c!r} is not a '
+                                 f'fraction in [0, 1] (or null)')
     return steps
+
+
+def _is_fraction(value) -> bool:
+    """An IoU as metrics.json stores it: a number in [0, 1], NaN, or None (not scored)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and (math.isnan(value) or 0 <= value <= 1))
 
 
 UNKNOWN_REGIME = 'regime unknown'

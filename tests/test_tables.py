@@ -478,6 +478,31 @@ def test_corrupt_and_partial_run_folders_are_reported_and_skipped(store_19_1: Pa
     assert f'skipped {VOC19}/mib/garbled: run.json is not readable JSON' in md
 
 
+@pytest.mark.parametrize('edit, reason', [
+    (lambda step: step['columns']['all'].update(mIoU='0.5'), "step 1: all mIoU '0.5' is not a fraction"),
+    (lambda step: step['columns']['all'].update(mIoU=58.5), 'step 1: all mIoU 58.5 is not a fraction'),
+    (lambda step: step['columns']['old'].pop('label'), 'step 1: old lacks its label'),
+    (lambda step: step['iou'].update({'3': 'x'}), "step 1: IoU 'x' of class '3' is not a fraction"),
+    (lambda step: step.pop('step'), "step 1 lacks a valid 'step'")])
+def test_a_metrics_file_edited_into_other_than_ious_is_reported_and_skipped(
+        store_19_1: Path, tmp_path: Path, edit, reason) -> None:
+    """A metrics.json edited by hand (a number typed as a string or in percent, a key lost):
+    its run is skipped with why, every table and plot made of the others, none fails."""
+    metrics_file = store_19_1 / VOC19 / 'ft' / 'small-seed1' / 'metrics.json'
+    metrics = json.loads(metrics_file.read_text())
+    edit(metrics['steps'][1])
+    metrics_file.write_text(json.dumps(metrics))
+    store = open_store(store_19_1)
+    assert reason in {s.path: s.reason for s in store.skipped}[f'{VOC19}/ft/small-seed1']
+    table = leaderboard(store, VOC19)
+    assert table.frame.at['ft', 'seeds'] == 1
+    assert table.frame.at['ft', 'all'] == pytest.approx(100 * 12.3 / 21)
+    for kind in (per_step, per_class_forgetting):
+        assert f'skipped {VOC19}/ft/small-seed1' in render(kind(store, VOC19), 'md')
+    assert main(['plot', '--protocol', VOC19, '--results', str(store_19_1),
+                 '--out', str(tmp_path / 'plots')]) == 0
+
+
 def test_a_run_folder_its_reader_cannot_list_is_reported_and_skipped(
         store_19_1: Path, monkeypatch) -> None:
     """A run folder of mode 000 (a colleague's, copied in): named under the table as skipped,
