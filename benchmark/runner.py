@@ -47,7 +47,7 @@ from .registry import MODELS
 from .seeds import derive_seed
 from .speed import effective_speed, emulated_bf16_note, prepare_model, training_device
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
-from .store import (DIRTY_REVISION, PLAIN_NAME, CorruptRun, is_plain_name, open_store,
+from .store import (DIRTY_REVISION, PLAIN_NAME, CorruptRun, is_plain_name, now_stamp, open_store,
                     read_json_object, results_option, run_folder)
 from .tables import format_step_table, steps_to_csv
 
@@ -501,7 +501,7 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         # the steps' own times: those of a continued run's earlier sessions included
         started['run'].update(status='complete',
                              wall_time_s=round(sum(r['wall_time_s'] for r in step_results), 1),
-                             finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
+                             finished=now_stamp())
         atomic_write_json(results_dir / 'run.json', started['run'])
     index_note = open_store(results_root).index_note()  # brings the results index up to date
     if index_note:   # the run is stored; the next reader that can write the index updates it
@@ -516,7 +516,7 @@ def _record_stopped(results_dir: Path, run: dict, error: BaseException) -> None:
     with contextlib.suppress(OSError):
         atomic_write_json(results_dir / 'run.json', dict(
             run, status='stopped', stopped_by=stopped_by.splitlines()[0][:300],
-            stopped=time.strftime('%Y-%m-%dT%H:%M:%S')))
+            stopped=now_stamp()))
 
 
 def locate_run(protocol_name: str, method_name: str, results_root: str | Path,
@@ -573,7 +573,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                shared_config_digest=shared_config_digest(cfg), data_root=str(index.root),
                dataset_fingerprint=index.fingerprint, work_dir=str(paths.work.resolve()),
                git_revision=git_revision(), environment=environment(), speed=checked.speed,
-               status='running', started=time.strftime('%Y-%m-%dT%H:%M:%S'))
+               status='running', started=now_stamp())
     earlier_speeds = []
     if previous is not None:   # continued: it started then; this session's code and machine above
         run.update(started=previous.get('started', run['started']),

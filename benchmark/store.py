@@ -21,6 +21,7 @@ import math
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from .digests import epochs_and_the_rest, stored_digests
@@ -240,6 +241,22 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         regime=run_regime(record), steps=steps)
 
 
+def now_stamp() -> str:
+    """The time now as run.json records it (started, finished, stopped): local, with its UTC
+    offset, so that runs made on machines in other time zones order by when they finished."""
+    return datetime.now().astimezone().isoformat(timespec='seconds')
+
+
+def finished_at(run: StoredRun) -> float:
+    """When ``run`` finished, in seconds since the epoch: a time stored without its UTC offset
+    (runs stored before they had one) read as the reader's local time; one that is not a
+    time, as the oldest."""
+    try:
+        return datetime.fromisoformat(run.finished).timestamp()
+    except ValueError:
+        return float('-inf')
+
+
 def run_folder(root: str | Path, protocol: str, method: str, run: str) -> Path:
     """Where a run is stored: ``<results>/<protocol>/<method>/<run>``."""
     return Path(root) / protocol / method / run
@@ -394,7 +411,7 @@ def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
     for (method, *setup_key), group in sorted(groups.items(), key=_row_order):
         setup_label = setup(*setup_key)
         latest: dict[int, StoredRun] = {}
-        for r in sorted(group, key=lambda r: (r.finished, r.path)):
+        for r in sorted(group, key=lambda r: (finished_at(r), r.path)):
             latest[r.seed] = r
         chosen = [latest[s] for s in sorted(latest)]
         rows.append(RowRuns(method, setup_label, chosen, [r for r in group if r not in chosen],

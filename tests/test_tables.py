@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shutil
+import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from cssbench.errors import UserError
 from cssbench.metrics import range_label, summarize_step
 from cssbench.plots import class_iou_figure, miou_by_step_figure
 from cssbench.protocols import Protocol, load_protocol
-from cssbench.store import INDEX_FILE, open_store, select_runs
+from cssbench.store import INDEX_FILE, now_stamp, open_store, select_runs
 from cssbench.tables import (forgetting_per_class, leaderboard, mean_std, per_class_forgetting,
                              per_step, render)
 from conftest import mount_read_only
@@ -262,6 +264,29 @@ def test_latest_run_is_used_and_run_names_pick_others(tmp_path: Path) -> None:
     assert leaderboard(store, VOC19, runs=['a']).frame.at['ft', 'old'] == pytest.approx(60.0)
     with pytest.raises(UserError, match='no complete run matching'):
         leaderboard(store, VOC19, runs=['nope*'])
+
+
+def test_the_latest_run_is_the_last_finished_whatever_the_time_zone_it_was_made_in(
+        tmp_path: Path, monkeypatch) -> None:
+    """Stores merged from machines in other time zones: a run finished at 16:30 in California
+    (00:30 UTC the next day) finished after one at 00:10 UTC, though its date reads earlier."""
+    root = tmp_path / 'results'
+    write_two_ft_runs(root, dict(run='california', finished='2026-01-01T16:30:00-08:00'),
+                      dict(run='london', finished='2026-01-02T00:10:00+00:00'))
+    table = leaderboard(open_store(root), VOC19)
+    assert table.frame.at['ft', 'old'] == pytest.approx(60.0)   # california's
+    assert any('not used (older): london;' in n for n in table.notes)
+
+    # and run.json records the time with its offset: here Tokyo's, 9 hours ahead of UTC
+    monkeypatch.setenv('TZ', 'Asia/Tokyo')
+    time.tzset()
+    try:
+        stamp = now_stamp()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert stamp.endswith('+09:00')
+    assert abs(datetime.fromisoformat(stamp).timestamp() - time.time()) < 60
 
 
 def test_a_config_setting_a_methods_own_hyperparameter_compares_with_joint_on_the_config_without_it(
