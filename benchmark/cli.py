@@ -386,6 +386,13 @@ def _tables_folder(args) -> Path:
     folder = Path(args.out or Path(args.results) / 'tables')
     if folder.exists() and not folder.is_dir():
         raise UserError(f'{folder}: a file, where a folder for the tables and plots is needed')
+    if args.out:
+        refuse_unwritable_folder('--out', args.out, folder)
+    else:   # a store read-only to its reader (README: give --out)
+        try:
+            refuse_unwritable_folder('--results', args.results, folder)
+        except UserError as e:
+            raise UserError(f'{e}; --out DIR writes the tables and plots elsewhere') from None
     return folder
 
 

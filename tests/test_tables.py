@@ -662,6 +662,21 @@ def test_a_store_the_user_cannot_write_is_tabulated_and_plotted(
     assert (store_19_1 / INDEX_FILE).read_bytes() != index
 
 
+@pytest.mark.parametrize('command', [['table', '--all'], ['plot', '--protocol', VOC19]])
+def test_tables_into_a_store_the_user_cannot_write_are_refused_naming_out(
+        store_19_1: Path, capsys, monkeypatch, command) -> None:
+    """``table --all`` and ``plot`` write into ``<results>/tables``: on a read-only store they
+    are refused in a line naming the option and ``--out``, as ``run`` names ``--results``."""
+    assert main(['table', '--protocol', VOC19, '--results', str(store_19_1)]) == 0
+    capsys.readouterr()
+    mount_read_only(monkeypatch, store_19_1)
+    assert main([*command, '--results', str(store_19_1)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f'cssbench: error: --results {store_19_1}: cannot write in {store_19_1} '
+                   f'({os.strerror(errno.EROFS)}); --out DIR writes the tables and plots elsewhere')
+    assert not (store_19_1 / 'tables').exists()
+
+
 def test_published_numbers_beside_our_rows(tmp_path: Path) -> None:
     root = tmp_path / 'results'
     p = load_protocol('voc-15-1-overlap')
