@@ -346,7 +346,7 @@ def load_protocol(name_or_path: str) -> Protocol:
     return protocol
 
 
-def _protocol_definition(protocol: dict) -> dict:
+def protocol_definition(protocol: dict) -> dict:
     """What two runs of one protocol share: a drawn class order differs by seed, its step
     sizes do not (a file's ``random`` order, not yet drawn, is compared the same way)."""
     d = dict(FILE_DEFAULTS, **protocol)   # a stored record leaves out what is the default
@@ -360,12 +360,12 @@ def check_stored_protocol_name(store_root: Path, protocol: Protocol,
                                advice: str = 'give this one another name') -> None:
     """The store keeps runs by protocol name: refuse a protocol (a file of one's own) that
     takes the name of another whose runs are stored, rather than mix the two in its tables."""
-    mine = _protocol_definition(protocol.to_dict())
+    mine = protocol_definition(protocol.to_dict())
     for folder in run_folders(store_root, protocol.name):
         try:
             stored = read_json_object(folder / 'run.json')['protocol']
         except (CorruptRun, KeyError):
             continue   # the store names unreadable runs where it reads them
-        if not isinstance(stored, dict) or _protocol_definition(stored) != mine:
+        if not isinstance(stored, dict) or protocol_definition(stored) != mine:
             raise UserError(f'{protocol.source or protocol.name}: another protocol named '
                             f'{protocol.name!r} has runs stored ({folder}); {advice}')

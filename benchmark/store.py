@@ -389,6 +389,20 @@ def _row_order(group: tuple[tuple[str, str, str, str], list[StoredRun]]) -> tupl
     return method, config_name, runs[0].epochs or 0, digest, data
 
 
+def _refuse_protocols_of_one_name(runs: list[StoredRun]) -> None:
+    """Runs of different protocols that share a name (stores merged from machines where each
+    wrote its own file of that name) are no seeds of one row: refused, naming one of each."""
+    from .errors import UserError
+    from .protocols import protocol_definition   # protocols reads the store
+    first: dict[str, StoredRun] = {}
+    for r in runs:
+        first.setdefault(json.dumps(protocol_definition(r.protocol), sort_keys=True), r)
+    if len(first) > 1:
+        a, b = list(first.values())[:2]
+        raise UserError(f'runs of {len(first)} different protocols named {a.protocol_name!r} are '
+                        f'stored ({a.path}, {b.path}); --run picks the runs of one')
+
+
 def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
                 config: str | None = None) -> list[RowRuns]:
     """One row per (method, config, dataset): for each seed, the latest finished complete run
@@ -396,6 +410,7 @@ def select_runs(store: Store, protocol: str, runs: list[str] | None = None,
     data (another dataset fingerprint: other images or labels) are never averaged together."""
     candidates = [r for r in store.runs if r.protocol_name == protocol and _matches(r, runs)
                   and (config is None or _config_matches(r.config_name, config))]
+    _refuse_protocols_of_one_name(candidates)
     configs = config_labels(candidates)
     several_datasets = len({r.dataset_fingerprint for r in candidates}) > 1
 

@@ -270,8 +270,11 @@ def leaderboard(store: Store, protocol: str, runs: list[str] | None = None,
     # a joint row the table shows is the level its rows compare with; a table chosen by --run
     # or --config without one still compares, with the protocol's joint runs
     shown = joint_mious(rows)
-    joint_all = (shown if runs is None and config is None
-                 else {**joint_mious(select_runs(store, protocol)), **shown})
+    try:   # refused where protocols of this name differ: then only with the joint row shown
+        joint_all = (shown if runs is None and config is None
+                     else {**joint_mious(select_runs(store, protocol)), **shown})
+    except UserError:
+        joint_all = shown
     frame['gap_joint'] = [joint_all.get(joint_key(row), math.nan) - frame.at[row.label, 'all']
                           for row in rows]
     gap_notes = _no_gap_notes([row.label for row in rows if joint_key(row) not in joint_all],

@@ -460,6 +460,27 @@ def test_config_chooses_a_config_files_runs_by_its_bare_name_too(tmp_path: Path,
     assert not (root / 'tables').exists()
 
 
+def test_runs_of_different_protocols_of_one_name_are_not_averaged(tmp_path: Path, capsys) -> None:
+    """Stores merged from two machines, each with its own protocol file named ``mine`` (15-5,
+    and 15-2-3): their runs are no seeds of one row; refused, and ``--run`` tables either."""
+    root = tmp_path / 'results'
+    base = load_protocol('voc-15-5-overlap')
+    five = dataclasses.replace(base, name='mine', source=None)
+    two_three = dataclasses.replace(five, steps=(base.steps[0], (16, 17), (18, 19, 20)))
+    write_run(root, [uniform(range(16), 0.8), uniform(range(21), 0.5)], protocol=five, run='a-seed0')
+    write_run(root, [uniform(range(16), 0.8), uniform(range(18), 0.6), uniform(range(21), 0.4)],
+              protocol=two_three, run='b-seed1', seed=1)
+    for kind in (leaderboard, per_step, per_class_forgetting):
+        with pytest.raises(UserError, match=r"runs of 2 different protocols named 'mine' are stored "
+                                            r"\(mine/ft/a-seed0, mine/ft/b-seed1\); --run picks"):
+            kind(open_store(root), 'mine')
+    table = per_step(open_store(root), 'mine', runs=['b-*'])
+    assert table.frame['seeds'].tolist() == [1, 1, 1]
+    assert table.frame['all'].tolist() == pytest.approx([80.0, 60.0, 40.0])
+    assert main(['plot', '--all', '--results', str(root)]) == 2
+    assert 'different protocols' in capsys.readouterr().err
+
+
 def test_seeds_trained_on_other_data_are_not_averaged(tmp_path: Path) -> None:
     # seed 1 ran on another dataset (another fingerprint): a row of its own, and joint's gap
     # is taken on the same data only
