@@ -82,9 +82,9 @@ def cmd_splits(args) -> None:
 
 
 def cmd_make_synth(args) -> None:
-    from .synth import make_synth
+    from .synth import make_synth, writes_into
     out = Path(args.out).expanduser().absolute()
-    if not out.exists() or out.is_dir() and not any(out.iterdir()):   # to be written: from beside it
+    if writes_into(out):   # written from beside it (a temporary folder renamed)
         refuse_unwritable_folder('--out', args.out, out.parent)
     path = make_synth(args.out, n_train=args.n_train, n_val=args.n_val, size=args.size,
                       seed=args.seed, workers=args.workers)

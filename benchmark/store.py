@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .digests import epochs_and_the_rest, stored_digests
+from .errors import UserError
 from .io import atomic_write_json, file_stamp, read_json_or_none
 
 INDEX_FILE = 'index.json'
@@ -392,7 +393,6 @@ def _row_order(group: tuple[tuple[str, str, str, str], list[StoredRun]]) -> tupl
 def _refuse_protocols_of_one_name(runs: list[StoredRun]) -> None:
     """Runs of different protocols that share a name (stores merged from machines where each
     wrote its own file of that name) are no seeds of one row: refused, naming one of each."""
-    from .errors import UserError
     from .protocols import protocol_definition   # protocols reads the store
     first: dict[str, StoredRun] = {}
     for r in runs:

@@ -370,6 +370,12 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def writes_into(out: Path) -> bool:
+    """Whether ``make_synth`` writes a dataset into ``out`` (new, or an empty folder), rather
+    than reusing or refusing what is there."""
+    return not out.exists() or _is_empty_dir(out)
+
+
 def make_synth(
     out: str | Path,
     *,
@@ -393,7 +399,7 @@ def make_synth(
         raise UserError(f'a synthetic dataset is drawn by at least 1 worker, got {workers}')
     out = Path(out).expanduser().absolute()
     params = _params(n_train, n_val, size, seed)
-    if out.exists() and not _is_empty_dir(out):
+    if not writes_into(out):
         return _reuse_or_refuse(out, params)
 
     with temporary_beside(out, folder=True) as tmp:
