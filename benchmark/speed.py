@@ -16,6 +16,7 @@ import contextlib
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch._functorch.config
 from mmengine.optim import OptimWrapper
 from mmengine.runner import ValLoop
 
@@ -23,6 +24,13 @@ from .errors import UserError
 from .registry import LOOPS, OPTIM_WRAPPERS
 
 AMP_DTYPES = ('bfloat16', 'float16', None)
+
+# torch.compile's AOTAutograd cache keys a graph on whether autocast is on, and before torch
+# 2.13 not on its dtype (pytorch/pytorch#181564): on torch 2.11 a model compiled under float16
+# autocast ran the graph cached under bf16, in bf16 (seen on an H100: bf16 kernels and the same
+# graph in both regimes). Compiling under autocast there goes without that cache; the FX graph
+# cache below it keys on the traced graph, whose dtypes are the autocast's, and stays.
+AUTOGRAD_CACHE_KEYS_AUTOCAST_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ def prepare_model(model, speed: Speed, device: str):
             net.to(memory_format=torch.channels_last)
         net.data_preprocessor.channels_last = speed.channels_last
         if speed.compile:
+            if speed.amp and not AUTOGRAD_CACHE_KEYS_AUTOCAST_DTYPE:
+                torch._functorch.config.enable_autograd_cache = False
             # The backbone and the head: no data-dependent control flow, and training's shapes
             # are fixed. Whole-image evaluation's sizes vary: at the second size dynamo compiles
             # each once more, shape-generic (on CPU, 18 VOC-like sizes made 4 graphs in all).
