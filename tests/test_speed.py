@@ -79,6 +79,20 @@ def test_a_channels_last_model_computes_what_the_contiguous_one_does():
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('keyed_by_dtype, amp, cached', [
+    (False, 'float16', False), (False, 'bfloat16', False), (False, None, True),
+    (True, 'float16', True)])
+def test_compiling_under_autocast_skips_the_graph_cache_that_mixes_up_dtypes(
+        monkeypatch, keyed_by_dtype, amp, cached):
+    # torch 2.11's AOTAutograd cache gave a float16 model the graph compiled under bf16
+    monkeypatch.setattr('cssbench.speed.AUTOGRAD_CACHE_KEYS_AUTOCAST_DTYPE', keyed_by_dtype)
+    model = build_model(load_config('small'), get_method('ft').model_type,
+                        load_protocol('synth-15-5-overlap'), 0)
+    with torch._functorch.config.patch(enable_autograd_cache=True):  # restored after
+        prepare_model(model, Speed(amp=amp, channels_last=False, compile=True), 'cpu')
+        assert torch._functorch.config.enable_autograd_cache is cached
+
+
 def test_the_optimizer_takes_nesterov_sgd_steps_with_weight_decay():
     schedule = ConfigDict(momentum=0.9, nesterov=True, weight_decay=0.01)
     model = torch.nn.Linear(1, 1, bias=False)
