@@ -403,12 +403,12 @@ def cmd_table(args) -> None:
         out = _tables_folder(args)
         store = read_store(args.results)
         written, not_written = write_all_tables(store, out, _patterns(args.run), args.config)
+        for line in not_written:
+            print(line)
         if not written:
             raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} '
                             f'stored; nothing to tabulate'
                             + _configs_advice(store, store.protocols(), args))
-        for line in not_written:
-            print(line)
         _remove_unwritten(out, 'table', written, every_protocol=True)
         print(f'wrote {sum(map(len, written.values()))} files to {out}/')
         return
@@ -432,7 +432,8 @@ def cmd_plot(args) -> None:
     from .tables import chosen_by, runs_of_protocol
     _require_protocol_or_all(args, 'plot')
     store = read_store(args.results)
-    protocols = store.protocols() if args.all else [stored_protocol_name(args.protocol, args.results)]
+    protocols = (store.protocols_with_skipped() if args.all
+                 else [stored_protocol_name(args.protocol, args.results)])
     out = _tables_folder(args)
     written = {}
     for protocol in protocols:
@@ -444,7 +445,8 @@ def cmd_plot(args) -> None:
     if not written:
         raise UserError(f'{args.results}: no complete run{chosen_by(args.run, args.config)} stored '
                         f'for {", ".join(protocols) or "any protocol"}'
-                        + _configs_advice(store, protocols, args))
+                        + _configs_advice(store, protocols, args)
+                        + ''.join(map(store.skipped_note, protocols)))
     for skipped in (s for protocol in protocols for s in store.skipped_in(protocol)):
         print(f'cssbench: skipped {skipped.path}: {skipped.reason}', file=sys.stderr)
     for path in (path for paths in written.values() for path in paths):

@@ -104,9 +104,18 @@ class Store:
     def protocols(self) -> list[str]:
         return sorted({r.protocol_name for r in self.runs})
 
+    def protocols_with_skipped(self) -> list[str]:
+        """``protocols``, and those whose folders hold skipped runs alone (to name them)."""
+        return sorted({*self.protocols(), *(s.path.split('/')[0] for s in self.skipped)} - {'.'})
+
     def skipped_in(self, protocol: str) -> list[SkippedRun]:
         """The run folders of ``protocol`` that could not be read as complete runs."""
         return [s for s in self.skipped if s.path.split('/')[0] == protocol]
+
+    def skipped_note(self, protocol: str) -> str:
+        """`` (skipped: <folder>: <why>; ...)`` for ``protocol``'s skipped runs; '' if none."""
+        skipped = [f'{s.path}: {s.reason}' for s in self.skipped_in(protocol)]
+        return f' (skipped: {"; ".join(skipped)})' if skipped else ''
 
 
 class CorruptRun(Exception):
@@ -263,10 +272,31 @@ def run_folder(root: str | Path, protocol: str, method: str, run: str) -> Path:
     return Path(root) / protocol / method / run
 
 
-def run_folders(root: Path, protocol: str = '*') -> list[Path]:
+def run_folders(root: Path, protocol: str | None = None) -> list[Path]:
     """Every run folder under ``root`` (of ``protocol``, a plain name, if given) holding
     anything but a lock, or that cannot be listed (its reader names it skipped, and why)."""
-    return sorted(d for d in root.glob(f'{protocol}/*/*') if d.is_dir() and _holds_a_run(d))
+    return scan_store(root, protocol)[0]
+
+
+def scan_store(root: Path, protocol: str | None = None) -> tuple[list[Path], list[SkippedRun]]:
+    """``run_folders``, and the protocol and method folders above them that cannot be listed
+    (another user's, mode 000), each a ``SkippedRun``: the runs in them are not read."""
+    unlisted: list[SkippedRun] = []
+
+    def subfolders(folder: Path) -> list[Path]:
+        try:
+            return sorted(child for child in folder.iterdir() if child.is_dir())
+        except FileNotFoundError:   # removed meanwhile
+            return []
+        except OSError as e:
+            unlisted.append(SkippedRun(folder.relative_to(root).as_posix(),
+                                       f'cannot be listed ({e.strerror or e}): its runs are not read'))
+            return []
+
+    protocols = subfolders(root) if protocol is None else [root / protocol] * (root / protocol).is_dir()
+    runs = [run for folder in protocols for method in subfolders(folder)
+            for run in subfolders(method) if _holds_a_run(run)]
+    return runs, unlisted
 
 
 def _holds_a_run(folder: Path) -> bool:
@@ -295,7 +325,8 @@ def open_store(root: str | Path) -> Store:
         return store
     cached = _read_index(root)
     fresh: dict[str, dict] = {}
-    for run_dir in run_folders(root):
+    folders, store.skipped = scan_store(root)
+    for run_dir in folders:
         key = run_dir.relative_to(root).as_posix()
         stamp = _stamp(run_dir)
         entry = cached.get(key)

@@ -186,9 +186,7 @@ def runs_of_protocol(store: Store, protocol: str, runs, config) -> list[RowRuns]
     chosen = chosen_by(runs, config)
     advice = configs_of_runs(store, [protocol], runs, config) or _how_to_store_one(store, protocol,
                                                                                    config)
-    skipped = [f'{s.path}: {s.reason}' for s in store.skipped_in(protocol)]
-    if skipped:   # e.g. a run still training, which rerunning its command finishes
-        advice += f' (skipped: {"; ".join(skipped)})'
+    advice += store.skipped_note(protocol)   # e.g. a run still training, which its command finishes
     raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; {advice}')
 
 
@@ -534,9 +532,10 @@ def write_all_tables(store: Store, out_dir: str | Path, runs=None,
     protocol; and a line for each table not written, saying why."""
     out_dir = Path(out_dir)
     written, not_written = {}, []
-    for protocol in store.protocols():
+    for protocol in store.protocols_with_skipped():
         if not select_runs(store, protocol, runs, config):
-            not_written.append(f'no tables for {protocol}: no complete run{chosen_by(runs, config)}')
+            not_written.append(f'no tables for {protocol}: no complete run{chosen_by(runs, config)}'
+                               + store.skipped_note(protocol))
             continue
         for kind, build in TABLES.items():
             try:

@@ -584,6 +584,42 @@ def test_a_run_folder_its_reader_cannot_list_is_reported_and_skipped(
         leaderboard(store, VOC19), 'md')
 
 
+def _refuse_listing(monkeypatch, folder: Path) -> None:
+    """``folder`` cannot be listed, as if of mode 000 (tests run as root, where chmod would not
+    stop them)."""
+    real_iterdir = Path.iterdir
+
+    def guarded_iterdir(self):
+        if self == folder:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, 'iterdir', guarded_iterdir)
+
+
+def test_a_method_folder_its_reader_cannot_list_is_named_under_the_table(
+        store_19_1: Path, monkeypatch) -> None:
+    _refuse_listing(monkeypatch, store_19_1 / VOC19 / 'lwf')
+    store = open_store(store_19_1)
+    assert sorted({r.method for r in store.runs}) == ['ft', 'joint']
+    assert (f'skipped {VOC19}/lwf: cannot be listed (Permission denied): its runs are not read'
+            in render(leaderboard(store, VOC19), 'md'))
+
+
+def test_a_protocol_folder_its_reader_cannot_list_is_named_by_table_and_plot(
+        store_19_1: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    _refuse_listing(monkeypatch, store_19_1 / VOC19)
+    why = f'{VOC19}: cannot be listed (Permission denied): its runs are not read'
+    out = ['--results', str(store_19_1), '--out', str(tmp_path / 'tables')]
+    assert main(['table', '--all', *out]) == 2
+    assert f'no tables for {VOC19}: no complete run (skipped: {why})' in capsys.readouterr().out
+    assert main(['table', '--protocol', VOC19, '--results', str(store_19_1)]) == 2
+    assert f'(skipped: {why})' in capsys.readouterr().err
+    assert main(['plot', '--all', *out]) == 2
+    assert f'no complete run stored for {VOC19} (skipped: {why})' in capsys.readouterr().err
+    assert not (tmp_path / 'tables').exists()
+
+
 def test_index_is_rebuilt_when_missing_or_stale(store_19_1: Path) -> None:
     open_store(store_19_1)
     index = json.loads((store_19_1 / INDEX_FILE).read_text())
