@@ -220,9 +220,13 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
                            'class_order_seed'}
     if unknown:
         raise ProtocolError(f'{src}: unknown field(s) {sorted(unknown)}')
-    if not isinstance(data['name'], str):   # YAML's number, date, yes/no or empty value
-        raise ProtocolError(f'{src}: field name: {data["name"]!r} is not text; quote it '
-                            f'(YAML reads an unquoted 1.50, 2024-01-01, yes or nothing otherwise)')
+    description = data.get('description')
+    description = '' if description is None else description   # `description:` and nothing
+    for key, value in (('name', data['name']), ('description', description)):
+        if not isinstance(value, str):   # YAML's number, date, yes/no, empty value, list or mapping
+            raise ProtocolError(f'{src}: field {key}: {value!r} is not text; quote it (YAML reads '
+                                f'an unquoted 1.50, 2024-01-01, yes, nothing, or a "key: value" '
+                                f'line otherwise)')
     if not is_plain_name(data['name']):
         raise ProtocolError(f'{src}: field name: {data["name"]!r} is not {PLAIN_NAME}')
     dataset = _choice(data, 'dataset', tuple(DATASET_INFO), src)
@@ -275,7 +279,7 @@ def parse_protocol(data, source: str | Path = '<protocol>') -> Protocol:
     return Protocol(name=data['name'], dataset=dataset, mode=mode, steps=tuple(steps),
                     train_ignore=train_ignore, eval_unseen=eval_unseen, eval_crop=eval_crop,
                     ordering=class_order, ordering_seed=order_seed,
-                    description=str(data.get('description', '')),
+                    description=description,
                     source=Path(source) if source != '<protocol>' else None)
 
 

@@ -323,6 +323,21 @@ def test_a_name_that_yaml_reads_as_no_text_is_refused(tmp_path, value, read) -> 
     assert load_protocol_file(path).name == (value or 'p')
 
 
+@pytest.mark.parametrize('value, read', [('\n  source: MiB', "{'source': 'MiB'}"),
+                                         ('[a, b]', "['a', 'b']"), ('yes', 'True')])
+def test_a_description_that_yaml_reads_as_no_text_is_refused(tmp_path, value, read) -> None:
+    # an unquoted "key: value" line below it is a mapping, which str() made "{'source': ...}"
+    path = tmp_path / 'p.yaml'
+    head = 'name: p\ndataset: voc\nmode: overlap\nsteps: ["0-15", "16-20"]\n'
+    path.write_text(f'{head}description: {value}\n')
+    with pytest.raises(ProtocolError, match=re.escape(f'{path}: field description: {read} is not text')):
+        load_protocol_file(path)
+    path.write_text(f'{head}description:\n')   # nothing: no description, not "None"
+    assert load_protocol_file(path).description == ''
+    path.write_text(f'{head}description: "source: MiB"\n')
+    assert load_protocol_file(path).description == 'source: MiB'
+
+
 def test_protocol_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / 'latin1.yaml'
     path.write_bytes('name: caf\xe9\n'.encode('latin-1'))
