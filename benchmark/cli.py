@@ -65,7 +65,8 @@ def cmd_splits(args) -> None:
     root = resolve_data_root(protocol.dataset, args.data_root)
     index = index_dataset(protocol.dataset, root)
     steps = protocol_splits(protocol, index)
-    print(f'{protocol.name} ({protocol.mode}) on {root}')
+    drawn = f', class order drawn with seed {protocol.ordering_seed}' if protocol.ordering == 'drawn' else ''
+    print(f'{protocol.name} ({protocol.mode}{drawn}) on {root}')
     print(f'{"step":>4} {"train":>7} {"val":>6}  classes')
     for s in steps:
         print(f'{s["step"]:>4} {len(s["train"]):>7} {len(s["val"]):>6}  {range_label(s["classes"])}')
@@ -76,8 +77,9 @@ def cmd_splits(args) -> None:
             print(f'cssbench: note: step {s["step"]} has no {empty} images: `cssbench run` '
                   f'refuses this protocol on this data', file=sys.stderr)
     if args.out:
-        atomic_write_json(args.out, dict(protocol=protocol.name, dataset_fingerprint=index.fingerprint,
-                                         steps=steps))
+        seed = dict(class_order_seed=protocol.ordering_seed) if drawn else {}   # what drew it
+        atomic_write_json(args.out, dict(protocol=protocol.name, **seed,
+                                         dataset_fingerprint=index.fingerprint, steps=steps))
         print(f'wrote {args.out}')
 
 

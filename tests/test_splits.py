@@ -554,13 +554,24 @@ def test_ade_tree_given_to_voc(tmp_path: Path) -> None:
     assert 'ADE20K' in str(e.value) and str(root) in str(e.value)
 
 
-def test_splits_command_prints_the_classes_of_the_drawn_order(synth32, capsys):
+def test_splits_command_prints_and_writes_the_classes_of_the_drawn_order_and_its_seed(
+        synth32, tmp_path, capsys):
+    out = tmp_path / 'splits.json'
     assert main(['splits', '--protocol', 'synth-15-1-overlap-random', '--seed', '1',
-                 '--data-root', str(synth32)]) == 0
+                 '--data-root', str(synth32), '--out', str(out)]) == 0
     drawn = load_protocol('synth-15-1-overlap-random').with_class_order(1)
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f'synth-15-1-overlap-random (overlap, class order drawn with seed 1) on {synth32}'
+    rows = [line.split() for line in lines[2:-1]]
     assert [row[-1] for row in rows] == [range_label(step) for step in drawn.steps]
     assert rows[0][-1] != '0-15' and rows[1][-1] == str(drawn.steps[1][0])
+    written = json.loads(out.read_text())
+    assert written['class_order_seed'] == 1   # the lists alone would not say how to draw them again
+    assert [s['classes'] for s in written['steps']] == [list(step) for step in drawn.steps]
+    assert main(['splits', '--protocol', 'synth-15-1-overlap', '--data-root', str(synth32),
+                 '--out', str(out)]) == 0
+    assert 'class_order_seed' not in json.loads(out.read_text())   # a fixed order: none
+    assert capsys.readouterr().out.startswith(f'synth-15-1-overlap (overlap) on {synth32}')
 
 
 def test_splits_says_when_its_seed_changes_nothing(synth32, tmp_path, capsys):
