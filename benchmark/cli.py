@@ -440,8 +440,14 @@ def cmd_plot(args) -> None:
     written = {}
     for protocol in protocols:
         # one protocol: refused as table refuses it, saying what is stored or how to store it
-        rows = (select_runs(store, protocol, _patterns(args.run), args.config) if args.all
-                else runs_of_protocol(store, protocol, _patterns(args.run), args.config))
+        if not args.all:
+            rows = runs_of_protocol(store, protocol, _patterns(args.run), args.config)
+        else:
+            try:
+                rows = select_runs(store, protocol, _patterns(args.run), args.config)
+            except UserError as e:   # as table --all: the other protocols' plots still go
+                print(f'cssbench: no plots for {protocol}: {e}', file=sys.stderr)
+                continue
         if rows:
             written[protocol] = write_protocol_plots(protocol, rows, out)
     if not written:

@@ -533,7 +533,12 @@ def write_all_tables(store: Store, out_dir: str | Path, runs=None,
     out_dir = Path(out_dir)
     written, not_written = {}, []
     for protocol in store.protocols_with_skipped():
-        if not select_runs(store, protocol, runs, config):
+        try:
+            chosen = select_runs(store, protocol, runs, config)
+        except UserError as e:   # runs of two protocols of one name, merged: the others' still go
+            not_written.append(f'no tables for {protocol}: {e}')
+            continue
+        if not chosen:
             not_written.append(f'no tables for {protocol}: no complete run{chosen_by(runs, config)}'
                                + store.skipped_note(protocol))
             continue

@@ -477,8 +477,18 @@ def test_runs_of_different_protocols_of_one_name_are_not_averaged(tmp_path: Path
     table = per_step(open_store(root), 'mine', runs=['b-*'])
     assert table.frame['seeds'].tolist() == [1, 1, 1]
     assert table.frame['all'].tolist() == pytest.approx([80.0, 60.0, 40.0])
+    refused = "runs of 2 different protocols named 'mine' are stored"
     assert main(['plot', '--all', '--results', str(root)]) == 2
-    assert 'different protocols' in capsys.readouterr().err
+    assert f'cssbench: no plots for mine: {refused}' in capsys.readouterr().err
+    # --all writes the other protocols' tables and plots, naming the one it cannot
+    write_run(root, [uniform(range(16), 0.8), uniform(range(21), 0.5)], protocol=base)
+    assert main(['table', '--all', '--results', str(root)]) == 0
+    assert f'no tables for mine: {refused}' in capsys.readouterr().out
+    assert sorted(p.name for p in (root / 'tables').glob('*.md')) == sorted(
+        f'{base.name}{kind}.md' for kind in ('', '-per-class', '-per-step'))
+    assert main(['plot', '--all', '--results', str(root)]) == 0
+    assert f'cssbench: no plots for mine: {refused}' in capsys.readouterr().err
+    assert not list((root / 'tables').glob('mine*'))
 
 
 def test_seeds_trained_on_other_data_are_not_averaged(tmp_path: Path) -> None:
