@@ -30,11 +30,18 @@ from .transforms import EvalTransform, TrainTransform
 
 
 def per_process_batch(batch_size: int, processes: int) -> int:
-    """A config's batch size is the total over the processes; each takes an equal share."""
+    """A config's batch size is the total over the processes; each takes an equal share, of 2
+    images at least where BN is not synchronised (on the CPU: gloo has no SyncBN), as the head's
+    image-pooling BN cannot train on one."""
     if batch_size % processes:
         raise UserError(f'batch size {batch_size} does not split evenly over {processes} '
                         f'processes: set data.batch_size to a multiple of {processes}')
-    return batch_size // processes
+    share = batch_size // processes
+    if share < 2 and training_device() != 'cuda':
+        raise UserError(f'batch size {batch_size} over {processes} processes leaves each 1 image, '
+                        f'and on the CPU (no SyncBN) batch norm trains on each process\'s own '
+                        f'images, 2 at least: set data.batch_size to {2 * processes} or more')
+    return share
 
 
 def loader_settings(data: ConfigDict, batch_size: int) -> dict:

@@ -296,7 +296,14 @@ def test_a_decision_of_rank_0_reaches_every_process_and_so_do_its_errors():
     assert out[1, 'ValueError'] == (['RuntimeError', 'RaisedByMainProcess'], 'a bug')
 
 
-def test_a_batch_that_does_not_split_over_the_processes_is_refused():
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch):
     assert per_process_batch(24, 4) == 6
     with pytest.raises(UserError, match='batch size 24 does not split evenly over 5 processes'):
         per_process_batch(24, 5)
+    # one image a process: BN (the head's pooled branch) cannot train on it unless synchronised
+    assert per_process_batch(4, 2) == 2
+    with pytest.raises(UserError, match=r'batch size 2 over 2 processes leaves each 1 image, and '
+                                        r'on the CPU .* set data.batch_size to 4 or more'):
+        per_process_batch(2, 2)
+    monkeypatch.setattr('cssbench.engine.training_device', lambda: 'cuda')   # SyncBN
+    assert per_process_batch(2, 2) == 1
