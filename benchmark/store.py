@@ -293,7 +293,10 @@ def scan_store(root: Path, protocol: str | None = None) -> tuple[list[Path], lis
                                        f'cannot be listed ({e.strerror or e}): its runs are not read'))
             return []
 
-    protocols = subfolders(root) if protocol is None else [root / protocol] * (root / protocol).is_dir()
+    if protocol is None:
+        protocols = subfolders(root)
+    else:
+        protocols = [root / protocol] if (root / protocol).is_dir() else []
     runs = [run for folder in protocols for method in subfolders(folder)
             for run in subfolders(method) if _holds_a_run(run)]
     return runs, unlisted
