@@ -58,6 +58,7 @@ from .errors import UserError, comma_list
 from .hooks import EpochKeyedSampler
 from .io import cache_dir
 from .methods import get_method
+from .profiling import StepProfile, format_profiles, profile_step
 from .protocols import load_protocol
 from .runner import attach_previous_step, build_model
 from .speed import (AMP_DTYPES, REFERENCE_SPEED, Speed, autocast, optim_wrapper_config,
@@ -76,6 +77,7 @@ VOC_15_1_OVERLAP_STEP_IMAGES = [(9568, 1240), (487, 1277), (299, 1329), (491, 13
                                 (548, 1449)]
 PRELOADED_BATCHES = 4   # distinct batches cycled through by the timed loops
 ROUNDS = 4              # the timed iterations of each regime, in this many alternating rounds
+PROFILED_STEPS = 3      # with --profile: each regime's steps timed, then as many profiled
 LOADER_BATCHES = 30     # batches timed through the DataLoader (at most)
 AMP_SHORT_NAMES = {'bfloat16': 'bf16', 'float16': 'fp16'}
 
@@ -102,7 +104,7 @@ class Case:
 def run_bench(config: str | None = None, size: int | None = None, data_root: str | None = None,
               batch: int | None = None, iters: int = 20, warmup: int = 5,
               workers: int | None = None, compile: bool = False, amp: str | None = None,
-              log=print, progress=None) -> dict:
+              profile: bool = False, log=print, progress=None) -> dict:
     """Measure, print the report, and return its numbers. Each measure is announced on
     ``progress`` (default: stderr) as it is taken, so a run cut short still tells what it
     measured."""
@@ -129,7 +131,8 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     report = dict(device=device_name, software=_software(), config=cfg.filename, size=size,
                   batch=batch, iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
                   regimes=regimes, tf32=on_gpu and torch.backends.cudnn.allow_tf32,
-                  train=[row for case in cases for row in measure_training(cfg, case, regimes, batch, **loops)],
+                  train=[row for case in cases
+                         for row in measure_training(cfg, case, regimes, batch, profile, **loops)],
                   eval=measure_eval(cfg, cases[0], val_set, regimes, **loops))
     report['loader'] = measure_loader(cfg, cases[0].dataset, batch, progress)
     report['projection'] = {name: project_protocol(report, name) for name in regimes}
@@ -172,13 +175,15 @@ def parse_amps(amp: str | None, device: str) -> list[str] | None:
     return amps
 
 
-def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, iters: int,
-                     warmup: int, device: str, progress) -> list[dict]:
-    """The case's training img/s in each regime, and its FLOPs per image."""
+def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, profile: bool = False,
+                     *, iters: int, warmup: int, device: str, progress) -> list[dict]:
+    """The case's training img/s in each regime, and its FLOPs per image; with ``profile``,
+    where each regime's step spends its time."""
     batches = preload(case.dataset, batch, device)
     try:
-        rates, flops = _time_training(cfg, case, regimes, batches, iters, warmup, device,
-                                      partial(_prefixed, progress, f'training, {case.label}'))
+        rates, flops, profiles = _time_training(
+            cfg, case, regimes, batches, iters, warmup, device, profile,
+            partial(_prefixed, progress, f'training, {case.label}'))
     except torch.cuda.OutOfMemoryError:
         raise UserError(f'out of GPU memory: {case.label} at batch {batch}; '
                         f'try --batch {max(1, batch // 2)}') from None
@@ -186,12 +191,14 @@ def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, *, 
         _release_memory(device)  # the models went with _time_training's frame
     progress(f'training, {case.label}: {_rates(rates)}; {flops / 1e9:.1f} GFLOP/img')
     return [dict(case=case.label, step=case.step, regime=name, img_s=rate.img_s,
-                 startup_s=rate.startup_s, restart_s=rate.restart_s, flops_per_img=flops)
+                 startup_s=rate.startup_s, restart_s=rate.restart_s, flops_per_img=flops,
+                 profile=profiles.get(name))
             for name, rate in rates.items()]
 
 
 def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dict], iters: int,
-                   warmup: int, device: str, progress) -> tuple[dict[str, Rate], float]:
+                   warmup: int, device: str, profile: bool,
+                   progress) -> tuple[dict[str, Rate], float, dict[str, StepProfile]]:
     batch = len(batches[0]['inputs'])
 
     def training_step(speed: Speed):
@@ -205,9 +212,14 @@ def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dic
         if flops is None:  # counted once, on the reference regime's eager model
             flops = training_flops(model, optim, batches[0]) / batch
     rates = interleaved_rates(steps, iters, warmup, batch, device, progress=progress)
+    profiles = {}
+    for name, (step, context) in steps.items() if profile else ():
+        with context():
+            profiles[name] = profile_step(step, warmup + iters, PROFILED_STEPS, device)
+        progress(f'{name}: profiled {PROFILED_STEPS} steps')
     del steps, model, optim
     return with_restarts(rates, regimes, lambda speed: training_step(speed)[2], warmup, batch,
-                         device, progress), flops
+                         device, progress), flops, profiles
 
 
 def measure_eval(cfg, case: Case, val_set, regimes: dict[str, Speed], *, iters: int, warmup: int,
@@ -579,4 +591,7 @@ def format_report(report: dict) -> str:
     lines += [f'  {name:<{width}} {_duration(seconds)} ({_duration(startup)} of it start-up: '
               f'compilation, cudnn\'s search)'
               for name, (seconds, startup) in report['projection'].items()]
+    for case in dict.fromkeys(row['case'] for row in report['train'] if row['profile']):
+        profiles = {row['regime']: row['profile'] for row in report['train'] if row['case'] == case}
+        lines += ['', *format_profiles(case, profiles)]
     return '\n'.join(lines)

@@ -342,7 +342,7 @@ def cmd_bench(args) -> None:
     from .bench import run_bench
     run_bench(config=args.config, size=args.size, data_root=args.data_root, batch=args.batch,
               iters=args.iters, warmup=args.warmup, workers=args.workers, compile=args.compile,
-              amp=args.amp)
+              amp=args.amp, profile=args.profile)
 
 
 def _patterns(text: str | None) -> list[str] | None:
@@ -602,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', metavar='DTYPES',
                    help="the fast path's autocast dtype, or several to compare side by side, "
                         "comma-separated: bfloat16, float16 (default: the config's; GPU only)")
+    p.add_argument('--profile', action='store_true',
+                   help="also profile each regime's training steps: their time by kind of work "
+                        "(convolutions, batch norm, ...) and the longest kernels")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser('table', help='methods side by side, from the results store')

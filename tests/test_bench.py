@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
-from cssbench import bench
+from cssbench import bench, profiling
 from cssbench.bench import project_protocol
 from cssbench.cli import main
 from cssbench.speed import REFERENCE_SPEED, Speed
@@ -251,3 +253,70 @@ def test_a_bad_or_cpu_amp_is_refused_in_one_line_before_any_measure(value, messa
     assert main(['bench', '--amp', value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f'cssbench: error: {message}')
+
+
+@pytest.mark.parametrize('name, kind', [
+    # kernels of an H100 profile (bf16 and float16 eager, bf16 compiled), and CPU operators
+    ('sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64', 'convolution, matmul'),
+    ('nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT', 'convolution, matmul'),
+    ('void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_256x64_32x4>', 'convolution, matmul'),
+    ('void at::native::batch_norm_collect_statistics_channels_last_kernel<at::native::Var, c10::BFloat16>', 'batch norm'),
+    ('void cudnn::batchnorm_fwtr_nhwc_semiPersist<__half, float, __half, 512, 16, 5, 4>', 'batch norm'),
+    ('triton_poi_fused__native_batch_norm_legit_functional_convolution_backward_native_batch_norm_backward_threshold_backward_7', 'batch norm'),
+    ('void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<4>, FusedSgdMathFunctor>', 'optimizer'),
+    ('void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>', 'elementwise, other'),
+    ('triton_poi_fused_add_threshold_backward_26', 'elementwise, other'),
+    ('aten::mkldnn_convolution', 'convolution, matmul'), ('aten::convolution_backward', 'convolution, matmul'),
+    ('aten::bmm', 'convolution, matmul'), ('aten::mm', 'convolution, matmul'),
+    ('aten::native_batch_norm_backward', 'batch norm'), ('aten::_fused_sgd_', 'optimizer'),
+    ('aten::clamp_min_', 'elementwise, other'), ('aten::_log_softmax', 'elementwise, other'),
+])
+def test_a_profile_sorts_kernels_and_operators_into_kinds_of_work(name, kind):
+    assert profiling.kind_of(name) == kind
+
+
+def test_a_profile_sums_the_kernels_by_kind_per_step_leaving_out_compiled_ranges():
+    def event(key, us, count, device='cuda'):
+        on_gpu = device == 'cuda'
+        return SimpleNamespace(key=key, count=count, self_device_time_total=us if on_gpu else 0,
+                               self_cpu_time_total=0 if on_gpu else us,
+                               device_type=DeviceType.CUDA if on_gpu else DeviceType.CPU)
+    events = [event('## Call CompiledFxGraph fghjy2uhj ##', 90_000, 3),   # spans kernels below
+              event('sm90_xmma_fprop_implicit_gemm_bf16', 30_000, 54),
+              event('triton_red_fused__native_batch_norm_legit_functional_24', 15_000, 30),
+              event('multi_tensor_apply_kernel<FusedSgdMathFunctor>', 600, 3),
+              event('vectorized_elementwise_kernel<CUDAFunctor_add>', 900, 69),
+              event('aten::convolution', 50_000, 54, device='cpu')]   # the host's side: not counted
+    p = profiling.summarize(events, steps=3, device='cuda', wall_s=0.0171)
+    assert p.busy == 'kernels' and p.wall_ms == pytest.approx(17.1)
+    assert p.by_kind == pytest.approx({'batch norm': 5.0, 'convolution, matmul': 10.0,
+                                       'optimizer': 0.2, 'elementwise, other': 0.3})
+    assert p.busy_ms == pytest.approx(15.5)
+    assert [(name[:12], round(ms, 6), calls) for name, ms, calls in p.top] == [
+        ('sm90_xmma_fp', 10.0, 18), ('triton_red_f', 5.0, 10), ('vectorized_e', 0.3, 23),
+        ('multi_tensor', 0.2, 1)]
+    # on the CPU: the operators' own time, aten's alone (not the Python ranges around them)
+    cpu = profiling.summarize([event('aten::mkldnn_convolution', 3_000, 6, 'cpu'),
+                               event('Optimizer.step#SGD.step', 9_000, 1, 'cpu'),
+                               event('aten::_fused_sgd_', 1_000, 1, 'cpu')],
+                              steps=1, device='cpu', wall_s=0.005)
+    assert (cpu.busy, cpu.busy_ms, cpu.by_kind['optimizer']) == ('operators', pytest.approx(4.0),
+                                                                pytest.approx(1.0))
+
+
+def test_bench_profile_reports_each_regimes_step_by_kind_of_work(one_thread, capsys):
+    assert main(['bench', '--config', 'small', '--size', '64', '--batch', '8', '--iters', '2',
+                 '--warmup', '1', '--profile']) == 0
+    out = capsys.readouterr().out
+    for case in ('fine-tuning, step 0', 'sdr, step 1 (+ teacher)'):
+        section = out.split(f'where a step of {case} spends its time (torch.profiler, ms per step):\n')[1]
+        lines = section.split('\n\n')[0].splitlines()
+        assert len(lines) == 2 * (1 + profiling.TOP), section
+        for regime, line in zip(('fp32 eager', 'fast path'), lines[::1 + profiling.TOP]):
+            found = re.fullmatch(rf'  {regime}: wall {NUMBER}, operators {NUMBER}: batch norm {NUMBER} '
+                                 rf'\(\d+ %\), convolution, matmul {NUMBER} \(\d+ %\), optimizer '
+                                 rf'{NUMBER} \(\d+ %\), elementwise, other {NUMBER} \(\d+ %\)', line)
+            assert found, line
+            wall, busy, *kinds = map(float, found.groups())
+            assert busy > 0 and sum(kinds) == pytest.approx(busy, abs=0.25)
+            assert kinds[1] > 0   # the convolutions
