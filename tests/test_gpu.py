@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_a_fast_path_run_scores_whole_images_of_two_sizes(synth32, config32, tmp
 def test_bench_compares_the_fast_path_in_bf16_and_float16_side_by_side(capsys):
     from cssbench.cli import main
     assert main(['bench', '--config', 'small', '--size', '64', '--batch', '8', '--iters', '2',
-                 '--warmup', '1', '--amp', 'bfloat16,float16']) == 0
+                 '--warmup', '1', '--amp', 'bfloat16,float16', '--profile']) == 0
     out = capsys.readouterr().out
     for case in ('fine-tuning, step 0', 'sdr, step 1 (+ teacher)', 'evaluation'):
         rows = [line.split()[len(case.split()):] for line in out.splitlines()
@@ -166,6 +167,12 @@ def test_bench_compares_the_fast_path_in_bf16_and_float16_side_by_side(capsys):
                 for row in rows] == ['fp32 eager', 'fast path (bf16)', 'fast path (fp16)'], out
     assert '  fast path (fp16): float16, channels_last, cudnn benchmark on, eager' in out
     assert 'bfloat16 matmul' in out   # the MFU against the first dtype's peak
+    # --profile: the GPU kernels' time, each regime's, by kind; the convolutions' counted
+    for regime in ('fp32 eager', 'fast path (bf16)', 'fast path (fp16)'):
+        found = re.findall(rf'^  {re.escape(regime)}: wall ([0-9.]+), kernels ([0-9.]+): batch norm '
+                           r'[0-9.]+ \(\d+ %\), convolution, matmul ([0-9.]+)', out, re.M)
+        assert len(found) == 2, out   # fine-tuning's step and SDR's
+        assert all(0 < float(conv) < float(kernels) for _, kernels, conv in found), found
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
