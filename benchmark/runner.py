@@ -604,7 +604,7 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     data is not read)."""
     check_stored_protocol_name(paths.store_root, protocol)
     digest = config_digest(cfg)
-    previous = _check_stored_run(paths, cfg, digest, deterministic, overwrite, resume,
+    previous = _check_stored_run(paths, cfg, digest, seed, deterministic, overwrite, resume,
                                  keep_complete)
     if previous is not None and previous.get('status') == 'complete':
         return None
@@ -627,10 +627,11 @@ def _check_run(protocol: Protocol, method: Method, cfg: Config, paths: RunPaths,
     return _CheckedRun(previous, identity, speed, index, splits)
 
 
-def _check_stored_run(paths: RunPaths, cfg: Config, digest: str, deterministic: bool,
+def _check_stored_run(paths: RunPaths, cfg: Config, digest: str, seed: int, deterministic: bool,
                       overwrite: bool, resume: bool, keep_complete: bool) -> dict | None:
     """Refuse a run folder that holds a run this one does not continue (another config than
-    ``cfg``, of ``digest``; ``--deterministic`` the other way, a complete run unless kept), or
+    ``cfg``, of ``digest``; another seed, as a --run-name given without --seeds names every
+    seed's run alike; ``--deterministic`` the other way, a complete run unless kept), or
     none with ``resume``; returns the stored record (None if none, or with ``overwrite``)."""
     run_file = paths.results / 'run.json'
     previous = read_json(run_file) if run_file.exists() and not overwrite else None
@@ -643,6 +644,10 @@ def _check_stored_run(paths: RunPaths, cfg: Config, digest: str, deterministic: 
             which = f' ({stored}, as it was then{differing})' if stored else ''
             raise UserError(f'{paths.results}: a run with another config{which} is stored '
                             f'there; give --run-name to keep both, or --overwrite to replace it')
+        if previous.get('seed', seed) != seed:
+            raise UserError(f'{paths.results}: a run of seed {previous["seed"]} is stored there, '
+                            f'not of seed {seed}; give another --run-name to keep both, or '
+                            f'--overwrite to replace it')
         if previous.get('deterministic', False) != deterministic:
             flag = 'with' if previous.get('deterministic') else 'without'
             raise UserError(f'{paths.results}: this run was started {flag} --deterministic; '

@@ -994,3 +994,33 @@ def test_a_protocol_file_taking_a_stored_protocols_name_is_refused(synth32, conf
     twin.write_text('name: mine-15-5\ndataset: synth\nmode: overlap\n'
                     'steps: ["0-15", "16-20"]\ndescription: a copy\n')
     assert len(run_protocol(str(twin), 'lwf', **kwargs)) == 2
+
+
+def test_a_run_name_given_for_another_seed_is_refused_not_taken_for_its_run(
+        synth32, config32, tmp_path, capsys):
+    """--run-name without --seeds names every seed's run alike: a second seed given the name
+    of a stored run is refused, naming both seeds. A single run was told 'this run is
+    complete' (its --overwrite would have replaced the other seed's run); a command of several
+    kept the other seed's run as this seed's, printed it and exited 0, training nothing."""
+    results = tmp_path / 'results'
+    run_protocol('synth-15-5-overlap', 'ft', config=str(config32), data_root=str(synth32),
+                 epochs=1, results_root=results, run_name='mine', log=lambda *a: None)
+    run_dir = results / 'synth-15-5-overlap' / 'ft' / 'mine'
+    stored = {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file() and p.name != '.lock'}
+    run = ['run', '--protocol', 'synth-15-5-overlap', '--config', str(config32), '--data-root',
+           str(synth32), '--epochs', '1', '--results', str(results), '--run-name', 'mine',
+           '--seed', '1']
+    refusal = (f'cssbench: error: {run_dir}: a run of seed 0 is stored there, not of seed 1; '
+               f'give another --run-name to keep both, or --overwrite to replace it')
+    assert main([*run, '--method', 'ft']) == 2
+    assert capsys.readouterr().err == refusal + '\n'
+    assert main([*run, '--method', 'ft,joint']) == 2   # before joint trains
+    assert capsys.readouterr().err.startswith(refusal + ' (with several runs, --overwrite would')
+    assert not (results / 'synth-15-5-overlap' / 'joint').exists()
+    assert {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file() and p.name != '.lock'} == stored
+    # stopped mid-way: refused alike, not continued with the other seed
+    stop_run_in_step(run_dir, run_dir / 'work', 1)
+    stored = {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file() and p.name != '.lock'}
+    assert main([*run, '--method', 'ft']) == 2
+    assert capsys.readouterr().err == refusal + '\n'
+    assert {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file() and p.name != '.lock'} == stored
