@@ -69,6 +69,9 @@ def resolve_speed(section: dict | None, source: str, *, compile: bool = False,
                   fp32: bool = False) -> dict:
     """The config's ``speed`` section over the defaults, then the run flags; as a dict (it
     goes back into the config). ``source`` names the config file in errors."""
+    if section is not None and not isinstance(section, dict):
+        raise UserError(f'{source}: speed must be a dict of speed settings, e.g. '
+                        f"speed = dict(amp='float16'), got {section!r}")
     section = dict(section or {})
     unknown = set(section) - set(asdict(SPEED_DEFAULTS))
     if unknown:
@@ -77,6 +80,9 @@ def resolve_speed(section: dict | None, source: str, *, compile: bool = False,
     if section.get('amp', 'bfloat16') not in AMP_DTYPES:
         raise UserError(f'{source}: speed.amp must be "bfloat16", "float16" or None, got '
                         f'{section["amp"]!r}')
+    for name, default in asdict(SPEED_DEFAULTS).items():   # a string 'False' would turn it on
+        if isinstance(default, bool) and not isinstance(section.get(name, default), bool):
+            raise UserError(f'{source}: speed.{name} must be True or False, got {section[name]!r}')
     if compile and fp32:
         raise UserError('--compile and --fp32 exclude each other (--fp32 is the eager reference regime)')
     speed = REFERENCE_SPEED if fp32 else replace(SPEED_DEFAULTS, **section)

@@ -413,6 +413,9 @@ def test_config_missing_what_a_run_needs(capsys, tmp_path):
      '(its sections: model, data, schedule, speed)'),
     ('Speed = dict(amp=None)', 'Speed is not a section of a config; did you mean speed? (its '
      'sections: model, data, schedule, speed)'),
+    # a string in the speed section's place stopped the command with a traceback
+    ("speed = 'fast'", "speed must be a dict of speed settings, e.g. speed = dict(amp='float16'), "
+     "got 'fast'"),
     ('schedule = dict(momentum=0.0)', 'schedule.nesterov needs a momentum > 0 (SGD refuses '
      'Nesterov without momentum); set nesterov=False for plain SGD'),
     # what run.json cannot hold: found as it was written, after --overwrite deleted the run

@@ -42,6 +42,12 @@ def test_defaults_config_section_and_run_flags():
     (dict(amp='float8'), {}, 'speed.amp must be "bfloat16", "float16" or None'),
     (dict(channel_last=True), {}, r"c.py: unknown speed setting\(s\) \['channel_last'\]"),
     (None, dict(compile=True, fp32=True), '--compile and --fp32 exclude each other'),
+    # taken as they were: a string 'False' turned cudnn's benchmark on
+    (dict(cudnn_benchmark='False'), {}, "c.py: speed.cudnn_benchmark must be True or False, got 'False'"),
+    (dict(channels_last=0), dict(fp32=True), 'c.py: speed.channels_last must be True or False, got 0'),
+    (dict(compile=1), {}, 'c.py: speed.compile must be True or False, got 1'),
+    ('fast', {}, r"c.py: speed must be a dict of speed settings, e.g. speed = dict\(amp='float16'\), "
+                 r"got 'fast'"),
 ])
 def test_bad_speed_settings_are_refused(section, flags, message):
     with pytest.raises(UserError, match=message):
