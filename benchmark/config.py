@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mmengine.config import Config
 
+from .datasets_info import DATASET_INFO
 from .digests import sections_digest, shared_sections_digest
 from .errors import UserError
 from .speed import resolve_speed
@@ -119,7 +120,8 @@ def _check_config_value(path: Path, name: str, value, rule: str) -> None:
 def check_config_sections(cfg: Config, path: Path) -> None:
     """Refuse a config that lacks a setting a run needs (naming every missing one), holds a
     top-level dict whose name misspells a section's (``misspelt_section``), sets one
-    in its data or schedule section that no run reads (``SECTION_SETTINGS``: a typo), holds
+    in its data or schedule section that no run reads (``SECTION_SETTINGS``: a typo; epochs
+    for a dataset cssbench does not know), holds
     one a run cannot train with (``CONFIG_VALUES``; Nesterov without momentum), holds a value
     that run.json cannot (``_check_storable``), names a model type but the base segmentor's
     (a method's class, which --method chooses), or whose pretrained backbone checkpoint is
@@ -146,9 +148,15 @@ def check_config_sections(cfg: Config, path: Path) -> None:
     lr = cfg.schedule.lr
     if not (isinstance(lr, (list, tuple)) and len(lr) == 2):
         raise UserError(f'{path}: schedule.lr must be (step 0 lr, later steps lr), got {lr!r}')
-    if not isinstance(cfg.schedule.get('epochs_by_dataset') or {}, dict):
+    by_dataset = cfg.schedule.get('epochs_by_dataset') or {}
+    if not isinstance(by_dataset, dict):
         raise UserError(f'{path}: schedule.epochs_by_dataset must map datasets to epochs, got '
-                        f'{cfg.schedule.epochs_by_dataset!r}')
+                        f'{by_dataset!r}')
+    unknown = [name for name in by_dataset if name not in DATASET_INFO]   # a typo no run reads
+    if unknown:
+        raise UserError(f'{path}: schedule.epochs_by_dataset: {", ".join(map(repr, unknown))} '
+                        f'{"is not a dataset" if len(unknown) == 1 else "are not datasets"} '
+                        f'(the datasets: {", ".join(sorted(DATASET_INFO))})')
     for name, rule, value in _config_values(cfg):
         _check_config_value(path, name, value, rule)
     if cfg.schedule.nesterov and cfg.schedule.momentum == 0:

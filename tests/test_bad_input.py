@@ -511,6 +511,23 @@ def test_epochs_are_checked_as_resolved_for_the_dataset(tmp_path):
         load_config(str(config), dataset='ade')
 
 
+def test_epochs_for_a_dataset_cssbench_does_not_know_are_refused(tmp_path):
+    """A misspelt dataset (``synht``) was read by no run: the schedule's epochs trained
+    unnoticed, as a misspelt setting's base value would."""
+    from cssbench.config import load_config
+    from cssbench.errors import UserError
+    config = tmp_path / 'by_dataset.py'
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "schedule = dict(epochs_by_dataset=dict(synht=2, voc=3, VOC=4))\n")
+    with pytest.raises(UserError) as refused:
+        load_config(str(config), 5, dataset='synth')   # --epochs too: the file is wrong all the same
+    assert str(refused.value) == (f"{config}: schedule.epochs_by_dataset: 'synht', 'VOC' are not "
+                                  'datasets (the datasets: ade, synth, voc)')
+    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+                      "schedule = dict(epochs_by_dataset=dict(synth=2, ade=3))\n")
+    assert load_config(str(config), dataset='synth').schedule.epochs == 2
+
+
 def test_config_setting_what_a_method_does_not_take(capsys, tmp_path, tiny_run):
     config = tmp_path / 'kd50.py'
     config.write_text(f"_base_ = ['{tiny_run['config']}']\nmodel = dict(loss_kd=50.0)\n")
