@@ -43,12 +43,13 @@ def results_option(root: str | Path) -> str:
     return '' if Path(root) == Path(DEFAULT_RESULTS) else f' --results {shlex.quote(str(root))}'
 
 
-PLAIN_NAME = 'a plain name (letters, digits, and . _ + - after the first)'
+PLAIN_NAME = 'a plain name (letters, digits, and . _ + - after the first; 255 at most)'
 
 
 def is_plain_name(text: str) -> bool:
-    """Whether ``text`` is ``PLAIN_NAME``, as a folder of the store (a protocol, a run) is."""
-    return re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]*', text) is not None
+    """Whether ``text`` is ``PLAIN_NAME``, as a folder of the store (a protocol, a run) is: a
+    longer name fails as the folder is made (File name too long), naming no option."""
+    return re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._+-]{0,254}', text) is not None
 
 
 @dataclass(frozen=True)

@@ -331,18 +331,25 @@ def test_a_process_whose_partner_stopped_says_so_in_one_line(capsys, monkeypatch
 
 def test_a_run_name_that_is_not_a_plain_folder_name(capsys, tmp_path):
     results = tmp_path / 'results'
-    for name in ('../../escape', 'a/b', '.', ' ', '_x'):
+    for name in ('../../escape', 'a/b', '.', ' ', '_x', '', 'é', 'x' * 256):
         assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--run-name', name,
                      '--results', str(results)) == (
             f"cssbench: error: run name {name!r} is not a plain name (letters, digits, and "
-            f". _ + - after the first): it names a folder of the results store")
+            f". _ + - after the first; 255 at most): it names a folder of the results store")
     config = tmp_path / 'my small.py'
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n")
     assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(config),
                  '--results', str(results)) == (
         f"cssbench: error: the config {config} names runs 'my small-seed0' by default, not a "
-        f"plain name (letters, digits, and . _ + - after the first); give --run-name")
+        f"plain name (letters, digits, and . _ + - after the first; 255 at most); give --run-name")
     assert not results.exists()   # results/<protocol>/<method>/../../escape is inside it
+    # with --seeds, the name of each seed's run: 'x' * 250 + '-seed0' is 256 long (it failed as
+    # the folder was made, in a line naming no option: [Errno 36] File name too long: '<path>')
+    assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--run-name', 'x' * 250,
+                 '--seeds', '0,1', '--results', str(results)) == (
+        f"cssbench: error: run name '{'x' * 250}-seed0' is not a plain name (letters, digits, "
+        f"and . _ + - after the first; 255 at most): it names a folder of the results store")
+    assert not results.exists()
 
 
 def test_config_naming_an_unknown_model_part(capsys, tmp_path, tiny_run):
