@@ -18,7 +18,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 KINDS = (  # (kind, what names it), the first that matches
-    ('batch norm', re.compile(r'batch_?norm|batchnorm|welford', re.IGNORECASE)),
+    ('batch norm', re.compile(r'batch_?norm|bn_fw|bn_bw|welford', re.IGNORECASE)),
     ('convolution, matmul', re.compile(
         r'conv|gemm|xmma|cutlass|nvjet|implicit|wgrad|dgrad|fprop|\bmm\b|aten::(?:bmm|mm|addmm)$')),
     ('optimizer', re.compile(r'multi_tensor|fused_sgd|_foreach')),

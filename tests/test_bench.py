@@ -262,6 +262,8 @@ def test_a_bad_or_cpu_amp_is_refused_in_one_line_before_any_measure(value, messa
     ('void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_256x64_32x4>', 'convolution, matmul'),
     ('void at::native::batch_norm_collect_statistics_channels_last_kernel<at::native::Var, c10::BFloat16>', 'batch norm'),
     ('void cudnn::batchnorm_fwtr_nhwc_semiPersist<__half, float, __half, 512, 16, 5, 4>', 'batch norm'),
+    ('void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, 512, true, 1>', 'batch norm'),   # fp32's
+    ('void cudnn::bn_bw_1C11_kernel_new<float, float, float2, 512, true, 1>', 'batch norm'),
     ('triton_poi_fused__native_batch_norm_legit_functional_convolution_backward_native_batch_norm_backward_threshold_backward_7', 'batch norm'),
     ('void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<4>, FusedSgdMathFunctor>', 'optimizer'),
     ('void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>', 'elementwise, other'),
