@@ -127,7 +127,7 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     root = data_root or bench_dataset(size, batch, cfg.data.eval_batch_size)
     cases, val_set = bench_datasets(cfg, root, batch)
     peak, peak_label = matmul_peak(device, peak_dtype(device, amps[0]))
-    progress(f'peak {peak / 1e12:.1f} TFLOP/s ({peak_label})')
+    progress(f'peak {_figures(peak / 1e12, 1)} TFLOP/s ({peak_label})')
     report = dict(device=device_name, software=_software(), config=cfg.filename, size=size,
                   batch=batch, iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
                   regimes=regimes, tf32=on_gpu and torch.backends.cudnn.allow_tf32,
@@ -189,7 +189,7 @@ def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, pro
                         f'try --batch {max(1, batch // 2)}') from None
     finally:
         _release_memory(device)  # the models went with _time_training's frame
-    progress(f'training, {case.label}: {_rates(rates)}; {flops / 1e9:.1f} GFLOP/img')
+    progress(f'training, {case.label}: {_rates(rates)}; {_figures(flops / 1e9, 1)} GFLOP/img')
     return [dict(case=case.label, step=case.step, regime=name, img_s=rate.img_s,
                  startup_s=rate.startup_s, restart_s=rate.restart_s, flops_per_img=flops,
                  profile=profiles.get(name))
@@ -494,7 +494,16 @@ def _peak_memory(device: str) -> str:
 
 
 def _rates(rates: dict[str, Rate]) -> str:
-    return ', '.join(f'{name} {rate.img_s:.1f} img/s' for name, rate in rates.items())
+    return ', '.join(f'{name} {_figures(rate.img_s, 1)} img/s' for name, rate in rates.items())
+
+
+def _figures(value: float, decimals: int) -> str:
+    """``value`` with ``decimals`` decimals, or with more where it is small: at least three
+    significant digits (a CPU's TFLOP/s, GFLOP/img and peak, which one decimal would print as
+    0.0), so that the report's arithmetic can be checked from its printed numbers."""
+    if value and math.isfinite(value):
+        decimals = max(decimals, 2 - math.floor(math.log10(abs(value))))
+    return f'{value:.{decimals}f}'
 
 
 def _prefixed(progress, prefix: str, line: str) -> None:
@@ -565,7 +574,7 @@ def format_report(report: dict) -> str:
              f'batch {report["batch"]}, {report["iters"]} timed iterations after '
              f'{report["warmup"]} warm-up, in {min(ROUNDS, report["iters"])} rounds taking '
              f'turns (median)',
-             f'device: {report["device"]} ({report["software"]}); peak {peak / 1e12:.1f} TFLOP/s '
+             f'device: {report["device"]} ({report["software"]}); peak {_figures(peak / 1e12, 1)} TFLOP/s '
              f'({report["peak_label"]}; the MFU of every regime is against it)']
     lines += [f'  {name}: {describe(speed, report["tf32"])}'
               for name, speed in report['regimes'].items()]
@@ -574,12 +583,12 @@ def format_report(report: dict) -> str:
                   f'{"GFLOP/img":>10} {"TFLOP/s":>9} {"MFU":>7}']
     for row in report['train']:
         achieved = row['flops_per_img'] * row['img_s']
-        lines.append(f'{row["case"]:<26} {row["regime"]:<{width}} {row["img_s"]:>9.1f} '
+        lines.append(f'{row["case"]:<26} {row["regime"]:<{width}} {_figures(row["img_s"], 1):>9} '
                      f'{row["img_s"] / reference[row["case"]]:>7.2f}x '
-                     f'{row["flops_per_img"] / 1e9:>10.1f} {achieved / 1e12:>9.2f} '
+                     f'{_figures(row["flops_per_img"] / 1e9, 1):>10} {_figures(achieved / 1e12, 2):>9} '
                      f'{100 * achieved / peak:>6.1f}%')
     for name, rate in report['eval'].items():
-        lines.append(f'{"evaluation":<26} {name:<{width}} {rate.img_s:>9.1f} '
+        lines.append(f'{"evaluation":<26} {name:<{width}} {_figures(rate.img_s, 1):>9} '
                      f'{rate.img_s / report["eval"]["fp32 eager"].img_s:>7.2f}x')
     loader = report['loader']
     lines += ['', f'data loader: {loader["per_process"]:.1f} img/s decode + augment in one process; '

@@ -322,3 +322,33 @@ def test_bench_profile_reports_each_regimes_step_by_kind_of_work(one_thread, cap
             wall, busy, *kinds = map(float, found.groups())
             assert busy > 0 and sum(kinds) == pytest.approx(busy, abs=0.25)
             assert kinds[1] > 0   # the convolutions
+
+
+def test_a_cpus_small_numbers_are_printed_to_three_significant_digits(capsys):
+    """On CPU the peak is a few hundredths of a TFLOP/s and a step a fraction of a GFLOP per
+    image: one or two decimals printed them as 0.0 and 0.4, so that neither the TFLOP/s
+    (GFLOP/img x img/s) nor the MFU (TFLOP/s / peak) could be checked from the report."""
+    rate = bench.Rate(img_s=0.613, startup_s=0.0, restart_s=0.0)
+    regimes = bench.bench_regimes(Speed(), 'cpu', compile=False)
+    report = dict(config='small.py', size=64, batch=8, iters=5, warmup=2, device='cpu',
+                  software='torch', peak_flops=1.234e11, peak_label='float32 matmul', tf32=False,
+                  regimes=regimes, eval={name: rate for name in regimes},
+                  train=[dict(case='fine-tuning, step 0', step=0, regime=name, img_s=img_s,
+                              startup_s=0.0, restart_s=0.0, flops_per_img=4.33e8)
+                         for name, img_s in zip(regimes, [208.3, 52.07])],
+                  loader=dict(per_process=100.0, workers=1, with_workers=900.0),
+                  projection={name: (3600.0, 60.0) for name in regimes})
+    lines = bench.format_report(report).splitlines()
+    assert 'peak 0.123 TFLOP/s (float32 matmul;' in lines[1]
+    # 0.433 GFLOP/img x 208.3 img/s = 0.0902 TFLOP/s, 73.1 % of 0.1234
+    assert ('fine-tuning, step 0        fp32 eager       208.3    1.00x      0.433    0.0902   73.1%'
+            in lines)
+    # 52.07 img/s: 0.0225 TFLOP/s
+    assert ('fine-tuning, step 0        fast path         52.1    0.25x      0.433    0.0225   18.3%'
+            in lines)
+    assert 'evaluation                 fast path        0.613    1.00x' in lines
+    # on stderr, as each is measured, the same figures
+    assert bench._rates({'fp32 eager': rate}) == 'fp32 eager 0.613 img/s'
+    # a GPU's numbers keep their decimals
+    assert [bench._figures(v, d) for v, d in [(402.51, 1), (77.291, 2), (749.04, 1), (0.0, 2)]] == [
+        '402.5', '77.29', '749.0', '0.00']
