@@ -697,7 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if _is_other_process():   # torchrun interrupts every process; rank 0 says it
             return 130
-        if getattr(args, 'overwrite', False):
+        if args.command == 'bench':   # it keeps nothing to resume: a rerun measures anew
+            rerun = 'the measures taken so far are above'
+        elif getattr(args, 'overwrite', False):
             rerun = ('rerun it to start over, or without --overwrite to continue where it stopped '
                      '(a complete run it had not yet replaced stays as it was)')
         else:

@@ -352,3 +352,19 @@ def test_a_cpus_small_numbers_are_printed_to_three_significant_digits(capsys):
     # a GPU's numbers keep their decimals
     assert [bench._figures(v, d) for v, d in [(402.51, 1), (77.291, 2), (749.04, 1), (0.0, 2)]] == [
         '402.5', '77.29', '749.0', '0.00']
+
+
+def test_an_interrupted_bench_exits_130_without_advising_to_resume(monkeypatch, capsys):
+    """A Ctrl-C during the measures said 'rerun the same command to resume', as `run` says;
+    a bench keeps nothing to resume: a rerun measures everything again."""
+    def interrupted(**kwargs):
+        bench._to_stderr('training, fine-tuning, step 0: fp32 eager 208.3 img/s')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, 'run_bench', interrupted)
+    assert main(['bench', '--iters', '1']) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    assert captured.err.splitlines() == [
+        'cssbench bench: training, fine-tuning, step 0: fp32 eager 208.3 img/s',
+        'cssbench: interrupted; the measures taken so far are above']
