@@ -54,9 +54,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import load_config
 from .datasets import IncrementalSegDataset, eval_lut, is_synthetic, train_lut
 from .engine import loader_settings, sgd_config, shut_down_loader_workers
-from .errors import UserError, comma_list
+from .errors import UserError, comma_list, refuse_unwritable_folder
 from .hooks import EpochKeyedSampler
-from .io import cache_dir
+from .io import cache_dir, cache_root
 from .methods import get_method
 from .profiling import StepProfile, format_profiles, profile_step
 from .protocols import load_protocol
@@ -64,7 +64,7 @@ from .runner import attach_previous_step, build_model
 from .speed import (AMP_DTYPES, REFERENCE_SPEED, Speed, autocast, optim_wrapper_config,
                     prepare_model, training_device)
 from .splits import index_dataset, protocol_splits, select
-from .synth import make_synth
+from .synth import make_synth, writes_into
 from .transforms import EvalTransform, TrainTransform
 
 EPOCHS_PER_STEP = 30  # the papers' VOC schedule
@@ -271,6 +271,8 @@ def bench_dataset(size: int, batch: int, eval_batch: int) -> str:
     enough images for every timed loop."""
     n_train, n_val = 40 * batch, 4 * eval_batch
     out = cache_dir('bench') / f'synth-{size}px-{n_train}-{n_val}'
+    if writes_into(out):   # to generate: a shared read-only cache holds other sizes only
+        refuse_unwritable_folder('$CSSBENCH_CACHE', cache_root(), out)
     return str(make_synth(out, n_train=n_train, n_val=n_val, size=size, seed=0,
                           workers=os.cpu_count() or 1))
 

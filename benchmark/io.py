@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import refuse_unwritable_folder
+
 T = TypeVar('T')
 
 
@@ -46,9 +48,15 @@ def cache_root() -> Path:
 
 
 def cache_dir(*parts: str) -> Path:
-    """The cache folder joined with ``parts``, created."""
-    path = cache_root().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    """The cache folder joined with ``parts``, created; one that cannot be (``$CSSBENCH_CACHE``
+    a file, or a read-only folder without it) is refused in one line naming the variable."""
+    root = cache_root()
+    path = root.joinpath(*parts)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        refuse_unwritable_folder('$CSSBENCH_CACHE', root, path)   # says which folder, and why
+        raise
     return path
 
 

@@ -15,6 +15,7 @@ from cssbench import bench, profiling
 from cssbench.bench import project_protocol
 from cssbench.cli import main
 from cssbench.speed import REFERENCE_SPEED, Speed
+from conftest import mount_read_only
 
 NUMBER = r'([0-9.]+)'
 
@@ -368,3 +369,38 @@ def test_an_interrupted_bench_exits_130_without_advising_to_resume(monkeypatch, 
     assert captured.err.splitlines() == [
         'cssbench bench: training, fine-tuning, step 0: fp32 eager 208.3 img/s',
         'cssbench: interrupted; the measures taken so far are above']
+
+
+@pytest.mark.parametrize('layout', ['file', 'under a file', 'read-only', 'read-only, other sizes'])
+def test_a_cache_that_cannot_hold_the_dataset_is_refused_naming_cssbench_cache(layout, tmp_path,
+                                                                               monkeypatch, capsys):
+    """$CSSBENCH_CACHE a file, or a read-only folder, gave a bare OSError line naming no
+    variable ('[Errno 20] Not a directory: .../bench'); a read-only cache that holds the
+    dataset already is read as it is (generating nothing)."""
+    cache = tmp_path / 'cache'
+    if layout == 'file':
+        cache.write_text('not a folder')
+    elif layout == 'under a file':
+        (tmp_path / 'file').write_text('not a folder')
+        cache = tmp_path / 'file' / 'cache'
+    elif layout == 'read-only':
+        cache.mkdir()
+    else:   # a shared cache holding the dataset of another size
+        (cache / 'bench' / 'synth-64px-640-256').mkdir(parents=True)
+    monkeypatch.setenv('CSSBENCH_CACHE', str(cache))
+    if layout.startswith('read-only'):
+        mount_read_only(monkeypatch, cache)
+    monkeypatch.setattr(bench, 'make_synth', lambda *a, **k: pytest.fail('generating'))
+    assert main(['bench', '--size', '64', '--batch', '8']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == {
+        'file': f'cssbench: error: $CSSBENCH_CACHE {cache}: {cache} is not a folder',
+        'under a file': f'cssbench: error: $CSSBENCH_CACHE {cache}: {tmp_path / "file"} is not a folder',
+        'read-only': f'cssbench: error: $CSSBENCH_CACHE {cache}: cannot write in {cache} '
+                     '(Read-only file system)',
+        'read-only, other sizes': f'cssbench: error: $CSSBENCH_CACHE {cache}: cannot write in '
+                                  f'{cache / "bench"} (Read-only file system)'}[layout]
+    assert len(err) == 2   # after the bench's first line, naming the device and the settings
+    if layout.startswith('read-only'):   # nothing written there
+        assert sorted(p.name for p in cache.rglob('*')) == (
+            [] if layout == 'read-only' else ['bench', 'synth-64px-640-256'])
