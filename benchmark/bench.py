@@ -297,8 +297,9 @@ def bench_datasets(cfg, root: str, batch: int) -> tuple[list[Case], IncrementalS
     val = IncrementalSegDataset(select(index.samples['val'], splits[0]['val']),
                                 eval_lut(protocol, 0), EvalTransform(crop))
     if len(val) < cfg.data.eval_batch_size:
-        raise UserError(f'{root}: {len(val)} evaluation images, fewer than a batch of '
-                        f'{cfg.data.eval_batch_size}')
+        raise UserError(f'{root}: {len(val)} evaluation images at step 0 of {protocol.name}, '
+                        f'fewer than a batch of {cfg.data.eval_batch_size} (the config\'s '
+                        f'data.eval_batch_size; --batch sets the training batch)')
     return [Case('fine-tuning, step 0', 'ft', 0, train_set(0)),
             Case('sdr, step 1 (+ teacher)', 'sdr', 1, train_set(1))], val
 

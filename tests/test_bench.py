@@ -15,6 +15,7 @@ from cssbench import bench, profiling
 from cssbench.bench import project_protocol
 from cssbench.cli import main
 from cssbench.speed import REFERENCE_SPEED, Speed
+from cssbench.synth import make_synth
 from conftest import mount_read_only
 
 NUMBER = r'([0-9.]+)'
@@ -404,3 +405,16 @@ def test_a_cache_that_cannot_hold_the_dataset_is_refused_naming_cssbench_cache(l
     if layout.startswith('read-only'):   # nothing written there
         assert sorted(p.name for p in cache.rglob('*')) == (
             [] if layout == 'read-only' else ['bench', 'synth-64px-640-256'])
+
+
+def test_too_few_evaluation_images_are_refused_naming_the_setting_that_sets_their_batch(
+        tmp_path, capsys):
+    """Evaluation takes batches of the config's data.eval_batch_size, which no option sets: a
+    dataset of 5 step-0 val images, benched with --batch 4, was refused as 'fewer than a
+    batch of 64', a batch the user never gave."""
+    make_synth(tmp_path / 'synth', n_train=40, n_val=8, size=64, seed=0, progress=False)
+    assert main(['bench', '--batch', '4', '--data-root', str(tmp_path / 'synth')]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'cssbench: error: {tmp_path / "synth"}: 5 evaluation images at step 0 of '
+        "synth-15-1-overlap, fewer than a batch of 64 (the config's data.eval_batch_size; "
+        '--batch sets the training batch)')
