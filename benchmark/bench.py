@@ -112,7 +112,11 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     device = training_device()
     on_gpu = device == 'cuda'
     cfg = load_config(config or ('deeplabv3-r101' if on_gpu else 'small'))
-    size = (512 if on_gpu else 64) if size is None else size
+    if data_root is not None and size is not None:
+        raise UserError('--size sets the side of the synthetic images; --data-root\'s images are '
+                        'read as they are (give one of the two)')
+    if data_root is None:
+        size = (512 if on_gpu else 64) if size is None else size
     batch = cfg.data.batch_size if batch is None else batch
     _check_flags(size=size, batch=batch, iters=iters, warmup=warmup, workers=workers)
     fast = Speed(**cfg.speed)
@@ -123,12 +127,14 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     loops = dict(iters=iters, warmup=warmup, device=device, progress=progress)
 
     device_name = _device_name()
-    progress(f'{device_name}; {os.path.basename(cfg.filename)}, batch {batch}, {size} px')
+    progress(f'{device_name}; {os.path.basename(cfg.filename)}, batch {batch}, '
+             f'{_images(size, data_root)}')
     root = data_root or bench_dataset(size, batch, cfg.data.eval_batch_size)
     cases, val_set = bench_datasets(cfg, root, batch)
     peak, peak_label = matmul_peak(device, peak_dtype(device, amps[0]))
     progress(f'peak {_figures(peak / 1e12, 1)} TFLOP/s ({peak_label})')
     report = dict(device=device_name, software=_software(), config=cfg.filename, size=size,
+                  data_root=data_root,
                   batch=batch, iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
                   regimes=regimes, tf32=on_gpu and torch.backends.cudnn.allow_tf32,
                   train=[row for case in cases
@@ -509,6 +515,11 @@ def _figures(value: float, decimals: int) -> str:
     return f'{value:.{decimals}f}'
 
 
+def _images(size: int | None, data_root: str | None) -> str:
+    """What the bench reads: the synthetic images of ``size`` px, or ``data_root``'s."""
+    return f'images of {data_root}' if data_root else f'{size} px images'
+
+
 def _prefixed(progress, prefix: str, line: str) -> None:
     progress(f'{prefix}, {line}')
 
@@ -573,7 +584,8 @@ def describe(speed: Speed, tf32: bool = False) -> str:
 def format_report(report: dict) -> str:
     peak = report['peak_flops']
     reference = {row['case']: row['img_s'] for row in report['train'] if row['regime'] == 'fp32 eager'}
-    lines = [f'cssbench bench: {os.path.basename(report["config"])}, {report["size"]} px images, '
+    lines = [f'cssbench bench: {os.path.basename(report["config"])}, '
+             f'{_images(report["size"], report.get("data_root"))}, '
              f'batch {report["batch"]}, {report["iters"]} timed iterations after '
              f'{report["warmup"]} warm-up, in {min(ROUNDS, report["iters"])} rounds taking '
              f'turns (median)',

@@ -589,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      'path, and the projected time of voc-15-1-overlap')
     p.add_argument('--config', help='default: deeplabv3-r101 on GPU, small on CPU')
     p.add_argument('--size', type=int,
-                   help='side of the synthetic images (default: 512 on GPU, 64 on CPU)')
+                   help='side of the synthetic images (default: 512 on GPU, 64 on CPU; not with '
+                        '--data-root)')
     p.add_argument('--data-root', help='a VOC-layout dataset to read instead of the synthetic one')
     p.add_argument('--batch', type=int, help="training batch (default: the config's)")
     p.add_argument('--iters', type=int, default=20,

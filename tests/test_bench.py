@@ -14,6 +14,7 @@ from torch.autograd import DeviceType
 from cssbench import bench, profiling
 from cssbench.bench import project_protocol
 from cssbench.cli import main
+from cssbench.errors import UserError
 from cssbench.speed import REFERENCE_SPEED, Speed
 from cssbench.synth import make_synth
 from conftest import mount_read_only
@@ -418,3 +419,34 @@ def test_too_few_evaluation_images_are_refused_naming_the_setting_that_sets_thei
         f'cssbench: error: {tmp_path / "synth"}: 5 evaluation images at step 0 of '
         "synth-15-1-overlap, fewer than a batch of 64 (the config's data.eval_batch_size; "
         '--batch sets the training batch)')
+
+
+def test_size_is_refused_with_a_data_root_whose_images_the_report_names(tmp_path, capsys,
+                                                                       monkeypatch):
+    """--size sets the synthetic images' side: with --data-root it was ignored, and the
+    report's first line still said '512 px images' (64 on CPU, without --size too)."""
+    assert main(['bench', '--size', '512', '--data-root', str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "cssbench: error: --size sets the side of the synthetic images; --data-root's images "
+        'are read as they are (give one of the two)']
+    report = dict(config='small.py', size=None, data_root='/data/voc', batch=8, iters=5,
+                  warmup=2, device='cpu', software='torch', peak_flops=1e11,
+                  peak_label='float32 matmul', tf32=False, regimes={'fp32 eager': REFERENCE_SPEED},
+                  eval={}, train=[], loader=dict(per_process=1.0, workers=1, with_workers=1.0),
+                  projection={})
+    assert bench.format_report(report).splitlines()[0] == (
+        'cssbench bench: small.py, images of /data/voc, batch 8, 5 timed iterations after 2 '
+        'warm-up, in 4 rounds taking turns (median)')
+    # the synthetic images: their side, as before; and on stderr as the bench starts
+    assert bench.format_report(dict(report, size=64, data_root=None)).splitlines()[0].startswith(
+        'cssbench bench: small.py, 64 px images, batch 8, ')
+    lines = []
+
+    def stop(*args):
+        raise UserError('stop')
+
+    monkeypatch.setattr(bench, 'bench_datasets', stop)
+    with pytest.raises(UserError, match='stop'):
+        bench.run_bench(config='small', data_root='/data/voc', batch=8, progress=lines.append)
+    assert lines == [f'cpu, torch threads: {torch.get_num_threads()}; small.py, batch 8, '
+                     'images of /data/voc']
