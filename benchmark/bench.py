@@ -615,7 +615,7 @@ def format_report(report: dict) -> str:
     lines += [f'  {name:<{width}} {_duration(seconds)} ({_duration(startup)} of it start-up: '
               f'compilation, cudnn\'s search)'
               for name, (seconds, startup) in report['projection'].items()]
-    for case in dict.fromkeys(row['case'] for row in report['train'] if row['profile']):
+    for case in dict.fromkeys(row['case'] for row in report['train'] if row.get('profile')):
         profiles = {row['regime']: row['profile'] for row in report['train'] if row['case'] == case}
         lines += ['', *format_profiles(case, profiles)]
     return '\n'.join(lines)
