@@ -186,7 +186,8 @@ def runs_of_protocol(store: Store, protocol: str, runs, config) -> list[RowRuns]
     chosen = chosen_by(runs, config)
     advice = configs_of_runs(store, [protocol], runs, config) or _how_to_store_one(store, protocol,
                                                                                    config)
-    advice += store.skipped_note(protocol)   # e.g. a run still training, which its command finishes
+    # e.g. a run still training, which rerunning its command finishes
+    advice += store.skipped_note(protocol)
     raise UserError(f'{store.root}: no complete run{chosen} stored for protocol {protocol!r}; {advice}')
 
 
