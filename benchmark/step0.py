@@ -46,10 +46,15 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
 def _as_step0_reads_it(cfg: Config, unused_settings: Collection[str]) -> dict:
     """The config's sections without what step 0 never reads: the later steps' learning rate
     and the method's ``unused_settings`` (a config setting LwF's ``loss_kd`` shares
-    fine-tuning's step 0). A config setting none of them is the same config."""
+    fine-tuning's step 0). A config setting none of them is the same config. The backbone's
+    pretrained checkpoint counts by its bytes, not its path: one replaced in place is another
+    step 0, one moved or copied elsewhere the same."""
     sections = cfg.to_dict()
     sections['schedule']['lr'] = sections['schedule']['lr'][:1]
     sections['model'] = {k: v for k, v in sections['model'].items() if k not in unused_settings}
+    backbone = sections['model'].get('backbone')
+    if isinstance(backbone, dict) and backbone.get('pretrained'):
+        backbone['pretrained'] = 'sha256:' + file_sha256(Path(backbone['pretrained']).expanduser())
     return sections
 
 

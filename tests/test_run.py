@@ -924,6 +924,30 @@ def test_the_step0_cache_pairs_ious_only_with_the_weights_they_scored(tmp_path, 
                             f'device); the run goes on']
 
 
+def test_the_step0_cache_key_counts_the_pretrained_checkpoint_by_its_bytes(tmp_path):
+    """A backbone checkpoint replaced at the same path is another step 0 (its key named only
+    the path: the model trained from the old weights was reused); one moved is the same."""
+    protocol, ft = load_protocol('voc-15-1-overlap'), get_method('ft')
+    speed = dict(amp='float32', world_size=1, sync_bn=False)
+    checkpoint, moved = tmp_path / 'resnet101.pth', tmp_path / 'moved' / 'r101.pth'
+
+    def key(pretrained: Path | None) -> str:
+        cfg = load_config('deeplabv3-r101', dataset='voc')
+        cfg.model.backbone.pretrained = None if pretrained is None else str(pretrained)
+        key = step0.cache_key(protocol, ft.step0_kind, cfg, (), 0, False, 'data', speed)
+        assert cfg.model.backbone.pretrained == (None if pretrained is None else str(pretrained))
+        return key
+
+    torch.save({'conv1.weight': torch.zeros(1)}, checkpoint)
+    first = key(checkpoint)
+    moved.parent.mkdir()
+    shutil.copyfile(checkpoint, moved)
+    assert key(moved) == first                      # the same weights elsewhere
+    torch.save({'conv1.weight': torch.ones(1)}, checkpoint)
+    assert key(checkpoint) != first                 # other weights at the same path
+    assert len({key(None), first, key(checkpoint)}) == 3
+
+
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
     from cssbench.config import load_config
     assert load_config('deeplabv3-r101', dataset='ade').schedule.epochs == 60   # the papers' ADE20K
