@@ -142,7 +142,7 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
         # the smoothing pattern); the timings are smoothed over the logging interval.
         log_processor=dict(window_size=log_interval, mean_pattern=r'.*(time|data_time|grad_norm).*'),
         custom_hooks=[dict(type='cssbench.EpochSeedHook', seed=step_seed),
-                      dict(type='cssbench.StepClockHook'), dict(type='cssbench.InterruptHook')],
+                      dict(type='cssbench.StepClockHook', amp=speed.amp or 'float32'), dict(type='cssbench.InterruptHook')],
         env_cfg=dict(cudnn_benchmark=speed.cudnn_benchmark),
         launcher='pytorch' if processes > 1 else 'none',
         randomness=dict(seed=step_seed, deterministic=deterministic),

@@ -216,30 +216,46 @@ def processes_training(work_dir: str | Path) -> int | None:
     return read_json_or_none(Path(work_dir) / CLOCK_FILE, lambda clock: int(clock['processes']))
 
 
+def autocasts_training(work_dir: str | Path) -> list[str] | None:
+    """The autocast dtypes (``float32``: none) of every session that trained the step, as
+    ``StepClockHook`` left them in the step's work dir; None if unknown. A session may change
+    them (the speed section is not the config's digest), so a step stopped mid-way may have
+    trained under two."""
+    return read_json_or_none(Path(work_dir) / CLOCK_FILE,
+                             lambda clock: [str(amp) for amp in clock['amps']])
+
+
 @HOOKS.register_module()
 class StepClockHook(Hook):
     """Keeps a step's training time over every session in its work dir, and the number of
     processes training it: written as training starts, and at each epoch's end (after the
     epoch's checkpoint). A resumed step's wall time then counts the sessions before the one
     that finishes it. A step resumed after its last epoch trains nothing: its clock stays
-    as it was, naming the processes that trained it."""
+    as it was, naming the processes that trained it. It also names the autocast dtype
+    ``amp`` (``float32``: none) of every session that trained the step's epochs
+    (``autocasts_training``): those a resumed step's checkpoints carry, and this session's."""
 
     priority = 'LOWEST'   # after CheckpointHook's VERY_LOW
+
+    def __init__(self, amp: str = 'float32') -> None:
+        self.amp = amp
 
     def before_train(self, runner) -> None:
         self._earlier = earlier_training_seconds(runner.work_dir)
         self._start = time.time()
+        self._amps = [self.amp]
+        if runner.epoch > 0:   # continued from an earlier session's epochs: theirs too
+            self._amps = sorted({*(autocasts_training(runner.work_dir) or ['unknown']), self.amp})
         if runner.epoch < runner.max_epochs:
             self._write(runner, self._earlier)   # the checkpoints from now on are these processes'
 
     def after_train_epoch(self, runner) -> None:
         self._write(runner, round(self._earlier + time.time() - self._start, 1))
 
-    @staticmethod
-    def _write(runner, seconds: float) -> None:
+    def _write(self, runner, seconds: float) -> None:
         if is_main_process():
             atomic_write_json(Path(runner.work_dir) / CLOCK_FILE,
-                              dict(train_seconds=seconds, processes=world_size()))
+                              dict(train_seconds=seconds, processes=world_size(), amps=self._amps))
 
 
 @DATA_SAMPLERS.register_module()

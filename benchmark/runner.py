@@ -37,7 +37,7 @@ from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
 from .errors import RunHeldElsewhere, UserError
-from .hooks import CLOCK_FILE, earlier_training_seconds, processes_training
+from .hooks import CLOCK_FILE, autocasts_training, earlier_training_seconds, processes_training
 from .io import atomic_path, atomic_write_json, atomic_write_text, read_json_or_none
 from .methods import Method, get_method, registered_methods
 from .metrics import range_label, summarize_step
@@ -817,10 +817,12 @@ def run_step(cfg: Config, method: Method, protocol: Protocol, t: int, split: dic
     if cached is None:
         iou = train_and_evaluate_step(cfg, method, steps_protocol, t, split, paths, seed,
                                       deterministic, tag, log)
-        # The key names this session's processes: not those that trained a step 0 that this
-        # session resumed after its last epoch, only to evaluate it.
+        # The key names this session's processes and autocast dtype: not those that trained
+        # a step 0 that this session resumed (after its last epoch, only to evaluate it; or
+        # mid-way, under another dtype: a run continues with other speed settings).
         if (step0_key and is_main_process()
-                and processes_training(paths.step_work(t)) == world_size()):
+                and processes_training(paths.step_work(t)) == world_size()
+                and autocasts_training(paths.step_work(t)) == [speed_record(cfg)['amp']]):
             step0.store(step0_key, steps_protocol, weights, paths.results,
                         round(time.time() - step_start, 1), iou, log)
     else:

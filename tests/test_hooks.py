@@ -15,8 +15,8 @@ from mmengine.dataset import DefaultSampler
 import cssbench.hooks as hooks
 from cssbench.errors import UserError
 from cssbench.hooks import (NON_FINITE_IN_A_ROW_LIMIT, AveragedRuntimeInfoHook, EpochKeyedSampler,
-                            EpochSeedHook, StepClockHook, earlier_training_seconds,
-                            processes_training)
+                            EpochSeedHook, StepClockHook, autocasts_training,
+                            earlier_training_seconds, processes_training)
 from conftest import hook_runner
 
 
@@ -90,6 +90,32 @@ def test_step_clock_hook_adds_each_session_to_the_ones_before(tmp_path, monkeypa
     assert (processes_training(tmp_path), earlier_training_seconds(tmp_path)) == (1, 105.0)
     (tmp_path / 'clock.json').write_text('{"train_seconds": ')   # cut short: counts as none
     assert earlier_training_seconds(tmp_path) == 0.0
+
+
+def test_step_clock_hook_names_the_autocast_of_every_session_that_trained_the_step(tmp_path):
+    """A step continued under another autocast dtype (the speed section is not the config's
+    digest) trained under both: the step-0 cache must not file it under either's key."""
+    runner = SimpleNamespace(work_dir=str(tmp_path), epoch=0, max_epochs=4)
+    assert autocasts_training(tmp_path) is None   # never trained
+    first = StepClockHook(amp='bfloat16')
+    first.before_train(runner)
+    first.after_train_epoch(runner)
+    assert autocasts_training(tmp_path) == ['bfloat16']
+    runner.epoch = 1   # continued after epoch 1, in fp32 (another machine, or --fp32)
+    StepClockHook(amp='float32').before_train(runner)
+    assert autocasts_training(tmp_path) == ['bfloat16', 'float32']
+    runner.epoch = 4   # continued after its last epoch: trains nothing, the clock stays
+    StepClockHook(amp='float16').before_train(runner)
+    assert autocasts_training(tmp_path) == ['bfloat16', 'float32']
+    runner.epoch = 0   # started anew (no epoch checkpoint): an earlier clock's dtypes are no more
+    StepClockHook(amp='float16').before_train(runner)
+    assert autocasts_training(tmp_path) == ['float16']
+    # a clock of a version that did not name them: unknown, and so is a step continued from it
+    (tmp_path / 'clock.json').write_text('{"train_seconds": 1.0, "processes": 1}')
+    assert autocasts_training(tmp_path) is None
+    runner.epoch = 2
+    StepClockHook(amp='float32').before_train(runner)
+    assert autocasts_training(tmp_path) == ['float32', 'unknown']
 
 
 AFTER = ('training stopped. Fix the method (a rerun continues the step from its last epoch '

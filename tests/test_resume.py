@@ -199,19 +199,28 @@ def test_a_step_stopped_in_its_evaluation_continues_with_any_number_of_processes
     run_dir = tmp_path / PROTOCOL / 'ft' / 'r'
     work = run_dir / 'work'
     uninterrupted_weights = weights()
-    # as if two torchrun processes had stopped in step 0's evaluation: its last epoch's
-    # checkpoint written, not yet its weights or metrics
-    shutil.rmtree(run_dir / 'steps')
-    shutil.rmtree(work / 'step1')
-    (work / 'step0' / 'model.pth').unlink()
-    record = json.loads((run_dir / 'run.json').read_text())
-    (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
-    (work / 'step0' / 'clock.json').write_text('{"train_seconds": 1.0, "processes": 2}')
-    shutil.rmtree(isolated_cache)   # the step 0 that the first run cached
-    capsys.readouterr()
 
-    assert run() == uninterrupted
-    assert 'step 0 epoch' not in capsys.readouterr().out   # trained nothing
-    for ours, theirs in zip(weights(), uninterrupted_weights):
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert not (isolated_cache / 'step0').exists()
+    def stopped_in_step0_evaluation(clock: dict) -> None:
+        """As if the processes ``clock`` names had stopped in step 0's evaluation: its last
+        epoch's checkpoint written, not yet its weights or metrics."""
+        shutil.rmtree(run_dir / 'steps')
+        shutil.rmtree(work / 'step1')
+        (work / 'step0' / 'model.pth').unlink()
+        record = json.loads((run_dir / 'run.json').read_text())
+        (run_dir / 'run.json').write_text(json.dumps(dict(record, status='running')))
+        (work / 'step0' / 'clock.json').write_text(json.dumps(dict(train_seconds=1.0, **clock)))
+        shutil.rmtree(isolated_cache, ignore_errors=True)   # the step 0 cached before
+        capsys.readouterr()
+
+    # Two torchrun processes; one under bf16 autocast (a GPU's default: a run continues with
+    # other speed settings, here this CPU's fp32), which the key of an fp32 step 0 would
+    # have named wrongly; then one in fp32, as this session, whose step 0 is cached.
+    for clock, cached in ((dict(processes=2), False), (dict(processes=1, amps=['bfloat16']), False),
+                          (dict(processes=1, amps=['bfloat16', 'float32']), False),
+                          (dict(processes=1, amps=['float32']), True)):
+        stopped_in_step0_evaluation(clock)
+        assert run() == uninterrupted
+        assert 'step 0 epoch' not in capsys.readouterr().out   # trained nothing
+        for ours, theirs in zip(weights(), uninterrupted_weights):
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert len(list(isolated_cache.glob('step0/*/model.pth'))) == cached, clock
