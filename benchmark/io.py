@@ -180,6 +180,26 @@ def atomic_write_json(path: str | Path, obj) -> None:
 # In a folder of tables and plots: per command, the files it wrote there for each protocol.
 WRITTEN_LIST = '.cssbench-written.json'
 
+# The longest file name written through ``temporary_beside``: the file system's 255 bytes
+# less what its temporary adds ('.' + name + '.<8 hex>.tmp').
+MAX_FILE_NAME = 255 - len('..01234567.tmp')
+
+
+def fitting_file_name(parts: list[str], suffix: str) -> str:
+    """``parts`` joined by '-', then ``suffix``; where that is longer than ``MAX_FILE_NAME``
+    (names of the store's, each up to 255 characters, joined), the longest parts are cut
+    (short ones, a method's, kept whole) and a digest of the whole marks the name, one per
+    ``parts``: ``<parts cut>~<8 hex><suffix>``. The store's names are ASCII."""
+    name = '-'.join(parts) + suffix
+    if len(name) <= MAX_FILE_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    lengths = [len(part) for part in parts]
+    room = MAX_FILE_NAME - len(suffix) - len(digest) - 1 - (len(parts) - 1)
+    while sum(lengths) > room:
+        lengths[lengths.index(max(lengths))] -= 1
+    return '-'.join(part[:n] for part, n in zip(parts, lengths)) + f'~{digest}{suffix}'
+
 
 def _file_name(name: str) -> str:
     if not isinstance(name, str) or name in ('', '.', '..') or Path(name).name != name:

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .datasets_info import DATASET_INFO  # noqa: E402
-from .io import atomic_write_bytes  # noqa: E402
+from .io import atomic_write_bytes, fitting_file_name  # noqa: E402
 from .store import RowRuns, StoredRun  # noqa: E402
 from .tables import column_labels, step_miou  # noqa: E402
 
@@ -102,10 +102,11 @@ def save_png(fig: Figure, path: Path) -> Path:
 def write_protocol_plots(protocol: str, rows: list[RowRuns], out_dir: str | Path) -> list[Path]:
     """The mIoU-by-step figure, and a heat map of one run (its lowest seed) per row."""
     out_dir = Path(out_dir)
-    written = [save_png(miou_by_step_figure(protocol, rows), out_dir / f'{protocol}-miou.png')]
+    written = [save_png(miou_by_step_figure(protocol, rows),
+                        out_dir / fitting_file_name([protocol], '-miou.png'))]
     for row in rows:
         run = row.runs[0]
-        path = out_dir / f'{protocol}-{row.method}-{run.run}-iou.png'
+        path = out_dir / fitting_file_name([protocol, row.method, run.run], '-iou.png')
         written.append(save_png(class_iou_figure(run), path))
     return written
 

@@ -1220,3 +1220,39 @@ def test_a_protocol_file_naming_runs_of_another_protocol_is_refused_by_table_and
     write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}],
               protocol=load_protocol(str(drawn)).with_class_order(3), seed=3, run='small-seed3')
     assert main(['table', '--protocol', str(drawn), '--results', str(root)]) == 0
+
+
+def test_plots_of_names_too_long_for_a_file_name_are_written_under_shortened_names(
+        tmp_path: Path, capsys) -> None:
+    """A protocol's and a run's names may be 255 characters each (plain names); joined into
+    a plot's file name they were refused by the file system ('File name too long', the plot
+    command failing half-way). The longest names are cut (the method's kept), and a digest
+    of the whole marks the name."""
+    from cssbench.io import MAX_FILE_NAME, fitting_file_name
+    from cssbench.protocols import parse_protocol
+    root = tmp_path / 'results'
+    protocol = parse_protocol(dict(name='p' * 250, dataset='voc', mode='overlap',
+                                   steps=[list(range(20)), 20]))
+    steps = [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}]
+    write_run(root, steps, protocol=protocol, run='a' * 250)
+    write_run(root, steps, protocol=protocol, method='lwf', run='short')
+    assert main(['plot', '--protocol', protocol.name, '--results', str(root)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ''
+    names = [Path(line.removeprefix('wrote ')).name for line in captured.out.splitlines()]
+    ft = 'p' * 110 + '-ft-' + 'a' * 110 + '~' + hashlib.sha256(
+        f'{protocol.name}-ft-{"a" * 250}-iou.png'.encode()).hexdigest()[:8] + '-iou.png'
+    assert names == ['p' * 223 + '~' + hashlib.sha256(f'{protocol.name}-miou.png'.encode())
+                     .hexdigest()[:8] + '-miou.png', ft, f'{"p" * 214}-lwf-short~'
+                     + hashlib.sha256(f'{protocol.name}-lwf-short-iou.png'.encode())
+                     .hexdigest()[:8] + '-iou.png']
+    assert [len(name) for name in names] == [MAX_FILE_NAME] * 3 and MAX_FILE_NAME == 241
+    assert sorted(os.listdir(root / 'tables')) == sorted(['.cssbench-written.json', *names])
+    # a rerun writes the same names, removing none
+    assert main(['plot', '--protocol', protocol.name, '--results', str(root)]) == 0
+    assert 'removed' not in capsys.readouterr().out
+    assert sorted(os.listdir(root / 'tables')) == sorted(['.cssbench-written.json', *names])
+    # names alike where they are cut are told apart by their digests; short ones are kept
+    assert (fitting_file_name(['p' * 250, 'ft', 'a' * 250], '-iou.png')
+            != fitting_file_name(['p' * 250, 'ft', 'a' * 249 + 'b'], '-iou.png'))
+    assert fitting_file_name([VOC19, 'ft', 'r'], '-iou.png') == f'{VOC19}-ft-r-iou.png'
