@@ -1,7 +1,8 @@
 """Figures from the results store, written as PNG beside the tables.
 
 * ``<protocol>-miou.png``: mIoU of all / old / new classes against the step, one line per
-  row of the tables (a method and setup: the mean over its seeds, a band of ± one std);
+  row of the tables (a method and setup: the mean over its seeds, a band of ± one std, an
+  error bar at a point with no neighbour);
   joint, trained in one step, is a dashed black horizontal line at its value (each joint row
   dashed otherwise where several setups have one).
 * ``<protocol>-<method>-<run>-iou.png``: for each row, one run's per-class IoU, class x step,
@@ -49,6 +50,13 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
             if len(row.runs) > 1:
                 ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15,
                                 linewidth=0)
+                # a point with no neighbour (a one-step protocol, 19-1's new classes) has a band
+                # of no width: its ± std as an error bar
+                finite = np.isfinite(mean) & np.isfinite(std)
+                alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
+                if alone.any():
+                    ax.errorbar(steps[alone], mean[alone], yerr=std[alone], fmt='none',
+                                ecolor=line.get_color(), elinewidth=1.5, capsize=0)
         title = f'{column} classes'
         if labels[column] != column:   # the runs agree on its classes: named
             title += (f' ({labels[column]})' if column == 'old'   # new grows with the steps:

@@ -1256,3 +1256,42 @@ def test_plots_of_names_too_long_for_a_file_name_are_written_under_shortened_nam
     assert (fitting_file_name(['p' * 250, 'ft', 'a' * 250], '-iou.png')
             != fitting_file_name(['p' * 250, 'ft', 'a' * 249 + 'b'], '-iou.png'))
     assert fitting_file_name([VOC19, 'ft', 'r'], '-iou.png') == f'{VOC19}-ft-r-iou.png'
+
+
+def test_the_std_of_a_point_without_neighbours_shows_as_an_error_bar(store_19_1: Path,
+                                                                     tmp_path: Path) -> None:
+    """A band of ± one std between steps has no width at a point with no neighbour: 19-1's new
+    classes (scored after step 1 alone), every point of a one-step protocol. The table said
+    '40.0 ± 14.1' where the plot showed a bare point; such a point has an error bar."""
+    from matplotlib.container import ErrorbarContainer
+    from cssbench.protocols import parse_protocol
+
+    def error_bars(ax) -> list:
+        return [[tuple(map(tuple, segment)) for segment in container.lines[2][0].get_segments()]
+                for container in ax.containers if isinstance(container, ErrorbarContainer)]
+
+    fig = miou_by_step_figure(VOC19, select_runs(open_store(store_19_1), VOC19))
+    all_, old, new = fig.axes[:3]
+    std = math.sqrt(200)   # new: 30 and 50
+    [[((x0, low), (x1, high))]] = error_bars(new)
+    assert (x0, x1) == (1, 1) and (low, high) == (pytest.approx(40 - std), pytest.approx(40 + std))
+    assert new.containers[0].lines[2][0].get_colors()[0].tolist() == list(
+        matplotlib_rgba(next(line for line in new.get_lines() if line.get_label() == 'ft').get_color()))
+    assert error_bars(all_) == error_bars(old) == []   # two steps: a band
+    assert [text.get_text() for text in fig.axes[-1].get_legend().get_texts()] == ['ft', 'joint', 'lwf']
+
+    one = parse_protocol(dict(name='voc-one', dataset='voc', mode='overlap', steps=[list(range(21))]))
+    root = tmp_path / 'one'
+    for seed, value in ((0, 0.7), (1, 0.6)):
+        write_run(root, [uniform(range(21), value)], protocol=one, run=f'r{seed}', seed=seed)
+    fig = miou_by_step_figure(one.name, select_runs(open_store(root), one.name))
+    std = math.sqrt(50)   # 70 and 60
+    for ax in fig.axes[:2]:
+        [[((x, low), (_, high))]] = error_bars(ax)
+        assert x == 0 and (low, high) == (pytest.approx(65 - std), pytest.approx(65 + std))
+    assert error_bars(fig.axes[2]) == []   # no new classes
+
+
+def matplotlib_rgba(color) -> tuple:
+    from matplotlib.colors import to_rgba
+    return to_rgba(color)
