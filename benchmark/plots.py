@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import io
+import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -27,6 +29,9 @@ from .tables import column_labels, step_miou  # noqa: E402
 
 
 JOINT_LINESTYLES = ['--', ':', '-.', (0, (5, 2, 1, 2, 1, 2)), (0, (1, 4))]
+MARKERS = ['o', 's', '^', 'D', 'v', 'P']   # rows 1-10, 11-20, ... of the incremental methods
+LEGEND_WRAP = 40               # characters a legend line holds
+LEGEND_LINES_PER_COLUMN = 14   # beside panels 4 inches high
 
 
 def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
@@ -35,7 +40,19 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
     num_steps = max(len(row.runs[0].protocol['steps']) for row in rows)
     # each joint row's level in black, dashed; several (one per setup) each dashed otherwise
     dashes = dict(zip((row.label for row in rows if row.joint), JOINT_LINESTYLES * len(rows)))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True, layout='constrained')
+    # the others in the colour cycle's ten colours, then again with other markers
+    incremental = [row.label for row in rows if not row.joint]
+    styles = {label: dict(color=f'C{i % 10}', marker=MARKERS[i // 10 % len(MARKERS)])
+              for i, label in enumerate(incremental)}
+    # the legend, right of the panels, widens the figure rather than narrowing them (their
+    # titles ran into each other); long names are wrapped, many in several columns
+    legend_labels = [textwrap.fill(row.label, LEGEND_WRAP) for row in rows]
+    legend_lines = sum(label.count('\n') + 1 for label in legend_labels)
+    legend_columns = math.ceil(legend_lines / LEGEND_LINES_PER_COLUMN)
+    widest = max(len(line) for label in legend_labels for line in label.splitlines())
+    legend_width = legend_columns * (0.7 + 0.085 * widest)   # inches, at 10 pt
+    fig, axes = plt.subplots(1, 3, figsize=(12 + legend_width, 4), sharey=True,
+                             layout='constrained')
     for ax, column in zip(axes, ('all', 'old', 'new')):
         for row in rows:
             if row.joint:
@@ -46,7 +63,7 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
             stats = [step_miou(row, t, column) for t in range(len(row.runs[0].steps))]
             mean, std = np.array(stats).T
             steps = np.arange(len(mean))
-            (line,) = ax.plot(steps, mean, marker='o', markersize=3, label=row.label)
+            (line,) = ax.plot(steps, mean, markersize=3, label=row.label, **styles[row.label])
             if len(row.runs) > 1:
                 ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15,
                                 linewidth=0)
@@ -63,7 +80,10 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
                       else f' (added so far: {labels[column]} by the end)')   # the last's range
         ax.set(title=title, xlabel='step', xticks=range(num_steps), ylim=(0, 100))
     axes[0].set_ylabel('mIoU (%)')
-    axes[-1].legend(loc='center left', bbox_to_anchor=(1.0, 0.5), frameon=False)
+    handles, names = axes[-1].get_legend_handles_labels()
+    wrapped = dict(zip((row.label for row in rows), legend_labels))
+    axes[-1].legend(handles, [wrapped[name] for name in names], loc='center left',
+                    bbox_to_anchor=(1.0, 0.5), frameon=False, ncols=legend_columns)
     fig.suptitle(f'{protocol}: mIoU after each step (mean ± std over seeds)')
     return fig
 

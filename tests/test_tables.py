@@ -1295,3 +1295,39 @@ def test_the_std_of_a_point_without_neighbours_shows_as_an_error_bar(store_19_1:
 def matplotlib_rgba(color) -> tuple:
     from matplotlib.colors import to_rgba
     return to_rgba(color)
+
+
+def test_many_rows_of_long_names_are_told_apart_and_leave_the_panels_their_width(
+        tmp_path: Path) -> None:
+    """Twelve rows named with a long config: the colour cycle's ten colours came round again
+    (sdr drawn as ft was, same colour, same marker), and the legend beside the panels
+    narrowed them until their titles ran into each other. Rows past the tenth take other
+    markers; the legend widens the figure instead, its long names wrapped."""
+    root = tmp_path / 'results'
+    long_config = 'configs/a-rather-long-config-name-for-ablation.py'
+    for i, method in enumerate(['ft', 'lwf', 'ilt', 'mib', 'plop', 'sdr']):
+        for j, config in enumerate(['small', long_config]):
+            value = 0.3 + 0.05 * i + 0.02 * j
+            write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, value), 20: value / 2}],
+                      method=method, config_name=config, config_digest=f'd{j}', run=f'r{j}')
+    write_run(root, [uniform(range(21), 0.9)], method='joint')
+    fig = miou_by_step_figure(VOC19, select_runs(open_store(root), VOC19))
+    lines = [line for line in fig.axes[0].get_lines() if not line.get_label().startswith('joint')]
+    assert len(lines) == 12
+    styles = [(line.get_color(), line.get_marker()) for line in lines]
+    assert len(set(styles)) == 12 and [m for _, m in styles] == ['o'] * 10 + ['s'] * 2
+    assert styles[10][0] == styles[0][0]   # the cycle's first colour, now with squares
+    # the values are the rows' still: sdr (long config) old after step 1 = 100 * (0.3 + 0.27)
+    sdr = next(line for line in fig.axes[1].get_lines()
+               if line.get_label() == f'sdr ({long_config})')
+    np.testing.assert_allclose(sdr.get_ydata(), [80.0, 57.0])
+    legend = fig.axes[-1].get_legend()
+    texts = [text.get_text() for text in legend.get_texts()]
+    assert f'ft ({long_config})' not in texts and all(
+        len(line) <= 40 for text in texts for line in text.splitlines())
+    assert texts[0] == 'ft (configs/a-rather-long-config-name-\nfor-ablation.py)'
+    fig.canvas.draw()
+    titles = [ax.title.get_window_extent() for ax in fig.axes[:3]]
+    assert titles[0].x1 < titles[1].x0 and titles[1].x1 < titles[2].x0   # none overlaps
+    assert legend.get_window_extent().x1 <= fig.bbox.x1      # the legend fits in the figure
+    assert all(ax.get_window_extent().width > 300 for ax in fig.axes[:3])
