@@ -21,6 +21,8 @@ matplotlib.use('Agg')  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.font_manager import FontProperties  # noqa: E402
+from matplotlib.textpath import TextToPath  # noqa: E402
 
 from .datasets_info import DATASET_INFO  # noqa: E402
 from .io import atomic_write_bytes, fitting_file_name  # noqa: E402
@@ -100,7 +102,8 @@ def class_iou_figure(run: StoredRun) -> Figure:
             if value is not None:
                 grid[i, t] = 100 * value
     height = max(3.0, 0.22 * len(classes) + 1.2)
-    fig, ax = plt.subplots(figsize=(1.0 * len(run.steps) + 3.5, height), layout='constrained')
+    width = 1.0 * len(run.steps) + 3.5
+    fig, ax = plt.subplots(figsize=(width, height), layout='constrained')
     image = ax.imshow(np.ma.masked_invalid(grid), aspect='auto', cmap='viridis', vmin=0, vmax=100,
                       interpolation='nearest')
     # joint's one step trains every class: not the protocol's step 0, whose classes are fewer
@@ -112,10 +115,26 @@ def class_iou_figure(run: StoredRun) -> Figure:
             if not np.isnan(value):
                 ax.text(t, i, f'{value:.0f}', ha='center', va='center', fontsize=6,
                         color='white' if value < 50 else 'black')
-    ax.set(xlabel='step', ylabel='class',
-           title=f'{protocol["name"]} / {run.method} / {run.run}: IoU (%)')
+    ax.set(xlabel='step', ylabel='class')
+    # over the figure, wrapped to its width (names may be 255 characters; a line past it is cut off)
+    fig.suptitle(wrapped_to(f'{protocol["name"]} / {run.method} / {run.run}: IoU\N{NO-BREAK SPACE}(%)',
+                            width - 0.2, plt.rcParams['figure.titlesize']))
     fig.colorbar(image, ax=ax, label='IoU (%)')
     return fig
+
+
+def wrapped_to(text: str, inches: float, size) -> str:
+    """``text`` in lines (broken at spaces and hyphens, else anywhere) each at most ``inches``
+    wide in the font of ``size``, as few as that allows."""
+    font = FontProperties(size=size)
+
+    def fits(line: str) -> bool:
+        return TextToPath().get_text_width_height_descent(line, font, ismath=False)[0] <= 72 * inches
+    for chars in range(len(text), 0, -1):
+        lines = textwrap.wrap(text, chars)
+        if all(map(fits, lines)):
+            return '\n'.join(lines)
+    return text
 
 
 def save_png(fig: Figure, path: Path) -> Path:

@@ -1331,3 +1331,23 @@ def test_many_rows_of_long_names_are_told_apart_and_leave_the_panels_their_width
     assert titles[0].x1 < titles[1].x0 and titles[1].x1 < titles[2].x0   # none overlaps
     assert legend.get_window_extent().x1 <= fig.bbox.x1      # the legend fits in the figure
     assert all(ax.get_window_extent().width > 300 for ax in fig.axes[:3])
+
+
+def test_a_heat_maps_title_of_long_names_is_wrapped_to_the_figure(tmp_path: Path) -> None:
+    """A run's name may be 255 characters: the heat map's title, one line, ran past both
+    edges of the figure, neither the protocol nor the run readable. It is wrapped to the
+    figure's width, every character kept; a short one stays one line."""
+    root = tmp_path / 'results'
+    name = 'seed0-' + 'x' * 200
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}], run=name)
+    write_run(root, [uniform(range(21), 0.9)], method='joint')
+    runs = {r.method: r for r in open_store(root).runs}
+    fig = class_iou_figure(runs['ft'])
+    title = fig.get_suptitle()
+    assert title.replace('\n', '') == f'{VOC19} / ft / {name}: IoU\N{NO-BREAK SPACE}(%)'
+    assert len(title.splitlines()) > 1 and title.splitlines()[0] == f'{VOC19} / ft / seed0-'
+    fig.canvas.draw()
+    extent = fig._suptitle.get_window_extent()
+    assert fig.bbox.x0 <= extent.x0 and extent.x1 <= fig.bbox.x1 and extent.y1 <= fig.bbox.y1
+    joint = class_iou_figure(runs['joint']).get_suptitle()
+    assert joint == f'{VOC19} / joint / small-seed0: IoU\N{NO-BREAK SPACE}(%)'
