@@ -1351,3 +1351,26 @@ def test_a_heat_maps_title_of_long_names_is_wrapped_to_the_figure(tmp_path: Path
     assert fig.bbox.x0 <= extent.x0 and extent.x1 <= fig.bbox.x1 and extent.y1 <= fig.bbox.y1
     joint = class_iou_figure(runs['joint']).get_suptitle()
     assert joint == f'{VOC19} / joint / small-seed0: IoU\N{NO-BREAK SPACE}(%)'
+
+
+def test_a_heat_map_of_many_classes_in_a_drawn_order_names_each_row(tmp_path: Path) -> None:
+    """Past 60 classes (ADE20K's 151) the rows went unlabelled and matplotlib numbered them,
+    0, 20, 40, ...: read as class ids, wrong wherever the classes come in another order than
+    their ids. Each row is named by its class's id and name, in the run's order."""
+    from cssbench.datasets_info import DATASET_INFO
+    from cssbench.protocols import parse_protocol
+    order = [c for c in range(150, 0, -1)]   # 150 first, 1 last
+    protocol = parse_protocol(dict(name='ade-mine', dataset='ade', mode='overlap',
+                                   steps=[[0, *order[:100]], order[100:]]))
+    root = tmp_path / 'results'
+    write_run(root, [uniform(protocol.steps[0], 0.5),
+                     {**{c: c / 200 for c in protocol.steps[0]}, **uniform(protocol.steps[1], 0.2)}],
+              protocol=protocol)
+    fig = class_iou_figure(open_store(root).runs[0])
+    names = DATASET_INFO['ade'].classes
+    rows = [0, *order]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [f'{c} {names[c]}' for c in rows]
+    assert fig.axes[0].get_yticks().tolist() == list(range(151))
+    grid = fig.axes[0].images[0].get_array()
+    assert grid[1, 1] == pytest.approx(75.0) and grid[150, 1] == pytest.approx(20.0)   # 150, 1
+    assert grid.mask[150, 0] and not fig.axes[0].texts   # no cell numbers past 60 classes
