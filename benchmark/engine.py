@@ -83,6 +83,16 @@ class StepRunner(Runner):
     def dump_config(self) -> None:
         pass
 
+    def build_logger(self, log_level='INFO', log_file=None, **kwargs) -> MMLogger:
+        # ``log_level`` (WARNING) is the console's, whose lines are StepProgressHook's; the log
+        # file in the step's work dir keeps mmengine's INFO lines (each logging interval's
+        # losses, lr, times, eta), which that level set on every handler left out of it
+        logger = super().build_logger(log_level='INFO', log_file=log_file, **kwargs)
+        for handler in logger.handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(max(handler.level, logging._checkLevel(log_level)))
+        return logger
+
     def resume(self, *args, **kwargs) -> None:
         # mmengine print()s 'Loads checkpoint by local backend from path: ...' past the
         # logger's level (the runner names the epoch the step continues after instead), and

@@ -116,6 +116,17 @@ def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32,
     for t in (0, 1):   # the weights, and mmengine's logs (no copy of an empty config)
         files = {p.suffix for p in (run_dir / 'work' / f'step{t}').rglob('*') if p.is_file()}
         assert (run_dir / 'work' / f'step{t}' / 'model.pth').is_file() and '.py' not in files
+        # mmengine's log keeps its iterations' lines (the console's level, WARNING, left them
+        # out: it held the parameters' dump alone); the console shows none of them
+        [log] = (run_dir / 'work' / f'step{t}').glob('*/*.log')
+        trained = [line for line in log.read_text().splitlines() if 'Epoch(train)' in line]
+        n = steps[t]['num_train'] // 16
+        assert trained and trained[-1].split(' - mmengine - INFO - Epoch(train) [1]')[1].startswith(
+            f'[{n}/{n}]') and ' loss: ' in trained[-1]
+        assert any('Epoch(val) [1]' in line for line in log.read_text().splitlines())
+    printed = capsys.readouterr()
+    assert 'mmengine' not in printed.out + printed.err and 'Epoch(train)' not in printed.out
+    assert 'step 1 epoch 1/1 iter' in printed.out
     # The learning rate: lr[0] at step 0, lr[1] later, decayed as the reference's poly schedule,
     # lr (1 - k/N)^0.9 at iteration k of N (per mmengine's log of the iterations it logged).
     for t, lr in ((0, 0.05), (1, 0.005)):
