@@ -385,7 +385,10 @@ def _require_protocol_or_all(args, command: str) -> None:
 
 def _tables_folder(args) -> Path:
     """Where ``--all`` tables and the plots go: ``--out``, else ``<results>/tables``."""
-    folder = Path(args.out or Path(args.results) / 'tables')
+    if args.out == '':   # an unset variable's ``--out "$DIR"``: not the default folder, silently
+        raise UserError('--out: an empty path; give the folder for the tables and plots, or '
+                        'leave --out out for <results>/tables')
+    folder = Path(args.out).expanduser() if args.out else Path(args.results) / 'tables'
     if folder.exists() and not folder.is_dir():
         raise UserError(f'{folder}: a file, where a folder for the tables and plots is needed')
     if args.out:

@@ -1374,3 +1374,24 @@ def test_a_heat_map_of_many_classes_in_a_drawn_order_names_each_row(tmp_path: Pa
     grid = fig.axes[0].images[0].get_array()
     assert grid[1, 1] == pytest.approx(75.0) and grid[150, 1] == pytest.approx(20.0)   # 150, 1
     assert grid.mask[150, 0] and not fig.axes[0].texts   # no cell numbers past 60 classes
+
+
+def test_plot_and_table_all_refuse_an_empty_out_and_expand_a_home_folder(
+        store_19_1: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--out ""`` (an unset variable's "$DIR") wrote into <results>/tables as if no --out was
+    given; ``--out=~/plots`` (no shell expands that ~) made a folder named '~' in the cwd."""
+    results = str(store_19_1)
+    for command in ('plot', 'table'):
+        target = ['--protocol', VOC19] if command == 'plot' else ['--all']
+        assert main([command, *target, '--results', results, '--out', '']) == 2
+        assert capsys.readouterr().err == (
+            'cssbench: error: --out: an empty path; give the folder for the tables and plots, '
+            'or leave --out out for <results>/tables\n')
+    assert not (store_19_1 / 'tables').exists()
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    monkeypatch.chdir(tmp_path)
+    assert main(['plot', '--protocol', VOC19, '--results', results, '--out=~/plots']) == 0
+    wrote = capsys.readouterr().out.splitlines()
+    assert wrote[0] == f'wrote {tmp_path / "home" / "plots" / f"{VOC19}-miou.png"}'
+    assert (tmp_path / 'home' / 'plots' / f'{VOC19}-miou.png').is_file()
+    assert not (tmp_path / '~').exists()
