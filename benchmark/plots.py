@@ -77,7 +77,9 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
                     ax.errorbar(steps[alone], mean[alone], yerr=std[alone], fmt='none',
                                 ecolor=line.get_color(), elinewidth=1.5, capsize=0)
         title = f'{column} classes'
-        if labels[column] != column:   # the runs agree on its classes: named
+        if labels[column] == '-':   # a protocol of one step: no class is ever new
+            title += ' (none: one step)'
+        elif labels[column] != column:   # the runs agree on its classes: named
             title += (f' ({labels[column]})' if column == 'old'   # new grows with the steps:
                       else f' (added so far: {labels[column]} by the end)')   # the last's range
         ax.set(title=title, xlabel='step', xticks=range(num_steps), ylim=(0, 100))

@@ -1290,6 +1290,9 @@ def test_the_std_of_a_point_without_neighbours_shows_as_an_error_bar(store_19_1:
         [[((x, low), (_, high))]] = error_bars(ax)
         assert x == 0 and (low, high) == (pytest.approx(65 - std), pytest.approx(65 + std))
     assert error_bars(fig.axes[2]) == []   # no new classes
+    # said so, not '(added so far: - by the end)'
+    assert [ax.get_title() for ax in fig.axes[:3]] == ['all classes', 'old classes (0-20)',
+                                                     'new classes (none: one step)']
 
 
 def matplotlib_rgba(color) -> tuple:
