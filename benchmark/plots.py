@@ -53,7 +53,8 @@ def miou_by_step_figure(protocol: str, rows: list[RowRuns]) -> Figure:
     legend_columns = math.ceil(legend_lines / LEGEND_LINES_PER_COLUMN)
     widest = max(len(line) for label in legend_labels for line in label.splitlines())
     legend_width = legend_columns * (0.7 + 0.085 * widest)   # inches, at 10 pt
-    fig, axes = plt.subplots(1, 3, figsize=(12 + legend_width, 4), sharey=True,
+    # the panels' steps at the same places (new's, from step 1, sat on its frame's edges)
+    fig, axes = plt.subplots(1, 3, figsize=(12 + legend_width, 4), sharex=True, sharey=True,
                              layout='constrained')
     for ax, column in zip(axes, ('all', 'old', 'new')):
         for row in rows:

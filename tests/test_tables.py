@@ -1278,6 +1278,9 @@ def test_the_std_of_a_point_without_neighbours_shows_as_an_error_bar(store_19_1:
     assert new.containers[0].lines[2][0].get_colors()[0].tolist() == list(
         matplotlib_rgba(next(line for line in new.get_lines() if line.get_label() == 'ft').get_color()))
     assert error_bars(all_) == error_bars(old) == []   # two steps: a band
+    # new's one point (step 1) sat on its panel's right edge: the panels share their steps' range
+    assert new.get_xlim() == all_.get_xlim() == old.get_xlim()
+    assert new.get_xlim()[0] < 0 and new.get_xlim()[1] > 1
     assert [text.get_text() for text in fig.axes[-1].get_legend().get_texts()] == ['ft', 'joint', 'lwf']
 
     one = parse_protocol(dict(name='voc-one', dataset='voc', mode='overlap', steps=[list(range(21))]))
