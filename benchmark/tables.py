@@ -27,7 +27,7 @@ import pandas as pd
 
 from .datasets_info import DATASET_INFO
 from .errors import UserError
-from .io import atomic_write_text
+from .io import atomic_write_text, fitting_file_name
 from .metrics import column_classes, mean_iou, range_label
 from .protocols import available_protocols, setting_notes
 from .published import incomparable, published_cells, published_methods
@@ -551,7 +551,7 @@ def write_all_tables(store: Store, out_dir: str | Path, runs=None,
                 continue
             suffix = '' if kind == 'leaderboard' else '-' + kind.replace('_', '-')
             for fmt in FORMATS:
-                path = out_dir / f'{protocol}{suffix}.{EXTENSIONS[fmt]}'
+                path = out_dir / fitting_file_name([protocol], f'{suffix}.{EXTENSIONS[fmt]}')
                 atomic_write_text(path, render(table, fmt))
                 written.setdefault(protocol, []).append(path)
     return written, not_written

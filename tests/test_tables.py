@@ -1252,6 +1252,12 @@ def test_plots_of_names_too_long_for_a_file_name_are_written_under_shortened_nam
     assert main(['plot', '--protocol', protocol.name, '--results', str(root)]) == 0
     assert 'removed' not in capsys.readouterr().out
     assert sorted(os.listdir(root / 'tables')) == sorted(['.cssbench-written.json', *names])
+    # table --all's files likewise ('<protocol>-per-class.tex' and the others)
+    assert main(['table', '--all', '--results', str(root)]) == 0
+    capsys.readouterr()
+    tables = sorted(set(os.listdir(root / 'tables')) - {'.cssbench-written.json', *names})
+    assert len(tables) == 9 and all(len(name) <= MAX_FILE_NAME for name in tables)
+    assert fitting_file_name([protocol.name], '-per-class.tex') in tables
     # names alike where they are cut are told apart by their digests; short ones are kept
     assert (fitting_file_name(['p' * 250, 'ft', 'a' * 250], '-iou.png')
             != fitting_file_name(['p' * 250, 'ft', 'a' * 249 + 'b'], '-iou.png'))
