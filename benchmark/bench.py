@@ -220,8 +220,10 @@ def _time_training(cfg, case: Case, regimes: dict[str, Speed], batches: list[dic
     rates = interleaved_rates(steps, iters, warmup, batch, device, progress=progress)
     profiles = {}
     for name, (step, context) in steps.items() if profile else ():
-        with context():
-            profiles[name] = profile_step(step, warmup + iters, PROFILED_STEPS, device)
+        with context():   # PROFILED_STEPS timed, then as many more profiled
+            wall = _timed_calls(step, warmup + iters, PROFILED_STEPS, device) / PROFILED_STEPS
+            profiles[name] = profile_step(step, warmup + iters + PROFILED_STEPS, PROFILED_STEPS,
+                                          device, wall)
         progress(f'{name}: profiled {PROFILED_STEPS} steps')
     del steps, model, optim
     return with_restarts(rates, regimes, lambda speed: training_step(speed)[2], warmup, batch,

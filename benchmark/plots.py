@@ -131,10 +131,10 @@ def class_iou_figure(run: StoredRun) -> Figure:
 def wrapped_to(text: str, inches: float, size) -> str:
     """``text`` in lines (broken at spaces and hyphens, else anywhere) each at most ``inches``
     wide in the font of ``size``, as few as that allows."""
-    font = FontProperties(size=size)
+    font, text_to_path = FontProperties(size=size), TextToPath()
 
     def fits(line: str) -> bool:
-        return TextToPath().get_text_width_height_descent(line, font, ismath=False)[0] <= 72 * inches
+        return text_to_path.get_text_width_height_descent(line, font, ismath=False)[0] <= 72 * inches
     for chars in range(len(text), 0, -1):
         lines = textwrap.wrap(text, chars)
         if all(map(fits, lines)):

@@ -10,7 +10,6 @@ elementwise work (ReLUs, residual adds, casts, the losses) and reductions.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -41,21 +40,16 @@ def kind_of(name: str) -> str:
     return next((kind for kind, pattern in KINDS if pattern.search(name)), OTHER)
 
 
-def profile_step(step, first: int, steps: int, device: str) -> StepProfile:
-    """``step(first) ... step(first + steps - 1)``, timed, then profiled the same again."""
-    synchronize = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
-    for i in range(first, first + steps):
-        step(i)
-    synchronize()
-    wall = (time.perf_counter() - start) / steps
+def profile_step(step, first: int, steps: int, device: str, wall_s: float) -> StepProfile:
+    """``step(first) ... step(first + steps - 1)`` profiled; ``wall_s``, a step's time as
+    timed apart from the profiler (whose recording slows the host)."""
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device == 'cuda')
     with profile(activities=activities) as prof:
-        for i in range(first + steps, first + 2 * steps):
+        for i in range(first, first + steps):
             step(i)
-        synchronize()
-    return summarize(prof.key_averages(), steps, device, wall)
+        if device == 'cuda':   # the kernels still running, recorded too
+            torch.cuda.synchronize()
+    return summarize(prof.key_averages(), steps, device, wall_s)
 
 
 def summarize(events, steps: int, device: str, wall_s: float) -> StepProfile:
