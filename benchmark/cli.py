@@ -385,9 +385,6 @@ def _require_protocol_or_all(args, command: str) -> None:
 
 def _tables_folder(args) -> Path:
     """Where ``--all`` tables and the plots go: ``--out``, else ``<results>/tables``."""
-    if args.out == '':   # an unset variable's ``--out "$DIR"``: not the default folder, silently
-        raise UserError('--out: an empty path; give the folder for the tables and plots, or '
-                        'leave --out out for <results>/tables')
     folder = Path(args.out).expanduser() if args.out else Path(args.results) / 'tables'
     if folder.exists() and not folder.is_dir():
         raise UserError(f'{folder}: a file, where a folder for the tables and plots is needed')
@@ -491,6 +488,15 @@ def stored_protocol_name(text: str, results: str) -> str:
     return text
 
 
+def path_value(text: str) -> str:
+    """A path option's value (or a config's name). An empty one (an unset variable's ``--out
+    "$DIR"``) is refused: it would mean the current folder, or the default, or nothing, where
+    something else was meant."""
+    if not text:
+        raise argparse.ArgumentTypeError('an empty value')
+    return text
+
+
 def seed_value(text: str) -> int:
     if not text.strip().isdecimal():
         raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {text!r}')
@@ -529,15 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('splits', help="print a protocol's per-step image counts, write the lists")
     p.add_argument('--protocol', required=True, help='a protocol (a name `list` shows, or a .yaml file)')
-    p.add_argument('--data-root', help=DATA_ROOT_HELP)
-    p.add_argument('--out', help='write the per-step lists to this JSON file')
+    p.add_argument('--data-root', type=path_value, help=DATA_ROOT_HELP)
+    p.add_argument('--out', type=path_value, help='write the per-step lists to this JSON file')
     p.add_argument('--seed', type=seed_value,
                    help="the run seed, which draws a random class order (class_order: random; "
                         "default 0)")
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser('make-synth', help='generate the synthetic dataset in the VOC layout')
-    p.add_argument('--out', required=True,
+    p.add_argument('--out', type=path_value, required=True,
                    help='the folder to write it into: new, empty, or holding a dataset of the same '
                         'parameters (then reused as it is)')
     p.add_argument('--n-train', type=int, default=SYNTH_DEFAULTS['n_train'],
@@ -557,16 +563,16 @@ def build_parser() -> argparse.ArgumentParser:
                         'by commas, each run in turn')
     p.add_argument('--method', default='ft',
                    help='a method, several separated by commas, or all (default: ft)')
-    p.add_argument('--config', default='small',
+    p.add_argument('--config', type=path_value, default='small',
                    help='small | deeplabv3-r101 | path to a config .py (default: small)')
-    p.add_argument('--data-root', help=DATA_ROOT_HELP)
+    p.add_argument('--data-root', type=path_value, help=DATA_ROOT_HELP)
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's for the protocol's dataset)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument('--seed', type=seed_value, default=0, help='default: 0')
     seeds.add_argument('--seeds', type=seed_list, help='several seeds, e.g. 0,1,2: each one run in turn')
     p.add_argument('--run-name', help='default: <config>-seed<seed> (with --seeds: <name>-seed<seed>)')
-    p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
-    p.add_argument('--work-dir', help='checkpoints and logs (default: <run folder>/work)')
+    p.add_argument('--results', type=path_value, default=DEFAULT_RESULTS, help='results folder (default: results)')
+    p.add_argument('--work-dir', type=path_value, help='checkpoints and logs (default: <run folder>/work)')
     stored = p.add_mutually_exclusive_group()
     stored.add_argument('--overwrite', action='store_true',
                         help='replace a stored run of the same name')
@@ -590,11 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('bench', help='training and evaluation throughput, fp32 eager vs the fast '
                                      'path, and the projected time of voc-15-1-overlap')
-    p.add_argument('--config', help='default: deeplabv3-r101 on GPU, small on CPU')
+    p.add_argument('--config', type=path_value, help='default: deeplabv3-r101 on GPU, small on CPU')
     p.add_argument('--size', type=int,
                    help='side of the synthetic images (default: 512 on GPU, 64 on CPU; not with '
                         '--data-root)')
-    p.add_argument('--data-root', help='a VOC-layout dataset to read instead of the synthetic one')
+    p.add_argument('--data-root', type=path_value, help='a VOC-layout dataset to read instead of the synthetic one')
     p.add_argument('--batch', type=int, help="training batch (default: the config's)")
     p.add_argument('--iters', type=int, default=20,
                    help='timed iterations of each training case and of evaluation, in each '
@@ -621,19 +627,19 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument('--per-class', action='store_true', help='forgetting of every old class')
     p.add_argument('--run', help='use the runs of these names (comma-separated, globs allowed) '
                                  'instead of the latest run of each seed')
-    p.add_argument('--config', help="only runs of this config (a config file's also by its bare "
+    p.add_argument('--config', type=path_value, help="only runs of this config (a config file's also by its bare "
                                     "name: anchor for cfgs/anchor.py)")
-    p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
-    p.add_argument('--out', help='write to this file (with --all: this folder)')
+    p.add_argument('--results', type=path_value, default=DEFAULT_RESULTS, help='results folder (default: results)')
+    p.add_argument('--out', type=path_value, help='write to this file (with --all: this folder)')
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser('plot', help='mIoU-by-step and per-class IoU figures (PNG)')
     p.add_argument('--protocol', help='as for table')
     p.add_argument('--all', action='store_true', help='every protocol with results')
     p.add_argument('--run', help='as for table')
-    p.add_argument('--config', help='as for table')
-    p.add_argument('--results', default=DEFAULT_RESULTS, help='results folder (default: results)')
-    p.add_argument('--out', help='folder for the PNGs (default: <results>/tables)')
+    p.add_argument('--config', type=path_value, help='as for table')
+    p.add_argument('--results', type=path_value, default=DEFAULT_RESULTS, help='results folder (default: results)')
+    p.add_argument('--out', type=path_value, help='folder for the PNGs (default: <results>/tables)')
     p.set_defaults(func=cmd_plot)
     for command_parser in sub.choices.values():   # its usage, for an option it does not know
         command_parser.set_defaults(command_parser=command_parser)

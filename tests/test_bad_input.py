@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import cssbench.runner as runner
-from cssbench.cli import build_parser, main
+from cssbench.cli import build_parser, main, path_value
 from cssbench.synth import make_synth
 from conftest import locked_by_another_process, make_voc_tree, mask_with, stop_run_in_step
 
@@ -107,6 +107,36 @@ def test_an_abbreviated_option_is_refused(argv, error, capsys):
         main(argv)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f'cssbench {argv[0]}: error: {error}'
+
+
+PATH_OPTIONS = {'run': ['--config', '--data-root', '--results', '--work-dir'],
+                'splits': ['--data-root', '--out'], 'make-synth': ['--out'],
+                'bench': ['--config', '--data-root'], 'table': ['--config', '--out', '--results'],
+                'plot': ['--config', '--out', '--results']}
+
+
+@pytest.mark.parametrize('command, option', [(c, o) for c, options in PATH_OPTIONS.items()
+                                             for o in options])
+def test_an_empty_path_or_config_is_refused(command, option, tmp_path, monkeypatch, capsys):
+    """An unset variable's ``--results "$DIR"`` ran in the current folder, ``splits --out ""``
+    wrote no file, ``make-synth --out ""`` wrote into the current folder, and ``--config ""``
+    took the default."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main([command, option, ''])   # refused as it is read, before a missing --protocol
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'cssbench {command}: error: argument {option}: an empty value')
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_empty_value_check_covers_every_path_option():
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = {command: {a.option_strings[0] for a in p._actions if a.type is path_value}
+               for command, p in commands.choices.items()}
+    assert {c: o for c, o in checked.items() if o} == {
+        c: set(o) for c, o in PATH_OPTIONS.items()}
 
 
 def test_no_command_takes_abbreviated_options():

@@ -1395,10 +1395,10 @@ def test_plot_and_table_all_refuse_an_empty_out_and_expand_a_home_folder(
     results = str(store_19_1)
     for command in ('plot', 'table'):
         target = ['--protocol', VOC19] if command == 'plot' else ['--all']
-        assert main([command, *target, '--results', results, '--out', '']) == 2
-        assert capsys.readouterr().err == (
-            'cssbench: error: --out: an empty path; give the folder for the tables and plots, '
-            'or leave --out out for <results>/tables\n')
+        with pytest.raises(SystemExit) as stopped:
+            main([command, *target, '--results', results, '--out', ''])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.endswith('error: argument --out: an empty value\n')
     assert not (store_19_1 / 'tables').exists()
     monkeypatch.setenv('HOME', str(tmp_path / 'home'))
     monkeypatch.chdir(tmp_path)
