@@ -25,7 +25,8 @@ from .datasets_info import DATASET_INFO
 from .distributed import world_size
 from .errors import UserError
 from .protocols import Protocol
-from .speed import effective_speed, optim_wrapper_config, training_device, val_loop_config
+from .speed import (autocast_name, effective_speed, optim_wrapper_config, training_device,
+                    val_loop_config)
 from .transforms import EvalTransform, TrainTransform
 
 
@@ -152,7 +153,7 @@ def make_mmengine_runner(cfg: Config, model, train_set, val_set, work_dir: Path,
         # the smoothing pattern); the timings are smoothed over the logging interval.
         log_processor=dict(window_size=log_interval, mean_pattern=r'.*(time|data_time|grad_norm).*'),
         custom_hooks=[dict(type='cssbench.EpochSeedHook', seed=step_seed),
-                      dict(type='cssbench.StepClockHook', amp=speed.amp or 'float32'),
+                      dict(type='cssbench.StepClockHook', amp=autocast_name(speed.amp)),
                       dict(type='cssbench.InterruptHook')],
         env_cfg=dict(cudnn_benchmark=speed.cudnn_benchmark),
         launcher='pytorch' if processes > 1 else 'none',

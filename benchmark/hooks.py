@@ -18,6 +18,7 @@ from .interrupts import raise_if_interrupted
 from .io import atomic_write_json, read_json_or_none
 from .registry import DATA_SAMPLERS, HOOKS
 from .seeds import derive_seed
+from .speed import NO_AUTOCAST
 
 
 # Under float16's loss scaling an iteration whose loss overflowed is one the scaler skips;
@@ -237,7 +238,7 @@ class StepClockHook(Hook):
 
     priority = 'LOWEST'   # after CheckpointHook's VERY_LOW
 
-    def __init__(self, amp: str = 'float32') -> None:
+    def __init__(self, amp: str = NO_AUTOCAST) -> None:
         self.amp = amp
 
     def before_train(self, runner) -> None:

@@ -45,7 +45,8 @@ from .models import LossWeight, read_state_dict
 from .protocols import Protocol, check_stored_protocol_name, load_protocol
 from .registry import MODELS
 from .seeds import derive_seed
-from .speed import effective_speed, emulated_bf16_note, prepare_model, training_device
+from .speed import (autocast_name, effective_speed, emulated_bf16_note, prepare_model,
+                    training_device)
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
 from .store import (DIRTY_REVISION, PLAIN_NAME, CorruptRun, is_plain_name, now_stamp, open_store,
                     read_json_object, results_option, run_folder)
@@ -785,7 +786,7 @@ def speed_record(cfg: Config) -> dict:
     the number of processes (torchrun), the batch each takes, and whether BN statistics
     are synchronised across them."""
     speed, processes, device = effective_speed(cfg), world_size(), training_device()
-    return dict(device=device, amp=speed.amp or 'float32', channels_last=speed.channels_last,
+    return dict(device=device, amp=autocast_name(speed.amp), channels_last=speed.channels_last,
                 cudnn_benchmark=speed.cudnn_benchmark, compile=speed.compile,
                 world_size=processes,
                 batch_per_process=per_process_batch(cfg.data.batch_size, processes),

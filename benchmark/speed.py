@@ -24,6 +24,12 @@ from .errors import UserError
 from .registry import LOOPS, OPTIM_WRAPPERS
 
 AMP_DTYPES = ('bfloat16', 'float16', None)
+NO_AUTOCAST = 'float32'   # how records (run.json, clock.json, the step-0 key) name amp=None
+
+
+def autocast_name(amp: str | None) -> str:
+    """``amp`` as the records name it: its dtype, ``float32`` for none."""
+    return amp or NO_AUTOCAST
 
 # torch.compile's AOTAutograd cache keys a graph on whether autocast is on, and before torch
 # 2.13 not on its dtype (pytorch/pytorch#181564): on torch 2.11 a model compiled under float16

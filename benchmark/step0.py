@@ -22,6 +22,7 @@ from .distributed import decided_by_main
 from .io import (atomic_copy, atomic_write_json, cache_root, copy_if_absent, file_sha256,
                  read_json_or_none)
 from .protocols import Protocol
+from .speed import NO_AUTOCAST
 
 
 def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collection[str],
@@ -36,7 +37,7 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
                config=sections_digest(_as_step0_reads_it(cfg, unused_settings)),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
-    if speed['amp'] != 'float32':   # one trained under autocast (bf16, float16) is not the fp32 one
+    if speed['amp'] != NO_AUTOCAST:   # one trained under autocast (bf16, float16) is not the fp32 one
         key['amp'] = speed['amp']
     if speed['world_size'] > 1:   # nor one trained in shares of the batch (torchrun)
         key['processes'] = dict(world_size=speed['world_size'], sync_bn=speed['sync_bn'])
