@@ -524,6 +524,11 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
 
+def _add_results_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--results', type=path_value, default=DEFAULT_RESULTS,
+                        help='results folder (default: %(default)s)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog='cssbench', description='Class-incremental semantic segmentation benchmark: run '
@@ -571,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument('--seed', type=seed_value, default=0, help='default: 0')
     seeds.add_argument('--seeds', type=seed_list, help='several seeds, e.g. 0,1,2: each one run in turn')
     p.add_argument('--run-name', help='default: <config>-seed<seed> (with --seeds: <name>-seed<seed>)')
-    p.add_argument('--results', type=path_value, default=DEFAULT_RESULTS, help='results folder (default: results)')
+    _add_results_option(p)
     p.add_argument('--work-dir', type=path_value, help='checkpoints and logs (default: <run folder>/work)')
     stored = p.add_mutually_exclusive_group()
     stored.add_argument('--overwrite', action='store_true',
@@ -629,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  'instead of the latest run of each seed')
     p.add_argument('--config', type=path_value, help="only runs of this config (a config file's also by its bare "
                                     "name: anchor for cfgs/anchor.py)")
-    p.add_argument('--results', type=path_value, default=DEFAULT_RESULTS, help='results folder (default: results)')
+    _add_results_option(p)
     p.add_argument('--out', type=path_value, help='write to this file (with --all: this folder)')
     p.set_defaults(func=cmd_table)
 
@@ -638,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--all', action='store_true', help='every protocol with results')
     p.add_argument('--run', help='as for table')
     p.add_argument('--config', type=path_value, help='as for table')
-    p.add_argument('--results', type=path_value, default=DEFAULT_RESULTS, help='results folder (default: results)')
+    _add_results_option(p)
     p.add_argument('--out', type=path_value, help='folder for the PNGs (default: <results>/tables)')
     p.set_defaults(func=cmd_plot)
     for command_parser in sub.choices.values():   # its usage, for an option it does not know
