@@ -30,7 +30,8 @@ import yaml
 
 from .datasets_info import DATASET_INFO
 from .errors import UserError
-from .store import PLAIN_NAME, CorruptRun, is_plain_name, read_json_object, run_folders
+from .store import (PLAIN_NAME, RUN_RECORD, CorruptRun, is_plain_name, read_json_object,
+                    run_folders)
 
 try:
     from . import shipped_protocols
@@ -367,7 +368,7 @@ def check_stored_protocol_name(store_root: Path, protocol: Protocol,
     mine = protocol_definition(protocol.to_dict())
     for folder in run_folders(store_root, protocol.name):
         try:
-            stored = read_json_object(folder / 'run.json')['protocol']
+            stored = read_json_object(folder / RUN_RECORD)['protocol']
         except (CorruptRun, KeyError):
             continue   # the store names unreadable runs where it reads them
         if not isinstance(stored, dict) or protocol_definition(stored) != mine:

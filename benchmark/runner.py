@@ -48,8 +48,9 @@ from .seeds import derive_seed
 from .speed import (autocast_name, effective_speed, emulated_bf16_note, prepare_model,
                     training_device)
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
-from .store import (DIRTY_REVISION, PLAIN_NAME, CorruptRun, is_plain_name, now_stamp, open_store,
-                    read_json_object, results_option, run_folder)
+from .store import (DEFAULT_RESULTS, DIRTY_REVISION, PLAIN_NAME, RUN_METRICS, RUN_RECORD,
+                    CorruptRun, is_plain_name, now_stamp, open_store, read_json_object,
+                    results_option, run_folder)
 from .tables import format_step_table, steps_to_csv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -377,7 +378,7 @@ def _marks_this_run(marked_run: str | None, work: Path, identity: dict, record: 
     trained_in = record.get('work_dir') if record is not None else None
     if marked_run is None:
         return record is not None and trained_in in (None, str(work.resolve()))
-    return trained_in == str(work.resolve()) and not (Path(marked_run) / 'run.json').exists()
+    return trained_in == str(work.resolve()) and not (Path(marked_run) / RUN_RECORD).exists()
 
 
 def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool, previous: dict | None) -> None:
@@ -399,7 +400,7 @@ def _check_work_dir(paths: RunPaths, identity: dict, overwrite: bool, previous: 
         stored['config_digest'] = identity['config_digest']
     owned = (paths.work.resolve().parent == paths.results.resolve()   # a moved run folder too
              or _marks_this_run(stored.get('run'), paths.work, identity,
-                                read_json_or_none(paths.results / 'run.json',
+                                read_json_or_none(paths.results / RUN_RECORD,
                                                   lambda r: r if isinstance(r, dict) else None)))
     if owned and all(stored.get(k) == identity[k] for k in identity if k != 'run'):
         return
@@ -440,7 +441,7 @@ def _remove_new_folders(folders: list[Path], paths: RunPaths) -> None:
 
 def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = 'small',
                  data_root: str | None = None, epochs: int | None = None,
-                 results_root: str | Path = 'results', work_dir: str | Path | None = None,
+                 results_root: str | Path = DEFAULT_RESULTS, work_dir: str | Path | None = None,
                  run_name: str | None = None, seed: int = 0, overwrite: bool = False,
                  resume: bool = False, deterministic: bool = False,
                  keep_epoch_checkpoints: bool = False, step0_cache: bool = True,
@@ -475,13 +476,13 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
             if is_main_process():
                 # A run refused before it started leaves no folder behind; a stopped run
                 # refused when continued, no new work dir (made for its lock).
-                recorded = (results_dir / 'run.json').exists()
+                recorded = (results_dir / RUN_RECORD).exists()
                 _remove_new_folders(new_work_folders + ([] if recorded else new_run_folders),
                                     paths)
             raise
         if started is None:
             log(f'{results_dir}: complete, kept (--overwrite trains it again)')
-            return read_json(results_dir / 'metrics.json')['steps']
+            return read_json(results_dir / RUN_METRICS)['steps']
         step0_key = (step0.cache_key(steps_of(protocol, method), method.step0_kind, cfg,
                                      MODELS.get(method.model_type).settings_unused_at_step0,
                                      seed, deterministic, started['run']['dataset_fingerprint'],
@@ -503,7 +504,7 @@ def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = '
         started['run'].update(status='complete',
                              wall_time_s=round(sum(r['wall_time_s'] for r in step_results), 1),
                              finished=now_stamp())
-        atomic_write_json(results_dir / 'run.json', started['run'])
+        atomic_write_json(results_dir / RUN_RECORD, started['run'])
     index_note = open_store(results_root).index_note()  # brings the results index up to date
     if index_note:   # the run is stored; the next reader that can write the index updates it
         log(index_note)
@@ -515,7 +516,7 @@ def _record_stopped(results_dir: Path, run: dict, error: BaseException) -> None:
     run killed outright stays 'running'. What cannot be written leaves the error as it is."""
     stopped_by = type(error).__name__ + (f': {error}' if str(error) else '')
     with contextlib.suppress(OSError):
-        atomic_write_json(results_dir / 'run.json', dict(
+        atomic_write_json(results_dir / RUN_RECORD, dict(
             run, status='stopped', stopped_by=stopped_by.splitlines()[0][:300],
             stopped=now_stamp()))
 
@@ -541,7 +542,7 @@ def run_is_stored(protocol_name: str, method_name: str, results_root: str | Path
                   run_name: str | None, config: str, seed: int) -> bool:
     """Whether the run that ``run_protocol`` would continue was started (or finished)."""
     *_, folder = locate_run(protocol_name, method_name, results_root, run_name, config, seed)
-    return (folder / 'run.json').exists()
+    return (folder / RUN_RECORD).exists()
 
 
 @decided_by_main
@@ -581,7 +582,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                    continued=[*previous.get('continued', []), run['started']])
         earlier_speeds = previous.get('speed_history') or [previous.get('speed')]
     run['speed_history'] = [*earlier_speeds, run['speed']]   # every session's (store.run_regime)
-    atomic_write_json(paths.results / 'run.json', run)
+    atomic_write_json(paths.results / RUN_RECORD, run)
     return dict(run=run, splits=checked.splits)
 
 
@@ -634,7 +635,7 @@ def _check_stored_run(paths: RunPaths, cfg: Config, digest: str, seed: int, dete
     ``cfg``, of ``digest``; another seed, as a --run-name given without --seeds names every
     seed's run alike; ``--deterministic`` the other way, a complete run unless kept), or
     none with ``resume``; returns the stored record (None if none, or with ``overwrite``)."""
-    run_file = paths.results / 'run.json'
+    run_file = paths.results / RUN_RECORD
     previous = read_json(run_file) if run_file.exists() and not overwrite else None
     if previous is not None:
         if stored_digests(previous)[0] != digest:
@@ -654,7 +655,7 @@ def _check_stored_run(paths: RunPaths, cfg: Config, digest: str, seed: int, dete
             raise UserError(f'{paths.results}: this run was started {flag} --deterministic; '
                             f'continue it the same way, or --overwrite it')
         if previous.get('status') == 'complete':
-            read_json(paths.results / 'metrics.json')   # what `table` would show
+            read_json(paths.results / RUN_METRICS)   # what `table` would show
             if not keep_complete:
                 raise UserError(f'{paths.results}: this run is complete; `cssbench table '
                                 f'--protocol {paths.protocol_name}{results_option(paths.store_root)}` '
@@ -937,5 +938,5 @@ def _read_step_weights(paths: RunPaths, t: int) -> dict:
 
 
 def write_run_tables(results_dir: Path, step_results: list[dict]) -> None:
-    atomic_write_json(results_dir / 'metrics.json', dict(steps=step_results))
+    atomic_write_json(results_dir / RUN_METRICS, dict(steps=step_results))
     atomic_write_text(results_dir / 'metrics.csv', steps_to_csv(step_results))

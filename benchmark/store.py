@@ -33,7 +33,9 @@ INDEX_VERSION = 6   # 2: runs carry their training regime; 3: and whether they t
                     # stamped with file_stamp; 4: and their shared config digest; 5: digests
                     # computed from the stored config (digests.stored_digests), and epochs;
                     # 6: metrics whose numbers are not IoUs (an edit by hand) refused
-RUN_FILES = ('run.json', 'metrics.json')
+RUN_RECORD = 'run.json'      # a run folder's record: protocol, method, config, status, ...
+RUN_METRICS = 'metrics.json'  # its per-step metrics
+RUN_FILES = (RUN_RECORD, RUN_METRICS)
 DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
 
@@ -217,21 +219,21 @@ def run_regime(record: dict) -> str:
 
 def read_run(root: Path, run_dir: Path) -> StoredRun:
     """The complete run stored in ``run_dir``; raises CorruptRun saying why it is not one."""
-    record = read_json_object(run_dir / 'run.json')
+    record = read_json_object(run_dir / RUN_RECORD)
     status = record.get('status')
     if status != 'complete':
         done = len(list((run_dir / 'steps').glob('step*.json')))
         how = (f'stopped by {record["stopped_by"]}' if status == 'stopped' and record.get('stopped_by')
                else f'status {status!r}')
         raise CorruptRun(f'unfinished ({how}, {done} step(s) done)')
-    protocol = _require(record, 'protocol', dict, 'run.json')
+    protocol = _require(record, 'protocol', dict, RUN_RECORD)
     protocol_steps = _require(protocol, 'steps', list, "run.json's protocol")
     _require(protocol, 'name', str, "run.json's protocol")
     # a joint method trains every class in one step, reported in the protocol's columns; runs
     # stored before run.json said so are joint training's
     joint = record['joint'] if isinstance(record.get('joint'), bool) else record.get('method') == 'joint'
     num_steps = 1 if joint else len(protocol_steps)
-    steps = _check_steps(read_json_object(run_dir / 'metrics.json').get('steps'), num_steps)
+    steps = _check_steps(read_json_object(run_dir / RUN_METRICS).get('steps'), num_steps)
     env = record.get('environment') if isinstance(record.get('environment'), dict) else {}
     digest, shared_digest = stored_digests(record)
     epochs, digest_but_epochs = epochs_and_the_rest(record)
@@ -239,13 +241,13 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         raise CorruptRun("run.json lacks a valid 'config' and 'config_digest'")
     return StoredRun(
         path=run_dir.relative_to(root).as_posix(), protocol=protocol,
-        method=_require(record, 'method', str, 'run.json'), joint=joint,
-        run=_require(record, 'run', str, 'run.json'),
-        seed=_require(record, 'seed', int, 'run.json'),
-        config_name=_require(record, 'config_name', str, 'run.json'),
+        method=_require(record, 'method', str, RUN_RECORD), joint=joint,
+        run=_require(record, 'run', str, RUN_RECORD),
+        seed=_require(record, 'seed', int, RUN_RECORD),
+        config_name=_require(record, 'config_name', str, RUN_RECORD),
         config_digest=digest, shared_config_digest=shared_digest,
         epochs=epochs, digest_but_epochs=digest_but_epochs,
-        started=str(record.get('started', '')), finished=_require(record, 'finished', str, 'run.json'),
+        started=str(record.get('started', '')), finished=_require(record, 'finished', str, RUN_RECORD),
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),
         dataset_fingerprint=str(record.get('dataset_fingerprint', '')),
