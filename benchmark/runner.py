@@ -48,8 +48,8 @@ from .seeds import derive_seed
 from .speed import (autocast_name, effective_speed, emulated_bf16_note, prepare_model,
                     training_device)
 from .splits import DatasetIndex, index_dataset, protocol_splits, resolve_data_root, select
-from .store import (DEFAULT_RESULTS, DIRTY_REVISION, PLAIN_NAME, RUN_METRICS, RUN_RECORD,
-                    CorruptRun, is_plain_name, now_stamp, open_store, read_json_object,
+from .store import (DEFAULT_RESULTS, DIRTY_REVISION, PLAIN_NAME, RUN_LOCK, RUN_METRICS,
+                    RUN_RECORD, CorruptRun, is_plain_name, now_stamp, open_store, read_json_object,
                     results_option, run_folder)
 from .tables import format_step_table, steps_to_csv
 
@@ -355,7 +355,7 @@ def _exclusive(paths: RunPaths, new_folders: list[Path]):
 @decided_by_main
 def _lock_folder(folder: Path, held: contextlib.ExitStack, refusal: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    lock = held.enter_context(open(folder / '.lock', 'w'))
+    lock = held.enter_context(open(folder / RUN_LOCK, 'w'))
     try:
         # A POSIX record lock: unlike flock, not inherited by forked loader workers, so it
         # dies with this process even if a worker outlives it for a moment. (Closing any
@@ -430,7 +430,7 @@ def _remove_new_folders(folders: list[Path], paths: RunPaths) -> None:
     """Remove the folders a call created (absent at its start), deepest first, each only if
     it holds nothing but the call's own files there (the run folder's and the work dir's
     locks, the work dir's marker): another process's new run in the same new folder stays."""
-    for own in (paths.results / '.lock', paths.work / '.lock', paths.work / WORK_MARKER):
+    for own in (paths.results / RUN_LOCK, paths.work / RUN_LOCK, paths.work / WORK_MARKER):
         if own.parent in folders:
             with contextlib.suppress(OSError):   # e.g. a --work-dir under a file: never made
                 own.unlink(missing_ok=True)
@@ -562,7 +562,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
         steps = [p for p in paths.work.glob('step*') if re.fullmatch(r'step\d+', p.name)]
         work_items = [*steps, paths.work / WORK_MARKER] if paths.work.is_dir() else []
         for child in [*work_items, *paths.results.iterdir()]:
-            if child.name == '.lock' or not child.exists():
+            if child.name == RUN_LOCK or not child.exists():
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     if read_json_or_none(paths.work / WORK_MARKER) != identity:   # absent, or a moved run's

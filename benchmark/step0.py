@@ -37,7 +37,7 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
                config=sections_digest(_as_step0_reads_it(cfg, unused_settings)),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
                cssbench=__version__)
-    if speed['amp'] != NO_AUTOCAST:   # one trained under autocast (bf16, float16) is not the fp32 one
+    if speed['amp'] != NO_AUTOCAST:   # one trained under autocast (bf16, float16): not fp32's
         key['amp'] = speed['amp']
     if speed['world_size'] > 1:   # nor one trained in shares of the batch (torchrun)
         key['processes'] = dict(world_size=speed['world_size'], sync_bn=speed['sync_bn'])
@@ -61,6 +61,10 @@ def _as_step0_reads_it(cfg: Config, unused_settings: Collection[str]) -> dict:
 
 def _entry(key: str) -> Path:
     return cache_root() / 'step0' / key   # created by its first write
+
+
+def _weights(entry: Path) -> Path:
+    return entry / 'model.pth'
 
 
 def _iou_file(entry: Path, protocol: Protocol) -> Path:
@@ -97,9 +101,9 @@ def reuse(key: str, protocol: Protocol, weights: Path) -> dict | None:
     scored so), or None if no model that loads is cached."""
     entry = _entry(key)
     try:
-        if not _loads(entry / 'model.pth'):   # absent or damaged: train it
+        if not _loads(_weights(entry)):   # absent or damaged: train it
             return None
-        atomic_copy(entry / 'model.pth', weights)
+        atomic_copy(_weights(entry), weights)
         digest = file_sha256(weights)  # the weights copied, whatever came since
     except OSError:   # the entry went away meanwhile
         return None
@@ -116,7 +120,7 @@ def store(key: str, protocol: Protocol, weights: Path, run: Path, wall_time_s: f
     entry = _entry(key)
     try:
         digest = file_sha256(weights)
-        model = entry / 'model.pth'
+        model = _weights(entry)
         if model.exists() and not _loads(model):
             model.unlink(missing_ok=True)   # damaged
         if not copy_if_absent(weights, model):   # one cached before, or meanwhile
@@ -135,7 +139,7 @@ def store_iou(key: str, protocol: Protocol, digest: str, run: Path, iou: dict[in
     ``protocol``'s evaluation, if those are the cached weights."""
     entry = _entry(key)
     try:
-        if (entry / 'model.pth').exists() and file_sha256(entry / 'model.pth') == digest:
+        if _weights(entry).exists() and file_sha256(_weights(entry)) == digest:
             _write_iou(entry, protocol, digest, run, iou)
     except OSError as e:
         log(f'step-0 cache: {entry}: IoUs not stored ({e}); the run goes on')

@@ -36,6 +36,7 @@ INDEX_VERSION = 6   # 2: runs carry their training regime; 3: and whether they t
 RUN_RECORD = 'run.json'      # a run folder's record: protocol, method, config, status, ...
 RUN_METRICS = 'metrics.json'  # its per-step metrics
 RUN_FILES = (RUN_RECORD, RUN_METRICS)
+RUN_LOCK = '.lock'   # in a run folder and its work dir: held by the process running the run
 DEFAULT_RESULTS = 'results'   # the commands' --results, relative to the cwd
 
 
@@ -307,7 +308,7 @@ def scan_store(root: Path, protocol: str | None = None) -> tuple[list[Path], lis
 
 def _holds_a_run(folder: Path) -> bool:
     try:
-        return any(child.name != '.lock' for child in folder.iterdir())
+        return any(child.name != RUN_LOCK for child in folder.iterdir())
     except FileNotFoundError:   # removed meanwhile
         return False
     except OSError:   # unreadable (another user's, mode 000): a run its reader cannot see
