@@ -61,7 +61,7 @@ def cmd_splits(args) -> None:
     if args.out and Path(args.out).is_dir():
         raise UserError(f'--out {args.out}: a folder; give the lists a file name')
     if args.out:   # before the scan, not after it
-        refuse_unwritable_folder('--out', args.out, Path(args.out).expanduser().absolute().parent)
+        refuse_unwritable_folder('--out', args.out, Path(args.out).absolute().parent)
     root = resolve_data_root(protocol.dataset, args.data_root)
     index = index_dataset(protocol.dataset, root)
     steps = protocol_splits(protocol, index)
@@ -85,7 +85,7 @@ def cmd_splits(args) -> None:
 
 def cmd_make_synth(args) -> None:
     from .synth import make_synth, writes_into
-    out = Path(args.out).expanduser().absolute()
+    out = Path(args.out).absolute()
     if writes_into(out):   # written from beside it (a temporary folder renamed)
         refuse_unwritable_folder('--out', args.out, out.parent)
     path = make_synth(args.out, n_train=args.n_train, n_val=args.n_val, size=args.size,
@@ -385,7 +385,7 @@ def _require_protocol_or_all(args, command: str) -> None:
 
 def _tables_folder(args) -> Path:
     """Where ``--all`` tables and the plots go: ``--out``, else ``<results>/tables``."""
-    folder = Path(args.out).expanduser() if args.out else Path(args.results) / 'tables'
+    folder = Path(args.out) if args.out else Path(args.results) / 'tables'
     if folder.exists() and not folder.is_dir():
         raise UserError(f'{folder}: a file, where a folder for the tables and plots is needed')
     if args.out:
@@ -489,12 +489,13 @@ def stored_protocol_name(text: str, results: str) -> str:
 
 
 def path_value(text: str) -> str:
-    """A path option's value (or a config's name). An empty one (an unset variable's ``--out
-    "$DIR"``) is refused: it would mean the current folder, or the default, or nothing, where
-    something else was meant."""
+    """A path option's value (or a config's name), a leading ``~`` the home folder: no shell
+    expands it in ``--out=~/x``. An empty one (an unset variable's ``--out "$DIR"``) is refused:
+    it would mean the current folder, or the default, or nothing, where something else was
+    meant."""
     if not text:
         raise argparse.ArgumentTypeError('an empty value')
-    return text
+    return os.path.expanduser(text)
 
 
 def seed_value(text: str) -> int:

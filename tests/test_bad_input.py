@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import cssbench.runner as runner
-from cssbench.cli import build_parser, main, path_value
+from cssbench.cli import build_parser, main, parse_arguments, path_value
 from cssbench.synth import make_synth
 from conftest import locked_by_another_process, make_voc_tree, mask_with, stop_run_in_step
 
@@ -128,6 +128,21 @@ def test_an_empty_path_or_config_is_refused(command, option, tmp_path, monkeypat
     assert capsys.readouterr().err.splitlines()[-1] == (
         f'cssbench {command}: error: argument {option}: an empty value')
     assert not any(tmp_path.iterdir())
+
+
+REQUIRED_OPTIONS = {'run': ['--protocol', 'p'], 'splits': ['--protocol', 'p'],
+                    'make-synth': ['--out', 'synth']}
+
+
+@pytest.mark.parametrize('command, option', [(c, o) for c, options in PATH_OPTIONS.items()
+                                             for o in options])
+def test_a_path_option_takes_a_leading_tilde_for_the_home_folder(command, option, tmp_path,
+                                                                 monkeypatch):
+    """No shell expands the ~ of ``--out=~/x``: ``splits --out`` checked the home folder, then
+    wrote into a folder named '~' in the current one, as ``table --out`` and ``--results`` did."""
+    monkeypatch.setenv('HOME', str(tmp_path))
+    args = parse_arguments([command, *REQUIRED_OPTIONS.get(command, []), f'{option}=~/x'])
+    assert getattr(args, option[2:].replace('-', '_')) == str(tmp_path / 'x')
 
 
 def test_the_empty_value_check_covers_every_path_option():

@@ -1407,3 +1407,18 @@ def test_plot_and_table_all_refuse_an_empty_out_and_expand_a_home_folder(
     assert wrote[0] == f'wrote {tmp_path / "home" / "plots" / f"{VOC19}-miou.png"}'
     assert (tmp_path / 'home' / 'plots' / f'{VOC19}-miou.png').is_file()
     assert not (tmp_path / '~').exists()
+
+
+def test_table_out_and_results_take_a_home_folder(store_19_1: Path, tmp_path: Path, monkeypatch,
+                                                  capsys) -> None:
+    """``table --out=~/t.md`` (no shell expands that ~) wrote into a folder named '~' in the cwd,
+    as ``plot --out`` did before; ``--results=~/...`` read no store there."""
+    home = tmp_path / 'home'
+    home.mkdir()
+    shutil.copytree(store_19_1, home / 'store')
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(['table', '--protocol', VOC19, '--results=~/store', '--out=~/t.md']) == 0
+    assert capsys.readouterr().out == f'wrote {home / "t.md"}\n'
+    assert f'### {VOC19}' in (home / 't.md').read_text()
+    assert not (tmp_path / '~').exists()
