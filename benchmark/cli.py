@@ -588,8 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch's deterministic algorithms (slower on GPU)")
     p.add_argument('--no-step0-cache', action='store_true',
                    help='train step 0 even if a cached model of the same step 0, data, config '
-                        'and seed exists (shared by methods whose step 0 is fine-tuning, and by '
-                        'protocols that begin alike, e.g. 15-1 and 15-5)')
+                        'and seed exists (shared by methods that train step 0 alike, e.g. ft, '
+                        'lwf and mib, or sdr and sdr+mib, and by protocols that begin alike, '
+                        'e.g. 15-1 and 15-5)')
     p.add_argument('--keep-epoch-checkpoints', action='store_true',
                    help="keep each step's last epoch checkpoints (default: only its weights)")
     p.add_argument('--compile', action='store_true',
@@ -614,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup', type=int, default=5, help='untimed iterations before them (default: 5)')
     p.add_argument('--workers', type=int, help="loader workers (default: the config's)")
     p.add_argument('--compile', action='store_true',
-                   help='also measure the fast path with torch.compile (a third regime)')
+                   help='also measure the fast path with torch.compile (a third regime; with several --amp, '
+                        'one per dtype)')
     p.add_argument('--amp', metavar='DTYPES',
                    help="the fast path's autocast dtype, or several to compare side by side, "
                         "comma-separated: bfloat16, float16 (default: the config's; GPU only)")
