@@ -22,6 +22,11 @@ SHARED_MODEL_SETTINGS = ('type', 'backbone', 'decode_head', 'step_sizes', 'data_
                          'ignore_index', 'overlapped', 'classifier_dropout')
 
 
+def json_digest(value, length: int = 16) -> str:
+    """The sha256 of ``value`` as JSON with sorted keys, its first ``length`` hex digits."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def sections_digest(sections: dict, model_keys: Collection[str] | None = None) -> str:
     """The digest of a config's sections (``Config.to_dict()``, or as run.json holds them):
     what ``_what_it_computes`` keeps, and with ``model_keys`` every setting of the model
@@ -29,8 +34,7 @@ def sections_digest(sections: dict, model_keys: Collection[str] | None = None) -
     kept = _what_it_computes(sections)
     if model_keys is not None and isinstance(kept.get('model'), dict):
         kept['model'] = {k: v for k, v in kept['model'].items() if k in model_keys}
-    text = json.dumps(kept, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_digest(kept)
 
 
 def _what_it_computes(sections: dict) -> dict:

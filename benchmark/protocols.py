@@ -19,8 +19,6 @@ three orders, which the tables aggregate).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 import yaml
 
 from .datasets_info import DATASET_INFO
+from .digests import json_digest
 from .errors import UserError
 from .store import (PLAIN_NAME, RUN_RECORD, CorruptRun, is_plain_name, read_json_object,
                     run_folders)
@@ -177,7 +176,7 @@ class Protocol:
         (not the name or description)."""
         key = dict(self.to_dict())
         key.pop('name')
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(key)
 
 
 def parse_class_item(item, where: str) -> list[int]:

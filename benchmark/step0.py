@@ -8,8 +8,6 @@ stays; a cache that cannot be written stops no run.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Collection
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 from mmengine.config import Config
 
 from . import __version__
-from .digests import sections_digest
+from .digests import json_digest, sections_digest
 from .distributed import decided_by_main
 from .io import (atomic_copy, atomic_write_json, cache_root, copy_if_absent, file_sha256,
                  read_json_or_none)
@@ -41,7 +39,7 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
         key['amp'] = speed['amp']
     if speed['world_size'] > 1:   # nor one trained in shares of the batch (torchrun)
         key['processes'] = dict(world_size=speed['world_size'], sync_bn=speed['sync_bn'])
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return json_digest(key, length=20)
 
 
 def _as_step0_reads_it(cfg: Config, unused_settings: Collection[str]) -> dict:
