@@ -48,7 +48,7 @@ def per_process_batch(batch_size: int, processes: int) -> int:
 def loader_settings(data: ConfigDict, batch_size: int) -> dict:
     """A step's DataLoader settings (``cssbench bench`` measures the same loader)."""
     return dict(batch_size=batch_size, num_workers=data.num_workers,
-                persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())
+                persistent_workers=data.num_workers > 0, pin_memory=training_device() == 'cuda')
 
 
 def sgd_config(schedule: ConfigDict, lr: float) -> dict:
