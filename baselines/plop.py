@@ -62,6 +62,7 @@ import warnings
 
 import torch
 
+from cssbench.datasets_info import IGNORE_INDEX
 from cssbench.distributed import sum_over_processes
 from cssbench.losses import (cross_entropy, image_weighted_cross_entropy, merge_new_into_background,
                              pod_distillation)
@@ -133,7 +134,7 @@ def median_thresholds(histograms: torch.Tensor, base_threshold: float) -> torch.
 
 @torch.no_grad()
 def entropy_pseudo_labels(targets: torch.Tensor, old_logits: torch.Tensor, thresholds: torch.Tensor,
-                          max_entropy: float, num_old: int, ignore_index: int = 255,
+                          max_entropy: float, num_old: int, ignore_index: int = IGNORE_INDEX,
                           min_factor: float = 0.0):
     """PLOP's pseudo-labelled targets and per-image loss factor (reference train.py:
     Trainer.train, ``pseudo == "entropy"`` with ``classif_adaptive_factor``).

@@ -78,6 +78,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cssbench.datasets_info import IGNORE_INDEX
 from cssbench.distributed import sum_over_processes
 from cssbench.methods import register_method
 from cssbench.models import LossWeight
@@ -122,7 +123,8 @@ def class_sums(rows: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
 
 def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, features: torch.Tensor,
                       labels_down: torch.Tensor, exclude_background: bool,
-                      ignore_index: int = 255, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      ignore_index: int = IGNORE_INDEX,
+                      reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of the cumulative moving average (reference train.py:
     Trainer._update_running_stats): returns new (prototypes, counts), the inputs untouched.
 
@@ -168,7 +170,7 @@ def prototypes_matching_loss(features: torch.Tensor, pseudolabels: torch.Tensor,
 
 
 def attraction_loss(features: torch.Tensor, labels_down: torch.Tensor, prototypes: torch.Tensor,
-                    ignore_index: int = 255, divide_in_loop: bool = True) -> torch.Tensor:
+                    ignore_index: int = IGNORE_INDEX, divide_in_loop: bool = True) -> torch.Tensor:
     """SDR's attraction of features to their class prototype (reference
     FeaturesClusteringSeparationLoss, first output): for each class c present (ascending ids,
     background included, ``ignore_index`` left out), ``l_c = mean((f - p_c)^2)`` over its
@@ -192,7 +194,7 @@ def attraction_loss(features: torch.Tensor, labels_down: torch.Tensor, prototype
 
 
 def repulsion_loss(features: torch.Tensor, labels_down: torch.Tensor,
-                   ignore_index: int = 255) -> torch.Tensor:
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """SDR's repulsion between classes (reference FeaturesClusteringSeparationLoss, second
     output, ``lfc_sep_clust_ison_proto=False``): the batch means m_c of the present classes
     (background included, ``ignore_index`` left out); the mean of ``1 / ||m_i - m_j||`` over the

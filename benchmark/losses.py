@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .datasets_info import IGNORE_INDEX
+
 
 def _pixel_mean_nll(log_probs: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     # reduction='none' gives 0 at ignored pixels; mean over all B*H*W pixels (reference
@@ -24,14 +26,15 @@ def _pixel_mean_nll(log_probs: torch.Tensor, targets: torch.Tensor, ignore_index
     return F.nll_loss(log_probs, targets, ignore_index=ignore_index, reduction='none').mean()
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Plain cross-entropy, averaged over all pixels (reference ``nn.CrossEntropyLoss(
     reduction='none')`` then ``.mean()`` in train.py: Trainer.train)."""
     return _pixel_mean_nll(torch.log_softmax(logits, dim=1), targets, ignore_index)
 
 
 def unbiased_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_old: int,
-                           ignore_index: int = 255) -> torch.Tensor:
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """MiB's unbiased cross-entropy (reference utils/loss.py: UnbiasedCrossEntropy).
 
     The background's log-probability is logsumexp over the background and every old class
@@ -162,7 +165,7 @@ def pod_distillation(new_maps, old_maps, factors, scales=(1, 2, 4)) -> torch.Ten
 
 
 def image_weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                                 ignore_index: int = 255) -> torch.Tensor:
+                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Cross-entropy whose pixel losses are multiplied by a per-image weight (B,) and then
     averaged over every pixel of the batch, ignored pixels counting as 0 (PLOP's
     ``classif_adaptive_factor * loss`` then ``loss.mean()`` in reference train.py:
