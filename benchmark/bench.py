@@ -51,7 +51,7 @@ from mmengine.registry import DefaultScope
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import load_config
+from .config import CPU_CONFIG, PAPERS_CONFIG, load_config
 from .datasets import IncrementalSegDataset, eval_lut, is_synthetic, train_lut
 from .engine import loader_settings, sgd_config, shut_down_loader_workers
 from .errors import UserError, comma_list, refuse_unwritable_folder
@@ -111,7 +111,7 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     progress = progress or _to_stderr
     device = training_device()
     on_gpu = device == 'cuda'
-    cfg = load_config(config or ('deeplabv3-r101' if on_gpu else 'small'))
+    cfg = load_config(config or (PAPERS_CONFIG if on_gpu else CPU_CONFIG))
     if data_root is not None and size is not None:
         raise UserError('--size sets the side of the synthetic images; --data-root\'s images are '
                         'read as they are (give one of the two)')

@@ -21,10 +21,12 @@ from .store import DEFAULT_RESULTS, Store
 if TYPE_CHECKING:
     from .protocols import Protocol
 
-# Copies, checked by tests, of tables.FORMATS and synth.SYNTH_DEFAULTS: importing those modules
-# (pandas, numpy, PIL) would make every command, --help included, start up to seconds later.
+# Copies, checked by tests, of tables.FORMATS, synth.SYNTH_DEFAULTS and config.CPU_CONFIG: importing
+# those modules (pandas, numpy, PIL, mmengine) would make every command, --help included, start up
+# to seconds later.
 FORMATS = ('md', 'csv', 'latex')
 SYNTH_DEFAULTS = dict(n_train=2000, n_val=300, size=64, seed=0)
+CPU_CONFIG = 'small'
 DATA_ROOT_HELP = ('dataset folder (default: for dataset synth the generated one, for voc '
                   '$CSSBENCH_VOC_ROOT, for ade $CSSBENCH_ADE_ROOT)')
 
@@ -569,8 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'by commas, each run in turn')
     p.add_argument('--method', default='ft',
                    help='a method, several separated by commas, or all (default: ft)')
-    p.add_argument('--config', type=path_value, default='small',
-                   help='small | deeplabv3-r101 | path to a config .py (default: small)')
+    p.add_argument('--config', type=path_value, default=CPU_CONFIG,
+                   help='small | deeplabv3-r101 | path to a config .py (default: %(default)s)')
     p.add_argument('--data-root', type=path_value, help=DATA_ROOT_HELP)
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's for the protocol's dataset)")
     seeds = p.add_mutually_exclusive_group()

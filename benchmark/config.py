@@ -14,6 +14,8 @@ from .errors import UserError
 from .speed import resolve_speed
 
 CONFIGS_DIR = Path(__file__).resolve().parent / 'configs'
+CPU_CONFIG = 'small'             # run's default: the demo's and the tests' CPU model
+PAPERS_CONFIG = 'deeplabv3-r101'  # the papers' model: bench's default on a GPU
 
 
 def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | None = None,

@@ -30,8 +30,8 @@ from mmengine.config import Config, ConfigDict
 from mmengine.runner import set_random_seed
 
 from . import __version__, step0
-from .config import (NON_NEGATIVE, config_digest, is_number, is_whole_number, load_config,
-                     shared_config_digest)
+from .config import (CPU_CONFIG, NON_NEGATIVE, config_digest, is_number, is_whole_number,
+                     load_config, shared_config_digest)
 from .digests import config_differences, stored_digests
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
@@ -439,7 +439,7 @@ def _remove_new_folders(folders: list[Path], paths: RunPaths) -> None:
             folder.rmdir()
 
 
-def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = 'small',
+def run_protocol(protocol_name: str, method_name: str = 'ft', *, config: str = CPU_CONFIG,
                  data_root: str | None = None, epochs: int | None = None,
                  results_root: str | Path = DEFAULT_RESULTS, work_dir: str | Path | None = None,
                  run_name: str | None = None, seed: int = 0, overwrite: bool = False,

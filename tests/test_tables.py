@@ -941,13 +941,15 @@ def test_class_heat_map_is_class_by_step(store_19_1: Path) -> None:
     assert [t.get_text() for t in ticks] == ['all classes']   # one step, not the protocol's 0
 
 
-def test_the_cli_keeps_true_copies_of_the_table_formats_and_the_synth_defaults() -> None:
-    # copies, so that --help imports neither pandas nor numpy
+def test_the_cli_keeps_true_copies_of_the_values_it_does_not_import() -> None:
+    # copies, so that --help imports neither pandas, numpy nor mmengine
     import cssbench.cli
+    import cssbench.config
     import cssbench.synth
     import cssbench.tables
     assert cssbench.cli.FORMATS == cssbench.tables.FORMATS
     assert cssbench.cli.SYNTH_DEFAULTS == cssbench.synth.SYNTH_DEFAULTS
+    assert cssbench.cli.CPU_CONFIG == cssbench.config.CPU_CONFIG
 
 
 def test_cli_table_all_and_plot_write_valid_files(store_19_1: Path, capsys) -> None:
