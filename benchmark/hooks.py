@@ -131,8 +131,9 @@ def refuse_non_finite(where: str, non_finite: dict[str, int], iterations: int, *
 class StepProgressHook(Hook):
     """Prints every ``interval`` iterations and at the end of each epoch.
 
-    Reads the loss from the message hub (the mean since the last print, see
-    ``AveragedRuntimeInfoHook``), so it adds no device sync. Rank 0 prints for every process.
+    Reads the loss from the message hub (its mean over the last logging interval, see
+    ``AveragedRuntimeInfoHook``; the runner prints every second interval), so it adds no device
+    sync. Rank 0 prints for every process.
     """
 
     priority = 'BELOW_NORMAL'
@@ -162,7 +163,8 @@ class StepProgressHook(Hook):
 
 @HOOKS.register_module()
 class EpochSeedHook(Hook):
-    """Re-seeds torch's global generator from (seed, epoch) at each training epoch's start.
+    """Re-seeds torch's global generator from (seed, epoch) at each training epoch's first
+    iteration.
 
     Dropout and other in-model randomness then depend on the epoch alone, so a run resumed
     from an epoch checkpoint continues exactly as the uninterrupted run would have. Under
