@@ -31,6 +31,7 @@ def autocast_name(amp: str | None) -> str:
     """``amp`` as the records name it: its dtype, ``float32`` for none."""
     return amp or NO_AUTOCAST
 
+
 # torch.compile's AOTAutograd cache keys a graph on whether autocast is on, and before torch
 # 2.13 not on its dtype (pytorch/pytorch#181564): on torch 2.11 a model compiled under float16
 # autocast ran the graph cached under bf16, in bf16 (seen on an H100: bf16 kernels and the same
