@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import inspect
+import json
 import math
 import platform
 import re
@@ -32,7 +33,7 @@ from mmengine.runner import set_random_seed
 from . import __version__, step0
 from .config import (CPU_CONFIG, NON_NEGATIVE, config_digest, is_number, is_whole_number,
                      load_config, shared_config_digest)
-from .digests import config_differences, stored_digests
+from .digests import SHARED_MODEL_SETTINGS, config_differences, stored_digests
 from .distributed import (barrier, broadcast_buffers_from_main, decided_by_main, is_main_process,
                           world_size)
 from .engine import per_process_batch, score_step, step_runner, trusting_own_epoch_checkpoints
@@ -241,12 +242,32 @@ def check_model_builds(cfg: Config, model_type: str, protocol: Protocol) -> None
                         f'({type(e).__name__}: {e})') from None
 
 
+def model_settings(cfg: Config, model_cls, protocol: Protocol) -> ConfigDict:
+    """The model settings a run gives ``model_cls``: its defaults for the protocol's dataset
+    (``dataset_defaults``), then the config's model section."""
+    settings = ConfigDict(model_cls.dataset_defaults.get(protocol.dataset, {}))
+    settings.update(cfg.model)
+    return settings
+
+
+def method_settings(cfg: Config, model_type: str, protocol: Protocol) -> dict:
+    """Every setting of the method's own (those the base segmentor does not take, e.g. lwf's
+    ``loss_kd``) with the value its run trains with: the config's, else the method's default
+    for the protocol's dataset, else its constructor's. run.json records them, so that a run
+    says which weights it trained with where neither its config nor its protocol names them."""
+    model_cls = MODELS.get(model_type)
+    given = model_settings(cfg, model_cls, protocol)
+    own = {name: given.get(name, param.default)
+           for name, param in model_setting_parameters(model_cls).items()
+           if name not in SHARED_MODEL_SETTINGS}
+    return json.loads(json.dumps(own, default=str))   # as run.json holds them: tuples as lists
+
+
 def build_model(cfg: Config, model_type: str, protocol: Protocol, step: int):
     """The method's segmentor for ``step``: its per-dataset defaults, then the config's model."""
     check_model_settings(cfg, model_type)
     model_cls = MODELS.get(model_type)
-    model_cfg = ConfigDict(model_cls.dataset_defaults.get(protocol.dataset, {}))
-    model_cfg.update(cfg.model)
+    model_cfg = model_settings(cfg, model_cls, protocol)
     model_cfg.update(type=model_type, step_sizes=protocol.step_sizes(step))
     model_cfg.setdefault('overlapped', protocol.mode == 'overlap')
     try:
@@ -572,6 +593,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
     run = dict(protocol=protocol.to_dict(), method=method.name, model_type=method.model_type,
                joint=method.joint, run=run_name, seed=seed, deterministic=deterministic,
                config_name=config, config=cfg.to_dict(), config_digest=identity['config_digest'],
+               method_settings=method_settings(cfg, method.model_type, protocol),
                shared_config_digest=shared_config_digest(cfg), data_root=str(index.root),
                dataset_fingerprint=index.fingerprint, work_dir=str(paths.work.resolve()),
                git_revision=git_revision(), environment=environment(), speed=checked.speed,

@@ -29,7 +29,7 @@ from cssbench.io import file_sha256
 from cssbench.methods import get_method
 from cssbench.metrics import confusion_matrix, iou_per_class, range_label
 from cssbench.protocols import load_protocol
-from cssbench.runner import WORK_MARKER, build_model, run_protocol
+from cssbench.runner import WORK_MARKER, build_model, method_settings, run_protocol
 from cssbench.splits import index_dataset, protocol_splits, select
 from cssbench.store import open_store, training_regime
 from cssbench.synth import make_synth
@@ -814,6 +814,26 @@ def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(
     assert sparse[0]['step0_cache'] is None
     step0_of = lambda name: (runs / 'sdr' / name / 'work' / 'step0' / 'model.pth').read_bytes()
     assert step0_of('sparse-seed0') != step0_of('small32-seed0') == step0_of('sdr-kd10-seed0')
+
+
+def test_run_json_records_every_setting_of_the_method_with_the_value_it_trained_with(
+        synth32, config32, tmp_path):
+    # The defaults live in the method's code, and the dataset's in its dataset_defaults: a
+    # run's config alone does not say which distillation weight it trained with.
+    kd10 = tmp_path / 'kd10.py'
+    kd10.write_text(f"_base_ = ['{config32}']\nmodel = dict(loss_kd=10.0)\n")
+    run_protocol('synth-15-5-overlap', 'lwf', config=str(kd10), data_root=str(synth32), epochs=1,
+                 results_root=tmp_path / 'results', log=lambda *a: None)
+    record = json.loads((tmp_path / 'results' / 'synth-15-5-overlap' / 'lwf' / 'kd10-seed0'
+                         / 'run.json').read_text())
+    assert record['method_settings'] == dict(loss_kd=10.0, kd_alpha=1.0)
+
+    small = load_config('small')
+    plop_on = lambda protocol: method_settings(small, 'cssbench.PLOP', load_protocol(protocol))
+    assert plop_on('voc-15-1-overlap')['pod_factor'] == 0.01
+    assert plop_on('ade-100-50')['pod_factor'] == 0.001   # PLOP's dataset_defaults
+    assert plop_on('ade-100-50')['pod_scales'] == [1, 2, 4]
+    assert method_settings(small, 'cssbench.FineTuning', load_protocol('voc-15-1-overlap')) == {}
 
 
 def test_protocols_sharing_their_first_step_share_its_model_and_score_it_their_own_way(
