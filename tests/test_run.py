@@ -816,6 +816,21 @@ def test_step0_is_trained_once_and_shared_by_methods_whose_step0_is_fine_tuning(
     assert step0_of('sparse-seed0') != step0_of('small32-seed0') == step0_of('sdr-kd10-seed0')
 
 
+def test_each_step_is_evaluated_once_after_its_last_epoch_never_to_select_a_checkpoint(
+        synth32, config32, tmp_path, monkeypatch):
+    # The VOC val set is the test set: scoring it between epochs would invite choosing on it.
+    from cssbench.speed import SpeedValLoop
+    scored_after_epochs, real_run = [], SpeedValLoop.run
+
+    def counting_run(self):
+        scored_after_epochs.append((self.runner.epoch, self.runner.max_epochs))
+        return real_run(self)
+    monkeypatch.setattr(SpeedValLoop, 'run', counting_run)
+    run_protocol('synth-15-5-overlap', 'ft', config=str(config32), data_root=str(synth32),
+                 epochs=2, results_root=tmp_path / 'results', log=lambda *a: None)
+    assert scored_after_epochs == [(2, 2), (2, 2)]   # steps 0 and 1, each after epoch 2 of 2
+
+
 def test_run_json_records_every_setting_of_the_method_with_the_value_it_trained_with(
         synth32, config32, tmp_path):
     # The defaults live in the method's code, and the dataset's in its dataset_defaults: a
