@@ -29,10 +29,11 @@ from .errors import UserError
 from .io import atomic_write_json, file_stamp, read_json_or_none
 
 INDEX_FILE = 'index.json'
-INDEX_VERSION = 6   # 2: runs carry their training regime; 3: and whether they trained jointly,
+INDEX_VERSION = 7   # 2: runs carry their training regime; 3: and whether they trained jointly,
                     # stamped with file_stamp; 4: and their shared config digest; 5: digests
                     # computed from the stored config (digests.stored_digests), and epochs;
-                    # 6: metrics whose numbers are not IoUs (an edit by hand) refused
+                    # 6: metrics whose numbers are not IoUs (an edit by hand) refused;
+                    # 7: and the method's settings
 RUN_RECORD = 'run.json'      # a run folder's record: protocol, method, config, status, ...
 RUN_METRICS = 'metrics.json'  # its per-step metrics
 RUN_FILES = (RUN_RECORD, RUN_METRICS)
@@ -79,6 +80,8 @@ class StoredRun:
     dataset_fingerprint: str
     regime: str             # how it trained, in words (``run_regime``)
     steps: list[dict]       # metrics.json's per-step records
+    # the method's own settings as it trained with them (None: stored before run.json said)
+    method_settings: dict | None = None
 
     @property
     def protocol_name(self) -> str:
@@ -252,7 +255,9 @@ def read_run(root: Path, run_dir: Path) -> StoredRun:
         wall_time_s=record.get('wall_time_s'), git_revision=str(record.get('git_revision', 'unknown')),
         cssbench_version=str(env.get('cssbench', 'unknown')),
         dataset_fingerprint=str(record.get('dataset_fingerprint', '')),
-        regime=run_regime(record), steps=steps)
+        regime=run_regime(record), steps=steps,
+        method_settings=(record['method_settings'] if isinstance(record.get('method_settings'), dict)
+                         else None))
 
 
 def now_stamp() -> str:

@@ -16,6 +16,7 @@ the mean alone. In the leaderboard the best incremental method per score column 
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from collections.abc import Sequence
@@ -212,6 +213,18 @@ def short_revision(revision: str) -> str:
     return revision[:8] + (DIRTY_REVISION if revision.endswith(DIRTY_REVISION) else '')
 
 
+def method_settings_differences(runs: Sequence[StoredRun]) -> str:
+    """The method's settings whose recorded values differ between ``runs`` (those that
+    recorded them), in words: ``loss_kd 100.0 or 10.0``; '' where none differ."""
+    recorded = [r.method_settings for r in runs if r.method_settings is not None]
+    differing = []
+    for name in sorted({k for settings in recorded for k in settings}):
+        values = dict.fromkeys(json.dumps(s.get(name), sort_keys=True) for s in recorded)
+        if len(values) > 1:
+            differing.append(f'{name} {" or ".join(values)}')
+    return '; '.join(differing)
+
+
 def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[str]:
     notes = []
     for row in rows:
@@ -222,6 +235,11 @@ def _provenance_notes(store: Store, protocol: str, rows: list[RowRuns]) -> list[
         if len(regimes) > 1:
             notes.append(f'  {row.label} averages runs trained in {len(regimes)} regimes '
                          f'({"; ".join(regimes)}): they can differ by more than their seeds')
+        differing = method_settings_differences(row.runs)
+        if differing:
+            notes.append(f'  {row.label} averages runs trained with other settings of the method '
+                         f'({differing}), under one config: a default in its code changed '
+                         f'between them')
         if row.passed_over:
             notes.append(f'  {len(row.passed_over)} other complete run(s) of the same seeds not '
                          f'used (older): {", ".join(r.run for r in row.passed_over)}; '

@@ -41,10 +41,10 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
               dataset_fingerprint: str = 'fp', speed: dict | None = None,
               joint: bool | None = None, config_name: str = 'small',
               git_revision: str = '0123456789abcdef', shared_config_digest: str | None = None,
-              config: dict | None = None) -> Path:
-    """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``
-    and ``shared_config_digest``: left out of run.json if None (as runs stored before they
-    were written); ``config``: the config it holds (none if None; the store computes its digests
+              config: dict | None = None, method_settings: dict | None = None) -> Path:
+    """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``,
+    ``shared_config_digest`` and ``method_settings``: left out of run.json if None (as runs
+    stored before they were written); ``config``: the config it holds (none if None; the store computes its digests
     from it, and reads ``config_digest`` where there is none)."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
     steps = []
@@ -63,7 +63,8 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
         environment=dict(cssbench='0.1.0'), dataset_fingerprint=dataset_fingerprint,
         **({'speed': speed} if speed else {}), **({} if joint is None else {'joint': joint}),
         **({} if shared_config_digest is None else {'shared_config_digest': shared_config_digest}),
-        **({} if config is None else {'config': config}))))
+        **({} if config is None else {'config': config}),
+        **({} if method_settings is None else {'method_settings': method_settings}))))
     (run_dir / 'metrics.json').write_text(json.dumps(dict(steps=steps)))
     return run_dir
 
@@ -802,6 +803,20 @@ def test_the_notes_name_each_runs_regime_and_warn_where_a_row_mixes_regimes(tmp_
     # a run whose record predates the regime's; one regime in a row: no warning
     assert 'lwf (small): small-seed0 (seed 0, 2026-01-01T00:00:00, 01234567, regime unknown)' in notes
     assert not any(n.startswith('  lwf averages') for n in notes)
+
+
+def test_the_notes_warn_where_a_row_averages_runs_of_other_method_settings(tmp_path: Path) -> None:
+    # One config, two revisions of lwf's code: its default distillation weight changed between.
+    root = tmp_path / 'results'
+    write_two_ft_runs(root, dict(method='lwf', method_settings=dict(loss_kd=100.0, kd_alpha=1.0)),
+                      dict(method='lwf', run='small-seed1', seed=1,
+                           method_settings=dict(loss_kd=10.0, kd_alpha=1.0)))
+    write_two_ft_runs(root, dict(method_settings={}), dict(run='small-seed1', seed=1))
+    notes = leaderboard(open_store(root), VOC19).notes
+    assert ('  lwf averages runs trained with other settings of the method (loss_kd 100.0 or 10.0), '
+            'under one config: a default in its code changed between them') in notes
+    # ft's second run predates the record: nothing to compare
+    assert not any(n.startswith('  ft averages') for n in notes)
 
 
 def test_the_notes_mark_a_run_whose_code_had_changes_not_committed(tmp_path: Path) -> None:
