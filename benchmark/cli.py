@@ -104,8 +104,9 @@ def cmd_run(args) -> int:
 def _run_command(args) -> int:
     parent = os.getppid()   # before the imports (seconds): under torchrun, its agent
     from .distributed import decided_by_main, is_main_process, start_from_env
-    from .runner import locate_run
+    from .runner import locate_run, revision_of_this_process
     from .tables import format_step_table
+    revision_of_this_process()   # the code imported now is what every run of the command runs
     start_from_env(parent)  # under torchrun: join the run's processes (rank 0 alone prints and writes)
     # Every input is checked before the first step trains; under torchrun, by rank 0 for all.
     protocols, runs = decided_by_main(_planned_runs)(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import inspect
 import json
 import math
@@ -74,6 +75,14 @@ def git_revision() -> str:
         return head + (DIRTY_REVISION if _git('status', '--porcelain', '--', *CODE_PATHS) else '')
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
+
+
+@functools.cache
+def revision_of_this_process() -> str:
+    """``git_revision`` when this process first asks (``cssbench run`` asks as it starts, its
+    code imported): every run of a command runs that code, whatever is committed or edited in
+    the checkout while it goes on, so each run records that revision."""
+    return git_revision()
 
 
 def _git(*args: str) -> str:
@@ -596,7 +605,7 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                method_settings=method_settings(cfg, method.model_type, protocol),
                shared_config_digest=shared_config_digest(cfg), data_root=str(index.root),
                dataset_fingerprint=index.fingerprint, work_dir=str(paths.work.resolve()),
-               git_revision=git_revision(), environment=environment(), speed=checked.speed,
+               git_revision=revision_of_this_process(), environment=environment(), speed=checked.speed,
                status='running', started=now_stamp())
     earlier_speeds = []
     if previous is not None:   # continued: it started then; this session's code and machine above

@@ -89,6 +89,31 @@ def test_the_git_revision_is_marked_where_the_code_differs_from_the_commit(tmp_p
     assert runner.git_revision() == head
 
 
+def test_runs_record_the_revision_their_process_started_at_not_one_committed_since(
+        tmp_path, monkeypatch):
+    # A command of several runs (--method all, --seeds) goes on for hours on the code it
+    # imported; a commit made meanwhile is not what its later runs ran.
+    import functools
+    from cssbench import runner
+    repo = tmp_path / 'repo'
+    (repo / 'benchmark').mkdir(parents=True)
+    (repo / 'benchmark' / 'runner.py').write_text('# cssbench\n')
+    git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
+    commit = lambda: subprocess.run(git + ['commit', '-q', '-am', 'c'], check=True)
+    for args in (['init', '-q'], ['add', '.']):
+        subprocess.run(git + args, check=True)
+    commit()
+    monkeypatch.setattr(runner, 'REPO_ROOT', repo)
+    # a cache of this test's own: the suite's process keeps its real one
+    monkeypatch.setattr(runner, 'revision_of_this_process',
+                        functools.cache(runner.revision_of_this_process.__wrapped__))
+    started_at = runner.revision_of_this_process()
+    (repo / 'benchmark' / 'runner.py').write_text('# cssbench, changed\n')
+    commit()
+    assert runner.git_revision() != started_at
+    assert runner.revision_of_this_process() == started_at
+
+
 def test_two_step_run_writes_results_and_refuses_to_overwrite(synth32, config32, tmp_path, capsys):
     results = tmp_path / 'results'
     kwargs = dict(config=str(config32), data_root=str(synth32), epochs=1, results_root=results,
