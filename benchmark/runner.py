@@ -605,8 +605,8 @@ def _start_run(protocol: Protocol, method: Method, cfg: Config, config: str, run
                method_settings=method_settings(cfg, method.model_type, protocol),
                shared_config_digest=shared_config_digest(cfg), data_root=str(index.root),
                dataset_fingerprint=index.fingerprint, work_dir=str(paths.work.resolve()),
-               git_revision=revision_of_this_process(), environment=environment(), speed=checked.speed,
-               status='running', started=now_stamp())
+               git_revision=revision_of_this_process(), environment=environment(),
+               speed=checked.speed, status='running', started=now_stamp())
     earlier_speeds = []
     if previous is not None:   # continued: it started then; this session's code and machine above
         run.update(started=previous.get('started', run['started']),
