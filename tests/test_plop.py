@@ -163,6 +163,49 @@ def test_pseudo_labels_replace_confident_background_and_ignore_the_rest():
     assert labels[0].flatten().tolist() == [1, 0, 0, 3, 255] and factor[0].item() > 0.999
 
 
+def test_a_pixel_whose_entropy_equals_its_threshold_is_not_pseudo_labelled():
+    """The reference keeps a pseudo-label where the entropy is *below* the threshold (strict
+    ``<``): image 0's uniform pixel, with its class's threshold set to exactly its own scaled
+    entropy (1/3 / log 4), is ignored; a threshold one float step above keeps it as class 0."""
+    old_logits, targets = _pseudo_example()
+    probs = torch.softmax(old_logits.float(), dim=1)
+    own = (normalized_entropy(probs) / math.log(4))[0, 0, 2]
+    assert math.isclose(own.item(), 1 / 3 / math.log(4), rel_tol=1e-5)
+    thresholds = torch.full((4,), 0.01)
+    thresholds[0] = own
+    labels, _ = entropy_pseudo_labels(targets, old_logits, thresholds, math.log(4), num_old=3)
+    assert labels[0].flatten().tolist() == [1, 0, 255, 3, 255]
+    thresholds[0] = torch.nextafter(own, torch.tensor(1.0))
+    labels, _ = entropy_pseudo_labels(targets, old_logits, thresholds, math.log(4), num_old=3)
+    assert labels[0].flatten().tolist() == [1, 0, 0, 3, 255]
+
+
+def test_pseudo_labels_treat_an_old_class_target_as_background():
+    """The reference's background is ``targets < num_old`` (old classes included), not
+    ``targets == 0``: with image 0's first target 0 -> old class 2, that pixel is still
+    pseudo-labelled (the old model is sure of class 1) and still counts in the factor, 2 / 3.
+    Kept as 2, the labels would read [2, 0, 255, ...] and the factor 1 / 2."""
+    old_logits, targets = _pseudo_example()
+    targets[0, 0, 0] = 2
+    labels, factor = entropy_pseudo_labels(targets, old_logits, torch.full((4,), 0.01), math.log(4),
+                                           num_old=3)
+    assert labels[0].flatten().tolist() == [1, 0, 255, 3, 255]
+    assert math.isclose(factor[0].item(), 2 / (3 + 1e-6), rel_tol=1e-6)
+
+
+def test_the_adaptive_factor_is_floored_at_the_min_factor_when_one_is_set():
+    """Reference ``classif_adaptive_min_factor``: a factor below it is raised to it (image 1,
+    no background pixel: 0 -> 0.5), one above it is kept (image 0: 2 of 3 background pixels
+    pseudo-labelled, 2 / 3); the labels do not change."""
+    old_logits, targets = _pseudo_example()
+    thresholds = torch.full((4,), 0.01)
+    plain, _ = entropy_pseudo_labels(targets, old_logits, thresholds, math.log(4), num_old=3)
+    labels, factor = entropy_pseudo_labels(targets, old_logits, thresholds, math.log(4), num_old=3,
+                                           min_factor=0.5)
+    assert torch.equal(labels, plain)
+    assert factor.tolist() == pytest.approx([2 / (3 + 1e-6), 0.5])
+
+
 def test_image_weighted_cross_entropy_averages_over_every_pixel():
     logits = torch.randn(2, 4, 1, 5, generator=torch.Generator().manual_seed(0))
     targets = torch.tensor([[[1, 0, 255, 3, 255]], [[3, 3, 3, 255, 255]]])
@@ -238,6 +281,18 @@ def test_step1_loss_is_pseudo_labelled_ce_plus_scheduled_pod():
     torch.testing.assert_close(losses['loss_ce'].detach(), ce)
     torch.testing.assert_close(losses['loss_pod'].detach(), pod)
     assert losses['loss_pod'].item() > 0
+
+
+def test_without_pseudo_labelling_no_thresholds_are_computed():
+    """``pseudo=None`` trains on the plain targets: ``compute_thresholds`` returns None
+    without running the teacher over the step's data (a pass over the whole loader)."""
+    cfg = load_config('small')
+    cfg.model.update(pseudo=None)
+    model = method_model('plop', 1, cfg).eval()
+    calls = []
+    model.teacher.backbone.register_forward_hook(lambda *_: calls.append(1))
+    assert model.compute_thresholds([batch(1)]) is None and model.thresholds is None
+    assert calls == []
 
 
 def test_step1_backward_trains_only_the_student_and_the_head_map_skips_dropout():
