@@ -139,6 +139,16 @@ def test_repulsion_by_hand():
     assert torch.isfinite(feats.grad).all()
 
 
+def test_repulsion_averages_over_the_pairs_of_distinct_means_only():
+    """Pairs whose means coincide (1/0) are left out of the count as well as the sum: means
+    [0, 0], [0, 0] (classes 0 and 1) and [3, 4] (class 2) leave 4 ordered pairs at distance
+    5, so the loss is 4 * (1/5) / 4 = 0.2; over all 6 ordered pairs of distinct classes it
+    would be 0.8 / 6."""
+    feats = fmap([[[0, 0], [0, 0]], [[3, 4], [3, 4]]])
+    labels = torch.tensor([[[0, 1], [2, 2]]])
+    assert repulsion_loss(feats, labels).item() == pytest.approx(0.2)
+
+
 def test_repulsion_edge_cases_are_zero():
     feats = torch.rand(1, 2, 2, 2)
     assert repulsion_loss(feats, torch.ones(1, 2, 2, dtype=torch.long)).item() == 0      # one class
@@ -289,6 +299,44 @@ def test_step0_is_plain_cross_entropy_and_accumulates_prototypes(overlapped):
     torch.testing.assert_close(model.prototypes, expected)
     assert model.prototype_counts.tolist() == counts.tolist()
     assert (model.prototype_counts[0] == 0) == overlapped and model.prototype_counts[3] > 0
+
+
+@pytest.mark.parametrize('off, updated', [
+    (('loss_de_prototypes',), True),                        # attraction, repulsion still on
+    (('loss_de_prototypes', 'loss_fc'), True),              # repulsion still on
+    (('loss_de_prototypes', 'loss_fc', 'lfc_sep_clust'), False),
+])
+def test_prototypes_are_accumulated_while_any_prototype_term_is_on(off, updated):
+    """Reference train.py: the running prototypes are updated whenever one of the prototype
+    terms is on, not only the matching: a step 0 with the matching off still counts class 3's
+    pixels, and only with every such term off does it leave the prototypes at 0."""
+    cfg = load_config('small')
+    cfg.model.update({name: 0.0 for name in off})
+    model = model_at('sdr', 0, cfg).eval()
+    model(**model.data_preprocessor(batch([0, 3, 7, 255]), False), mode='loss')
+    assert (model.prototype_counts[3].item() > 0) is updated
+    assert (model.prototypes[3].abs().sum().item() > 0) is updated
+
+
+def test_sdr_without_output_distillation_still_matches_prototypes():
+    """SDR needs its teacher for the prototypes matching too: with ``loss_kd = 0`` the old
+    model's prediction still locates the old classes on the background (loss_pm = 0.01 *
+    the matching, > 0) and loss_kd is 0. A teacher asked for only when ``loss_kd > 0`` would
+    leave loss_pm 0 here."""
+    cfg = load_config('small')
+    cfg.model.update(loss_kd=0.0)
+    model = model_at('sdr', 1, cfg).eval()
+    before_p, before_n = model.prototypes.clone(), model.prototype_counts.clone()
+    data = model.data_preprocessor(batch([0, 16, 18, 255], seed=2), False)
+    losses = model(**data, mode='loss')
+    with torch.no_grad():
+        new, old = model.encode_decode(data['inputs']), model.teacher.encode_decode(data['inputs'])
+    feats = new['body'][-1]
+    down = downsample_labels(data['data_samples'], feats.shape[-2:])
+    protos, _ = update_prototypes(before_p, before_n, feats, down, exclude_background=True)
+    pm = 0.01 * prototypes_matching_loss(feats, old_class_pseudolabels(old['logits'], down), protos)
+    assert losses['loss_kd'].item() == 0 and pm.item() > 0
+    torch.testing.assert_close(losses['loss_pm'].detach(), pm, rtol=1e-5, atol=0)
 
 
 def test_class_indexed_buffers_grow_across_steps():
