@@ -99,6 +99,23 @@ def test_the_terms_are_the_weighted_shared_losses_on_the_logits_and_backbone_out
         torch.testing.assert_close(losses['loss_de'].detach(), de)
 
 
+def test_ilt_without_output_distillation_still_distils_the_encoder():
+    """ILT needs its teacher for either term: with ``loss_kd = 0`` the encoder distillation
+    still compares the backbone outputs (loss_de = 100 * MSE > 0) and loss_kd is 0. A teacher
+    asked for only when ``loss_kd > 0`` would leave loss_de 0 here."""
+    cfg = load_config('small')
+    cfg.model.update(loss_kd=0.0)
+    model = method_model('ilt', 1, cfg).eval()
+    drift_student(model)
+    data = model.data_preprocessor(batch(1), False)
+    losses = model(**data, mode='loss')
+    with torch.no_grad():
+        new, old = model.encode_decode(data['inputs']), model.teacher.encode_decode(data['inputs'])
+    de = 100 * feature_distillation(new['body'][-1], old['body'][-1])
+    assert losses['loss_kd'].item() == 0 and de > 1e-3
+    torch.testing.assert_close(losses['loss_de'].detach(), de)
+
+
 BALANCED_INIT = ('mib', 'plop', 'sdr+mib')   # the methods whose new classifier starts as MiB's
 
 
