@@ -480,6 +480,15 @@ def test_mask_with_out_of_range_value(tmp_path: Path) -> None:
     assert '42' in msg
 
 
+def test_a_mask_value_just_past_the_last_class_is_refused(tmp_path: Path) -> None:
+    """VOC's classes are 0..20: 20 passes, and 21, the first value past them, is refused as 42
+    is (a valid range one too long would take 21 for a class)."""
+    root = make_voc_tree(tmp_path / 'voc', {'a': mask_with({0, 20}), 'b': mask_with({0, 21})},
+                         {'c': mask_with({0, 1})})
+    with pytest.raises(DatasetError, match=r'b\.png: mask holds value\(s\) \[21\]'):
+        index_dataset('voc', root, progress=False)
+
+
 def test_voc_tree_given_to_ade(voc_root: Path) -> None:
     with pytest.raises(DatasetError) as e:
         index_dataset('ade', voc_root, progress=False)
