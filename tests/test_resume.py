@@ -126,17 +126,19 @@ def test_repair_last_checkpoint_skips_a_truncated_checkpoint(tmp_path):
     (tmp_path / 'epoch_2.pth').write_bytes(data[:len(data) // 2])   # killed while writing
     (tmp_path / 'last_checkpoint').write_text('')                    # and while pointing
 
-    assert repair_last_checkpoint(tmp_path)
+    # the epoch to resume after, the newest whole one's (the step is done once it reaches
+    # the schedule's epochs): 1, not 2
+    assert repair_last_checkpoint(tmp_path) == 1
     assert (tmp_path / 'last_checkpoint').read_text() == str(tmp_path / 'epoch_1.pth')
     assert not (tmp_path / 'epoch_2.pth').exists()
 
     (tmp_path / 'epoch_1.pth').unlink()
-    assert not repair_last_checkpoint(tmp_path)
+    assert repair_last_checkpoint(tmp_path) is None
     assert not (tmp_path / 'last_checkpoint').exists()
 
     for epoch in (2, 9, 10):   # the newest by number, not by name (epoch_9 > epoch_10 as text)
         torch.save({'a': torch.zeros(3)}, tmp_path / f'epoch_{epoch}.pth')
-    assert repair_last_checkpoint(tmp_path)
+    assert repair_last_checkpoint(tmp_path) == 10   # its epoch, not the count of checkpoints (3)
     assert (tmp_path / 'last_checkpoint').read_text() == str(tmp_path / 'epoch_10.pth')
 
 
