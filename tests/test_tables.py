@@ -162,6 +162,30 @@ def test_a_method_registered_as_joint_is_tabulated_as_the_upper_bound_whatever_i
     assert list(per_class_forgetting(store, VOC19).frame.columns) == ['ft', 'ft_std']
 
 
+def test_the_forgetting_column_is_the_mean_over_the_old_classes(tmp_path: Path) -> None:
+    """Each old class's forgetting (best earlier IoU minus the last), averaged over the old
+    classes, improvements counting negative: classes 0-9 fall from 80 to 50 (30 each), 10-18
+    stay at 80 (0), 19 rises to 90 (-10): (10 * 30 + 9 * 0 - 10) / 20 = 14.5; not the largest
+    (30). Class 20, learned at the last step, has none."""
+    root = tmp_path / 'results'
+    last = {**uniform(range(10), 0.5), **uniform(range(10, 19), 0.8), 19: 0.9, 20: 0.3}
+    write_run(root, [uniform(OLD19, 0.8), last])
+    assert leaderboard(open_store(root), VOC19).frame.at['ft', 'forgetting'] == pytest.approx(14.5)
+
+
+def test_two_joint_rows_of_one_config_and_data_give_the_gap_of_the_first(tmp_path: Path) -> None:
+    """Rows whose joint training shares their config and data (here joint, 90, and a method
+    registered as joint, oracle, 80; rows ordered by method) take the gap to the first joint
+    row: ft's all (20 * 60 + 30) / 21 = 58.571 is 90 - 58.571 = 31.43 below it, not 21.43."""
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}])
+    write_run(root, [uniform(range(21), 0.9)], method='joint')
+    write_run(root, [uniform(range(21), 0.8)], method='oracle', joint=True)
+    frame = leaderboard(open_store(root), VOC19).frame
+    assert list(frame.index) == ['ft', 'joint', 'oracle']
+    assert frame.at['ft', 'gap_joint'] == pytest.approx(90 - 100 * 12.3 / 21)
+
+
 def test_latex_is_a_booktabs_tabular_with_the_best_bold(store_19_1: Path) -> None:
     tex = render(leaderboard(open_store(store_19_1), VOC19), 'latex')
     body = tex[tex.index('\\begin{tabular}'):]
@@ -171,6 +195,18 @@ def test_latex_is_a_booktabs_tabular_with_the_best_bold(store_19_1: Path) -> Non
     assert 'lwf & 1 & \\textbf{70.0} & 20.0 & \\textbf{67.6} &' in body
     assert body.rstrip().endswith('\\bottomrule\n\\end{tabular}')
     assert all(line.startswith('%') for line in tex[:tex.index('\\begin')].splitlines())
+
+
+def test_methods_tied_at_the_shown_precision_are_both_bold(tmp_path: Path) -> None:
+    """The best is judged on the numbers as printed (one decimal): ft's old 67.58 and lwf's
+    67.62 both read 67.6, so both are bold, not only the larger; ft's new 30.0 beats lwf's
+    20.0 alone."""
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6758), 20: 0.3}])
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6762), 20: 0.2}], method='lwf')
+    md = render(leaderboard(open_store(root), VOC19), 'md')
+    assert '| ft | 1 | **67.6** | **30.0** |' in md
+    assert '| lwf | 1 | **67.6** | 20.0 |' in md
 
 
 def test_latex_sets_a_negative_number_with_a_minus_sign(tmp_path: Path) -> None:
@@ -288,6 +324,18 @@ def test_the_latest_run_is_the_last_finished_whatever_the_time_zone_it_was_made_
         time.tzset()
     assert stamp.endswith('+09:00')
     assert abs(datetime.fromisoformat(stamp).timestamp() - time.time()) < 60
+
+
+def test_a_run_whose_finish_is_not_a_time_counts_as_the_oldest(tmp_path: Path) -> None:
+    """A run.json whose 'finished' does not parse as a time is passed over for a seed's run
+    that has one: 'b' (old 20) is used whatever its date, 'a' (old 60, 'finished' garbled)
+    is not."""
+    root = tmp_path / 'results'
+    write_two_ft_runs(root, dict(run='a', finished='not a time'),
+                      dict(run='b', finished='2000-01-01T00:00:00'))
+    table = leaderboard(open_store(root), VOC19)
+    assert table.frame.at['ft', 'old'] == pytest.approx(20.0)
+    assert any('not used (older): a;' in n for n in table.notes)
 
 
 def test_a_config_setting_a_methods_own_hyperparameter_compares_with_joint_on_the_config_without_it(
