@@ -160,3 +160,14 @@ def test_confusion_matrix_drops_an_ignore_index_inside_the_class_range() -> None
     # kept pixels: (0->0), (2->2), (2->1)
     assert cm.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
     assert int(cm.sum()) == 3
+
+
+def test_the_matrices_of_every_process_are_summed_before_the_ious() -> None:
+    """Under torchrun each process hands its own matrix to ``compute_metrics`` (mmengine's
+    collect_results): they are summed, then scored. [[2, 1], [0, 1]] + [[0, 0], [1, 2]] =
+    [[2, 1], [1, 3]]: IoU 2 / (3 + 3 - 2) = 0.5 and 3 / (4 + 4 - 3) = 0.6, mean 0.55; the
+    first matrix alone would give 2/3 and 1/2."""
+    metric = IncrementalIoUMetric(class_ids=[0, 1])
+    out = metric.compute_metrics([np.array([[2, 1], [0, 1]]), np.array([[0, 0], [1, 2]])])
+    assert out['IoU.0'] == pytest.approx(0.5) and out['IoU.1'] == pytest.approx(0.6)
+    assert out['mIoU'] == pytest.approx(0.55)
