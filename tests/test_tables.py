@@ -44,8 +44,8 @@ def write_run(root: Path, step_ious: list[dict[int, float | None]], protocol: st
               config: dict | None = None, method_settings: dict | None = None) -> Path:
     """A run folder as the runner writes it; step t's IoUs are ``step_ious[t]``. ``joint``,
     ``shared_config_digest`` and ``method_settings``: left out of run.json if None (as runs
-    stored before they were written); ``config``: the config it holds (none if None; the store computes its digests
-    from it, and reads ``config_digest`` where there is none)."""
+    stored before they were written); ``config``: the config it holds (none if None; the store
+    computes its digests from it, and reads ``config_digest`` where there is none)."""
     p = load_protocol(protocol) if isinstance(protocol, str) else protocol
     steps = []
     for t, iou in enumerate(step_ious):
