@@ -98,10 +98,11 @@ def reuse(key: str, protocol: Protocol, weights: Path) -> dict | None:
     with its IoUs under ``protocol``'s evaluation (``iou``: None if those weights were never
     scored so), or None if no model that loads is cached."""
     entry = _entry(key)
+    model = _weights(entry)
     try:
-        if not _loads(_weights(entry)):   # absent or damaged: train it
+        if not _loads(model):   # absent or damaged: train it
             return None
-        atomic_copy(_weights(entry), weights)
+        atomic_copy(model, weights)
         digest = file_sha256(weights)  # the weights copied, whatever came since
     except OSError:   # the entry went away meanwhile
         return None
@@ -136,8 +137,9 @@ def store_iou(key: str, protocol: Protocol, digest: str, run: Path, iou: dict[in
     """Cache the IoUs that ``run``'s step-0 weights (of ``digest``) scored under
     ``protocol``'s evaluation, if those are the cached weights."""
     entry = _entry(key)
+    model = _weights(entry)
     try:
-        if _weights(entry).exists() and file_sha256(_weights(entry)) == digest:
+        if model.exists() and file_sha256(model) == digest:
             _write_iou(entry, protocol, digest, run, iou)
     except OSError as e:
         log(f'step-0 cache: {entry}: IoUs not stored ({e}); the run goes on')
