@@ -580,7 +580,8 @@ def describe(speed: Speed, tf32: bool = False) -> str:
     return ', '.join([speed.amp or fp32,
                       'channels_last' if speed.channels_last else 'contiguous',
                       f'cudnn benchmark {"on" if speed.cudnn_benchmark else "off"}',
-                      'torch.compile' if speed.compile else 'eager'])
+                      'torch.compile' if speed.compile else 'eager',
+                      f'teacher BN {"folded" if speed.fold_teacher_bn else "unfolded"}'])
 
 
 def format_report(report: dict) -> str:

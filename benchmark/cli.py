@@ -599,9 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the backbone and the head (first iterations slower)')
     p.add_argument('--fp32', action='store_true',
-                   help="the reference code's regime: fp32, no channels_last, no cudnn benchmark "
-                        "(default on GPU: the config's speed section; unless it sets others, bf16 "
-                        "autocast, channels_last, cudnn benchmark)")
+                   help="the reference code's regime: fp32, no channels_last, no cudnn benchmark, "
+                        "the teacher as trained (default on GPU: the config's speed section; unless "
+                        "it sets others, bf16 autocast, channels_last, cudnn benchmark, the "
+                        "teacher's BNs folded into its convolutions)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser('bench', help='training and evaluation throughput, fp32 eager vs the fast '

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from mmengine.model import BaseDataPreprocessor, BaseModel
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .datasets_info import IGNORE_INDEX
 from .errors import UserError
@@ -182,6 +183,38 @@ class ASPPHead(nn.Module):
         return self.project(x)
 
 
+def _conv_bn_pairs(net: nn.Module):
+    """(parent, conv name, BN name) of each convolution in ``net`` whose output only the BN
+    after it reads: neighbours in a plain ``nn.Sequential``, and convN, bnN in torchvision's
+    residual blocks. Subclasses are passed over: their forward may read a convolution twice."""
+    for parent in net.modules():
+        if type(parent) is nn.Sequential:
+            names = list(parent._modules)
+            pairs = zip(names, names[1:])
+        elif type(parent) in (torchvision.models.resnet.Bottleneck, torchvision.models.resnet.BasicBlock):
+            pairs = ((f'conv{i}', f'bn{i}') for i in (1, 2, 3) if hasattr(parent, f'conv{i}'))
+        else:
+            continue
+        for conv, bn in pairs:
+            if (type(parent._modules[conv]) is nn.Conv2d
+                    and isinstance(parent._modules[bn], nn.modules.batchnorm._BatchNorm)
+                    and parent._modules[bn].running_mean is not None):  # else: batch statistics
+                yield parent, conv, bn
+
+
+def fold_batch_norms(net: nn.Module) -> int:
+    """Fold each batch norm of ``net`` (frozen, in eval mode) into the convolution before it:
+    the same function to rounding, with one pass over the activations fewer per BN. Returns
+    how many it folded; a BN it cannot pair with its convolution stays."""
+    if net.training:
+        raise ValueError('batch norms fold only in eval mode (in training they use batch statistics)')
+    pairs = list(_conv_bn_pairs(net))
+    for parent, conv, bn in pairs:
+        setattr(parent, conv, fuse_conv_bn_eval(parent._modules[conv], parent._modules[bn]))
+        setattr(parent, bn, nn.Identity())
+    return len(pairs)
+
+
 def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     """Logits at the input size, in fp32: under bf16 autocast the losses, the distillation
     and the argmax see full-precision logits (a no-op cast in fp32 runs)."""
@@ -217,7 +250,8 @@ class IncrementalSegmentor(BaseModel):
     ``step_sizes[i]`` is the number of classes step i added (step 0 counts background);
     ``overlapped`` tells whether the protocol is overlapped (the runner sets both). A
     method that needs the previous step's model finds it in ``self.teacher`` (frozen, in eval
-    mode, kept out of this module's parameters and checkpoints), ``None`` at step 0.
+    mode, kept out of this module's parameters and checkpoints; in the GPU fast path its BNs
+    are folded into its convolutions, ``speed.prepare_model``), ``None`` at step 0.
     """
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -1,7 +1,9 @@
 """The speed settings (config section, run flags, what applies on CPU), float16's loss scaling,
-the losses logged without per-iteration host syncs, and channels_last models on CPU."""
+the losses logged without per-iteration host syncs, channels_last models and the teacher's BNs
+folded, on CPU."""
 from __future__ import annotations
 
+import copy
 from statistics import mean
 from types import SimpleNamespace
 
@@ -21,7 +23,8 @@ from cssbench.methods import get_method
 from cssbench.metrics import IncrementalIoUMetric
 from cssbench.protocols import load_protocol
 from cssbench.registry import LOOPS
-from cssbench.runner import build_model, speed_record
+from cssbench.models import fold_batch_norms
+from cssbench.runner import attach_previous_step, build_model, speed_record
 from cssbench.speed import (REFERENCE_SPEED, Speed, emulated_bf16_note, optim_wrapper_config,
                             prepare_model, resolve_speed, val_loop_config)
 from conftest import SMALL_DIGEST, float16_steps_by_hand, hook_runner
@@ -29,12 +32,13 @@ from conftest import SMALL_DIGEST, float16_steps_by_hand, hook_runner
 
 def test_defaults_config_section_and_run_flags():
     assert resolve_speed(None, 'c.py') == dict(amp='bfloat16', channels_last=True,
-                                               cudnn_benchmark=True, compile=False)
+                                               cudnn_benchmark=True, compile=False,
+                                               fold_teacher_bn=True)
     assert resolve_speed(dict(channels_last=False), 'c.py')['channels_last'] is False
     assert resolve_speed(dict(amp=None), 'c.py', compile=True) == dict(
-        amp=None, channels_last=True, cudnn_benchmark=True, compile=True)
+        amp=None, channels_last=True, cudnn_benchmark=True, compile=True, fold_teacher_bn=True)
     assert resolve_speed(dict(compile=True), 'c.py', fp32=True) == dict(
-        amp=None, channels_last=False, cudnn_benchmark=False, compile=False)
+        amp=None, channels_last=False, cudnn_benchmark=False, compile=False, fold_teacher_bn=False)
     assert Speed(**resolve_speed(None, 'c.py', fp32=True)) == REFERENCE_SPEED
 
 
@@ -58,10 +62,10 @@ def test_on_cpu_a_run_stays_fp32_contiguous_and_its_config_digest_is_unchanged()
     cfg = load_config('small', compile=True)
     assert cfg.speed['amp'] == 'bfloat16'  # requested (the record shows what applies)
     assert speed_record(cfg) == dict(device='cpu', amp='float32', channels_last=False,
-                                     cudnn_benchmark=False, compile=True, world_size=1,
-                                     batch_per_process=8, sync_bn=False)
+                                     cudnn_benchmark=False, compile=True, fold_teacher_bn=False,
+                                     world_size=1, batch_per_process=8, sync_bn=False)
     assert Speed(amp='bfloat16', channels_last=True).on('cpu') == Speed(
-        amp=None, channels_last=False, cudnn_benchmark=False)
+        amp=None, channels_last=False, cudnn_benchmark=False, fold_teacher_bn=False)
     assert {config_digest(load_config('small', **flags))
             for flags in ({}, dict(fp32=True), dict(compile=True))} == {SMALL_DIGEST}
 
@@ -83,6 +87,94 @@ def test_a_channels_last_model_computes_what_the_contiguous_one_does():
         torch.testing.assert_close(model(data['inputs']),
                                    reference(reference.data_preprocessor(batch)['inputs']),
                                    rtol=1e-4, atol=1e-4)
+
+
+def with_trained_looking_batch_norms(model):
+    """``model`` with every BN's statistics and affine parameters drawn away from their
+    initial 0 and 1, as training leaves them (the initial ones fold to almost nothing)."""
+    generator = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for tensor, low, high in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3),
+                                      (m.weight, 0.3, 2), (m.bias, -1, 1)):
+                if tensor is not None:
+                    tensor.data.uniform_(low, high, generator=generator)
+    return model
+
+
+def batch_norms(net) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+@pytest.mark.parametrize('config, folded', [('small', 17), ('deeplabv3-r101', 110)])
+def test_folding_batch_norms_into_convolutions_keeps_what_the_network_computes(config, folded):
+    # small: a stem, 4 blocks of 2 (3 with a projection shortcut), ASPP's 3 branches, pooling
+    # and projection; ResNet-101: a stem, 33 blocks of 3, 4 projections, then ASPP's 6
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = with_trained_looking_batch_norms(
+        build_model(cfg, 'cssbench.IncrementalSegmentor', load_protocol('voc-15-5-overlap'), 0)).eval()
+    inputs = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        reference = model.encode_decode(inputs)
+        assert batch_norms(model) == folded
+        assert fold_batch_norms(model) == folded
+        assert batch_norms(model) == 0
+        out = model.encode_decode(inputs)
+    for key in ('features', 'logits'):
+        torch.testing.assert_close(out[key], reference[key], rtol=1e-4, atol=1e-4 * reference[key].abs().max())
+    for stage, expected in zip(out['body'], reference['body'], strict=True):
+        torch.testing.assert_close(stage, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+
+def test_only_a_convolution_whose_output_its_batch_norm_alone_reads_is_folded():
+    class Twice(torch.nn.Sequential):   # reads the convolution's output twice
+        def forward(self, x):
+            y = self[0](x)
+            return self[1](y) + y
+
+    def conv_bn():
+        return [torch.nn.Conv2d(2, 2, 1, bias=False), torch.nn.BatchNorm2d(2)]
+
+    net = with_trained_looking_batch_norms(torch.nn.Sequential(
+        Twice(*conv_bn()), torch.nn.Sequential(*conv_bn(), torch.nn.ReLU()),
+        torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2, track_running_stats=False))).eval()
+    # (the last BN normalises by the batch's statistics in eval mode too)
+    x = torch.randn(3, 2, 5, 5)
+    with torch.no_grad():
+        reference = net(x)
+        assert fold_batch_norms(net) == 1
+        torch.testing.assert_close(net(x), reference)
+    assert [type(m).__name__ for m in (net[0][1], net[1][1], net[3])] == [
+        'BatchNorm2d', 'Identity', 'BatchNorm2d']
+    with pytest.raises(ValueError, match='batch norms fold only in eval mode'):
+        fold_batch_norms(net.train())
+
+
+@pytest.mark.parametrize('fold', [True, False])
+def test_the_fast_path_folds_the_teachers_batch_norms_and_not_the_students(fold):
+    cfg, protocol, method = load_config('small'), load_protocol('voc-15-5-overlap'), get_method('sdr')
+    torch.manual_seed(0)
+    teacher = with_trained_looking_batch_norms(build_model(cfg, method.model_type, protocol, 0))
+    losses = {}
+    for folding in (False, fold):
+        torch.manual_seed(1)   # the same student, and batch, each time
+        model = build_model(cfg, method.model_type, protocol, 1)
+        attach_previous_step(model, copy.deepcopy(teacher), teacher.state_dict(), 'test')
+        prepare_model(model, Speed(amp=None, channels_last=False, fold_teacher_bn=folding), 'cpu')
+        assert model.training and batch_norms(model) == 17
+        assert batch_norms(model.teacher) == (0 if folding else 17)
+        model.eval()   # no dropout draws
+        targets = torch.zeros(2, 32, 32, dtype=torch.uint8)   # background: where SDR reads the
+        targets[:, :16, :16] = 16                             # teacher's pseudo-labels; new class
+        batch = dict(inputs=torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+                     data_samples=targets)
+        with torch.no_grad():
+            losses[folding] = model(**model.data_preprocessor(batch, True), mode='loss')
+    # SDR's distillation and prototype matching read the teacher's logits
+    assert {k for k, v in losses[fold].items() if v != 0} >= {'loss_kd', 'loss_pm'}
+    for key, value in losses[False].items():
+        torch.testing.assert_close(losses[fold][key], value, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('keyed_by_dtype, amp, cached', [
