@@ -217,8 +217,10 @@ def fold_batch_norms(net: nn.Module) -> int:
 
 def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     """Logits at the input size, in fp32: under bf16 autocast the losses, the distillation
-    and the argmax see full-precision logits (a no-op cast in fp32 runs)."""
-    return resize_bilinear(logits.float(), size)
+    and the argmax see full-precision logits (a no-op cast in fp32 runs). The resize runs
+    with autocast off: autocast would round its matrix products' inputs back to bf16."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return resize_bilinear(logits.float(), size)
 
 
 def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:

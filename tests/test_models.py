@@ -129,12 +129,15 @@ def test_upsampled_logits_and_their_gradient_are_bilinear_interpolations(size, o
     grad = torch.randn_like(expected)
     torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0],
                                torch.autograd.grad(expected, x, grad)[0], rtol=0, atol=1e-11)
-    # and what the segmentor calls: fp32 out of any input dtype and memory layout
+    # and what the segmentor calls: fp32 out of any input dtype and memory layout, under
+    # autocast too (whose matrix products would compute in bf16)
     logits = x.detach().to(torch.bfloat16).to(memory_format=torch.channels_last)
-    up = upsample_logits(logits, out)
-    assert up.dtype == torch.float32 and up.shape == (2, 3, *out)
-    torch.testing.assert_close(up, F.interpolate(logits.float(), size=out, mode='bilinear',
-                                                 align_corners=False), rtol=1e-5, atol=1e-5)
+    expected = F.interpolate(logits.float(), size=out, mode='bilinear', align_corners=False)
+    for amp in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            up = upsample_logits(logits, out)
+        assert up.dtype == torch.float32 and up.shape == (2, 3, *out)
+        torch.testing.assert_close(up, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bilinear_weights_rows_sum_to_one_with_two_neighbours_at_most():
