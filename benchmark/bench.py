@@ -581,7 +581,7 @@ def describe(speed: Speed, tf32: bool = False) -> str:
                       'channels_last' if speed.channels_last else 'contiguous',
                       f'cudnn benchmark {"on" if speed.cudnn_benchmark else "off"}',
                       'torch.compile' if speed.compile else 'eager',
-                      f'teacher BN {"folded" if speed.fold_teacher_bn else "unfolded"}'])
+                      'teacher for inference' if speed.inference_teacher else 'teacher as trained'])
 
 
 def format_report(report: dict) -> str:

@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the reference code's regime: fp32, no channels_last, no cudnn benchmark, "
                         "the teacher as trained (default on GPU: the config's speed section; unless "
                         "it sets others, bf16 autocast, channels_last, cudnn benchmark, the "
-                        "teacher's BNs folded into its convolutions)")
+                        "teacher made for inference)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser('bench', help='training and evaluation throughput, fp32 eager vs the fast '

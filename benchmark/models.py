@@ -215,6 +215,17 @@ def fold_batch_norms(net: nn.Module) -> int:
     return len(pairs)
 
 
+def store_convolutions_in(net: nn.Module, dtype: torch.dtype) -> None:
+    """Store the convolution weights of ``net`` (frozen) in ``dtype``, as autocast to ``dtype``
+    casts them at each call of a frozen network (it keeps casts only of weights that train):
+    under autocast the same numbers, without a cast per weight per call. Outside autocast
+    ``net`` computes in ``dtype`` too: its backbone takes its input in ``dtype``."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            module.to(dtype)
+    net.backbone.register_forward_pre_hook(lambda _, args: (args[0].to(dtype), *args[1:]))
+
+
 def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     """Logits at the input size, in fp32: under bf16 autocast the losses, the distillation
     and the argmax see full-precision logits (a no-op cast in fp32 runs). The resize runs
@@ -252,8 +263,8 @@ class IncrementalSegmentor(BaseModel):
     ``step_sizes[i]`` is the number of classes step i added (step 0 counts background);
     ``overlapped`` tells whether the protocol is overlapped (the runner sets both). A
     method that needs the previous step's model finds it in ``self.teacher`` (frozen, in eval
-    mode, kept out of this module's parameters and checkpoints; in the GPU fast path its BNs
-    are folded into its convolutions, ``speed.prepare_model``), ``None`` at step 0.
+    mode, kept out of this module's parameters and checkpoints; in the GPU fast path made
+    for inference, ``speed.prepare_model``), ``None`` at step 0.
     """
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -820,7 +820,7 @@ def speed_record(cfg: Config) -> dict:
     speed, processes, device = effective_speed(cfg), world_size(), training_device()
     return dict(device=device, amp=autocast_name(speed.amp), channels_last=speed.channels_last,
                 cudnn_benchmark=speed.cudnn_benchmark, compile=speed.compile,
-                fold_teacher_bn=speed.fold_teacher_bn, world_size=processes,
+                inference_teacher=speed.inference_teacher, world_size=processes,
                 batch_per_process=per_process_batch(cfg.data.batch_size, processes),
                 sync_bn=processes > 1 and device == 'cuda')
 

@@ -1,5 +1,5 @@
-"""The GPU fast path: bf16 autocast, channels_last, cudnn benchmark, the teacher's BNs folded
-and (opt-in) torch.compile.
+"""The GPU fast path: bf16 autocast, channels_last, cudnn benchmark, the teacher made for
+inference and (opt-in) torch.compile.
 
 A config may hold a ``speed`` section; the defaults are ``SPEED_DEFAULTS``. The settings
 apply on CUDA only: on CPU a run stays fp32 in the contiguous layout, exactly as without
@@ -22,7 +22,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.runner import ValLoop
 
 from .errors import UserError
-from .models import fold_batch_norms
+from .models import fold_batch_norms, store_convolutions_in
 from .registry import LOOPS, OPTIM_WRAPPERS
 
 AMP_DTYPES = ('bfloat16', 'float16', None)
@@ -48,19 +48,19 @@ class Speed:
     channels_last: bool = True       # model and inputs in NHWC memory layout
     cudnn_benchmark: bool = True     # cudnn picks the fastest convolution per shape
     compile: bool = False            # torch.compile of the backbone and the head
-    fold_teacher_bn: bool = True     # the frozen teacher's BNs folded into its convolutions
+    inference_teacher: bool = True   # the frozen teacher's BNs folded, its weights in amp's dtype
 
     def on(self, device: str) -> 'Speed':
         """What takes effect on ``device``: on CPU, none of the CUDA-only settings."""
         if device == 'cuda':
             return self
         return replace(self, amp=None, channels_last=False, cudnn_benchmark=False,
-                       fold_teacher_bn=False)
+                       inference_teacher=False)
 
 
 SPEED_DEFAULTS = Speed()
 REFERENCE_SPEED = Speed(amp=None, channels_last=False, cudnn_benchmark=False, compile=False,
-                        fold_teacher_bn=False)
+                        inference_teacher=False)
 
 
 def training_device() -> str:
@@ -109,11 +109,14 @@ def effective_speed(cfg) -> Speed:
 def prepare_model(model, speed: Speed, device: str):
     """Move a segmentor, and its teacher if it has one, to ``device`` in ``speed``'s memory
     layout, compiled if asked; the data preprocessor then hands over channels_last inputs.
-    The teacher, frozen, may have its BNs folded into its convolutions first: per step that
-    saves one pass over its activations, and a kernel launch, per BN (110 in ResNet-101's
-    DeepLabV3), and the same numbers to rounding."""
-    if speed.fold_teacher_bn and model.teacher is not None:
+    With ``inference_teacher`` the teacher, frozen, is first made for inference: its BNs folded
+    into its convolutions (the same function to rounding, without a pass over its activations
+    per BN: 110 in DeepLabV3-ResNet101), and under autocast its convolution weights stored in
+    autocast's dtype (the same numbers, without autocast's cast of each weight at each step)."""
+    if speed.inference_teacher and model.teacher is not None:
         fold_batch_norms(model.teacher)
+        if speed.amp:
+            store_convolutions_in(model.teacher, getattr(torch, speed.amp))
     for net in (model, model.teacher):
         if net is None:
             continue

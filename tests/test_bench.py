@@ -55,7 +55,7 @@ def test_bench_reports_every_measure_for_both_regimes(one_thread, capsys):
     assert loader and all(float(v) > 0 for v in loader.groups())
     assert 'peak' in out and 'float32 matmul' in out
     assert f'\ndevice: cpu, torch threads: 1 (torch {torch.__version__}); peak ' in out
-    assert '  fp32 eager: fp32, contiguous, cudnn benchmark off, eager, teacher BN unfolded\n' in out  # no TF32 on CPU
+    assert '  fp32 eager: fp32, contiguous, cudnn benchmark off, eager, teacher as trained\n' in out  # no TF32 on CPU
     assert 'train images per step 9568/487/299/491/500/548' in out
     projected = re.findall(r'^  (fp32 eager|fast path) +(\d+:\d\d:\d\d) \((\d+:\d\d:\d\d) of it '
                            r"start-up: compilation, cudnn's search\)$", out, re.M)
@@ -165,18 +165,18 @@ def test_compile_adds_the_fast_path_compiled_as_a_third_regime():
     cpu = bench.bench_regimes(fast, 'cpu', compile=True)
     assert cpu['fast path'] == REFERENCE_SPEED
     assert cpu['fast+compile'] == Speed(amp=None, channels_last=False, cudnn_benchmark=False, compile=True,
-                                        fold_teacher_bn=False)
+                                        inference_teacher=False)
 
 
 def test_a_regime_says_when_its_fp32_convolutions_run_in_tf32():
     assert bench.describe(REFERENCE_SPEED, tf32=True) == (
         "fp32 (TF32 convolutions, PyTorch's default), contiguous, cudnn benchmark off, eager, "
-        'teacher BN unfolded')
+        'teacher as trained')
     assert bench.describe(REFERENCE_SPEED) == (
-        'fp32, contiguous, cudnn benchmark off, eager, teacher BN unfolded')
+        'fp32, contiguous, cudnn benchmark off, eager, teacher as trained')
     # bf16 autocast: the TF32 setting concerns fp32 convolutions only
     assert bench.describe(Speed(compile=True), tf32=True) == (
-        'bfloat16, channels_last, cudnn benchmark on, torch.compile, teacher BN folded')
+        'bfloat16, channels_last, cudnn benchmark on, torch.compile, teacher for inference')
 
 
 @pytest.mark.parametrize('flags, message', [

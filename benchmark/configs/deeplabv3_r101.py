@@ -18,4 +18,4 @@ schedule = dict(epochs=30, epochs_by_dataset=dict(ade=60), lr=(0.01, 0.001), mom
 # GPU fast path (applies on CUDA only; see README "GPU and multi-GPU"); left out of the config
 # digest: it changes how fast a run goes, not what it computes.
 speed = dict(amp='bfloat16', channels_last=True, cudnn_benchmark=True, compile=False,
-             fold_teacher_bn=True)
+             inference_teacher=True)
