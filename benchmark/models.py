@@ -7,6 +7,7 @@ mmengine's Runner trains it; methods subclass it and override ``loss``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import NewType
@@ -230,7 +231,9 @@ def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     """Logits at the input size, in fp32: under bf16 autocast the losses, the distillation
     and the argmax see full-precision logits (a no-op cast in fp32 runs). The resize runs
     with autocast off: autocast would round its matrix products' inputs back to bf16."""
-    with torch.autocast(logits.device.type, enabled=False):
+    device = logits.device.type
+    with (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+          else contextlib.nullcontext()):   # (not on the meta device, for one)
         return resize_bilinear(logits.float(), size)
 
 
