@@ -55,7 +55,8 @@ def test_bench_reports_every_measure_for_both_regimes(one_thread, capsys):
     assert loader and all(float(v) > 0 for v in loader.groups())
     assert 'peak' in out and 'float32 matmul' in out
     assert f'\ndevice: cpu, torch threads: 1 (torch {torch.__version__}); peak ' in out
-    assert '  fp32 eager: fp32, contiguous, cudnn benchmark off, eager, teacher as trained\n' in out  # no TF32 on CPU
+    # no TF32 on CPU
+    assert '  fp32 eager: fp32, contiguous, cudnn benchmark off, eager, teacher as trained\n' in out
     assert 'train images per step 9568/487/299/491/500/548' in out
     projected = re.findall(r'^  (fp32 eager|fast path) +(\d+:\d\d:\d\d) \((\d+:\d\d:\d\d) of it '
                            r"start-up: compilation, cudnn's search\)$", out, re.M)
@@ -164,8 +165,8 @@ def test_compile_adds_the_fast_path_compiled_as_a_third_regime():
     # on CPU the CUDA-only settings fall away; compiling stays
     cpu = bench.bench_regimes(fast, 'cpu', compile=True)
     assert cpu['fast path'] == REFERENCE_SPEED
-    assert cpu['fast+compile'] == Speed(amp=None, channels_last=False, cudnn_benchmark=False, compile=True,
-                                        inference_teacher=False)
+    assert cpu['fast+compile'] == Speed(amp=None, channels_last=False, cudnn_benchmark=False,
+                                        compile=True, inference_teacher=False)
 
 
 def test_a_regime_says_when_its_fp32_convolutions_run_in_tf32():

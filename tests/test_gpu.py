@@ -165,7 +165,8 @@ def test_bench_compares_the_fast_path_in_bf16_and_float16_side_by_side(capsys):
                 if line.startswith(case + ' ')]
         assert [' '.join(row[:-2] if case == 'evaluation' else row[:-5])
                 for row in rows] == ['fp32 eager', 'fast path (bf16)', 'fast path (fp16)'], out
-    assert '  fast path (fp16): float16, channels_last, cudnn benchmark on, eager, teacher for inference' in out
+    assert ('  fast path (fp16): float16, channels_last, cudnn benchmark on, eager, '
+            'teacher for inference') in out
     assert 'bfloat16 matmul' in out   # the MFU against the first dtype's peak
     # --profile: the GPU kernels' time, each regime's, by kind; the convolutions' counted
     for regime in ('fp32 eager', 'fast path (bf16)', 'fast path (fp16)'):

@@ -1,6 +1,6 @@
 """The speed settings (config section, run flags, what applies on CPU), float16's loss scaling,
-the losses logged without per-iteration host syncs, channels_last models and the teacher's BNs
-folded, on CPU."""
+the losses logged without per-iteration host syncs, channels_last models and the teacher made
+for inference, on CPU."""
 from __future__ import annotations
 
 import copy
@@ -21,9 +21,9 @@ from cssbench.errors import UserError
 from cssbench.hooks import AveragedRuntimeInfoHook
 from cssbench.methods import get_method
 from cssbench.metrics import IncrementalIoUMetric
+from cssbench.models import fold_batch_norms, store_convolutions_in
 from cssbench.protocols import load_protocol
 from cssbench.registry import LOOPS
-from cssbench.models import fold_batch_norms, store_convolutions_in
 from cssbench.runner import attach_previous_step, build_model, speed_record
 from cssbench.speed import (REFERENCE_SPEED, Speed, emulated_bf16_note, optim_wrapper_config,
                             prepare_model, resolve_speed, val_loop_config)
@@ -122,7 +122,8 @@ def test_folding_batch_norms_into_convolutions_keeps_what_the_network_computes(c
         assert batch_norms(model) == 0
         out = model.encode_decode(inputs)
     for key in ('features', 'logits'):
-        torch.testing.assert_close(out[key], reference[key], rtol=1e-4, atol=1e-4 * reference[key].abs().max())
+        torch.testing.assert_close(out[key], reference[key], rtol=1e-4,
+                                   atol=1e-4 * reference[key].abs().max())
     for stage, expected in zip(out['body'], reference['body'], strict=True):
         torch.testing.assert_close(stage, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
 
@@ -157,6 +158,7 @@ def test_a_teachers_convolutions_stored_in_bf16_compute_what_autocast_computes()
                       load_protocol('voc-15-5-overlap'), 0).eval().requires_grad_(False)
     stored = copy.deepcopy(net)
     store_convolutions_in(stored, torch.bfloat16)
+
     def dtypes(convolutions: bool) -> set:
         return {p.dtype for m in stored.modules() if isinstance(m, torch.nn.Conv2d) == convolutions
                 for p in m.parameters(recurse=False)}
