@@ -280,6 +280,45 @@ def method_model(name: str, step: int, cfg=None, protocol: str = 'voc-15-5-overl
     return model
 
 
+def with_trained_looking_batch_norms(model):
+    """``model`` with every BN's statistics and affine parameters drawn away from their
+    initial 0 and 1, as training leaves them (the initial ones fold to almost nothing)."""
+    import torch
+    generator = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for tensor, low, high in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3),
+                                      (m.weight, 0.3, 2), (m.bias, -1, 1)):
+                if tensor is not None:
+                    tensor.data.uniform_(low, high, generator=generator)
+    return model
+
+
+def batch_norms(net) -> int:
+    import torch
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def sdr_losses_with_a_trained_teacher(speed, device: str):
+    """SDR's step-1 model, its teacher's BNs trained-looking, prepared by ``speed`` on
+    ``device``, and its losses (eval mode: no dropout draws) under ``speed``'s autocast on
+    one batch whose masks are mostly background, where SDR reads the teacher's pseudo-labels."""
+    import torch
+    from cssbench.speed import prepare_model
+    model = method_model('sdr', 1, prepare_old=with_trained_looking_batch_norms)
+    prepare_model(model, speed, device)
+    model.eval()
+    targets = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    targets[:, :16, :16] = 16   # the new class
+    batch = dict(inputs=torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
+                                      generator=torch.Generator().manual_seed(0)),
+                 data_samples=targets)
+    with torch.no_grad(), torch.autocast(device, dtype=getattr(torch, speed.amp or 'bfloat16'),
+                                         enabled=speed.amp is not None):
+        losses = model(**model.data_preprocessor(batch, True), mode='loss')
+    return model, losses
+
+
 def drift_student(model) -> None:
     """Move the student's backbone away from its teacher's, as training does: at step 1 they
     start equal, so a distillation of their features would be 0 whatever it computed."""

@@ -3,8 +3,8 @@ skips an overflowed step, channels_last computes what the contiguous layout does
 step matches the eager one, a compiled model computes in its autocast's dtype, no method's
 training iteration waits for the GPU (bf16 or float16), the bench compares bf16 with
 float16, a fast-path run completes (with whole-image evaluation too, and a cached step 0
-evaluated alone), and (with two GPUs) a torchrun run with NCCL and SyncBN. Skipped without
-CUDA."""
+evaluated alone), the teacher made for inference gives the teacher's losses, and (with two
+GPUs) a torchrun run with NCCL and SyncBN. Skipped without CUDA."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,8 @@ from cssbench.config import load_config
 from cssbench.methods import method_names
 from cssbench.runner import run_protocol, speed_record
 from cssbench.speed import REFERENCE_SPEED, SPEED_DEFAULTS, Speed
-from conftest import float16_steps_by_hand, join_val_images_in_pairs, random_batch
+from conftest import (float16_steps_by_hand, join_val_images_in_pairs, random_batch,
+                      sdr_losses_with_a_trained_teacher)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -59,6 +60,17 @@ def test_autocast_losses_track_fp32_on_the_same_batch(method, step, amp):
     for key in fp32:
         # bf16 keeps 8 bits of mantissa (float16 11): a few parts in a thousand through the network
         assert fast[key] == pytest.approx(fp32[key], rel=3e-2, abs=1e-4), key
+
+
+def test_the_teacher_made_for_inference_gives_the_losses_of_the_teacher_as_trained():
+    # its BNs (trained-looking statistics) folded and its weights stored in bf16, on the GPU:
+    # SDR's losses under bf16 autocast as with the teacher as trained, to bf16's rounding
+    losses = {made: sdr_losses_with_a_trained_teacher(
+        Speed(amp='bfloat16', channels_last=True, inference_teacher=made), 'cuda')[1]
+        for made in (True, False)}
+    assert {k for k, v in losses[True].items() if v != 0} >= {'loss_kd', 'loss_pm'}
+    for key, value in losses[False].items():
+        assert float(losses[True][key]) == pytest.approx(float(value), rel=2e-2, abs=1e-4), key
 
 
 def test_float16_scales_the_loss_and_skips_a_step_whose_gradients_overflowed(monkeypatch):

@@ -24,10 +24,11 @@ from cssbench.metrics import IncrementalIoUMetric
 from cssbench.models import fold_batch_norms, store_convolutions_in
 from cssbench.protocols import load_protocol
 from cssbench.registry import LOOPS
-from cssbench.runner import attach_previous_step, build_model, speed_record
+from cssbench.runner import build_model, speed_record
 from cssbench.speed import (REFERENCE_SPEED, Speed, emulated_bf16_note, optim_wrapper_config,
                             prepare_model, resolve_speed, val_loop_config)
-from conftest import SMALL_DIGEST, float16_steps_by_hand, hook_runner
+from conftest import (SMALL_DIGEST, batch_norms, float16_steps_by_hand, hook_runner,
+                      sdr_losses_with_a_trained_teacher, with_trained_looking_batch_norms)
 
 
 def test_defaults_config_section_and_run_flags():
@@ -87,23 +88,6 @@ def test_a_channels_last_model_computes_what_the_contiguous_one_does():
         torch.testing.assert_close(model(data['inputs']),
                                    reference(reference.data_preprocessor(batch)['inputs']),
                                    rtol=1e-4, atol=1e-4)
-
-
-def with_trained_looking_batch_norms(model):
-    """``model`` with every BN's statistics and affine parameters drawn away from their
-    initial 0 and 1, as training leaves them (the initial ones fold to almost nothing)."""
-    generator = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            for tensor, low, high in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3),
-                                      (m.weight, 0.3, 2), (m.bias, -1, 1)):
-                if tensor is not None:
-                    tensor.data.uniform_(low, high, generator=generator)
-    return model
-
-
-def batch_norms(net) -> int:
-    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 @pytest.mark.parametrize('config, folded', [('small', 17), ('deeplabv3-r101', 110)])
@@ -179,27 +163,14 @@ def test_a_teachers_convolutions_stored_in_bf16_compute_what_autocast_computes()
 @pytest.mark.parametrize('amp', [None, 'bfloat16'])
 @pytest.mark.parametrize('inference', [True, False])
 def test_the_fast_path_makes_the_teacher_for_inference_and_leaves_the_student(inference, amp):
-    cfg, protocol, method = load_config('small'), load_protocol('voc-15-5-overlap'), get_method('sdr')
-    torch.manual_seed(0)
-    teacher = with_trained_looking_batch_norms(build_model(cfg, method.model_type, protocol, 0))
     losses = {}
     for made in (False, inference):
-        torch.manual_seed(1)   # the same student, and batch, each time
-        model = build_model(cfg, method.model_type, protocol, 1)
-        attach_previous_step(model, copy.deepcopy(teacher), teacher.state_dict(), 'test')
-        prepare_model(model, Speed(amp=amp, channels_last=False, inference_teacher=made), 'cpu')
-        assert model.training and batch_norms(model) == 17
-        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        speed = Speed(amp=amp, channels_last=False, inference_teacher=made)
+        model, losses[made] = sdr_losses_with_a_trained_teacher(speed, 'cpu')
+        assert batch_norms(model) == 17 and {p.dtype for p in model.parameters()} == {torch.float32}
         assert batch_norms(model.teacher) == (0 if made else 17)
         assert {p.dtype for p in model.teacher.parameters()} == {
             getattr(torch, amp) if made and amp else torch.float32}
-        model.eval()   # no dropout draws
-        targets = torch.zeros(2, 32, 32, dtype=torch.uint8)   # background: where SDR reads the
-        targets[:, :16, :16] = 16                             # teacher's pseudo-labels; new class
-        batch = dict(inputs=torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
-                     data_samples=targets)
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp is not None):
-            losses[made] = model(**model.data_preprocessor(batch, True), mode='loss')
     # SDR's distillation and prototype matching read the teacher's logits
     assert {k for k, v in losses[inference].items() if v != 0} >= {'loss_kd', 'loss_pm'}
     for key, value in losses[False].items():   # BNs folded: the same to rounding (bf16's)
