@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -818,9 +818,8 @@ def speed_record(cfg: Config) -> dict:
     the number of processes (torchrun), the batch each takes, and whether BN statistics
     are synchronised across them."""
     speed, processes, device = effective_speed(cfg), world_size(), training_device()
-    return dict(device=device, amp=autocast_name(speed.amp), channels_last=speed.channels_last,
-                cudnn_benchmark=speed.cudnn_benchmark, compile=speed.compile,
-                inference_teacher=speed.inference_teacher, world_size=processes,
+    return dict(device=device, **asdict(replace(speed, amp=autocast_name(speed.amp))),
+                world_size=processes,
                 batch_per_process=per_process_batch(cfg.data.batch_size, processes),
                 sync_bn=processes > 1 and device == 'cuda')
 
