@@ -1,2 +1,2 @@
 """cssbench: a benchmark harness for class-incremental (continual) semantic segmentation."""
-__version__ = '0.2.2'  # part of the step-0 cache key: bumped when training changes
+__version__ = '0.2.2'  # released versions; the step-0 cache key also counts the code's bytes

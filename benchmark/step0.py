@@ -8,7 +8,9 @@ stays; a cache that cannot be written stops no run.
 """
 from __future__ import annotations
 
-from collections.abc import Collection
+import functools
+import hashlib
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -30,11 +32,12 @@ def cache_key(steps: Protocol, kind: str, cfg: Config, unused_settings: Collecti
     steps and how they score are not part of it, nor what of the config step 0 never reads
     (``_as_step0_reads_it``). ``steps``: the steps the method trains; ``unused_settings``: the
     method's ``settings_unused_at_step0``; ``speed``: the run's speed record
-    (``runner.speed_record``)."""
+    (``runner.speed_record``). The code that trains and scores it counts by its bytes
+    (``training_code_digest``), so a fix to it is never served the model trained before."""
     key = dict(kind=kind, step0=steps.first_step_training(),
                config=sections_digest(_as_step0_reads_it(cfg, unused_settings)),
                seed=seed, deterministic=deterministic, data=dataset_fingerprint,
-               cssbench=__version__)
+               cssbench=__version__, code=training_code_digest())
     if speed['amp'] != NO_AUTOCAST:   # one trained under autocast (bf16, float16): not fp32's
         key['amp'] = speed['amp']
     if speed['world_size'] > 1:   # nor one trained in shares of the batch (torchrun)
@@ -55,6 +58,38 @@ def _as_step0_reads_it(cfg: Config, unused_settings: Collection[str]) -> dict:
     if isinstance(backbone, dict) and backbone.get('pretrained'):
         backbone['pretrained'] = 'sha256:' + file_sha256(Path(backbone['pretrained']).expanduser())
     return sections
+
+
+# cssbench's modules that report on stored results or read the command line: the rest (and
+# every method) trains or scores a step-0 model.
+REPORTING_MODULES = frozenset({'__main__', 'cli', 'bench', 'profiling', 'tables', 'plots',
+                               'published'})
+
+
+@functools.cache
+def training_code_digest(harness: Path = Path(__file__).parent,
+                         methods: Path | None = None) -> str:
+    """The digest of the Python files of cssbench (``harness``) but ``REPORTING_MODULES``, and
+    of the methods' package (``methods``: ``baselines``, which a method of one's own joins)."""
+    if methods is None:
+        from . import baselines
+        methods = Path(baselines.__file__).parent
+    return _sources_digest({'cssbench': [p for p in harness.glob('*.py')
+                                        if p.stem not in REPORTING_MODULES],
+                           'baselines': methods.glob('*.py')})
+
+
+def _sources_digest(packages: dict[str, Iterable[Path]]) -> str:
+    """The sha256 of source files, each by its package and name and its bytes (16 hex digits):
+    the same wherever the packages are installed."""
+    digest = hashlib.sha256()
+    files = sorted((f'{package}/{path.name}', path) for package, paths in packages.items()
+                   for path in paths)
+    for name, path in files:
+        data = path.read_bytes()
+        digest.update(f'{name}\0{len(data)}\0'.encode())
+        digest.update(data)
+    return digest.hexdigest()[:16]
 
 
 def _entry(key: str) -> Path:

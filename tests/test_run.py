@@ -1019,6 +1019,42 @@ def test_the_step0_cache_key_counts_the_pretrained_checkpoint_by_its_bytes(tmp_p
     assert len({key(None), first, key(checkpoint)}) == 3
 
 
+def test_the_step0_cache_key_counts_the_code_that_trains_step0(tmp_path, monkeypatch):
+    """A fix to the code that trains or scores step 0 is never served the model trained before
+    it (the key named only the version, bumped by hand, and forgotten once): every module of
+    cssbench and of the methods counts by its bytes, but those that only report."""
+    import cssbench
+    import cssbench.baselines
+    installed = step0.training_code_digest()
+    harness, methods = tmp_path / 'cssbench', tmp_path / 'baselines'
+    shutil.copytree(Path(cssbench.__file__).parent, harness)
+    shutil.copytree(Path(cssbench.baselines.__file__).parent, methods)
+
+    def digest() -> str:
+        step0.training_code_digest.cache_clear()
+        return step0.training_code_digest(harness, methods)
+
+    assert digest() == installed                    # the same code, installed elsewhere
+    with open(harness / 'tables.py', 'a') as f:     # a module that only reports
+        f.write('# a table changed\n')
+    assert digest() == installed
+    with open(harness / 'models.py', 'a') as f:
+        f.write('# a fix\n')
+    fixed = digest()
+    assert fixed != installed
+    (methods / 'mine.py').write_text('# a method of ones own\n')
+    assert digest() not in {installed, fixed}
+
+    protocol, ft = load_protocol('synth-15-1-overlap'), get_method('ft')
+    speed = dict(amp='float32', world_size=1, sync_bn=False)
+    cfg = load_config('small', dataset='synth')
+    keys = set()
+    for code in ('before', 'after'):
+        monkeypatch.setattr(step0, 'training_code_digest', lambda code=code: code)
+        keys.add(step0.cache_key(protocol, ft.step0_kind, cfg, (), 0, False, 'data', speed))
+    assert len(keys) == 2
+
+
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
     from cssbench.config import load_config
     assert load_config('deeplabv3-r101', dataset='ade').schedule.epochs == 60   # the papers' ADE20K
