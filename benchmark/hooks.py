@@ -129,16 +129,17 @@ def refuse_non_finite(where: str, non_finite: dict[str, int], iterations: int, *
 
 @HOOKS.register_module()
 class StepProgressHook(Hook):
-    """Prints every ``interval`` iterations and at the end of each epoch.
+    """Prints at the end of a session's first logging ``interval`` (a quarter epoch, as the
+    runner sets it: a step says soon how long it will take), then every second interval and
+    at the end of each epoch.
 
     Reads the loss from the message hub (its mean over the last logging interval, see
-    ``AveragedRuntimeInfoHook``; the runner prints every second interval), so it adds no device
-    sync. Rank 0 prints for every process.
+    ``AveragedRuntimeInfoHook``), so it adds no device sync. Rank 0 prints for every process.
     """
 
     priority = 'BELOW_NORMAL'
 
-    def __init__(self, prefix: str, interval: int = 50) -> None:
+    def __init__(self, prefix: str, interval: int = 25) -> None:
         self.prefix = prefix
         self.interval = interval
 
@@ -147,11 +148,12 @@ class StepProgressHook(Hook):
         self._start_iter = runner.iter
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        at_print = (self.every_n_inner_iters(batch_idx, self.interval)
+        done = runner.iter + 1 - self._start_iter
+        first = done <= self.interval and self.every_n_inner_iters(batch_idx, self.interval)
+        at_print = (first or self.every_n_inner_iters(batch_idx, 2 * self.interval)
                     or self.end_of_epoch(runner.train_dataloader, batch_idx))
         if not at_print or not is_main_process():
             return
-        done = runner.iter + 1 - self._start_iter
         remaining = runner.max_iters - runner.iter - 1
         eta = (time.time() - self._start_time) / done * remaining
         loss = runner.message_hub.get_scalar('train/loss').current()

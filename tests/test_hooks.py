@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from mmengine.dataset import DefaultSampler
+from mmengine.logging import MessageHub
 
 import cssbench.hooks as hooks
 from cssbench.errors import UserError
 from cssbench.hooks import (NON_FINITE_IN_A_ROW_LIMIT, AveragedRuntimeInfoHook, EpochKeyedSampler,
-                            EpochSeedHook, StepClockHook, autocasts_training,
+                            EpochSeedHook, StepClockHook, StepProgressHook, autocasts_training,
                             earlier_training_seconds, processes_training)
 from conftest import hook_runner
 
@@ -171,3 +172,35 @@ def test_under_loss_scaling_overflowed_iterations_are_skipped_until_too_many_in_
     assert str(e.value) == ('work/step1: epoch 1 iters 34-36: the loss was not finite in 16 '
                             'iterations in a row (the float16 loss scaler skipped each; here '
                             f'loss_ce in 2 of 3 iterations): {AFTER}')
+
+
+def _progress_lines(hook: StepProgressHook, runner: SimpleNamespace, epochs: range,
+                    capsys) -> list[str]:
+    """The lines ``hook`` prints over ``epochs`` of ``runner``'s training, each as
+    'epoch E/N iter I/M'."""
+    hook.before_train(runner)
+    for epoch in epochs:
+        runner.epoch = epoch
+        for batch_idx in range(len(runner.train_dataloader)):
+            hook.after_train_iter(runner, batch_idx)
+            runner.iter += 1
+    return [' '.join(line.split()[3:7]) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_the_progress_line_comes_after_the_first_logging_interval_then_every_second(capsys):
+    """A step's first line came only after half an epoch (over a minute into step 0 on a busy
+    2-core machine); it now comes after a quarter, and after a resume too."""
+    hub = MessageHub.get_instance('test_progress')
+    hub.update_scalar('train/loss', 0.5)
+    runner = SimpleNamespace(iter=0, max_iters=24, epoch=0, max_epochs=3, train_dataloader=range(8),
+                             message_hub=hub,
+                             optim_wrapper=SimpleNamespace(get_lr=lambda: {'lr': [0.01]}))
+    hook = StepProgressHook('synth step 0', interval=2)
+    assert _progress_lines(hook, runner, range(2), capsys) == [
+        'epoch 1/3 iter 2/8', 'epoch 1/3 iter 4/8', 'epoch 1/3 iter 8/8',
+        'epoch 2/3 iter 4/8', 'epoch 2/3 iter 8/8']
+    # resumed from the second epoch's checkpoint: a new session, a first line of its own
+    runner.iter = 8
+    assert _progress_lines(hook, runner, range(1, 3), capsys) == [
+        'epoch 2/3 iter 2/8', 'epoch 2/3 iter 4/8', 'epoch 2/3 iter 8/8',
+        'epoch 3/3 iter 4/8', 'epoch 3/3 iter 8/8']
