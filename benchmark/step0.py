@@ -100,6 +100,10 @@ def _weights(entry: Path) -> Path:
     return entry / 'model.pth'
 
 
+def _record(entry: Path) -> Path:
+    return entry / 'model.json'
+
+
 def _iou_file(entry: Path, protocol: Protocol) -> Path:
     return entry / f'iou-{"-".join(protocol.evaluation.values())}.json'   # iou-ignore-center.json
 
@@ -141,7 +145,7 @@ def reuse(key: str, protocol: Protocol, weights: Path) -> dict | None:
         digest = file_sha256(weights)  # the weights copied, whatever came since
     except OSError:   # the entry went away meanwhile
         return None
-    record = _read_record(entry / 'model.json', digest) or dict(trained_in_s=None, run=None)
+    record = _read_record(_record(entry), digest) or dict(trained_in_s=None, run=None)
     scores = _read_record(_iou_file(entry, protocol), digest)
     return dict(record, model=digest, iou=scores.get('iou') if scores else None)
 
@@ -160,7 +164,7 @@ def store(key: str, protocol: Protocol, weights: Path, run: Path, wall_time_s: f
         if not copy_if_absent(weights, model):   # one cached before, or meanwhile
             store_iou(key, protocol, digest, run, iou, log)
             return
-        atomic_write_json(entry / 'model.json', dict(model=digest, trained_in_s=wall_time_s,
+        atomic_write_json(_record(entry), dict(model=digest, trained_in_s=wall_time_s,
                                                      run=str(run.resolve())))
         _write_iou(entry, protocol, digest, run, iou)
     except OSError as e:

@@ -90,8 +90,12 @@ class StoredRun:
 
 @dataclass(frozen=True)
 class SkippedRun:
-    path: str
+    path: str   # in the store: <protocol>/<method>/<run>, or a folder above that is unlisted ('.')
     reason: str
+
+    @property
+    def protocol(self) -> str:
+        return self.path.split('/')[0]
 
 
 @dataclass
@@ -113,11 +117,11 @@ class Store:
 
     def protocols_with_skipped(self) -> list[str]:
         """``protocols``, and those whose folders hold skipped runs alone (to name them)."""
-        return sorted({*self.protocols(), *(s.path.split('/')[0] for s in self.skipped)} - {'.'})
+        return sorted({*self.protocols(), *(s.protocol for s in self.skipped)} - {'.'})
 
     def skipped_in(self, protocol: str) -> list[SkippedRun]:
         """The run folders of ``protocol`` that could not be read as complete runs."""
-        return [s for s in self.skipped if s.path.split('/')[0] == protocol]
+        return [s for s in self.skipped if s.protocol == protocol]
 
     def skipped_note(self, protocol: str) -> str:
         """`` (skipped: <folder>: <why>; ...)`` for ``protocol``'s skipped runs; '' if none."""
