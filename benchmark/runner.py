@@ -233,8 +233,7 @@ def check_model_builds(cfg: Config, model_type: str, protocol: Protocol) -> None
     an output stride of 12) or whose parts do not fit (a backbone's widths and strides of
     other lengths), before anything is written: built and run on one crop on the meta device,
     which allocates and computes nothing, without its pretrained weights (config.py checks
-    their file)."""
-    check_model_settings(cfg, model_type)
+    their file). ``build_model`` checks the settings first (``check_model_settings``)."""
     trial = cfg.copy()
     if 'pretrained' in trial.model.backbone:
         trial.model.backbone.pretrained = None
