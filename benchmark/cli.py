@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import (RaisedByMainProcess, RunHeldElsewhere, UserError, comma_list,
-                     refuse_repeats, refuse_unwritable_folder)
+                     refuse_repeats, refuse_unwritable_file, refuse_unwritable_folder)
 from .interrupts import noting_interrupts, raise_if_interrupted
 from .store import DEFAULT_RESULTS, Store
 
@@ -60,10 +60,8 @@ def cmd_splits(args) -> None:
                f'its class order is drawn with its class_order_seed, {given.ordering_seed}')
         print(f"cssbench: note: --seed changes nothing in {given.name}'s splits: {why}",
               file=sys.stderr)
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f'--out {args.out}: a folder; give the lists a file name')
     if args.out:   # before the scan, not after it
-        refuse_unwritable_folder('--out', args.out, Path(args.out).absolute().parent)
+        refuse_unwritable_file('--out', args.out, 'the lists')
     root = resolve_data_root(protocol.dataset, args.data_root)
     index = index_dataset(protocol.dataset, root)
     steps = protocol_splits(protocol, index)
@@ -418,13 +416,13 @@ def cmd_table(args) -> None:
         print(f'wrote {sum(map(len, written.values()))} files to {out}/')
         return
     kind = 'per_step' if args.per_step else 'per_class' if args.per_class else 'leaderboard'
+    if args.out:
+        refuse_unwritable_file('--out', args.out, 'the table',
+                               ' (--all writes every table into a folder)')
     text = render_table(args.results, stored_protocol_name(args.protocol, args.results), args.format or 'md',
                         kind, args.run, args.config)
     if args.out:
         from .io import atomic_write_text
-        if Path(args.out).is_dir():
-            raise UserError(f'--out {args.out}: a folder; give the table a file name '
-                            f'(--all writes every table into a folder)')
         atomic_write_text(args.out, text)
         print(f'wrote {args.out}')
     else:

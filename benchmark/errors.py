@@ -53,3 +53,12 @@ def refuse_unwritable_folder(option: str, given: str | Path, folder: Path) -> No
         read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
         raise UserError(f'{option} {given}: cannot write in {existing} '
                         f'({os.strerror(errno.EROFS if read_only else errno.EACCES)})')
+
+
+def refuse_unwritable_file(option: str, given: str | Path, what: str, advice: str = '') -> None:
+    """Refuse what was given to ``option`` as the file to write ``what`` to (``the table``) if
+    it is a folder, or in a folder that could not be made or written in
+    (``refuse_unwritable_folder``). Tells without writing anything."""
+    if Path(given).is_dir():
+        raise UserError(f'{option} {given}: a folder; give {what} a file name{advice}')
+    refuse_unwritable_folder(option, given, Path(given).absolute().parent)

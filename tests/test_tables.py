@@ -1107,6 +1107,9 @@ def test_cli_table_errors_name_what_is_wrong(store_19_1: Path, tmp_path: Path, c
     for command in ('table', 'plot'):
         assert main([command, '--all', '--results', results, '--out', str(a_file)]) == 2
         assert f'{a_file}: a file, where a folder' in capsys.readouterr().err
+    inside_a_file = a_file / 'table.md'   # refused as --out's folder is, naming the file in the way
+    assert main(['table', '--protocol', VOC19, '--results', results, '--out', str(inside_a_file)]) == 2
+    assert f'--out {inside_a_file}: {a_file} is not a folder' in capsys.readouterr().err
     assert a_file.read_text() == 'kept' and sorted(os.listdir(tmp_path)) == ['results', 'table.md']
 
 
