@@ -145,6 +145,9 @@ class SmallResNet(nn.Module):
     def __init__(self, widths: tuple[int, ...] = (32, 64, 96, 128), strides=(1, 2, 2, 1),
                  dilations=(1, 1, 1, 2)) -> None:
         super().__init__()
+        if not len(widths) == len(strides) == len(dilations):   # a stage each: zip would drop some
+            raise ValueError(f'widths {tuple(widths)}, strides {tuple(strides)} and dilations '
+                             f'{tuple(dilations)} differ in length (one of each per stage)')
         self.stem = conv_bn_relu(3, widths[0], 3, stride=2)
         cins = (widths[0], *widths[:-1])
         self.stages = nn.ModuleList(ResidualBlock(cin, cout, s, d)

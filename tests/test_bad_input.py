@@ -505,18 +505,25 @@ def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
     assert not results.exists()   # refused before a run folder is made
 
 
+@pytest.mark.parametrize('backbone, error', [
+    ('strides=(1, 2)', 'ValueError: widths (32, 64, 96, 128), strides (1, 2) and dilations '
+                       '(1, 1, 1, 2) differ in length (one of each per stage)'),
+    # fewer widths than strides: it trained two stages of four, the others dropped silently
+    ('widths=(32, 64)', 'ValueError: widths (32, 64), strides (1, 2, 2, 1) and dilations '
+                        '(1, 1, 1, 2) differ in length (one of each per stage)'),
+])
 def test_a_config_whose_model_parts_do_not_fit_is_refused_before_anything_is_written(
-        capsys, tmp_path):
-    """Two stages of strides for four of widths: the backbone gives other channels than the
-    head takes. Found running the model on the meta device, before the run's folder is made
-    (it failed at the first iteration, a run folder left behind)."""
+        capsys, tmp_path, backbone, error):
+    """A backbone's stages given other numbers of widths and strides: refused when the model
+    is built on the meta device, before the run's folder is made (it failed at the first
+    iteration, a run folder left behind, or trained fewer stages than the config's widths)."""
     config = tmp_path / 'misfit.py'
     config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
-                      "model = dict(backbone=dict(strides=(1, 2)))\n")
+                      f"model = dict(backbone=dict({backbone}))\n")
     results = tmp_path / 'results'
     assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,lwf',
-                 '--config', str(config), '--results', str(results)).startswith(
-        f'cssbench: error: {config}: the model does not build with these settings (RuntimeError: ')
+                 '--config', str(config), '--results', str(results)) == (
+        f'cssbench: error: {config}: the model does not build with these settings ({error})')
     assert not results.exists()
 
 
