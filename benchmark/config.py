@@ -27,11 +27,16 @@ def load_config(name_or_path: str, epochs: int | None = None, *, dataset: str | 
     the schedule's ``epochs_by_dataset`` entry for it (e.g. ADE20K's 60), else ``epochs``. The
     resolved config holds no ``epochs_by_dataset``: it records what a run trains."""
     path = Path(name_or_path)
-    if not path.suffix:
+    named = not path.suffix and len(path.parts) == 1   # a shipped config's name: small
+    if named:
         path = CONFIGS_DIR / f'{name_or_path.replace("-", "_")}.py'
     if not path.is_file():
         known = ', '.join(p.stem.replace('_', '-') for p in sorted(CONFIGS_DIR.glob('*.py')))
-        raise UserError(f'unknown config {name_or_path!r} (known: {known}, or a path to a .py file)')
+        if named:
+            raise UserError(f'unknown config {name_or_path!r} (known: {known}, or a path to a '
+                            f'.py file)')
+        raise UserError(f'{path}: {"a folder" if path.is_dir() else "no such file"}; a config is '
+                        f'a .py file, or one of: {known}')
     try:
         cfg = Config.fromfile(str(path))
     except Exception as e:  # a config is Python: whatever stops it loading is the file's

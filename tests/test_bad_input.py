@@ -324,6 +324,12 @@ def test_tables_of_no_run(capsys, tmp_path):
 def test_unknown_method_config_and_epochs(capsys, tmp_path):
     assert 'unknown method' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,nope')
     assert 'unknown config' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', 'huge')
+    # a path is a file that is not there, or a folder, not an 'unknown config' (which the
+    # message then offered "a path to a .py file" for)
+    for path, what in ((tmp_path / 'mine.py', 'no such file'), (tmp_path / 'cfgs' / 'mine', 'no such file'),
+                       (tmp_path, 'a folder')):
+        assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', str(path)) == (
+            f'cssbench: error: {path}: {what}; a config is a .py file, or one of: deeplabv3-r101, small')
     assert 'at least 1' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--epochs', '0')
     assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,lwf,ft') == \
         'cssbench: error: --method: ft given twice'
