@@ -216,12 +216,18 @@ def _ade_samples(root: Path) -> dict[str, list[Sample]]:
     return {split: _ade_split_samples(base, split) for split in SPLITS}
 
 
+def root_not_found(root: Path) -> str:
+    """Why ``root``, not a folder, is no dataset root."""
+    return ('a file, not a dataset root (a folder)' if root.exists()
+            else 'dataset root not found')
+
+
 def list_samples(info: DatasetInfo, root: str | Path) -> dict[str, list[Sample]]:
     """Each split's samples in list order. The lists are checked (no id twice, no val id in
     training) and every image and mask file is checked to exist, before anything is read."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetError(f'{root}: dataset root not found')
+        raise DatasetError(f'{root}: {root_not_found(root)}')
     samples = _voc_samples(root, info.synthetic) if info.layout == 'voc' else _ade_samples(root)
     for split in SPLITS:
         for s in samples[split]:

@@ -27,7 +27,8 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from .datasets import SPLITS, Sample, decoded_image_size, list_samples, read_mask
+from .datasets import (SPLITS, Sample, decoded_image_size, list_samples, read_mask,
+                       root_not_found)
 from .datasets_info import DATASET_INFO, IGNORE_INDEX
 from .errors import DatasetError
 from .io import atomic_write_json, cache_dir, file_sha256, file_stamp, read_json_or_none
@@ -215,5 +216,5 @@ def resolve_data_root(dataset: str, data_root: str | None, progress: bool = True
         raise DatasetError(f'protocol needs dataset {dataset!r}: pass --data-root or set {variable}')
     root = Path(os.environ[variable]).expanduser()
     if not root.is_dir():   # said here, where the variable is known to be its source
-        raise DatasetError(f'{root}: dataset root not found (the folder ${variable} names)')
+        raise DatasetError(f'{root}: {root_not_found(root)} (named by ${variable})')
     return root

@@ -321,6 +321,16 @@ def test_tables_of_no_run(capsys, tmp_path):
     assert not (results / 'tables').exists()
 
 
+def test_a_data_root_that_is_a_file_is_named_as_one(capsys, tmp_path):
+    """It was refused as 'dataset root not found', though it was there."""
+    a_file = tmp_path / 'voc.tar'
+    a_file.write_bytes(b'')
+    assert fails(capsys, 'splits', '--protocol', 'synth-15-1-overlap', '--data-root', str(a_file)) == (
+        f'cssbench: error: {a_file}: a file, not a dataset root (a folder)')
+    assert fails(capsys, 'splits', '--protocol', 'synth-15-1-overlap', '--data-root',
+                 str(tmp_path / 'voc')) == f'cssbench: error: {tmp_path / "voc"}: dataset root not found'
+
+
 def test_unknown_method_config_and_epochs(capsys, tmp_path):
     assert 'unknown method' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,nope')
     assert 'unknown config' in fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--config', 'huge')

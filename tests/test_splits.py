@@ -206,8 +206,13 @@ def test_a_dataset_folder_from_the_environment_may_start_with_a_tilde(monkeypatc
     monkeypatch.setenv('CSSBENCH_VOC_ROOT', '~/voc')
     with pytest.raises(DatasetError) as refused:
         resolve_data_root('voc', None)
-    assert str(refused.value) == (f'{tmp_path / "voc"}: dataset root not found (the folder '
-                                  f'$CSSBENCH_VOC_ROOT names)')
+    assert str(refused.value) == f'{tmp_path / "voc"}: dataset root not found (named by $CSSBENCH_VOC_ROOT)'
+    (tmp_path / 'voc').write_text('')   # a file there: said so, where 'not found' misled
+    with pytest.raises(DatasetError) as refused:
+        resolve_data_root('voc', None)
+    assert str(refused.value) == (f'{tmp_path / "voc"}: a file, not a dataset root (a folder) '
+                                  f'(named by $CSSBENCH_VOC_ROOT)')
+    (tmp_path / 'voc').unlink()
     (tmp_path / 'voc').mkdir()
     assert resolve_data_root('voc', None) == tmp_path / 'voc'
 
