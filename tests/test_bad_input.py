@@ -321,6 +321,18 @@ def test_tables_of_no_run(capsys, tmp_path):
     assert not (results / 'tables').exists()
 
 
+def test_a_results_store_that_is_a_file_is_refused_by_every_reader(capsys, tmp_path):
+    """``table`` read it as an empty store and advised `cssbench run ... --results FILE`,
+    which failed in turn; ``table --all`` and ``plot`` advised --out."""
+    a_file = tmp_path / 'results'
+    a_file.write_text('kept')
+    for command in (['table', '--protocol', 'synth-15-1-overlap'], ['table', '--all'],
+                    ['plot', '--protocol', 'synth-15-1-overlap'], ['plot', '--all']):
+        assert fails(capsys, *command, '--results', str(a_file)) == (
+            f'cssbench: error: --results {a_file}: a file, not a folder of results')
+    assert a_file.read_text() == 'kept' and os.listdir(tmp_path) == ['results']
+
+
 def test_a_data_root_that_is_a_file_is_named_as_one(capsys, tmp_path):
     """It was refused as 'dataset root not found', though it was there."""
     a_file = tmp_path / 'voc.tar'
