@@ -165,7 +165,7 @@ def store(key: str, protocol: Protocol, weights: Path, run: Path, wall_time_s: f
             store_iou(key, protocol, digest, run, iou, log)
             return
         atomic_write_json(_record(entry), dict(model=digest, trained_in_s=wall_time_s,
-                                                     run=str(run.resolve())))
+                                               run=str(run.resolve())))
         _write_iou(entry, protocol, digest, run, iou)
     except OSError as e:
         log(f'step-0 cache: {entry}: not stored ({e}); the run goes on')
