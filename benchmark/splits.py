@@ -8,7 +8,8 @@ filter_images``). With C the step's classes without background and O the earlier
 
 The evaluation set at step t is the val split filtered like the overlapped rule with every
 class seen so far (the reference builds its test set with ``labels=labels_cum``), so it grows
-with the steps and is the whole val list (for VOC, all 1,449 images) at the last step.
+with the steps and at the last step holds every val image holding any class (for VOC, the
+whole list: all 1,449 images); an image of background and 255 alone is never scored.
 
 Scanning every mask for its label set, and every image and mask for the sha256 of its
 bytes, is done once per dataset folder and cached; the per-step lists are cached by a hash of
