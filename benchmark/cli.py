@@ -229,7 +229,7 @@ def _planned_runs(args) -> tuple[dict[str, Protocol], list[tuple]]:
     from .runner import locate_run, run_is_stored
     protocols = load_protocols(args.protocol)
     methods = _checked_methods(args, protocols)
-    seeds = args.seeds or [args.seed]
+    seeds = args.seeds or [0 if args.seed is None else args.seed]
     runs = [(given, seed, method,
              args.run_name and (f'{args.run_name}-seed{seed}' if args.seeds else args.run_name))
             for given in protocols for seed in seeds for method in methods]
@@ -584,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-root', type=path_value, help=DATA_ROOT_HELP)
     p.add_argument('--epochs', type=int, help="epochs per step (default: the config's for the protocol's dataset)")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument('--seed', type=seed_value, default=0, help='default: 0')
+    # default None, not 0: argparse takes a value equal to the default for no value, and
+    # would let `--seed 0 --seeds 1,2` through
+    seeds.add_argument('--seed', type=seed_value, help='default: 0')
     seeds.add_argument('--seeds', type=seed_list, help='several seeds, e.g. 0,1,2: each one run in turn')
     p.add_argument('--run-name', help='default: <config>-seed<seed> (with --seeds: <name>-seed<seed>)')
     _add_results_option(p)

@@ -274,6 +274,12 @@ def test_seeds_of_a_random_class_order_are_run_and_aggregated(synth32, config32,
             main(['run', '--protocol', str(protocol), '--seeds', seeds])
         assert stopped.value.code == 2
         assert f"argument --seeds: expected {says}" in capsys.readouterr().err
+    # --seed with --seeds is refused whatever its value; 0, its default, passed unnoticed
+    for seed in ('0', '1'):
+        with pytest.raises(SystemExit) as stopped:
+            main(['run', '--protocol', str(protocol), '--seed', seed, '--seeds', '1,2'])
+        assert stopped.value.code == 2
+        assert 'argument --seeds: not allowed with argument --seed' in capsys.readouterr().err
 
 
 def test_finished_steps_are_reused_not_retrained(synth32, config32, tmp_path):
