@@ -230,10 +230,12 @@ def list_samples(info: DatasetInfo, root: str | Path) -> dict[str, list[Sample]]
         raise DatasetError(f'{root}: {root_not_found(root)}')
     samples = _voc_samples(root, info.synthetic) if info.layout == 'voc' else _ade_samples(root)
     for split in SPLITS:
-        for s in samples[split]:
-            for path, what in ((s.image, 'image'), (s.mask, 'mask')):
-                if not path.is_file():
-                    raise DatasetError(f'{path}: {what} of {s.id!r} ({split} split) not found')
+        missing = [(path, what, s.id) for s in samples[split]
+                   for path, what in ((s.image, 'image'), (s.mask, 'mask')) if not path.is_file()]
+        if missing:
+            path, what, sample_id = missing[0]
+            raise DatasetError(f'{path}: {what} of {sample_id!r} ({split} split) not found; '
+                               f'{len(missing)} file(s) of the {split} split missing')
     return samples
 
 
