@@ -350,18 +350,13 @@ def _patterns(text: str | None) -> list[str] | None:
     return comma_list(text) if text else None
 
 
-def refuse_a_file_as_store(results: str) -> None:
-    """Refuse a ``--results`` that names a file: read as a store, it held no run, and the
-    advice to store one with it failed in turn."""
-    if Path(results).exists() and not Path(results).is_dir():
-        raise UserError(f'--results {results}: a file, not a folder of results')
-
-
 def read_store(results: str) -> Store:
     """The results store, for a command that reads it: one the user cannot write is read all
-    the same, with a line on stderr where its index stays stale on disk."""
+    the same, with a line on stderr where its index stays stale on disk. A file given as one
+    is refused (read as a store it held no run, and the advice to store one there failed)."""
     from .store import open_store
-    refuse_a_file_as_store(results)
+    if Path(results).exists() and not Path(results).is_dir():
+        raise UserError(f'--results {results}: a file, not a folder of results')
     store = open_store(results)
     note = store.index_note()
     if note:
@@ -393,8 +388,8 @@ def _require_protocol_or_all(args, command: str) -> None:
 
 
 def _tables_folder(args) -> Path:
-    """Where ``--all`` tables and the plots go: ``--out``, else ``<results>/tables``."""
-    refuse_a_file_as_store(args.results)
+    """Where ``--all`` tables and the plots go: ``--out``, else ``<results>/tables`` (the
+    store read first: ``read_store`` refuses a file given as one)."""
     folder = Path(args.out) if args.out else Path(args.results) / 'tables'
     if folder.exists() and not folder.is_dir():
         raise UserError(f'{folder}: a file, where a folder for the tables and plots is needed')
@@ -412,8 +407,8 @@ def cmd_table(args) -> None:
     from .tables import chosen_by, write_all_tables
     _require_protocol_or_all(args, 'table')
     if args.all:
-        out = _tables_folder(args)
         store = read_store(args.results)
+        out = _tables_folder(args)
         written, not_written = write_all_tables(store, out, _patterns(args.run), args.config)
         for line in not_written:
             print(line)
