@@ -8,7 +8,8 @@ cache once) or on a dataset given with ``--data-root``:
   synth-15-1-overlap's on the synthetic dataset) and of an SDR incremental step (step 1:
   the teacher's forward and SDR's losses too), each in
   the reference regime (fp32 eager, PyTorch's defaults), in the fast path (the config's
-  speed settings; with ``--amp``, in each autocast dtype given) and, with ``--compile``, in
+  speed settings; with ``--amp``, in each autocast dtype given, with ``--teacher``, with each
+  teacher given: made for inference, as trained) and, with ``--compile``, in
   the fast path with torch.compile. The step is
   the runner's: the same model preparation, optimizer wrapper and ``train_step``. Batches
   are loaded onto the device beforehand, so that the model's speed is timed (the loader is
@@ -54,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import CPU_CONFIG, PAPERS_CONFIG, load_config
 from .datasets import IncrementalSegDataset, eval_lut, is_synthetic, train_lut
 from .engine import loader_settings, sgd_config, shut_down_loader_workers
-from .errors import UserError, comma_list, refuse_unwritable_folder
+from .errors import UserError, comma_list, refuse_repeats, refuse_unwritable_folder
 from .hooks import EpochKeyedSampler
 from .io import cache_dir, cache_root
 from .methods import get_method
@@ -80,6 +81,8 @@ ROUNDS = 4              # the timed iterations of each regime, in this many alte
 PROFILED_STEPS = 3      # with --profile: each regime's steps timed, then as many profiled
 LOADER_BATCHES = 30     # batches timed through the DataLoader (at most)
 AMP_SHORT_NAMES = {'bfloat16': 'bf16', 'float16': 'fp16'}
+BATCH_NORM_KERNELS = {'Native': "PyTorch's own", 'Cudnn': 'cuDNN', 'Miopen': 'MIOpen'}
+TEACHERS = {'inference': True, 'trained': False}   # --teacher's names for Speed.inference_teacher
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ class Case:
 def run_bench(config: str | None = None, size: int | None = None, data_root: str | None = None,
               batch: int | None = None, iters: int = 20, warmup: int = 5,
               workers: int | None = None, compile: bool = False, amp: str | None = None,
-              profile: bool = False, log=print, progress=None) -> dict:
+              teacher: str | None = None, profile: bool = False, log=print,
+              progress=None) -> dict:
     """Measure, print the report, and return its numbers. Each measure is announced on
     ``progress`` (default: stderr) as it is taken, so a run cut short still tells what it
     measured."""
@@ -121,9 +125,10 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     _check_flags(size=size, batch=batch, iters=iters, warmup=warmup, workers=workers)
     fast = Speed(**cfg.speed)
     amps = parse_amps(amp, device) or [fast.amp]
+    teachers = parse_teachers(teacher, device) or [fast.inference_teacher]
     if workers is not None:
         cfg.data.num_workers = workers
-    regimes = bench_regimes(fast, device, compile, amps)
+    regimes = bench_regimes(fast, device, compile, amps, teachers)
     loops = dict(iters=iters, warmup=warmup, device=device, progress=progress)
 
     device_name = _device_name()
@@ -136,6 +141,7 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     report = dict(device=device_name, software=_software(), config=cfg.filename, size=size,
                   data_root=data_root,
                   batch=batch, iters=iters, warmup=warmup, peak_flops=peak, peak_label=peak_label,
+                  batch_norm=batch_norm_kernels(device) if on_gpu else None,
                   regimes=regimes, tf32=on_gpu and torch.backends.cudnn.allow_tf32,
                   train=[row for case in cases
                          for row in measure_training(cfg, case, regimes, batch, profile, **loops)],
@@ -146,39 +152,62 @@ def run_bench(config: str | None = None, size: int | None = None, data_root: str
     return report
 
 
-def bench_regimes(fast: Speed, device: str, compile: bool,
-                  amps: list[str | None] | None = None) -> dict[str, Speed]:
+def bench_regimes(fast: Speed, device: str, compile: bool, amps: list[str | None] | None = None,
+                  teachers: list[bool] | None = None) -> dict[str, Speed]:
     """The regimes compared, by name: the reference (fp32 eager), the config's fast path
     (eager) and, with ``compile``, the same compiled, so that one run shows what compiling
     adds on this machine. ``amps``: the fast path's autocast dtypes (default: the config's);
-    given several, the fast path is measured in each, its name saying which."""
+    ``teachers``: its ``inference_teacher`` settings (default: the config's); given several,
+    the fast path is measured in each combination, its name saying which."""
     amps = amps or [fast.amp]
+    teachers = teachers or [fast.inference_teacher]
     regimes = {'fp32 eager': REFERENCE_SPEED}
     for name, compiled in [('fast path', False)] + [('fast+compile', True)] * compile:
         for amp in amps:
-            label = name if len(amps) == 1 else f'{name} ({AMP_SHORT_NAMES[amp]})'
-            regimes[label] = replace(fast, amp=amp, compile=compiled)
+            for teacher in teachers:
+                parts = ([AMP_SHORT_NAMES[amp]] if len(amps) > 1 else []) + (
+                    [f'{_teacher_name(teacher)} teacher'] if len(teachers) > 1 else [])
+                label = f'{name} ({", ".join(parts)})' if parts else name
+                regimes[label] = replace(fast, amp=amp, compile=compiled,
+                                         inference_teacher=teacher)
     return {name: speed.on(device) for name, speed in regimes.items()}
+
+
+def _teacher_name(inference_teacher: bool) -> str:
+    return next(name for name, value in TEACHERS.items() if value == inference_teacher)
 
 
 def parse_amps(amp: str | None, device: str) -> list[str] | None:
     """``--amp``'s autocast dtypes, comma-separated (None: not given)."""
-    if amp is None:
-        return None
-    amps = comma_list(amp)
-    known = [name for name in AMP_DTYPES if name]
-    unknown = [name for name in amps if name not in known]
-    if unknown:
-        raise UserError(f'--amp: unknown autocast dtype(s) {", ".join(map(repr, unknown))} '
-                        f'(known: {", ".join(known)})')
-    if not amps:
-        raise UserError(f'--amp: no dtype (known: {", ".join(known)})')
-    if len(set(amps)) < len(amps):
-        raise UserError(f'--amp names a dtype twice: {amp}')
-    if device != 'cuda':
+    amps = _choices('--amp', amp, [name for name in AMP_DTYPES if name], 'autocast dtype')
+    if amps and device != 'cuda':
         raise UserError('--amp: autocast applies on a CUDA GPU only, and this machine has none '
                         '(on the CPU every regime trains in fp32)')
     return amps
+
+
+def parse_teachers(teacher: str | None, device: str) -> list[bool] | None:
+    """``--teacher``'s settings of ``inference_teacher``, comma-separated (None: not given)."""
+    names = _choices('--teacher', teacher, list(TEACHERS), 'teacher')
+    if names and device != 'cuda':
+        raise UserError('--teacher: the teacher is made for inference on a CUDA GPU only, and '
+                        'this machine has none (on the CPU every regime runs it as trained)')
+    return None if names is None else [TEACHERS[name] for name in names]
+
+
+def _choices(option: str, text: str | None, known: list[str], what: str) -> list[str] | None:
+    """The comma-separated choices of ``option`` among ``known`` (None: not given)."""
+    if text is None:
+        return None
+    given = comma_list(text)
+    unknown = [name for name in given if name not in known]
+    if unknown:
+        raise UserError(f'{option}: unknown {what}(s) {", ".join(map(repr, unknown))} '
+                        f'(known: {", ".join(known)})')
+    if not given:
+        raise UserError(f'{option}: no {what} (known: {", ".join(known)})')
+    refuse_repeats(option, given)
+    return given
 
 
 def measure_training(cfg, case: Case, regimes: dict[str, Speed], batch: int, profile: bool = False,
@@ -551,6 +580,25 @@ def _software() -> str:
     return ', '.join(versions)
 
 
+def batch_norm_kernels(device: str) -> str | None:
+    """Whose kernels a training batch norm of channels_last activations runs, in fp32 and
+    under each autocast dtype (its weights stay fp32): cuDNN's (MIOpen's), or PyTorch's own.
+    PyTorch chooses, and its choice sets much of a step's time: 110 batch norms in
+    DeepLabV3-ResNet101, and it keeps cuDNN's for fp32 and float16 inputs, not bf16 ones.
+    None where this torch does not say."""
+    select = getattr(torch._C, '_select_batch_norm_backend', None)
+    if select is None:
+        return None
+    stats = torch.zeros(64, device=device)
+    kernels = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.zeros(2, 64, 8, 8, device=device, dtype=dtype).to(
+            memory_format=torch.channels_last)
+        backend = select(x, stats + 1, stats, stats, stats + 1, True, 1e-5).name
+        kernels.append(f'{str(dtype).removeprefix("torch.")} {BATCH_NORM_KERNELS.get(backend, backend)}')
+    return ', '.join(kernels)
+
+
 # ----------------------------------------------------------------------------- projection
 
 def project_protocol(report: dict, regime: str) -> tuple[float, float]:
@@ -595,6 +643,8 @@ def format_report(report: dict) -> str:
              f'turns (median)',
              f'device: {report["device"]} ({report["software"]}); peak {_figures(peak / 1e12, 1)} TFLOP/s '
              f'({report["peak_label"]}; the MFU of every regime is against it)']
+    if report.get('batch_norm'):
+        lines.append(f"batch norm's kernels (training, channels_last): {report['batch_norm']}")
     lines += [f'  {name}: {describe(speed, report["tf32"])}'
               for name, speed in report['regimes'].items()]
     width = max(12, *map(len, report['regimes']))

@@ -343,7 +343,7 @@ def cmd_bench(args) -> None:
     from .bench import run_bench
     run_bench(config=args.config, size=args.size, data_root=args.data_root, batch=args.batch,
               iters=args.iters, warmup=args.warmup, workers=args.workers, compile=args.compile,
-              amp=args.amp, profile=args.profile)
+              amp=args.amp, teacher=args.teacher, profile=args.profile)
 
 
 def _patterns(text: str | None) -> list[str] | None:
@@ -628,6 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', metavar='DTYPES',
                    help="the fast path's autocast dtype, or several to compare side by side, "
                         "comma-separated: bfloat16, float16 (default: the config's; GPU only)")
+    p.add_argument('--teacher', metavar='KINDS',
+                   help="the fast path's teacher: made for inference (BNs folded) or as trained, "
+                        "or both side by side: inference,trained (default: the config's "
+                        "inference_teacher; GPU only)")
     p.add_argument('--profile', action='store_true',
                    help="also profile each regime's training steps: their time by kind of work "
                         "(convolutions, batch norm, ...) and the longest kernels")

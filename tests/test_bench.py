@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -227,11 +228,66 @@ def test_amp_measures_the_fast_path_in_each_dtype_given_side_by_side():
     assert bench.parse_amps(None, 'cpu') is None
 
 
+def test_teacher_measures_the_fast_path_with_each_teacher_given_side_by_side():
+    fast = Speed(compile=False)
+    trained = replace(fast, inference_teacher=False)
+    assert bench.bench_regimes(fast, 'cuda', compile=False, teachers=[True, False]) == {
+        'fp32 eager': REFERENCE_SPEED,
+        'fast path (inference teacher)': fast, 'fast path (trained teacher)': trained}
+    # with several dtypes too: one regime per combination, each name saying both
+    regimes = bench.bench_regimes(fast, 'cuda', compile=True, amps=['bfloat16', 'float16'],
+                                  teachers=[False, True])
+    assert list(regimes)[1:5] == ['fast path (bf16, trained teacher)',
+                                  'fast path (bf16, inference teacher)',
+                                  'fast path (fp16, trained teacher)',
+                                  'fast path (fp16, inference teacher)']
+    assert len(regimes) == 9
+    assert regimes['fast+compile (fp16, trained teacher)'] == Speed(
+        amp='float16', compile=True, inference_teacher=False)
+    # one setting: the fast path keeps its name, with that teacher
+    assert bench.bench_regimes(fast, 'cuda', compile=False, teachers=[False]) == {
+        'fp32 eager': REFERENCE_SPEED, 'fast path': trained}
+    assert bench.parse_teachers(' trained,inference', 'cuda') == [False, True]
+    assert bench.parse_teachers(None, 'cpu') is None
+
+
+@pytest.mark.parametrize('value, message', [
+    ('folded', "--teacher: unknown teacher(s) 'folded' (known: inference, trained)"),
+    (',', '--teacher: no teacher (known: inference, trained)'),
+    ('trained,trained', '--teacher: trained given twice'),
+    ('trained', '--teacher: the teacher is made for inference on a CUDA GPU only'),
+])
+def test_a_bad_or_cpu_teacher_is_refused_in_one_line_before_any_measure(value, message, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(bench, 'training_device', lambda: 'cpu')
+    monkeypatch.setattr(bench, 'bench_dataset', lambda *a: pytest.fail('measured'))
+    assert main(['bench', '--teacher', value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'cssbench: error: {message}')
+
+
+def test_the_report_names_the_batch_norm_kernels_pytorch_chooses_for_each_dtype(monkeypatch):
+    # the CPU has PyTorch's own kernels alone
+    assert bench.batch_norm_kernels('cpu') == (
+        "float32 PyTorch's own, bfloat16 PyTorch's own, float16 PyTorch's own")
+    # a CUDA build's choice (as torch 2.x makes it): cuDNN, except for bf16 input
+    def select(x, weight, bias, mean, var, training, eps):
+        assert training and x.is_contiguous(memory_format=torch.channels_last)
+        assert weight.dtype == torch.float32   # autocast leaves a batch norm's weights fp32
+        return SimpleNamespace(name='Native' if x.dtype == torch.bfloat16 else 'Cudnn')
+    monkeypatch.setattr(torch._C, '_select_batch_norm_backend', select)
+    assert bench.batch_norm_kernels('cpu') == (
+        "float32 cuDNN, bfloat16 PyTorch's own, float16 cuDNN")
+    monkeypatch.delattr(torch._C, '_select_batch_norm_backend')
+    assert bench.batch_norm_kernels('cpu') is None   # a torch that does not say
+
+
 def test_the_report_widens_its_regime_column_to_the_longest_name():
     rate = bench.Rate(img_s=100.0, startup_s=1.0, restart_s=0.0)
     regimes = bench.bench_regimes(Speed(), 'cuda', compile=True, amps=['bfloat16', 'float16'])
     report = dict(config='r101.py', size=512, batch=24, iters=20, warmup=5, device='GPU',
                   software='torch', peak_flops=1e15, peak_label='bfloat16 matmul', tf32=True,
+                  batch_norm="float32 cuDNN, bfloat16 PyTorch's own, float16 cuDNN",
                   regimes=regimes, eval={name: rate for name in regimes},
                   train=[dict(case='fine-tuning, step 0', step=0, regime=name, img_s=100.0 + i,
                               startup_s=1.0, restart_s=0.0, flops_per_img=4e11)
@@ -245,13 +301,15 @@ def test_the_report_widens_its_regime_column_to_the_longest_name():
     assert len({line.index('x ') for line in rows}) == 1
     assert 'fast+compile (fp16)     104.0    1.04x' in rows[-1]
     assert '  fast+compile (fp16) 1:00:00 (0:01:00 of it start-up' in '\n'.join(lines)
+    assert lines[2] == ("batch norm's kernels (training, channels_last): "
+                        "float32 cuDNN, bfloat16 PyTorch's own, float16 cuDNN")
 
 
 @pytest.mark.parametrize('value, message', [
     ('fp8', "--amp: unknown autocast dtype(s) 'fp8' (known: bfloat16, float16)"),
     ('bfloat16,bf16', "--amp: unknown autocast dtype(s) 'bf16' (known: bfloat16, float16)"),
-    (',', '--amp: no dtype (known: bfloat16, float16)'),
-    ('float16,float16', '--amp names a dtype twice: float16,float16'),
+    (',', '--amp: no autocast dtype (known: bfloat16, float16)'),
+    ('float16,float16', '--amp: float16 given twice'),
     ('float16', '--amp: autocast applies on a CUDA GPU only'),   # this test's machine: the CPU
 ])
 def test_a_bad_or_cpu_amp_is_refused_in_one_line_before_any_measure(value, message, capsys, monkeypatch):

@@ -180,12 +180,29 @@ def test_bench_compares_the_fast_path_in_bf16_and_float16_side_by_side(capsys):
     assert ('  fast path (fp16): float16, channels_last, cudnn benchmark on, eager, '
             'teacher for inference') in out
     assert 'bfloat16 matmul' in out   # the MFU against the first dtype's peak
+    # PyTorch keeps cuDNN's batch norm for fp32 and float16 input, not bf16 (the README says so)
+    assert ("batch norm's kernels (training, channels_last): "
+            "float32 cuDNN, bfloat16 PyTorch's own, float16 cuDNN") in out
     # --profile: the GPU kernels' time, each regime's, by kind; the convolutions' counted
     for regime in ('fp32 eager', 'fast path (bf16)', 'fast path (fp16)'):
         found = re.findall(rf'^  {re.escape(regime)}: wall ([0-9.]+), kernels ([0-9.]+): batch norm '
                            r'[0-9.]+ \(\d+ %\), convolution, matmul ([0-9.]+)', out, re.M)
         assert len(found) == 2, out   # fine-tuning's step and SDR's
         assert all(0 < float(conv) < float(kernels) for _, kernels, conv in found), found
+
+
+def test_bench_compares_the_teacher_made_for_inference_with_the_teacher_as_trained(capsys):
+    from cssbench.cli import main
+    assert main(['bench', '--config', 'small', '--size', '64', '--batch', '8', '--iters', '2',
+                 '--warmup', '1', '--teacher', 'inference,trained']) == 0
+    out = capsys.readouterr().out
+    regimes = ['fp32 eager', 'fast path (inference teacher)', 'fast path (trained teacher)']
+    for case in ('fine-tuning, step 0', 'sdr, step 1 (+ teacher)', 'evaluation'):
+        names = [re.split(r' {2,}', line[len(case):].strip())[0] for line in out.splitlines()
+                 if line.startswith(case + ' ')]
+        assert names == regimes, out
+    assert ('  fast path (trained teacher): bfloat16, channels_last, cudnn benchmark on, eager, '
+            'teacher as trained') in out
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
