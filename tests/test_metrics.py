@@ -171,3 +171,22 @@ def test_the_matrices_of_every_process_are_summed_before_the_ious() -> None:
     out = metric.compute_metrics([np.array([[2, 1], [0, 1]]), np.array([[0, 0], [1, 2]])])
     assert out['IoU.0'] == pytest.approx(0.5) and out['IoU.1'] == pytest.approx(0.6)
     assert out['mIoU'] == pytest.approx(0.55)
+
+
+def test_confusion_matrix_drops_negative_gt_and_gt_equal_to_the_class_count() -> None:
+    # Only 0 <= gt < num_classes is scored: -1 and num_classes itself (one past the last
+    # class) drop out, as 5 does, instead of landing in another class's cells.
+    gt = torch.tensor([0, -1, 2, 1, 2])
+    pred = torch.tensor([0, 1, 0, 1, 1])
+    assert confusion_matrix(pred, gt, 2).tolist() == [[1, 0], [0, 1]]
+
+
+def test_confusion_matrix_of_uint8_masks_counts_like_int64() -> None:
+    # Masks are stored as uint8: gt * num_classes + pred must not wrap at 256
+    # (20 * 21 + 20 = 440 would land on 440 - 256 = 184 = cell [8, 16]).
+    gt = torch.tensor([20, 20, 8, 0], dtype=torch.uint8)
+    pred = torch.tensor([20, 16, 16, 0], dtype=torch.uint8)
+    cm = confusion_matrix(pred, gt, 21)
+    assert cm[20, 20] == 1 and cm[20, 16] == 1 and cm[8, 16] == 1 and cm[0, 0] == 1
+    assert int(cm.sum()) == 4
+    assert torch.equal(cm, confusion_matrix(pred.long(), gt.long(), 21))

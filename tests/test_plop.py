@@ -383,3 +383,44 @@ def test_ade_protocols_get_the_reference_ade_factors_and_a_config_still_wins():
     assert (ade.pod_factor, ade.pod_logits_factor) == (0.001, 1e-5)
     cfg.model.update(pod_factor=0.5)
     assert build_model(cfg, 'cssbench.PLOP', load_protocol('ade-100-50'), 0).pod_factor == 0.5
+
+
+def test_local_pod_drops_the_trailing_rows_and_columns_that_do_not_fill_a_region():
+    # A 5 x 7 map at scale 2: regions of 2 x 3 pixels; the fifth row and the seventh column
+    # are dropped. Squared values: 1 everywhere but that row and column (100). Each region's
+    # 2 row means and 3 column means are then all 1; keeping the dropped row or column would
+    # change them (or fail to reshape).
+    x = torch.ones(1, 1, 5, 7)
+    x[0, 0, 4, :] = 10.0
+    x[0, 0, :, 6] = 10.0
+    emb = local_pod_embedding(x.pow(2), scales=(2,))
+    assert emb.shape == (1, 4 * (2 + 3))
+    assert emb.flatten().tolist() == [1.0] * 20
+
+
+def test_pod_refuses_a_map_whose_shorter_side_is_below_the_largest_scale():
+    # 2 x 8 map, scales up to 4: the shorter side decides (a 2-row map cannot make 4 rows of
+    # regions), even though the longer side would do.
+    with pytest.raises(ValueError, match='smaller than'):
+        local_pod_embedding(torch.ones(1, 1, 2, 8))
+    with pytest.raises(ValueError, match='smaller than'):
+        local_pod_embedding(torch.ones(1, 1, 8, 2))
+
+
+def test_pod_distillation_refuses_lists_of_different_lengths():
+    a = torch.ones(1, 1, 4, 4)
+    with pytest.raises(ValueError, match='as many'):
+        pod_distillation([a, a], [a], [1.0, 1.0])          # one old map short
+    with pytest.raises(ValueError, match='as many'):
+        pod_distillation([a, a], [a, a], [1.0])            # one factor short
+
+
+def test_a_map_with_factor_zero_is_skipped_not_multiplied_by_zero():
+    # The reference ``continue``s past a map whose factor is <= 0: its values never enter the
+    # loss, so a non-finite map there leaves it finite (0 * inf would be NaN).
+    old = torch.arange(16.).view(1, 1, 4, 4)
+    new = torch.full((1, 1, 4, 4), 2.0)
+    bad = torch.full((1, 1, 4, 4), float('inf'))
+    d = pod_layer_distance(new, old).item()
+    loss = pod_distillation([new, bad], [old, torch.zeros(1, 1, 4, 4)], [0.01, 0.0])
+    assert math.isclose(loss.item(), 0.01 * d / 2, rel_tol=1e-6)

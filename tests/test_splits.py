@@ -656,3 +656,69 @@ def test_protocols_agreeing_on_their_first_step_train_and_score_step_0_alike() -
     assert first('voc-15-1-overlap') != first('synth-15-1-overlap')      # the dataset
     drawn = load_protocol('voc-15-1-overlap-random')
     assert drawn.with_class_order(0).first_step_training() != drawn.with_class_order(1).first_step_training()
+
+
+def test_protocol_splits_reads_a_valid_cache_entry_instead_of_computing_again(
+        tmp_path: Path, voc_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    protocol = load_protocol(str(write_protocol(tmp_path, 'overlap')))
+    index = index_dataset('voc', voc_root, progress=False)
+    steps = protocol_splits(protocol, index)
+
+    def no_compute(*args):
+        raise AssertionError('splits computed again despite a valid cache entry')
+
+    monkeypatch.setattr(splits, 'compute_splits', no_compute)
+    assert protocol_splits(protocol, index) == steps
+
+
+def test_a_cache_entry_with_every_step_but_damaged_steps_is_made_again(
+        tmp_path: Path, voc_root: Path, isolated_cache: Path) -> None:
+    # As many steps as the protocol has (so the length check alone would take them), but
+    # each step is not a dict, or lacks one of step / classes / train / val.
+    protocol = load_protocol(str(write_protocol(tmp_path, 'overlap')))
+    index = index_dataset('voc', voc_root, progress=False)
+    steps = protocol_splits(protocol, index)
+    [split_file] = (isolated_cache / 'splits').iterdir()
+    for damaged in ([1, 2, 3],
+                    [{k: v for k, v in s.items() if k != 'val'} for s in steps],
+                    [{k: v for k, v in s.items() if k != 'step'} for s in steps]):
+        assert len(damaged) == protocol.num_steps
+        split_file.write_text(json.dumps({'steps': damaged}))
+        assert protocol_splits(protocol, index) == steps
+        assert json.loads(split_file.read_text())['steps'] == steps   # written anew
+
+
+def test_index_root_is_absolute_with_links_resolved_and_a_tilde_expanded(
+        tmp_path: Path, voc_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The record of a run names index.root, read from anywhere: a relative path, a symbolic
+    # link or a ~ given here must come out as the real absolute folder.
+    link = tmp_path / 'link-to-voc'
+    link.symlink_to(voc_root)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('HOME', str(tmp_path))
+    real = voc_root.resolve()
+    for given in ('link-to-voc', link, '~/link-to-voc'):
+        index = index_dataset('voc', given, progress=False)
+        assert index.root == real and index.root.is_absolute()
+        assert [s.id for s in index.samples['val']] == list(VAL_LABELS)
+
+
+def test_a_data_root_given_may_start_with_a_tilde(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv('HOME', str(tmp_path))
+    assert resolve_data_root('voc', '~/VOCdevkit') == tmp_path / 'VOCdevkit'
+    assert resolve_data_root('synth', '~/s') == tmp_path / 's'   # given: no default generated
+
+
+def test_the_fingerprints_of_a_fixed_index_do_not_change_between_versions() -> None:
+    # Run records store the dataset fingerprint and a continued run compares it (an earlier
+    # version's label-set fingerprint is accepted too): both must stay what they were.
+    scans = {'train': {'a': splits.SampleScan((0, 1), 'aa' * 32, 'bb' * 32),
+                       'b': splits.SampleScan((0, 16, 255), 'cc' * 32, 'dd' * 32)},
+             'val': {'c': splits.SampleScan((0, 20), 'ee' * 32, 'ff' * 32)}}
+    index = splits.DatasetIndex('voc', Path('/nowhere'), {'train': [], 'val': []}, scans)
+    assert index.fingerprint == '193052cec71e4078'
+    assert index.label_set_fingerprint == '04984082bcd2b706'
+    # the label-set fingerprint follows the label sets (and not the bytes)
+    relabelled = dict(scans, val={'c': splits.SampleScan((0, 19), 'ee' * 32, 'ff' * 32)})
+    other = splits.DatasetIndex('voc', Path('/nowhere'), {'train': [], 'val': []}, relabelled)
+    assert other.label_set_fingerprint != index.label_set_fingerprint

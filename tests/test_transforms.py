@@ -1,6 +1,8 @@
 """Training augmentation: torchvision's crop-box rule, seeded per (seed, epoch, index)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -115,3 +117,126 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
     assert torch.equal(ds[(3, 0)]['data_samples'], first['data_samples'])
     assert sample_generator(5, 3, 0).initial_seed() == sample_generator(5, 3, 0).initial_seed()
     assert sample_generator(5, 3, 0).initial_seed() != sample_generator(5, 4, 0).initial_seed()
+
+
+def test_crop_box_worked_example():
+    # Seed 0's first four uniforms: 0.49626, 0.76822, 0.08848, 0.13203. On 100 x 120, scale
+    # (0.2, 0.4), ratio (1/2, 2): area = 12000 * (0.2 + 0.2 * 0.49626) = 3591.0; aspect =
+    # exp(ln 1/2 + (ln 2 - ln 1/2) * 0.76822) = 1.45039; w = round(sqrt(3591.0 * 1.45039)) =
+    # round(72.17) = 72, h = round(sqrt(3591.0 / 1.45039)) = round(49.76) = 50; top =
+    # floor(0.08848 * (100 - 50 + 1)) = 4, left = floor(0.13203 * (120 - 72 + 1)) = 6.
+    box = random_resized_crop_box(100, 120, (0.2, 0.4), (0.5, 2.0), torch.Generator().manual_seed(0))
+    assert box == (4, 6, 50, 72)
+
+
+def test_crop_box_fallback_for_tall_and_wide_images_rounds_the_clamped_side():
+    # No try fits (scale 5-6x the area): the central box, ratio clamped into [3/4, 4/3].
+    def fallback(height, width):
+        return random_resized_crop_box(height, width, (5.0, 6.0), (3 / 4, 4 / 3),
+                                       torch.Generator().manual_seed(0))
+    # tall 40 x 11 (ratio 0.275 < 3/4): w = 11, h = round(11 / 0.75) = round(14.67) = 15,
+    # top = (40 - 15) // 2 = 12.
+    assert fallback(40, 11) == (12, 0, 15, 11)
+    # wide 11 x 40: h = 11, w = round(11 * 4 / 3) = round(14.67) = 15, left = (40 - 15) // 2 = 12.
+    assert fallback(11, 40) == (0, 12, 11, 15)
+    # 10 x 15 (ratio 1.5 > 4/3, though below 2): w = round(13.33) = 13, left = 1.
+    assert fallback(10, 15) == (0, 1, 10, 13)
+
+
+def _torchvision_crop_box(height, width, scale, ratio, generator):
+    """torchvision's RandomResizedCrop.get_params written out in plain Python, with each try's
+    four draws taken from ``generator`` as uniforms: area uniform in scale * H * W, aspect
+    log-uniform in ratio, at most 10 tries, then the central box of clamped ratio."""
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target_area = height * width * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return math.floor(u[2] * (height - h + 1)), math.floor(u[3] * (width - w + 1)), h, w
+    if width / height < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def test_crop_box_matches_torchvisions_rule_draw_for_draw():
+    # Scale (0.8, 1.6) on 30 x 40 fails a try about half the time: some seeds need several
+    # tries and some fall back to the centre; the count of fallbacks checks the 10 tries.
+    # On 3 x 2 with scale (0.02, 0.5) boxes of one pixel's width or height are common, and
+    # boxes that round to 0 pixels must be refused.
+    fallbacks = 0
+    for seed in range(300):
+        for height, width, scale in ((30, 40, (0.8, 1.6)), (53, 37, (0.5, 2.0)), (64, 64, (0.08, 1.0)),
+                                     (3, 2, (0.02, 0.5))):
+            got = random_resized_crop_box(height, width, scale, (3 / 4, 4 / 3),
+                                          torch.Generator().manual_seed(seed))
+            want = _torchvision_crop_box(height, width, scale, (3 / 4, 4 / 3),
+                                         torch.Generator().manual_seed(seed))
+            assert got == want, (seed, height, width)
+            fallbacks += got == (0, 0, 30, 40) and height == 30
+    assert 0 < fallbacks < 300
+
+
+def test_crop_box_positions_reach_both_edges():
+    # top is uniform over 0 .. H - h (both ends included), left over 0 .. W - w.
+    gen = torch.Generator().manual_seed(0)
+    boxes = [random_resized_crop_box(20, 30, (0.25, 0.25), (1.0, 1.0), gen) for _ in range(400)]
+    assert {b[2:] for b in boxes} == {(12, 12)}           # sqrt(0.25 * 600) = 12.2 -> 12
+    assert {b[0] for b in boxes} == set(range(20 - 12 + 1))
+    assert {b[1] for b in boxes} == set(range(30 - 12 + 1))
+
+
+def test_train_transform_flips_image_and_mask_horizontally_together():
+    image, mask = _as_tensors(_labelled_stripes(40, 50))
+    plain = TrainTransform(24, flip_prob=0.0)(image, mask, torch.Generator().manual_seed(4))
+    flipped = TrainTransform(24, flip_prob=1.0)(image, mask, torch.Generator().manual_seed(4))
+    assert not torch.equal(plain[1], plain[1].flip(-1))   # an asymmetric crop
+    assert torch.equal(flipped[0], plain[0].flip(-1))     # columns reversed, rows kept
+    assert torch.equal(flipped[1], plain[1].flip(-1))
+
+
+def test_train_transform_flips_half_of_the_samples_by_default():
+    assert TrainTransform(24).scale == (0.5, 2.0) and TrainTransform(24).flip_prob == 0.5
+    image, mask = _as_tensors(_labelled_stripes(40, 50))
+    flips = 0
+    for seed in range(200):
+        plain = TrainTransform(24, flip_prob=0.0)(image, mask, torch.Generator().manual_seed(seed))[1]
+        out = TrainTransform(24)(image, mask, torch.Generator().manual_seed(seed))[1]
+        assert torch.equal(out, plain) or torch.equal(out, plain.flip(-1))
+        flips += not torch.equal(out, plain)
+    assert 70 <= flips <= 130   # binomial(200, 0.5): mean 100, sd 7
+
+
+def test_eval_transform_without_a_crop_size_returns_the_pair_untouched():
+    image, mask = _as_tensors(_labelled_stripes(37, 53))
+    out_image, out_mask = EvalTransform(None)(image, mask)
+    assert torch.equal(out_image, image) and torch.equal(out_mask, mask)
+
+
+def test_eval_transform_resizes_by_the_shorter_side_even_when_the_width_is_the_crop():
+    # 10 x 20 with crop 20: the height (shorter) goes to 20 -> 20 x 40, then the centre 20 x 20
+    # (columns 10..29 of the 40); the mask's columns 0..9 of value 0 and 10..19 of value 1 become
+    # 0..19 and 20..39, so the crop holds 10 columns of each.
+    image = torch.zeros(3, 10, 20, dtype=torch.uint8)
+    mask = torch.zeros(10, 20, dtype=torch.uint8)
+    mask[:, 10:] = 1
+    out_image, out_mask = EvalTransform(20)(image, mask)
+    assert out_image.shape == (3, 20, 20)
+    assert out_mask[:, :10].eq(0).all() and out_mask[:, 10:].eq(1).all()
+
+
+def test_eval_transform_downscaling_matches_pils_antialiased_bilinear():
+    # The shorter side 375 -> 128: PIL's bilinear averages over the whole footprint
+    # (antialiasing); plain bilinear would sample and alias the 7-pixel stripes.
+    mask = _labelled_stripes(375, 500)
+    image, mask_tensor = _as_tensors(mask)
+    out_image, _ = EvalTransform(128)(image, mask_tensor)
+    resized_width = int(128 * 500 / 375)
+    left = round((resized_width - 128) / 2)
+    expected = _pil(image.numpy(), (resized_width, 128), (0, 0, 375, 500), Image.BILINEAR)
+    difference = np.abs(out_image.numpy().astype(int) - expected[:, :, left:left + 128])
+    assert difference.max() <= 1
