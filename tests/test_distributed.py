@@ -258,6 +258,44 @@ def test_sdr_prototypes_are_updated_with_the_whole_batch_on_every_process():
     assert torch.equal(n0, counts) and n0[0] == 4  # background left out
 
 
+def _plop_batches() -> list[dict]:
+    batches = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        classes = [0, 16, 17, 255] if seed % 2 == 0 else [16, 17, 18, 255]  # odd: no background
+        labels = torch.tensor(classes)[torch.randint(0, 4, (2, 32, 32), generator=g)]
+        batches.append(dict(inputs=torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=g),
+                            data_samples=labels))
+    return batches
+
+
+def _plop_thresholds_on_half_the_batches(rank: int, port: int, out) -> None:
+    from conftest import method_model
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    try:
+        out[rank] = method_model('plop', 1).eval().compute_thresholds(_plop_batches()[rank::2])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plop_thresholds_are_taken_from_every_processs_share_of_the_data():
+    """Under DDP each process labels its share of the step's data; the entropy histograms are
+    summed over the processes, so both take the thresholds of the whole data (those one
+    process computes from every batch), not those of their own half: rank 1's half has no
+    background pixel, and alone would give the base threshold to every class."""
+    from conftest import method_model
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_plop_thresholds_on_half_the_batches, args=(free_port(), out), nprocs=2)
+        t0, t1 = out[0], out[1]
+    whole = method_model('plop', 1).eval().compute_thresholds(_plop_batches())
+    # rank 1's half holds no background pixel: alone, it would keep every base threshold
+    half = method_model('plop', 1).eval().compute_thresholds(_plop_batches()[1::2])
+    assert torch.equal(half, torch.full((21,), 0.001)) and not torch.equal(whole, half)
+    torch.testing.assert_close(t0, whole, equal_nan=True)
+    torch.testing.assert_close(t1, whole, equal_nan=True)
+
+
 def _decide_on_main(rank: int, port: int, out) -> None:
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
     try:

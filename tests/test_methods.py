@@ -116,6 +116,53 @@ def test_ilt_without_output_distillation_still_distils_the_encoder():
     torch.testing.assert_close(losses['loss_de'].detach(), de)
 
 
+@pytest.mark.parametrize('name, weights', [
+    ('lwf', dict(loss_kd=0.5)),
+    ('mib', dict(loss_kd=0.5)),
+    ('ilt', dict(loss_kd=0.5, loss_de=0.0)),   # output distillation alone
+    ('ilt', dict(loss_kd=0.0, loss_de=0.5)),   # encoder distillation alone
+])
+def test_a_weight_below_one_turns_its_term_on_alone(name, weights):
+    """Any positive weight is a term that is on, also alone and below 1: loss_kd = 0.5 gives
+    0.5 * KD and ILT's loss_de = 0.5 gives 0.5 * MSE of the backbone outputs, each > 0, and
+    a 0 weight gives 0. (A teacher run, or a term computed, only for weights above 1, or ILT
+    asking for its teacher for one of its two terms only, would leave a term 0 here.)"""
+    cfg = load_config('small')
+    cfg.model.update(weights)
+    model = method_model(name, 1, cfg).eval()
+    drift_student(model)
+    data = model.data_preprocessor(batch(1), False)
+    losses = model(**data, mode='loss')
+    with torch.no_grad():
+        new, old = model.encode_decode(data['inputs']), model.teacher.encode_decode(data['inputs'])
+    kd = unbiased_knowledge_distillation if name == 'mib' else knowledge_distillation
+    expected = dict(loss_kd=weights['loss_kd'] * kd(new['logits'], old['logits']))
+    if name == 'ilt':
+        expected['loss_de'] = weights['loss_de'] * feature_distillation(new['body'][-1], old['body'][-1])
+    for key, value in expected.items():
+        weight = weights[key]
+        assert (value.item() > 0) == (weight > 0), key
+        torch.testing.assert_close(losses[key].detach(), value, msg=key)
+
+
+@pytest.mark.parametrize('name, off', [('lwf', dict(loss_kd=0.0)), ('mib', dict(loss_kd=0.0)),
+                                       ('ilt', dict(loss_kd=0.0, loss_de=0.0)),
+                                       ('sdr', dict(loss_kd=0.0, loss_de_prototypes=0.0))])
+def test_with_every_term_that_reads_the_teacher_off_the_teacher_is_not_run(name, off):
+    """``needs_teacher``: with the weight of every term that reads the previous model at 0, a
+    step-1 batch runs no forward of that model (a whole network pass per batch for nothing)
+    and those terms are 0."""
+    cfg = load_config('small')
+    cfg.model.update(off)
+    model = method_model(name, 1, cfg).train()
+    calls = []
+    model.teacher.backbone.register_forward_hook(lambda *_: calls.append(1))
+    losses = model(**model.data_preprocessor(batch(), True), mode='loss')
+    assert calls == []
+    assert all(losses[k].item() == 0 for k in ('loss_kd', 'loss_de', 'loss_pm') if k in losses)
+    assert losses['loss_ce'].item() > 0
+
+
 BALANCED_INIT = ('mib', 'plop', 'sdr+mib')   # the methods whose new classifier starts as MiB's
 
 

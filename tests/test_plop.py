@@ -129,6 +129,27 @@ def test_median_thresholds_on_hand_built_histograms():
     assert math.isclose(median_thresholds(hist, 0.01)[0].item(), 0.01, rel_tol=1e-6)
 
 
+def test_entropy_histogram_puts_values_above_the_range_in_the_last_bin():
+    """``find_median``'s ``clamp(max=nb_bins - 1)``: a scaled entropy above 1 (here the
+    uniform pixel's 1/3 divided by a max_entropy of 0.001) is counted in the last bin, of its
+    own class's row; the confident pixel stays in bin 0."""
+    logits = torch.tensor([[0., 0.], [0., 30.], [0., 0.]]).view(1, 3, 1, 2)   # uniform, sure of 1
+    targets = torch.tensor([[[0, 0]]])
+    hist = entropy_histogram(logits, targets, 4, 0.001, nb_bins=100)
+    assert hist.sum() == 2 and hist[0, 99] == 1 and hist[1, 0] == 1
+
+
+def test_the_adaptive_factor_adds_its_eps_to_the_background_count():
+    """``num / (den + 1e-6)``: an image whose one background pixel is pseudo-labelled gets
+    1 / (1 + 1e-6), just below 1 (not above it)."""
+    old_logits = torch.tensor([[0., 0.], [30., 0.], [0., 30.]]).view(1, 3, 1, 2)
+    targets = torch.tensor([[[0, 3]]])
+    labels, factor = entropy_pseudo_labels(targets, old_logits, torch.full((4,), 0.01), math.log(4),
+                                           num_old=3)
+    assert labels.flatten().tolist() == [1, 3]
+    assert factor[0].item() < 1 and factor[0].item() == pytest.approx(1 / (1 + 1e-6), abs=2e-7)
+
+
 def _pseudo_example():
     """3 old channels (background + 2 old classes), 1 new class (channel 3). Image 0's
     pixels: (bg, old model sure of class 1) (bg, sure of background) (bg, uniform)

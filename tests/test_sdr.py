@@ -185,6 +185,39 @@ def test_sparsification_edge_cases():
     assert torch.isfinite(x.grad).all()
 
 
+def test_sparsification_adds_its_eps_to_each_class_peak():
+    """``f~ = f / (peak + 1e-15)``: the eps is added, which shows (float64) on a class whose
+    features peak at 1e-15 itself: pixel b (class 1) [1e-15, 0] -> [0.5, 0]. Pixel a (class 0)
+    [1, 3] -> [1/3, 1] as in the hand example above."""
+    feats = fmap([[[1, 3], [1e-15, 0]]]).double()
+    labels = torch.tensor([[[0, 1]]])
+    a = (math.exp(1 / 3) + math.exp(1)) / (4 / 3)
+    b = (math.exp(0.5) + math.exp(0)) / 0.5
+    assert sparsification_loss(feats, labels).item() == pytest.approx((a + b) / 2, rel=1e-9)
+
+
+def test_the_losses_pass_no_gradient_to_the_prototypes():
+    """The prototypes are targets (detached): with prototypes that require a gradient, the
+    matching and the attraction give the features one and the prototypes none."""
+    feats = fmap([[[1, 2], [3, 4]], [[5, 5], [7, 1]]]).requires_grad_()
+    protos = torch.tensor([[9., 9.], [0., 0.], [5., 3.]], requires_grad=True)
+    pseudo = torch.tensor([[[1, 1], [2, 0]]])
+    labels = torch.tensor([[[0, 1], [1, 2]]])
+    (prototypes_matching_loss(feats, pseudo, protos) + attraction_loss(feats, labels, protos)).backward()
+    assert protos.grad is None
+    assert feats.grad.abs().sum() > 0
+
+
+def test_the_prototype_update_does_not_track_gradients():
+    """``update_prototypes`` detaches the features: the running prototypes it returns carry
+    no graph even when the features do."""
+    feats = fmap([[[1, 2], [3, 4]], [[5, 5], [7, 1]]]).requires_grad_()
+    p, _ = update_prototypes(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), feats,
+                             torch.tensor([[[1, 1], [0, 2]]]), exclude_background=False)
+    assert not p.requires_grad and p.grad_fn is None
+    torch.testing.assert_close(p, torch.tensor([[5., 5.], [2., 3.], [7., 1.]]))
+
+
 # Each term written as the per-class loop of its definition (ascending class ids): the
 # implementation handles all classes at once, and must compute the same values and gradients.
 
@@ -304,6 +337,8 @@ def test_step0_is_plain_cross_entropy_and_accumulates_prototypes(overlapped):
 @pytest.mark.parametrize('off, updated', [
     (('loss_de_prototypes',), True),                        # attraction, repulsion still on
     (('loss_de_prototypes', 'loss_fc'), True),              # repulsion still on
+    (('loss_fc', 'lfc_sep_clust'), True),                   # the matching alone (weight 0.01)
+    (('loss_de_prototypes', 'lfc_sep_clust'), True),        # the attraction alone (1e-3)
     (('loss_de_prototypes', 'loss_fc', 'lfc_sep_clust'), False),
 ])
 def test_prototypes_are_accumulated_while_any_prototype_term_is_on(off, updated):
@@ -337,6 +372,21 @@ def test_sdr_without_output_distillation_still_matches_prototypes():
     pm = 0.01 * prototypes_matching_loss(feats, old_class_pseudolabels(old['logits'], down), protos)
     assert losses['loss_kd'].item() == 0 and pm.item() > 0
     torch.testing.assert_close(losses['loss_pm'].detach(), pm, rtol=1e-5, atol=0)
+
+
+def test_sdr_without_prototypes_matching_still_distils_the_outputs_with_any_positive_weight():
+    """With ``loss_de_prototypes = 0`` SDR still needs its teacher for the output
+    distillation, whose weight, even below 1 (0.5), scales KD: loss_kd = 0.5 * KD > 0."""
+    cfg = load_config('small')
+    cfg.model.update(loss_kd=0.5, loss_de_prototypes=0.0)
+    model = model_at('sdr', 1, cfg).eval()
+    data = model.data_preprocessor(batch([0, 16, 18, 255], seed=2), False)
+    losses = model(**data, mode='loss')
+    with torch.no_grad():
+        new, old = model.encode_decode(data['inputs']), model.teacher.encode_decode(data['inputs'])
+    kd = 0.5 * knowledge_distillation(new['logits'], old['logits'])
+    assert losses['loss_pm'].item() == 0 and kd > 0
+    torch.testing.assert_close(losses['loss_kd'].detach(), kd)
 
 
 def test_class_indexed_buffers_grow_across_steps():
