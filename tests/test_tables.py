@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from cssbench.metrics import range_label, summarize_step
 from cssbench.plots import class_iou_figure, miou_by_step_figure
 from cssbench.protocols import Protocol, load_protocol
 from cssbench.store import INDEX_FILE, now_stamp, open_store, select_runs
-from cssbench.tables import (forgetting_per_class, leaderboard, mean_std, per_class_forgetting,
-                             per_step, render)
+from cssbench.tables import (format_step_table, forgetting_per_class, leaderboard, mean_std,
+                             per_class_forgetting, per_step, render, steps_to_csv)
 from conftest import mount_read_only
 
 VOC19 = 'voc-19-1-overlap'
@@ -109,6 +110,19 @@ def test_mean_std_is_the_sample_std() -> None:
     assert mean_std([1.0, math.nan, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
 
 
+def test_mean_std_of_no_scored_value_is_nan_without_a_numpy_warning() -> None:
+    # a joint row's forgetting: every seed's is NaN; `cssbench table` must not print numpy's
+    # 'Mean of empty slice' for it
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        mean, std = mean_std([math.nan, math.nan])
+        assert math.isnan(mean) and math.isnan(std)
+        mean, std = mean_std([])
+        assert math.isnan(mean) and math.isnan(std)
+        mean, std = mean_std([3.0, math.nan])   # one seed: its value, no std
+        assert mean == 3.0 and math.isnan(std)
+
+
 def test_forgetting_on_a_hand_made_example() -> None:
     steps = [dict(iou={'0': 0.9, '1': 0.8, '4': 0.95}),
              dict(iou={'0': None, '1': 0.9, '2': 0.7, '4': 0.7}),
@@ -119,6 +133,43 @@ def test_forgetting_on_a_hand_made_example() -> None:
     # at the last step: neither has a forgetting.
     assert f == {1: pytest.approx(0.4), 2: pytest.approx(-0.05), 4: pytest.approx(0.45)}
     assert forgetting_per_class(steps[:1]) == {}
+
+
+def _step_records(protocol: str, step_ious: list[dict[int, float]]) -> list[dict]:
+    """The runner's per-step records (metrics.json's steps) of ``step_ious``; step t trained
+    on 10 + t images."""
+    p = load_protocol(protocol)
+    return [dict(step=t, classes=list(p.steps[t]), num_train=10 + t, num_val=5,
+                 iou={str(c): v for c, v in iou.items()}, columns=summarize_step(p, t, iou))
+            for t, iou in enumerate(step_ious)]
+
+
+def test_the_step_table_a_run_prints_shows_each_steps_miou_in_percent_to_one_decimal() -> None:
+    """VOC 19-1, step 0 every class 0.8, step 1 old 0.6 and class 20 0.3: old 80 then 60, new
+    none then 30, all 80 then (20 * 0.6 + 0.3) / 21 = 58.571, shown 58.6."""
+    steps = _step_records(VOC19, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}])
+    lines = format_step_table(VOC19, 'ft', 'small-seed0', steps).splitlines()
+    assert lines[0] == 'voc-19-1-overlap / ft / small-seed0 (mIoU %)'
+    assert lines[1].split() == ['old', 'classes', 'new', 'classes', 'old', 'new', 'all']
+    assert lines[-2].split() == ['0', '0-19', '-', '80.0', '-', '80.0']
+    assert lines[-1].split() == ['1', '0-19', '20', '60.0', '30.0', '58.6']
+    assert len(lines) == 5   # title, header, index name, two steps
+
+
+def test_metrics_csv_holds_each_steps_miou_and_class_ious_in_percent_to_two_decimals() -> None:
+    steps = _step_records(VOC19, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.3}])
+    lines = steps_to_csv(steps).splitlines()
+    header = lines[0].split(',')
+    assert header[:9] == ['step', 'num_train', 'num_val', 'old_classes', 'old_mIoU',
+                          'new_classes', 'new_mIoU', 'all_classes', 'all_mIoU']
+    assert header[9:] == [f'IoU_{c}' for c in range(21)]
+    assert len(lines) == 3
+    step0, step1 = (dict(zip(header, line.split(','))) for line in lines[1:])
+    assert [step0[k] for k in header[:9]] == ['0', '10', '5', '0-19', '80.00', '-', '', 'all', '80.00']
+    assert [step1[k] for k in header[:9]] == ['1', '11', '5', '0-19', '60.00', '20', '30.00', 'all',
+                                              '58.57']
+    assert step0['IoU_3'] == '80.00' and step0['IoU_20'] == ''   # class 20 not yet seen
+    assert step1['IoU_3'] == '60.00' and step1['IoU_20'] == '30.00'
 
 
 def test_leaderboard_values_mean_std_and_gap_to_joint(store_19_1: Path) -> None:
@@ -144,7 +195,12 @@ def test_leaderboard_values_mean_std_and_gap_to_joint(store_19_1: Path) -> None:
     assert '| ft | 2 | 50.0 ± 14.1 | **40.0 ± 14.1** | 49.5 ± 12.8 |' in md
     # best incremental method per column in bold; joint (the upper bound) is never bold
     assert '| lwf | 1 | **70.0** | 20.0 | **67.6** |' in md
+    # forgetting and gap to joint: the lowest is best (lwf's 10.0 and 22.4, ft's 25.0, 40.5)
+    assert '| lwf | 1 | **70.0** | 20.0 | **67.6** | **73.8** | **10.0** | **22.4** |' in md
+    assert '| 25.0 ± 7.1 | 40.5 |' in md
     assert '| joint | 1 | 90.0 | 90.0 | 90.0 |' in md
+    # joint has no forgetting (no earlier step): shown as '-', not 'nan'
+    assert '| joint | 1 | 90.0 | 90.0 | 90.0 | 90.0 | - | 0.0 |' in md and 'nan' not in md
     assert 'ft (small): small-seed0 (seed 0' in md and 'small-seed1 (seed 1' in md
 
 
@@ -207,6 +263,18 @@ def test_methods_tied_at_the_shown_precision_are_both_bold(tmp_path: Path) -> No
     md = render(leaderboard(open_store(root), VOC19), 'md')
     assert '| ft | 1 | **67.6** | **30.0** |' in md
     assert '| lwf | 1 | **67.6** | 20.0 |' in md
+
+
+def test_joint_is_not_bold_where_it_ties_the_best_method(tmp_path: Path) -> None:
+    """ft's new (class 20 at 0.9) equals joint's 90.0: ft is bold as the best of ft and lwf;
+    joint, the upper bound, is not ranked, tie or not."""
+    root = tmp_path / 'results'
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.6), 20: 0.9}])
+    write_run(root, [uniform(OLD19, 0.8), {**uniform(OLD19, 0.7), 20: 0.2}], method='lwf')
+    write_run(root, [uniform(range(21), 0.9)], method='joint')
+    md = render(leaderboard(open_store(root), VOC19), 'md')
+    assert '| ft | 1 | 60.0 | **90.0** |' in md
+    assert '| joint | 1 | 90.0 | 90.0 | 90.0 | 90.0 |' in md
 
 
 def test_latex_sets_a_negative_number_with_a_minus_sign(tmp_path: Path) -> None:
@@ -288,6 +356,18 @@ def test_per_class_forgetting_table(store_19_1: Path) -> None:
     assert len(f) == 20 and f.index[0] == '0 background' and f.index[19] == '19 train'
     assert f.at['3 bird', 'ft'] == pytest.approx(25.0)
     assert f.at['3 bird', 'lwf'] == pytest.approx(10.0)
+
+
+def test_per_class_forgetting_rows_are_in_class_order(tmp_path: Path) -> None:
+    """Only classes 1 and 16 scored before the last step (the rest never present in val):
+    one row each, class 1's first, whatever order a set of their ids iterates in (16, 1);
+    class 1 fell from 80 to 60, class 16 from 80 to 50."""
+    root = tmp_path / 'results'
+    unscored = {c: None for c in range(21)}
+    write_run(root, [{**unscored, 16: 0.8, 1: 0.8}, {**unscored, 16: 0.5, 1: 0.6, 20: 0.3}])
+    f = per_class_forgetting(open_store(root), VOC19).frame
+    assert list(f.index) == ['1 aeroplane', '16 pottedplant']
+    assert f['ft'].tolist() == [pytest.approx(20.0), pytest.approx(30.0)]
 
 
 def test_latest_run_is_used_and_run_names_pick_others(tmp_path: Path) -> None:
@@ -589,6 +669,8 @@ def test_corrupt_and_partial_run_folders_are_reported_and_skipped(store_19_1: Pa
     (lambda step: step['columns']['old'].pop('label'), 'step 1: old lacks its label'),
     (lambda step: step['iou'].update({'3': 'x'}), "step 1: IoU 'x' of class '3' is not a fraction"),
     (lambda step: step.pop('step'), "step 1 lacks a valid 'step'")])
+
+
 def test_a_metrics_file_edited_into_other_than_ious_is_reported_and_skipped(
         store_19_1: Path, tmp_path: Path, edit, reason) -> None:
     """A metrics.json edited by hand (a number typed as a string or in percent, a key lost):
@@ -741,6 +823,8 @@ def refuse_replacing_the_index(monkeypatch: pytest.MonkeyPatch, root: Path) -> l
 
 @pytest.mark.parametrize('refuse_writes, reason', [(mount_read_only, errno.EROFS),
                                                     (refuse_replacing_the_index, errno.EPERM)])
+
+
 def test_a_store_the_user_cannot_write_is_tabulated_and_plotted(
         store_19_1: Path, tmp_path: Path, capsys, monkeypatch, refuse_writes, reason) -> None:
     """A store shared read-only, or on a read-only mount, is read: its stale index brought up to
@@ -827,6 +911,21 @@ def test_published_numbers_beside_our_rows(tmp_path: Path) -> None:
     assert '\n- \\* the source does not state' in md
 
 
+def test_ours_beside_a_number_published_over_other_classes_is_mean_plus_minus_std_over_seeds(
+        tmp_path: Path) -> None:
+    """Two sdr seeds on VOC 15-1, every class at 0.5 and 0.3 (background 0.9): over SDR's
+    published 1-15 (44.7), ours is 40.0 ± 14.1 (std of 50 and 30), 4.7 below; the note is
+    markdown text, not LaTeX."""
+    root = tmp_path / 'results'
+    p = load_protocol('voc-15-1-overlap')
+    for seed, value in enumerate((0.5, 0.3)):
+        ious = [{**uniform(p.classes_seen(t), value), 0: 0.9} for t in range(6)]
+        write_run(root, ious, protocol=p, method='sdr', run=f'small-seed{seed}', seed=seed)
+    notes = leaderboard(open_store(root), p.name).notes
+    assert any('over classes 1-15: 44.7 (SDR (CVPR 2021)' in n
+               and n.endswith('ours over the same classes 40.0 ± 14.1 (-4.7)') for n in notes)
+
+
 def _steps_at(protocol: Protocol, value: float, background: float | None = None) -> list[dict]:
     ious = []
     for t in range(protocol.num_steps):
@@ -881,6 +980,8 @@ def test_the_notes_mark_a_run_whose_code_had_changes_not_committed(tmp_path: Pat
                                    dict(device='cuda', amp='bfloat16', world_size=2, sync_bn=True),
                                    dict(device='cuda', amp='bfloat16', world_size=2,
                                         batch_per_process=12, sync_bn='no')])
+
+
 def test_a_run_of_unknown_or_odd_regime_is_tabled_and_mixes_with_no_warning(tmp_path, speed) -> None:
     # one seed with a readable regime, one with none or an odd one (a record edited by hand)
     root = tmp_path / 'results'
@@ -1122,6 +1223,8 @@ def test_cli_table_errors_name_what_is_wrong(store_19_1: Path, tmp_path: Path, c
                                "drop --per-class, or --all"),
     ('plot', ['--protocol', VOC19], 'plot --all plots every protocol: drop --protocol, or --all'),
 ])
+
+
 def test_all_refuses_the_options_it_would_ignore(store_19_1: Path, capsys, command, options,
                                                  says) -> None:
     """--all writes every protocol in every format: a --protocol, --format or kind given with
