@@ -136,6 +136,31 @@ def test_only_a_convolution_whose_output_its_batch_norm_alone_reads_is_folded():
         fold_batch_norms(net.train())
 
 
+def test_batch_norms_of_basic_blocks_fold_and_a_bn_after_no_convolution_stays():
+    """ResNet-18/34's BasicBlock (conv1, bn1, conv2, bn2: no conv3; undilated: output stride 32)
+    folds both of its pairs;
+    a BN whose neighbour before it is not a convolution, or a convolution followed by
+    something other than a BN, is left as it is."""
+    from cssbench.models import TorchvisionResNet
+    torch.manual_seed(0)
+    net = with_trained_looking_batch_norms(TorchvisionResNet(depth=18, output_stride=32)).eval()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        reference = net(x)
+        # the stem, 8 blocks of 2 and the 3 projection shortcuts
+        assert fold_batch_norms(net) == 1 + 8 * 2 + 3 and batch_norms(net) == 0
+        for got, expected in zip(net(x), reference, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    apart = with_trained_looking_batch_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(2, 2, 1), torch.nn.ReLU(), torch.nn.BatchNorm2d(2))).eval()
+    y = torch.randn(3, 2, 5, 5)
+    with torch.no_grad():
+        reference = apart(y)
+        assert fold_batch_norms(apart) == 0
+        torch.testing.assert_close(apart(y), reference, rtol=0, atol=0)
+    assert [type(m).__name__ for m in apart] == ['Conv2d', 'ReLU', 'BatchNorm2d']
+
+
 def test_a_teachers_convolutions_stored_in_bf16_compute_what_autocast_computes():
     torch.manual_seed(0)
     net = build_model(load_config('small'), 'cssbench.IncrementalSegmentor',
