@@ -89,9 +89,13 @@ def load_imagenet_weights(net: nn.Module, path: Path) -> None:
         raise UserError(f"{path}: not a torchvision {type(net).__name__} checkpoint: {', '.join(what)}")
 
 
+RESNET_DEPTHS = (18, 34, 50, 101, 152)   # torchvision's ResNets
+
+
 @MODELS.register_module()
 class TorchvisionResNet(nn.Module):
-    """torchvision's ResNet without its pooling and fc, dilated to ``output_stride`` (8, 16, or 32: none).
+    """torchvision's ResNet without its pooling and fc, dilated to ``output_stride`` (8, 16, or 32: none;
+    depths 18 and 34, whose blocks do not dilate, take 32 only).
 
     ``pretrained`` is a local path to an ImageNet checkpoint in torchvision's layout.
     """
@@ -99,6 +103,13 @@ class TorchvisionResNet(nn.Module):
     def __init__(self, depth: int = 101, output_stride: int = 16, pretrained: str | None = None) -> None:
         super().__init__()
         dilate = {16: [False, False, True], 8: [False, True, True], 32: [False, False, False]}
+        if depth not in RESNET_DEPTHS:
+            raise ValueError(f'depth must be one of {", ".join(map(str, RESNET_DEPTHS))}, got {depth!r}')
+        if output_stride not in dilate:
+            raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride!r}')
+        if depth < 50 and output_stride != 32:   # torchvision's BasicBlock does not dilate
+            raise ValueError(f'depth {depth} takes output_stride=32 only (its blocks cannot '
+                             f'dilate), got {output_stride}')
         net = getattr(torchvision.models, f'resnet{depth}')(
             weights=None, replace_stride_with_dilation=dilate[output_stride])
         if pretrained:

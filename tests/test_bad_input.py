@@ -533,20 +533,26 @@ def test_config_value_a_run_cannot_train_with(capsys, tmp_path, setting, says):
     assert not results.exists()   # refused before a run folder is made
 
 
-@pytest.mark.parametrize('backbone, error', [
-    ('strides=(1, 2)', 'ValueError: widths (32, 64, 96, 128), strides (1, 2) and dilations '
-                       '(1, 1, 1, 2) differ in length (one of each per stage)'),
+@pytest.mark.parametrize('base, backbone, error', [
+    ('small.py', 'strides=(1, 2)', 'ValueError: widths (32, 64, 96, 128), strides (1, 2) and '
+                                   'dilations (1, 1, 1, 2) differ in length (one of each per stage)'),
     # fewer widths than strides: it trained two stages of four, the others dropped silently
-    ('widths=(32, 64)', 'ValueError: widths (32, 64), strides (1, 2, 2, 1) and dilations '
-                        '(1, 1, 1, 2) differ in length (one of each per stage)'),
+    ('small.py', 'widths=(32, 64)', 'ValueError: widths (32, 64), strides (1, 2, 2, 1) and '
+                                    'dilations (1, 1, 1, 2) differ in length (one of each per stage)'),
+    # torchvision's own errors named neither the setting nor what it takes
+    ('deeplabv3_r101.py', 'depth=18', 'ValueError: depth 18 takes output_stride=32 only (its '
+                                      'blocks cannot dilate), got 16'),
+    ('deeplabv3_r101.py', 'depth=102', 'ValueError: depth must be one of 18, 34, 50, 101, 152, '
+                                       'got 102'),
+    ('deeplabv3_r101.py', 'output_stride=4', 'ValueError: output_stride must be 8, 16 or 32, got 4'),
 ])
 def test_a_config_whose_model_parts_do_not_fit_is_refused_before_anything_is_written(
-        capsys, tmp_path, backbone, error):
+        capsys, tmp_path, base, backbone, error):
     """A backbone's stages given other numbers of widths and strides: refused when the model
     is built on the meta device, before the run's folder is made (it failed at the first
     iteration, a run folder left behind, or trained fewer stages than the config's widths)."""
     config = tmp_path / 'misfit.py'
-    config.write_text(f"_base_ = ['{CONFIGS / 'small.py'}']\n"
+    config.write_text(f"_base_ = ['{CONFIGS / base}']\n"
                       f"model = dict(backbone=dict({backbone}))\n")
     results = tmp_path / 'results'
     assert fails(capsys, 'run', '--protocol', 'synth-15-1-overlap', '--method', 'ft,lwf',
