@@ -324,3 +324,24 @@ def test_classifiers_are_1x1_convolutions_whose_logits_concatenate_in_step_order
         data_preprocessor=dict(type='cssbench.SegDataPreprocessor', mean=(0, 0, 0), std=(2, 2, 2))))
     out = custom.data_preprocessor(dict(inputs=torch.full((1, 3, 2, 2), 8, dtype=torch.uint8)))
     assert torch.equal(out['inputs'], torch.full((1, 3, 2, 2), 4.0))
+
+
+def test_aspp_adds_the_image_pool_branch_channel_by_channel():
+    """One 1x1 branch (identity) and the image pool (its 1x1 convolution [[1, 0], [0, 2]]),
+    projected to the pool's two channels: every pixel holds channel 0's mean and twice
+    channel 1's, each through two eval BNs of default statistics (x / sqrt(1 + eps)) and
+    ReLUs. The means differ, so channels swapped or mixed would show."""
+    from cssbench.models import ASPPHead
+    head = ASPPHead(2, channels=2, dilations=(1,)).eval()
+    with torch.no_grad():
+        head.branches[0][0].weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        head.image_pool[1][0].weight.copy_(torch.tensor([[1., 0.], [0., 2.]]).view(2, 2, 1, 1))
+        head.project[0].weight.zero_()
+        head.project[0].weight[0, 2] = 1.0   # channel 0 of the pooled branch
+        head.project[0].weight[1, 3] = 1.0   # its channel 1
+        x = torch.stack([torch.arange(9.).view(3, 3), torch.full((3, 3), 10.0)]).unsqueeze(0)
+        out = head(x)
+    bn = 1 / (1 + 1e-5)   # two BNs on the way
+    assert out.shape == (1, 2, 3, 3)
+    torch.testing.assert_close(out[0, 0], torch.full((3, 3), 4.0 * bn))    # mean of 0..8
+    torch.testing.assert_close(out[0, 1], torch.full((3, 3), 20.0 * bn))   # 2 x 10
