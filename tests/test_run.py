@@ -1061,6 +1061,76 @@ def test_the_step0_cache_key_counts_the_code_that_trains_step0(tmp_path, monkeyp
     assert len(keys) == 2
 
 
+def test_the_step0_cache_key_names_each_setting_a_step0_model_depends_on(monkeypatch):
+    """A cached step 0 trained otherwise is never reused: each setting it depends on (the first
+    step's classes and filtering, the method's step-0 kind, step 0's learning rate, seed,
+    determinism, data, cssbench's version, autocast, processes and SyncBN) changes its key,
+    while what step 0 never depends on (later steps, how a protocol scores) does not."""
+    ft = get_method('ft')
+    fp32 = dict(amp='float32', world_size=1, sync_bn=False)
+
+    def key(protocol='synth-15-5-overlap', kind=ft.step0_kind, step0_lr=0.05, later_lr=0.005,
+            seed=0, deterministic=False, data='data', **speed) -> str:
+        cfg = load_config('small', dataset='synth')
+        cfg.schedule.lr = (step0_lr, later_lr)
+        protocol = load_protocol(protocol) if isinstance(protocol, str) else protocol
+        return step0.cache_key(protocol, kind, cfg, (), seed, deterministic, data,
+                               dict(fp32, **speed))
+
+    base = key()
+    # shared: other later steps, another evaluation, another later-step learning rate
+    assert key('synth-15-1-overlap') == base
+    assert key(replace(load_protocol('synth-15-5-overlap'), eval_crop='whole')) == base
+    assert key(later_lr=0.123) == base
+    assert key(amp='float32') == base   # fp32 named as such: not an autocast
+    others = [key('synth-19-1-overlap'), key('synth-15-5-disjoint'), key(kind='sdr'),
+              key(step0_lr=0.01), key(seed=1), key(deterministic=True), key(data='other data'),
+              key(amp='bfloat16'), key(amp='float16'),
+              key(world_size=2, sync_bn=False), key(world_size=2, sync_bn=True),
+              key(world_size=4, sync_bn=False)]
+    assert len({base, *others}) == 1 + len(others)
+    monkeypatch.setattr(step0, '__version__', '0.0.0-other')
+    assert key() != base   # another cssbench version
+
+
+def test_the_training_code_digest_counts_each_file_by_its_package_and_name(tmp_path):
+    """Code moved from one module to another, or between cssbench and the methods, is other
+    code: each file counts by its package and name as well as its bytes."""
+    def digest(files: dict[str, str]) -> str:   # 'package/name.py': its text
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        packages: dict[str, list[Path]] = {'cssbench': [], 'baselines': []}
+        for name, text in files.items():
+            path = folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            packages[name.split('/')[0]].append(path)
+        return step0._sources_digest(packages)
+
+    digests = [digest({'cssbench/a.py': 'x = 1\n'}), digest({'cssbench/b.py': 'x = 1\n'}),
+               digest({'baselines/a.py': 'x = 1\n'}),
+               digest({'cssbench/a.py': 'x = 1\n', 'cssbench/b.py': ''}),
+               digest({'cssbench/a.py': '', 'cssbench/b.py': 'x = 1\n'})]
+    assert len(set(digests)) == len(digests)
+    assert digest({'cssbench/a.py': 'x = 1\n'}) == digests[0]   # the same files elsewhere
+
+
+def test_a_cached_step0_without_its_record_is_reused_as_trained_by_a_run_unknown(tmp_path,
+                                                                                isolated_cache):
+    protocol = load_protocol('voc-15-1-overlap')
+    run, weights = tmp_path / 'a', tmp_path / 'c.pth'
+    run.mkdir()
+    torch.save({'w': torch.tensor([1.0])}, run / 'step0.pth')
+    messages = []
+    step0.store('k', protocol, run / 'step0.pth', run, 3.0, {0: 0.5}, messages.append)
+    reused = step0.reuse('k', protocol, weights)
+    assert (reused['trained_in_s'], reused['run'], reused['iou']) == (3.0, str(run), {'0': 0.5})
+    (isolated_cache / 'step0' / 'k' / 'model.json').unlink()   # lost: the model is still good
+    reused = step0.reuse('k', protocol, weights)
+    assert (reused['trained_in_s'], reused['run'], reused['iou']) == (None, None, {'0': 0.5})
+    assert reused['model'] == file_sha256(run / 'step0.pth') == file_sha256(weights)
+    assert messages == []
+
+
 def test_a_datasets_epochs_come_from_the_config_unless_epochs_is_given(synth32, config32, tmp_path):
     from cssbench.config import load_config
     assert load_config('deeplabv3-r101', dataset='ade').schedule.epochs == 60   # the papers' ADE20K
