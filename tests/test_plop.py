@@ -445,3 +445,41 @@ def test_a_map_with_factor_zero_is_skipped_not_multiplied_by_zero():
     d = pod_layer_distance(new, old).item()
     loss = pod_distillation([new, bad], [old, torch.zeros(1, 1, 4, 4)], [0.01, 0.0])
     assert math.isclose(loss.item(), 0.01 * d / 2, rel_tol=1e-6)
+
+
+def test_entropy_histogram_and_pseudo_labels_work_in_float32_on_half_precision_logits():
+    """Under autocast the old model's logits may come in bfloat16: the softmax and the entropy
+    are taken in float32 (``old_logits.float()``). Logits (0.3, 0, -0.3) give a normalised
+    entropy of 0.32439 in float32 but 0.32617 in bfloat16: bin 324 (not 326) of 1000, and a
+    threshold of 0.325 keeps the pixel (class 0)."""
+    logits = torch.tensor([0.3, 0.0, -0.3]).view(1, 3, 1, 1).to(torch.bfloat16)
+    probs = torch.softmax(logits.float(), dim=1)
+    entropy = -(probs * torch.log(probs)).sum().item() / 3 / math.log(3)
+    assert math.isclose(entropy, 0.32439, rel_tol=1e-4)
+    targets = torch.zeros(1, 1, 1, dtype=torch.long)
+    hist = entropy_histogram(logits, targets, 3, 1.0, nb_bins=1000)
+    assert hist.sum() == 1 and hist[0, 324] == 1
+    labels, factor = entropy_pseudo_labels(targets, logits, torch.full((3,), 0.325), 1.0, num_old=3)
+    assert labels.flatten().tolist() == [0] and factor.item() > 0.999
+
+
+@pytest.mark.parametrize('setting', ['pseudo', 'classif_adaptive_factor'])
+def test_step1_without_pseudo_labels_or_adaptive_factor_weighs_every_image_by_one(setting):
+    """``pseudo=None``: the cross-entropy on the plain targets; ``classif_adaptive_factor=False``:
+    on the pseudo-labels; in both, every image weighs 1 (image_weighted_cross_entropy with a
+    weight of ones, one per image), which is the plain cross-entropy over every pixel."""
+    cfg = load_config('small')
+    cfg.model.update({setting: None if setting == 'pseudo' else False})
+    model = method_model('plop', 1, cfg).eval()
+    drift_student(model)
+    thr = model.compute_thresholds([batch(1), batch(2)])
+    data = model.data_preprocessor(batch(3), False)
+    inputs, targets = data['inputs'], data['data_samples']
+    losses = model(**data, mode='loss')
+    with torch.no_grad():
+        new, old = model.forward_maps(inputs), model.teacher.forward_maps(inputs)
+        labels = targets
+        if setting == 'classif_adaptive_factor':
+            labels, _ = entropy_pseudo_labels(targets, old['logits'], thr, math.log(21), 16)
+        ce = cross_entropy(new['logits'], labels, 255)
+    torch.testing.assert_close(losses['loss_ce'].detach(), ce)
