@@ -251,21 +251,6 @@ def test_teacher_measures_the_fast_path_with_each_teacher_given_side_by_side():
     assert bench.parse_teachers(None, 'cpu') is None
 
 
-@pytest.mark.parametrize('value, message', [
-    ('folded', "--teacher: unknown teacher(s) 'folded' (known: inference, trained)"),
-    (',', '--teacher: no teacher (known: inference, trained)'),
-    ('trained,trained', '--teacher: trained given twice'),
-    ('trained', '--teacher: the teacher is made for inference on a CUDA GPU only'),
-])
-def test_a_bad_or_cpu_teacher_is_refused_in_one_line_before_any_measure(value, message, capsys,
-                                                                         monkeypatch):
-    monkeypatch.setattr(bench, 'training_device', lambda: 'cpu')
-    monkeypatch.setattr(bench, 'bench_dataset', lambda *a: pytest.fail('measured'))
-    assert main(['bench', '--teacher', value]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f'cssbench: error: {message}')
-
-
 def test_the_report_names_the_batch_norm_kernels_pytorch_chooses_for_each_dtype(monkeypatch):
     # the CPU has PyTorch's own kernels alone
     assert bench.batch_norm_kernels('cpu') == (
@@ -305,17 +290,22 @@ def test_the_report_widens_its_regime_column_to_the_longest_name():
                         "float32 cuDNN, bfloat16 PyTorch's own, float16 cuDNN")
 
 
-@pytest.mark.parametrize('value, message', [
-    ('fp8', "--amp: unknown autocast dtype(s) 'fp8' (known: bfloat16, float16)"),
-    ('bfloat16,bf16', "--amp: unknown autocast dtype(s) 'bf16' (known: bfloat16, float16)"),
-    (',', '--amp: no autocast dtype (known: bfloat16, float16)'),
-    ('float16,float16', '--amp: float16 given twice'),
-    ('float16', '--amp: autocast applies on a CUDA GPU only'),   # this test's machine: the CPU
+@pytest.mark.parametrize('option, value, message', [
+    ('--amp', 'fp8', "--amp: unknown autocast dtype(s) 'fp8' (known: bfloat16, float16)"),
+    ('--amp', 'bfloat16,bf16', "--amp: unknown autocast dtype(s) 'bf16' (known: bfloat16, float16)"),
+    ('--amp', ',', '--amp: no autocast dtype (known: bfloat16, float16)'),
+    ('--amp', 'float16,float16', '--amp: float16 given twice'),
+    ('--amp', 'float16', '--amp: autocast applies on a CUDA GPU only'),   # this test's machine: the CPU
+    ('--teacher', 'folded', "--teacher: unknown teacher(s) 'folded' (known: inference, trained)"),
+    ('--teacher', ',', '--teacher: no teacher (known: inference, trained)'),
+    ('--teacher', 'trained,trained', '--teacher: trained given twice'),
+    ('--teacher', 'trained', '--teacher: the teacher is made for inference on a CUDA GPU only'),
 ])
-def test_a_bad_or_cpu_amp_is_refused_in_one_line_before_any_measure(value, message, capsys, monkeypatch):
+def test_a_bad_or_cpu_amp_or_teacher_is_refused_in_one_line_before_any_measure(
+        option, value, message, capsys, monkeypatch):
     monkeypatch.setattr(bench, 'training_device', lambda: 'cpu')
     monkeypatch.setattr(bench, 'bench_dataset', lambda *a: pytest.fail('measured'))
-    assert main(['bench', '--amp', value]) == 2
+    assert main(['bench', option, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f'cssbench: error: {message}')
 

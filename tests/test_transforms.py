@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -38,10 +39,14 @@ def test_train_transform_output_size_and_mask_values_kept():
     assert set(out_mask.unique().tolist()) <= {0, 7, 255}   # nearest: no blended label values
 
 
-def test_eval_transform_resizes_the_shorter_side_then_centre_crops():
-    image = torch.zeros(3, 40, 80, dtype=torch.uint8)
-    mask = torch.zeros(40, 80, dtype=torch.uint8)
-    mask[:, 40:] = 1
+# 40 x 80 shrinks to 20 x 40; 10 x 20, whose width is the crop already, grows to 20 x 40 (the
+# shorter side decides). The centre 20 x 20 is then columns 10..29 of the 40: the mask's left
+# half of value 0 and right half of value 1 give 10 columns each.
+@pytest.mark.parametrize('height, width', [(40, 80), (10, 20)])
+def test_eval_transform_resizes_the_shorter_side_then_centre_crops(height, width):
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    mask = torch.zeros(height, width, dtype=torch.uint8)
+    mask[:, width // 2:] = 1
     out_image, out_mask = EvalTransform(20)(image, mask)
     assert out_image.shape == (3, 20, 20)
     assert out_mask[:, :10].eq(0).all() and out_mask[:, 10:].eq(1).all()
@@ -226,18 +231,6 @@ def test_eval_transform_without_a_crop_size_returns_the_pair_untouched():
     image, mask = _as_tensors(_labelled_stripes(37, 53))
     out_image, out_mask = EvalTransform(None)(image, mask)
     assert torch.equal(out_image, image) and torch.equal(out_mask, mask)
-
-
-def test_eval_transform_resizes_by_the_shorter_side_even_when_the_width_is_the_crop():
-    # 10 x 20 with crop 20: the height (shorter) goes to 20 -> 20 x 40, then the centre 20 x 20
-    # (columns 10..29 of the 40); the mask's columns 0..9 of value 0 and 10..19 of value 1 become
-    # 0..19 and 20..39, so the crop holds 10 columns of each.
-    image = torch.zeros(3, 10, 20, dtype=torch.uint8)
-    mask = torch.zeros(10, 20, dtype=torch.uint8)
-    mask[:, 10:] = 1
-    out_image, out_mask = EvalTransform(20)(image, mask)
-    assert out_image.shape == (3, 20, 20)
-    assert out_mask[:, :10].eq(0).all() and out_mask[:, 10:].eq(1).all()
 
 
 def test_eval_transform_downscaling_matches_pils_antialiased_bilinear():
